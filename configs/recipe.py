@@ -1,0 +1,302 @@
+"""Recipes: YAML files in configs/ validated into dataclasses.
+
+A recipe is one YAML mapping with the sections below. Every key is checked: an unknown or misspelled
+key, a wrong type or a value outside its choices is a `RecipeError` naming the file and the dotted key
+(alignment-handbook silently ignores a misnamed key; we refuse it).
+
+Per-round settings: the SPIN scripts change the learning rate and beta between iterations, so
+`rounds:` holds a list of partial recipes; entry i is merged over the defaults for round i + 1.
+
+    from configs.recipe import load_recipe
+    recipe = load_recipe("configs/demo_spin.yaml")
+    round_2 = recipe.for_round(2)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import RecipeError
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_RECIPE = CONFIG_DIR / "demo_spin.yaml"
+
+Algorithm = Literal["spin", "sppo", "dpo"]
+JudgeName = Literal["ground_truth", "pairrm", "self", "reward_model", "verifier"]
+LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo"]
+
+
+@dataclass
+class ModelConfig:
+    base_model: str | None = field(
+        default=None, metadata={"help": "HF path or hub id of the causal LM; null builds the demo model."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of base_model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model (off: safer)."})
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": "Weights dtype; auto = bf16 on a GPU that has it, else fp32."}
+    )
+    quantization: Literal["none", "4bit"] = field(
+        default="none", metadata={"help": "4bit = QLoRA: nf4, double quant, bf16 compute (bitsandbytes)."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention kernel passed to from_pretrained."})
+
+
+@dataclass
+class DemoModelConfig:
+    """The small Llama-style model the pipeline builds when `model.base_model` is null."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    sft_steps: int = 400
+    sft_batch_size: int = 32
+    sft_learning_rate: float = 3e-3
+    sft_examples: int | None = field(default=None, metadata={"help": "Train rows used for the warm start; null = all."})
+
+
+@dataclass
+class DataConfig:
+    train: str = field(
+        default="demo:train", metadata={"help": "Prompts (and ground truth): demo:<split>, .parquet, .jsonl or hub id."}
+    )
+    eval: str = field(default="demo:heldout", metadata={"help": "Held-out prompts, never trained on."})
+    train_split: str = field(default="train", metadata={"help": "Split name when `train` is a hub dataset."})
+    eval_split: str = field(default="test", metadata={"help": "Split name when `eval` is a hub dataset."})
+    layout: Literal["auto", "prompt_response", "messages"] = "auto"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    id_field: str = "prompt_id"
+    system_prompt: str | None = None
+    prompts_per_round: int | None = field(
+        default=None, metadata={"help": "Prompts each round samples (rotating through the set); null = all."}
+    )
+    max_prompt_tokens: int = field(default=512, metadata={"help": "Longer prompts are filtered or an error."})
+    overlong_prompts: Literal["filter", "error"] = "filter"
+
+
+@dataclass
+class GenerationConfig:
+    num_samples: int = field(default=1, metadata={"help": "Samples per prompt (K); SPPO uses 5."})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    backend: Literal["hf", "static", "vllm"] = field(
+        default="hf", metadata={"help": "hf = transformers generate; static = our static-cache CUDA-graph loop."}
+    )
+
+
+@dataclass
+class JudgeConfig:
+    name: JudgeName = "ground_truth"
+    model: str | None = field(default=None, metadata={"help": "PairRM or reward model path/hub id."})
+    self_mode: Literal["pointwise", "pairwise"] = "pointwise"
+    batch_size: int = 16
+    max_new_tokens: int = field(default=32, metadata={"help": "Tokens the self-judge may write."})
+
+
+@dataclass
+class TrainingConfig:
+    loss: LossName | None = field(default=None, metadata={"help": "null: sppo for SPPO, dpo_sigmoid otherwise."})
+    beta: float = 0.1
+    learning_rate: float = 5e-5
+    epochs: float = 2.0
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_length: int = 1024
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "'all-linear' or comma-separated names."})
+    gradient_checkpointing: bool = False
+    mix_previous_round: bool | None = field(
+        default=None, metadata={"help": "Train on this round's pairs plus the previous round's; null: on for SPIN."}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin (gamma)."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Robust DPO's assumed label-flip rate (epsilon)."})
+    save_steps: int = field(default=50, metadata={"help": "Trainer checkpoint every N optimizer steps (for resume)."})
+    save_merged: bool = field(default=True, metadata={"help": "Write a merged full-precision copy beside the adapter."})
+    launcher: Literal["none", "accelerate"] = "none"
+    num_processes: int = 1
+
+
+@dataclass
+class EvalConfig:
+    judge: Literal["auto", "none", "pairrm", "self", "reward_model", "verifier"] = field(
+        default="auto", metadata={"help": "auto: the recipe's judge, or the verifier when it pairs by ground truth."}
+    )
+    num_prompts: int = 100
+    max_new_tokens: int = 64
+    kl_samples: int = field(default=2, metadata={"help": "Samples per prompt for the KL(pi_r || pi_base) estimate."})
+    report_prompts: int = field(default=4, metadata={"help": "Fixed prompts shown side by side in report.md."})
+
+
+@dataclass
+class Recipe:
+    name: str = "demo_spin"
+    algorithm: Algorithm = "spin"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    demo_model: DemoModelConfig = field(default_factory=DemoModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    rounds: list[dict] = field(
+        default_factory=list, metadata={"help": "Per-round partial recipes; entry i is merged over round i + 1."}
+    )
+
+    def __post_init__(self) -> None:
+        where = self.name
+        if self.algorithm == "spin" and self.judge.name != "ground_truth":
+            raise RecipeError(f"{where}: algorithm spin pairs by ground truth; set judge.name: ground_truth")
+        if self.algorithm != "spin" and self.judge.name == "ground_truth":
+            raise RecipeError(f"{where}: algorithm {self.algorithm} needs a judge (pairrm, self, reward_model, verifier)")
+        if self.algorithm != "spin" and self.generation.num_samples < 2:
+            raise RecipeError(f"{where}: generation.num_samples must be >= 2 for {self.algorithm} (it ranks samples)")
+        if self.judge.name in ("pairrm", "reward_model") and not self.judge.model:
+            raise RecipeError(f"{where}: judge.model is required for judge {self.judge.name}")
+        if self.training.loss == "sppo" and self.algorithm != "sppo":
+            raise RecipeError(f"{where}: training.loss sppo needs the win probabilities of algorithm sppo")
+        positive = {
+            "generation.num_samples": self.generation.num_samples,
+            "generation.max_new_tokens": self.generation.max_new_tokens,
+            "generation.batch_size": self.generation.batch_size,
+            "training.batch_size": self.training.batch_size,
+            "training.grad_accum_steps": self.training.grad_accum_steps,
+            "training.beta": self.training.beta,
+            "training.learning_rate": self.training.learning_rate,
+            "training.epochs": self.training.epochs,
+            "training.num_processes": self.training.num_processes,
+            "evaluation.num_prompts": self.evaluation.num_prompts,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise RecipeError(f"{where}: {key} must be positive, got {value}")
+        if not 0 < self.generation.top_p <= 1:
+            raise RecipeError(f"{where}: generation.top_p must be in (0, 1], got {self.generation.top_p}")
+        if self.generation.temperature < 0:
+            raise RecipeError(f"{where}: generation.temperature must be >= 0")
+
+    @property
+    def loss(self) -> str:
+        return self.training.loss or ("sppo" if self.algorithm == "sppo" else "dpo_sigmoid")
+
+    @property
+    def mix_previous_round(self) -> bool:
+        # SPIN's official recipe trains iteration t on its synthetic set plus iteration t-1's.
+        mix = self.training.mix_previous_round
+        return self.algorithm == "spin" if mix is None else mix
+
+    def for_round(self, round_idx: int) -> "Recipe":
+        """The recipe with `rounds[round_idx - 1]` merged over it (rounds past the list use the defaults)."""
+        if round_idx < 1 or round_idx > len(self.rounds):
+            return self
+        merged = _deep_merge(self.to_dict(), self.rounds[round_idx - 1])
+        merged["rounds"] = []
+        return recipe_from_dict(merged, f"{self.name} rounds[{round_idx - 1}]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ROUND_OVERRIDABLE = {"generation", "judge", "training", "evaluation"}
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if origin is list:
+        return isinstance(value, list)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
+
+
+def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise RecipeError(f"{where}: unknown key '{prefix}{key}'{hint}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value or {}, where, f"{prefix}{key}.")
+        elif not _type_ok(value, annotation):
+            raise RecipeError(f"{where}: '{prefix}{key}' must be {_describe(annotation)}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if annotation is float else value
+    return cls(**kwargs)
+
+
+def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    recipe = _build(Recipe, data, where, "")
+    for i, entry in enumerate(recipe.rounds):
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{where}: rounds[{i}] must be a mapping")
+        for key in entry:
+            if key not in ROUND_OVERRIDABLE:
+                raise RecipeError(
+                    f"{where}: rounds[{i}].{key} cannot change between rounds (allowed: {', '.join(sorted(ROUND_OVERRIDABLE))})"
+                )
+        recipe.for_round(i + 1)  # validates the merged round now, not hours later
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    data.setdefault("name", path.stem)
+    return recipe_from_dict(data, str(path))

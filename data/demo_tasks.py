@@ -1,0 +1,132 @@
+"""The embedded demo dataset: short verifiable instructions with ground-truth answers.
+
+Six kinds of task (arithmetic, sorting, reversing, counting, max/min), each with a prompt, the
+ground-truth response and a programmatic check. The files in data/demo/ are made by this script and
+committed; a test regenerates them and checks they are unchanged. Regenerate with:
+
+    python -m data.demo_tasks            # writes data/demo/{train,heldout}.jsonl
+
+`verify(kind, answer, response)` is what the verifier judge and the evaluation call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+SPLIT_SIZES = {"train": 3000, "heldout": 300}
+SEED = 1234
+
+SYLLABLES = "ba be bi bo da de di do ka ke ki ko la le li lo ma me mi mo na ne ni no ra re ri ro ta te ti to".split()
+
+
+def _word(rng: random.Random) -> str:
+    """A pronounceable made-up word of 2-3 syllables (enough of them that prompts rarely repeat)."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    template = rng.choice(["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}."])
+    return template.format(a=a, b=b), str(a + b)
+
+
+def _subtract(rng: random.Random) -> tuple[str, str]:
+    a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
+    template = rng.choice(["What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}."])
+    return template.format(a=a, b=b), str(a - b)
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+    order = rng.choice(["ascending", "descending"])
+    answer = sorted(numbers, reverse=order == "descending")
+    prompt = f"Sort in {order} order: {' '.join(map(str, numbers))}"
+    return prompt, " ".join(map(str, answer))
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng)
+    template = rng.choice(["Reverse the word: {w}", "Write {w} backwards."])
+    return template.format(w=word), word[::-1]
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng)
+    letter = rng.choice(sorted(set(word)) + ["a", "e"])
+    return f"How many times does the letter {letter} appear in {word}?", str(word.count(letter))
+
+
+def _extreme(rng: random.Random) -> tuple[str, str]:
+    numbers = rng.sample(range(100), rng.randint(3, 5))
+    which = rng.choice(["largest", "smallest"])
+    answer = max(numbers) if which == "largest" else min(numbers)
+    return f"Which number is the {which}: {' '.join(map(str, numbers))}?", str(answer)
+
+
+TASK_KINDS = {
+    "add": _add,
+    "subtract": _subtract,
+    "sort": _sort,
+    "reverse": _reverse,
+    "count": _count,
+    "extreme": _extreme,
+}
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop surrounding punctuation and collapse spaces, so '1 2 3.' matches '1 2 3'."""
+    text = re.sub(r"[\s,]+", " ", text.strip().lower())
+    return text.strip(" .!?\"'")
+
+
+def verify(kind: str, answer: str, response: str) -> bool:
+    """True when `response` states the ground-truth `answer` of a demo task of this `kind`."""
+    if kind not in TASK_KINDS:
+        raise ValueError(f"unknown demo task kind {kind!r}; known: {sorted(TASK_KINDS)}")
+    return normalize_answer(response) == normalize_answer(answer)
+
+
+def make_split(split: str, size: int, seed: int = SEED) -> list[dict]:
+    """`size` rows of the split; prompts never repeat within or across splits of one seed."""
+    rng = random.Random(f"{seed}-{split}")
+    taken = set() if split == "train" else {row["prompt"] for row in make_split("train", SPLIT_SIZES["train"], seed)}
+    rows: list[dict] = []
+    kinds = sorted(TASK_KINDS)
+    for _attempt in range(size * 100):
+        if len(rows) == size:
+            break
+        kind = kinds[len(rows) % len(kinds)]
+        prompt, answer = TASK_KINDS[kind](rng)
+        if prompt in taken:
+            continue
+        taken.add(prompt)
+        rows.append(
+            {"prompt_id": f"{split}-{len(rows):05d}", "prompt": prompt, "response": answer, "task": kind, "answer": answer}
+        )
+    if len(rows) < size:
+        raise RuntimeError(f"only {len(rows)} distinct prompts for split {split}; widen the generators")
+    return rows
+
+
+def write_demo(out_dir: Path = DEMO_DIR) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, size in SPLIT_SIZES.items():
+        path = out_dir / f"{split}.jsonl"
+        with open(path, "w") as f:
+            for row in make_split(split, size):
+                f.write(json.dumps(row) + "\n")
+        paths[split] = path
+    return paths
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEMO_DIR)
+    for split, path in write_demo(parser.parse_args().out).items():
+        print(f"wrote {path}")

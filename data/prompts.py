@@ -1,0 +1,179 @@
+"""Prompt datasets in, chat-formatted text out.
+
+`load_prompts` reads the demo splits (`demo:train`), a local Parquet or JSONL file, or a hub dataset
+through `datasets`, in either layout:
+
+- prompt_response: a `prompt` column and, for SPIN, a ground-truth `response` column;
+- messages: a list of {role, content} turns (UltraChat / UltraFeedback style); the first user turn is
+  the prompt, the assistant turn after it the ground truth, a leading system turn the system prompt.
+
+It returns one frame with `prompt_id, prompt, reference, system` (plus `task`/`answer` when the data
+carries them, for the verifier), and checks every row: a bad one is a DataError naming file, row, field.
+
+`format_prompt` and `format_completion` are the only places text meets the chat template, and both
+generation and training call them, so the model is trained on exactly the text it generates from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from configs.recipe import DataConfig
+from pipeline.errors import DataError
+
+log = logging.getLogger("selfplay")
+
+DEMO_PREFIX = "demo:"
+PASSTHROUGH = ("task", "answer")  # verifier fields of the demo tasks, kept when present
+
+
+def _read_table(source: str, split: str) -> pd.DataFrame:
+    if source.startswith(DEMO_PREFIX):
+        from data.demo_tasks import DEMO_DIR
+
+        path = DEMO_DIR / f"{source[len(DEMO_PREFIX):]}.jsonl"
+        if not path.is_file():
+            raise DataError(f"{source}: no such demo split (have {', '.join(p.stem for p in DEMO_DIR.glob('*.jsonl'))})")
+        return pd.read_json(path, lines=True, dtype=False)
+    path = Path(source).expanduser()
+    if path.suffix in (".parquet", ".jsonl", ".json"):
+        if not path.is_file():
+            raise DataError(f"{source}: no such file")
+        try:
+            if path.suffix == ".parquet":
+                return pd.read_parquet(path)
+            return pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
+        except ValueError as exc:
+            raise DataError(f"{source}: cannot read: {str(exc).splitlines()[0]}") from None
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, split=split).to_pandas()
+    except Exception as exc:  # datasets raises many types; the user needs one line either way
+        raise DataError(f"{source}: cannot load dataset split {split!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _messages_row(messages, source: str, row: int, field: str) -> tuple[str, str | None, str | None]:
+    if hasattr(messages, "tolist"):
+        messages = messages.tolist()
+    if isinstance(messages, str):
+        messages = json.loads(messages)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise DataError(f"{source}: row {row}: field '{field}' must be a list of {{role, content}} turns")
+    system = next((m.get("content") for m in messages[:1] if m.get("role") == "system"), None)
+    for i, turn in enumerate(messages):
+        if turn.get("role") == "user":
+            following = messages[i + 1] if i + 1 < len(messages) else {}
+            reference = following.get("content") if following.get("role") == "assistant" else None
+            return turn.get("content"), reference, system
+    raise DataError(f"{source}: row {row}: field '{field}' has no user turn")
+
+
+def _stable_id(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def load_prompts(source: str, split: str, cfg: DataConfig, require_reference: bool = False) -> pd.DataFrame:
+    """Read and check a prompt dataset; see the module docstring for the layouts."""
+    raw = _read_table(source, split)
+    layout = cfg.layout
+    if layout == "auto":
+        layout = "messages" if cfg.messages_field in raw.columns and cfg.prompt_field not in raw.columns else "prompt_response"
+    needed = [cfg.messages_field] if layout == "messages" else [cfg.prompt_field]
+    if require_reference and layout == "prompt_response":
+        needed.append(cfg.response_field)
+    missing = [c for c in needed if c not in raw.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {', '.join(missing)} (columns: {', '.join(map(str, raw.columns))})")
+
+    rows = []
+    for row_idx, record in enumerate(raw.to_dict("records")):
+        if layout == "messages":
+            prompt, reference, system = _messages_row(record[cfg.messages_field], source, row_idx, cfg.messages_field)
+        else:
+            prompt, reference = record[cfg.prompt_field], record.get(cfg.response_field)
+            system = None
+        for field, value in ((cfg.prompt_field, prompt), (cfg.response_field, reference)):
+            if value is not None and not isinstance(value, str) and not pd.isna(value):
+                raise DataError(f"{source}: row {row_idx}: field '{field}' must be text, got {type(value).__name__}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{source}: row {row_idx}: field '{cfg.prompt_field}' is empty")
+        if require_reference and (not isinstance(reference, str) or not reference.strip()):
+            raise DataError(f"{source}: row {row_idx}: field '{cfg.response_field}' (the ground truth) is empty")
+        given_id = record.get(cfg.id_field)
+        out = {
+            "prompt_id": str(given_id) if given_id is not None and not pd.isna(given_id) else _stable_id(prompt),
+            "prompt": prompt,
+            "reference": reference if isinstance(reference, str) else None,
+            "system": system or cfg.system_prompt,
+        }
+        out.update({k: str(record[k]) for k in PASSTHROUGH if k in record and record[k] is not None})
+        rows.append(out)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        raise DataError(f"{source}: no rows")
+    dup = frame.duplicated("prompt_id")
+    if dup.any():
+        if cfg.id_field in raw.columns:
+            row = int(dup.to_numpy().nonzero()[0][0])
+            raise DataError(f"{source}: row {row}: duplicate {cfg.id_field} {frame.prompt_id.iloc[row]!r}")
+        log.info("%s: dropped %d repeated prompts", source, int(dup.sum()))
+        frame = frame[~dup].reset_index(drop=True)
+    return frame
+
+
+def round_prompts(frame: pd.DataFrame, round_idx: int, per_round: int | None) -> pd.DataFrame:
+    """The prompts of one round: a window that rotates through the data set, so rounds see new prompts."""
+    if per_round is None or per_round >= len(frame):
+        return frame
+    start = ((round_idx - 1) * per_round) % len(frame)
+    idx = [(start + i) % len(frame) for i in range(per_round)]
+    return frame.iloc[idx].reset_index(drop=True)
+
+
+def _messages(prompt: str, system: str | None) -> list[dict]:
+    turns = [{"role": "system", "content": system}] if system else []
+    return turns + [{"role": "user", "content": prompt}]
+
+
+def format_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The prompt as the model sees it: the tokenizer's chat template with the assistant turn opened."""
+    return tokenizer.apply_chat_template(_messages(prompt, system), tokenize=False, add_generation_prompt=True)
+
+
+def format_completion(tokenizer, prompt: str, response: str, system: str | None = None) -> str:
+    """The text the model should write after `format_prompt(...)`: the response and its end-of-turn marker.
+
+    Taken from the template itself (full conversation minus the prompt), so the end-of-turn tokens the
+    model is trained on are those generation stops at.
+    """
+    prompt_text = format_prompt(tokenizer, prompt, system)
+    full = tokenizer.apply_chat_template(
+        _messages(prompt, system) + [{"role": "assistant", "content": response}], tokenize=False
+    )
+    if full.startswith(prompt_text):
+        return full[len(prompt_text):]
+    return response + (tokenizer.eos_token or "")
+
+
+def filter_overlong(frame: pd.DataFrame, tokenizer, max_tokens: int, policy: str, source: str) -> tuple[pd.DataFrame, int]:
+    """Drop (policy 'filter') or refuse (policy 'error') prompts longer than `max_tokens` once formatted."""
+    lengths = [
+        len(tokenizer(format_prompt(tokenizer, p, s), add_special_tokens=False).input_ids)
+        for p, s in zip(frame.prompt, frame.system)
+    ]
+    too_long = [n > max_tokens for n in lengths]
+    if any(too_long) and policy == "error":
+        row = too_long.index(True)
+        raise DataError(
+            f"{source}: row {row}: field 'prompt' is {lengths[row]} tokens, over data.max_prompt_tokens={max_tokens}"
+        )
+    kept = frame[[not t for t in too_long]].reset_index(drop=True)
+    if kept.empty:
+        raise DataError(f"{source}: every prompt is longer than data.max_prompt_tokens={max_tokens}")
+    return kept, sum(too_long)

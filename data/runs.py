@@ -1,0 +1,107 @@
+"""Readers for a run directory: what the report and the notebooks look at.
+
+    from data.runs import Run
+    run = Run("runs/demo_spin")
+    run.metrics()          # one row per evaluated round (0 = base): accuracy, win rates, KL, length...
+    run.loss_curves()      # round, step, loss, rewards/accuracy, ... of every training step
+    run.evals()            # every round's eval.parquet, stacked
+    run.pairs()            # every round's pairs.parquet, stacked
+    run.generations()      # every round's generations.parquet, stacked
+
+Files are validated against data/schema.py as they are read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from data.schema import EVAL, GENERATIONS, PAIRS, ArtifactSchema, read_artifact
+from pipeline.errors import DataError
+
+ROUND_DIR = re.compile(r"^round_(\d+)$")
+FIGURES = (
+    "accuracy", "win_rate_vs_previous", "win_rate_vs_base", "kl_vs_base", "implicit_reward_accuracy",
+    "implicit_reward_margin", "mean_length", "length_p50", "length_p90", "distinct_1", "distinct_2",
+)
+
+
+class Run:
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        if not self.dir.is_dir():
+            raise DataError(f"{self.dir}: no such run directory")
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @cached_property
+    def config(self) -> dict:
+        path = self.dir / "run.yaml"
+        return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+    def rounds(self) -> list[int]:
+        found = [int(m.group(1)) for p in self.dir.iterdir() if (m := ROUND_DIR.match(p.name)) and p.is_dir()]
+        return sorted(found)
+
+    def round_dir(self, round_idx: int) -> Path:
+        return self.dir / f"round_{round_idx:02d}"
+
+    def round_metrics(self, round_idx: int) -> dict | None:
+        path = self.round_dir(round_idx) / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def metrics(self) -> pd.DataFrame:
+        rows = []
+        for round_idx in self.rounds():
+            report = self.round_metrics(round_idx)
+            if report is None:
+                continue
+            ev = report["eval"]
+            row = {"round": round_idx, **{k: ev.get(k) for k in FIGURES}}
+            row.update({f"accuracy/{task}": acc for task, acc in (ev.get("accuracy_by_task") or {}).items()})
+            train = (report.get("train") or {}).get("stats") or {}
+            row["train_final_loss"] = train.get("final_loss")
+            row["train_reward_accuracy"] = train.get("final_reward_accuracy")
+            row["pairs"] = (report.get("judge") or {}).get("pairs")
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def loss_curves(self) -> pd.DataFrame:
+        frames = []
+        for round_idx in self.rounds():
+            report = self.round_metrics(round_idx) or {}
+            history = (report.get("train") or {}).get("history") or []
+            if history:
+                frames.append(pd.DataFrame(history).assign(round=round_idx))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["round", "step", "loss"])
+
+    def _stack(self, file_name: str, schema: ArtifactSchema) -> pd.DataFrame:
+        frames = [read_artifact(self.round_dir(r) / file_name, schema) for r in self.rounds()
+                  if (self.round_dir(r) / file_name).is_file()]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(schema.columns))
+
+    def evals(self) -> pd.DataFrame:
+        return self._stack("eval.parquet", EVAL)
+
+    def pairs(self) -> pd.DataFrame:
+        return self._stack("pairs.parquet", PAIRS)
+
+    def generations(self) -> pd.DataFrame:
+        return self._stack("generations.parquet", GENERATIONS)
+
+    def side_by_side(self, num_prompts: int = 4) -> pd.DataFrame:
+        """Greedy responses to the first held-out prompts, one column per round."""
+        evals = self.evals()
+        greedy = evals[evals.kind == "greedy"]
+        prompt_ids = list(dict.fromkeys(greedy.prompt_id))[:num_prompts]
+        table = greedy[greedy.prompt_id.isin(prompt_ids)].pivot(index="prompt_id", columns="round", values="response")
+        prompts = greedy.drop_duplicates("prompt_id").set_index("prompt_id").prompt
+        table.insert(0, "prompt", prompts.loc[table.index])
+        return table.loc[prompt_ids]

@@ -1,0 +1,169 @@
+"""The Evaluate stage: how round r's model compares with round r-1 and the base on held-out prompts.
+
+    eval_frame, metrics = evaluate_round(recipe, round_idx, model_path, base_path, prompts, previous, base)
+
+Round 0 evaluates the base model and fixes the held-out pairs (ground truth vs the base's own sample)
+that every later round scores. Figures, all on prompts no round trains on:
+
+- accuracy: verifier accuracy of greedy responses, where prompts are verifiable (per task too);
+- win_rate_vs_previous / win_rate_vs_base: greedy response of round r against that of round r-1 /
+  the base, by the evaluation judge (both orders for pairwise judges; ties count one half). The
+  self-judge is the *base* model here, a fixed referee, not the model being graded;
+- length: mean, median and 90th percentile of response tokens;
+- distinct_1 / distinct_2: unique n-grams over all n-grams of the samples (diversity, collapse);
+- kl_vs_base: Monte-Carlo KL(pi_r || pi_base) = mean over samples y ~ pi_r of log pi_r(y) - log pi_base(y);
+- implicit_reward_accuracy / margin: on the held-out pairs, r(y) = beta (log pi_r(y) - log pi_{r-1}(y))
+  (DPO's implicit reward, Rafailov et al. 2023, Eq. 5): how often r(chosen) > r(rejected), and by how much.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from data.prompts import format_completion, format_prompt
+from models.logps import batched_logps, encode
+
+log = logging.getLogger("selfplay")
+EVAL_MAX_LENGTH = 2048
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams / all word n-grams across `texts`."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def implicit_reward_stats(
+    chosen_logp: np.ndarray, chosen_prev: np.ndarray, rejected_logp: np.ndarray, rejected_prev: np.ndarray, beta: float
+) -> tuple[float, float]:
+    """(accuracy, mean margin) of r(y) = beta * (log pi_r(y) - log pi_{r-1}(y)) on held-out pairs."""
+    chosen_reward = beta * (np.asarray(chosen_logp) - np.asarray(chosen_prev))
+    rejected_reward = beta * (np.asarray(rejected_logp) - np.asarray(rejected_prev))
+    return float(np.mean(chosen_reward > rejected_reward)), float(np.mean(chosen_reward - rejected_reward))
+
+
+def win_rate(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> float:
+    """Mean P(ours beats theirs) over prompts by `judge` (a models.judges judge)."""
+    from models.judges import JudgeGroup
+
+    groups = [
+        JudgeGroup(prompt=row["prompt"], responses=[a, b], system=row.get("system"), reference=row.get("reference"),
+                   task=row.get("task"), answer=row.get("answer"))
+        for row, a, b in zip(prompts.to_dict("records"), ours, theirs)
+    ]
+    return float(np.mean([result.prob_matrix[0, 1] for result in judge.judge(groups)]))
+
+
+def eval_judge_name(recipe, prompts: pd.DataFrame) -> str | None:
+    name = recipe.evaluation.judge
+    verifiable = {"task", "answer"} <= set(prompts.columns)
+    if name == "auto":
+        name = recipe.judge.name if recipe.judge.name != "ground_truth" else ("verifier" if verifiable else "none")
+    return None if name == "none" else name
+
+
+def _logps(model, tokenizer, prompts: pd.DataFrame, responses: list[str], batch_size: int, device) -> list[float]:
+    items = []
+    for row, response in zip(prompts.to_dict("records"), responses):
+        prompt_text = format_prompt(tokenizer, row["prompt"], row.get("system"))
+        items.append(encode(tokenizer, prompt_text, format_completion(tokenizer, row["prompt"], response, row.get("system")), EVAL_MAX_LENGTH))
+    return batched_logps(model, tokenizer, items, batch_size, device, "eval logps")[0]
+
+
+def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prompts: pd.DataFrame,
+                   previous: pd.DataFrame | None, base: pd.DataFrame | None) -> tuple[pd.DataFrame, dict]:
+    """Evaluate the model after `round_idx` rounds; `previous`/`base` are eval frames of round r-1 / 0."""
+    import torch
+
+    from data.demo_tasks import verify
+    from models.generation import SamplingSettings, generate_texts
+    from models.judges import make_judge
+    from models.loading import load_round_model, load_tokenizer
+
+    ev = recipe.evaluation
+    quantize = recipe.model.quantization == "4bit"
+    tokenizer = load_tokenizer(model_path, recipe.model)
+    model = load_round_model(model_path, recipe.model, quantize=quantize)
+    device = next(model.parameters()).device
+    texts = [format_prompt(tokenizer, p, s) for p, s in zip(prompts.prompt, prompts.system)]
+    batch = recipe.generation.batch_size
+    greedy = generate_texts(model, tokenizer, texts, SamplingSettings(
+        temperature=0.0, max_new_tokens=ev.max_new_tokens, batch_size=batch, seed=recipe.seed), f"eval r{round_idx} greedy")
+    sampled = generate_texts(model, tokenizer, texts, SamplingSettings(
+        num_samples=ev.kl_samples, temperature=1.0, max_new_tokens=ev.max_new_tokens, batch_size=batch,
+        seed=recipe.seed + 7919 * (round_idx + 1)), f"eval r{round_idx} samples")
+
+    meta_cols = [c for c in ("task", "answer") if c in prompts.columns]
+    records = []
+    for row, g, samples in zip(prompts.to_dict("records"), greedy, sampled):
+        common = {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "round": round_idx, **{c: row[c] for c in meta_cols}}
+        records.append({**common, "kind": "greedy", "sample_index": 0, "response": g[0].text, "num_tokens": g[0].num_tokens})
+        records += [{**common, "kind": "sample", "sample_index": k, "response": s.text, "num_tokens": s.num_tokens}
+                    for k, s in enumerate(samples)]
+    # Held-out pairs: fixed at round 0 as (ground truth, the base's first sample); later rounds rescore them.
+    if base is None:
+        refs = prompts.set_index("prompt_id")["reference"] if "reference" in prompts else pd.Series(dtype=object)
+        for rec in [r for r in records if r["kind"] == "sample" and r["sample_index"] == 0]:
+            reference = refs.get(rec["prompt_id"])
+            if isinstance(reference, str) and " ".join(reference.split()) != " ".join(rec["response"].split()):
+                records.append({**rec, "kind": "pair_chosen", "response": reference, "num_tokens": 0})
+                records.append({**rec, "kind": "pair_rejected"})
+    else:
+        pair_rows = base[base.kind.isin(["pair_chosen", "pair_rejected"])]
+        records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=["logp", "base_logp", "correct"], errors="ignore").to_dict("records")]
+    frame = pd.DataFrame(records)
+    by_prompt = prompts.set_index("prompt_id")
+    row_prompts = by_prompt.loc[frame.prompt_id].reset_index()
+    frame["logp"] = _logps(model, tokenizer, row_prompts, frame.response.tolist(), batch, device)
+    if meta_cols == ["task", "answer"]:
+        frame["correct"] = [verify(t, a, r) for t, a, r in zip(frame.task, frame.answer, frame.response)]
+
+    metrics: dict = {"round": round_idx, "prompts": int(len(prompts))}
+    greedy_rows = frame[frame.kind == "greedy"].reset_index(drop=True)
+    sample_rows = frame[frame.kind == "sample"]
+    if "correct" in frame:
+        metrics["accuracy"] = float(greedy_rows.correct.mean())
+        metrics["accuracy_by_task"] = {k: float(v) for k, v in greedy_rows.groupby("task").correct.mean().items()}
+    metrics.update(
+        mean_length=float(greedy_rows.num_tokens.mean()),
+        length_p50=float(greedy_rows.num_tokens.median()),
+        length_p90=float(greedy_rows.num_tokens.quantile(0.9)),
+        distinct_1=distinct_n(sample_rows.response.tolist(), 1),
+        distinct_2=distinct_n(sample_rows.response.tolist(), 2),
+    )
+
+    judge_name = eval_judge_name(recipe, prompts)
+    metrics["eval_judge"] = judge_name
+    if round_idx > 0:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        base_model = load_round_model(base_path, recipe.model, quantize=quantize)
+        base_tokenizer = load_tokenizer(base_path, recipe.model)
+        sample_prompts = by_prompt.loc[sample_rows.prompt_id].reset_index()
+        frame.loc[sample_rows.index, "base_logp"] = _logps(base_model, base_tokenizer, sample_prompts, sample_rows.response.tolist(), batch, device)
+        metrics["kl_vs_base"] = float((frame.loc[sample_rows.index, "logp"] - frame.loc[sample_rows.index, "base_logp"]).mean())
+        pairs_now = frame[frame.kind.str.startswith("pair_")].set_index(["prompt_id", "kind"]).logp
+        pairs_prev = previous[previous.kind.str.startswith("pair_")].set_index(["prompt_id", "kind"]).logp
+        if len(pairs_now):
+            chosen_ids = pairs_now.xs("pair_chosen", level="kind").index
+            metrics["implicit_reward_accuracy"], metrics["implicit_reward_margin"] = implicit_reward_stats(
+                pairs_now.xs("pair_chosen", level="kind").loc[chosen_ids].to_numpy(),
+                pairs_prev.xs("pair_chosen", level="kind").loc[chosen_ids].to_numpy(),
+                pairs_now.xs("pair_rejected", level="kind").loc[chosen_ids].to_numpy(),
+                pairs_prev.xs("pair_rejected", level="kind").loc[chosen_ids].to_numpy(),
+                recipe.training.beta,
+            )
+        if judge_name:
+            judge = make_judge(judge_name, recipe, base_model, base_tokenizer)
+            ours = greedy_rows.response.tolist()
+            greedy_prompts = by_prompt.loc[greedy_rows.prompt_id].reset_index()
+            for label, other in (("previous", previous), ("base", base)):
+                theirs = other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
+                metrics[f"win_rate_vs_{label}"] = win_rate(judge, greedy_prompts, ours, theirs)
+    else:
+        metrics["kl_vs_base"] = 0.0
+    return frame, metrics

@@ -1,0 +1,224 @@
+"""Sampling responses: K samples per prompt, length-sorted batches, fixed seeds, OOM back-off.
+
+`generate_texts(model, tokenizer, prompt_texts, settings)` returns, for every prompt text (already
+chat-formatted by data.prompts.format_prompt), `num_samples` `Sample`s in order. Backends:
+
+- `hf`: transformers' `generate` (dynamic cache), the reference behaviour;
+- `static`: models/fast_generation.py, our static-KV-cache decode loop, CUDA-graph captured on a GPU;
+- `vllm`: vLLM's offline engine when it is installed (optional, never in CI).
+
+Prompts are sorted by length before batching so a batch pads little; results come back in input order.
+Every batch is seeded from (seed, batch position), so the same inputs give the same samples. On CUDA
+out-of-memory the batch size is halved and the batch retried (logged), instead of failing a long round.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("selfplay")
+
+
+@dataclass
+class SamplingSettings:
+    num_samples: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    seed: int = 0
+    backend: str = "hf"
+
+
+@dataclass
+class Sample:
+    text: str
+    num_tokens: int
+    finished: bool  # ended with an end-of-sequence token rather than the length limit
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _hf_generate(model, tokenizer, input_ids, attention_mask, settings: SamplingSettings, eos_ids) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    sample = settings.temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sample,
+        temperature=settings.temperature if sample else None,
+        top_p=settings.top_p if sample else None,
+        top_k=0 if sample else None,  # only top_p truncates, as in the SPPO recipe
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return out[:, input_ids.shape[1] :]
+
+
+def _decode(tokenizer, new_tokens: torch.Tensor, eos_ids: list[int]) -> list[Sample]:
+    samples = []
+    for row in new_tokens.tolist():
+        end = next((i for i, tok in enumerate(row) if tok in eos_ids), None)
+        kept = row if end is None else row[:end]
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        samples.append(Sample(text=text.strip(), num_tokens=len(kept) + (end is not None), finished=end is not None))
+    return samples
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_with_oom_backoff(work, items: list, batch_size: int, what: str) -> list:
+    """Apply `work(batch_items) -> list` over `items` in batches, halving the batch on CUDA OOM."""
+    results, start = [], 0
+    while start < len(items):
+        chunk = items[start : start + batch_size]
+        try:
+            results.extend(work(chunk))
+            start += len(chunk)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not is_oom(exc) or batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            log.warning("%s: CUDA out of memory; retrying with batch size %d", what, batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return results
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompt_texts: list[str], settings: SamplingSettings, progress: str | None = None) -> list[list[Sample]]:
+    """`settings.num_samples` samples for each prompt text, in input order."""
+    if settings.backend == "vllm":
+        from models.fast_generation import vllm_generate
+
+        return vllm_generate(model, tokenizer, prompt_texts, settings)
+    from pipeline.progress import bar
+
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(model, tokenizer)
+    encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in prompt_texts]
+    # One row per (prompt, sample); rows sorted by prompt length so batches pad little.
+    rows = [(p, k) for p in range(len(encoded)) for k in range(settings.num_samples)]
+    rows.sort(key=lambda row: (len(encoded[row[0]]), row))
+    if settings.backend == "static":
+        from models.fast_generation import static_generate as backend
+    else:
+        backend = _hf_generate
+    model.eval()
+    progress_bar = bar(total=len(rows), desc=progress, disable=progress is None)
+    batch_counter = [0]
+
+    def work(chunk):
+        width = max(len(encoded[p]) for p, _ in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, (p, _) in enumerate(chunk):  # left padding: every row's last prompt token is at the end
+            input_ids[i, width - len(encoded[p]) :] = torch.tensor(encoded[p])
+            attention_mask[i, width - len(encoded[p]) :] = 1
+        torch.manual_seed(settings.seed * 1_000_003 + batch_counter[0])
+        new_tokens = backend(model, tokenizer, input_ids.to(device), attention_mask.to(device), settings, eos_ids)
+        batch_counter[0] += 1
+        progress_bar.update(len(chunk))
+        return _decode(tokenizer, new_tokens, eos_ids)
+
+    flat = run_with_oom_backoff(work, rows, settings.batch_size, "generation")
+    progress_bar.close()
+    out: list[list[Sample]] = [[None] * settings.num_samples for _ in encoded]  # type: ignore[list-item]
+    for (p, k), sample in zip(rows, flat):
+        out[p][k] = sample
+    return out
+
+
+# --- the Generate stage -------------------------------------------------------------------------
+
+SHARD_PROMPTS = 256  # prompts per resumable part file
+
+
+def shard_seed(seed: int, round_idx: int, shard_idx: int) -> int:
+    return seed * 1_000_003 + round_idx * 10_007 + shard_idx
+
+
+def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir) -> tuple["pd.DataFrame", dict]:
+    """Sample `generation.num_samples` responses per prompt with the model at `model_path`.
+
+    Work is split into parts of SHARD_PROMPTS prompts, each written atomically to `work_dir` with its
+    own seed, so a killed run resumes at the first missing part and still produces the same samples.
+    Returns the generations frame (contract columns plus reference/task/answer/system) and stats.
+    """
+    from pathlib import Path
+
+    import pandas as pd
+
+    from data.prompts import filter_overlong, format_prompt
+    from data.schema import write_parquet
+    from models.loading import load_round_model, load_tokenizer
+
+    work_dir = Path(work_dir)
+    gen = recipe.generation
+    tokenizer = load_tokenizer(model_path, recipe.model)
+    prompts, dropped = filter_overlong(
+        prompts, tokenizer, recipe.data.max_prompt_tokens, recipe.data.overlong_prompts, recipe.data.train
+    )
+    if dropped:
+        log.info("generation: skipped %d prompts longer than data.max_prompt_tokens=%d", dropped, recipe.data.max_prompt_tokens)
+    model, parts = None, []
+    for shard_idx, start in enumerate(range(0, len(prompts), SHARD_PROMPTS)):
+        part_path = work_dir / f"part-{shard_idx:05d}.parquet"
+        if part_path.is_file():
+            parts.append(pd.read_parquet(part_path))
+            continue
+        shard = prompts.iloc[start : start + SHARD_PROMPTS]
+        texts = [format_prompt(tokenizer, p, s) for p, s in zip(shard.prompt, shard.system)]
+        settings = SamplingSettings(
+            num_samples=gen.num_samples,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            max_new_tokens=gen.max_new_tokens,
+            batch_size=gen.batch_size,
+            seed=shard_seed(recipe.seed, round_idx, shard_idx),
+            backend=gen.backend,
+        )
+        if gen.backend == "vllm":
+            from models.fast_generation import vllm_generate
+
+            samples = vllm_generate(model_path, tokenizer, texts, settings, recipe.model)
+        else:
+            model = model or load_round_model(model_path, recipe.model, quantize=recipe.model.quantization == "4bit")
+            samples = generate_texts(model, tokenizer, texts, settings, progress=f"generate r{round_idx} part {shard_idx}")
+        rows = [
+            {
+                **{k: row[k] for k in ("prompt_id", "prompt", "system", "reference") if k in row},
+                **{k: row.get(k) for k in ("task", "answer") if k in shard.columns},
+                "response": sample.text,
+                "sample_index": k,
+                "round": round_idx,
+                "num_tokens": sample.num_tokens,
+                "finished": sample.finished,
+            }
+            for row, row_samples in zip(shard.to_dict("records"), samples)
+            for k, sample in enumerate(row_samples)
+        ]
+        part = pd.DataFrame(rows)
+        write_parquet(part, part_path)
+        parts.append(part)
+    frame = pd.concat(parts, ignore_index=True)
+    stats = {
+        "prompts": int(len(prompts)),
+        "prompts_too_long": int(dropped),
+        "samples": int(len(frame)),
+        "mean_new_tokens": float(frame.num_tokens.mean()),
+        "unfinished_fraction": float(1 - frame.finished.mean()),
+    }
+    return frame, stats

@@ -1,0 +1,324 @@
+"""Judges: for each prompt and its K responses, the K x K matrix of P(response i beats response j).
+
+One interface for all: `judge.judge(groups) -> list[JudgeResult]`, batched across prompts. The matrix
+has 0.5 on the diagonal and P[i, j] + P[j, i] = 1. A judge may also give pointwise `scores` (a reward,
+a rubric score, correctness); iterative DPO pairs by them when present.
+
+- VerifierJudge: programmatic correctness of verifiable prompts (the demo tasks).
+- RewardModelJudge: any AutoModelForSequenceClassification reward model; P = sigmoid(r_i - r_j).
+- SelfJudge: the current model as an LLM judge, pointwise (Self-Rewarding LMs' additive 5-point
+  rubric, 'Score: N' parsed from its text) or pairwise (asked in both orders to cancel position bias).
+  Answers it cannot parse are counted in `unparsed` and treated as ties; they never fail a round.
+- PairRMJudge (models/pairrm.py): llm-blender/PairRM-hf loaded by our own code.
+
+`make_judge(recipe, model_path)` builds the one a recipe names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger("selfplay")
+
+
+@dataclass
+class JudgeGroup:
+    """One prompt and its K responses, with what a judge may need beside them."""
+
+    prompt: str
+    responses: list[str]
+    system: str | None = None
+    reference: str | None = None
+    task: str | None = None
+    answer: str | None = None
+
+
+@dataclass
+class JudgeResult:
+    prob_matrix: np.ndarray  # (K, K): P(i beats j), 0.5 on the diagonal
+    scores: np.ndarray | None = None  # (K,) pointwise scores where the judge has them
+    unparsed: int = 0  # judge answers that could not be parsed (self-judge), counted as ties
+
+    @property
+    def win_probs(self) -> np.ndarray:
+        """Mean win probability of each response against all K (itself counted 0.5), as in SPPO."""
+        return self.prob_matrix.mean(axis=1)
+
+
+def matrix_from_scores(scores: np.ndarray) -> np.ndarray:
+    """Bradley-Terry: P[i, j] = sigmoid(s_i - s_j); NaN scores (unparsed) tie with everything."""
+    scores = np.asarray(scores, dtype=np.float64)
+    diff = scores[:, None] - scores[None, :]
+    prob = 1.0 / (1.0 + np.exp(-diff))
+    return np.where(np.isnan(diff), 0.5, prob)
+
+
+class VerifierJudge:
+    """Correct beats wrong with probability 1; two correct or two wrong answers tie."""
+
+    name = "verifier"
+
+    def judge(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
+        from data.demo_tasks import verify
+
+        results = []
+        for group in groups:
+            if group.task is None or group.answer is None:
+                raise ValueError(f"verifier judge needs 'task' and 'answer' columns; prompt {group.prompt[:60]!r} has none")
+            correct = np.array([float(verify(group.task, group.answer, r)) for r in group.responses])
+            results.append(JudgeResult(0.5 + 0.5 * (correct[:, None] - correct[None, :]), scores=correct))
+        return results
+
+
+class RewardModelJudge:
+    """A sequence-classification reward model scores each (prompt, response); P = sigmoid(r_i - r_j)."""
+
+    name = "reward_model"
+
+    def __init__(self, path: str, model_cfg, batch_size: int = 16, device=None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from models.loading import check_model_path, default_device, resolve_dtype
+
+        check_model_path(path)
+        self.device = device or default_device()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            dtype=resolve_dtype(model_cfg.precision, self.device),
+            trust_remote_code=model_cfg.trust_remote_code,
+            use_safetensors=True,
+        ).to(self.device).eval()
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size = batch_size
+        self._torch = torch
+
+    def _text(self, group: JudgeGroup, response: str) -> str:
+        if self.tokenizer.chat_template:
+            turns = [{"role": "system", "content": group.system}] if group.system else []
+            turns += [{"role": "user", "content": group.prompt}, {"role": "assistant", "content": response}]
+            return self.tokenizer.apply_chat_template(turns, tokenize=False)
+        return f"{group.prompt}\n\n{response}"
+
+    def rewards(self, texts: list[str]) -> list[float]:
+        from models.generation import run_with_oom_backoff
+
+        def work(chunk):
+            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False)
+            with self._torch.no_grad():
+                logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
+            return logits[:, 0].float().tolist()
+
+        return run_with_oom_backoff(work, texts, self.batch_size, "reward model")
+
+    def judge(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
+        texts = [self._text(g, r) for g in groups for r in g.responses]
+        flat = iter(self.rewards(texts))
+        results = []
+        for group in groups:
+            scores = np.array([next(flat) for _ in group.responses])
+            results.append(JudgeResult(matrix_from_scores(scores), scores=scores))
+        return results
+
+
+# The additive 5-point rubric of Self-Rewarding Language Models (Yuan et al. 2024, Fig. 2), in our words.
+POINTWISE_PROMPT = """Review the user's question and the response below, and score the response out of 5 with this additive system:
+- Add 1 point if the response is relevant to the question, even if incomplete.
+- Add 1 point if it addresses a substantial part of the question.
+- Add 1 point if it answers the basic elements of the question usefully.
+- Add 1 point if it is clearly written from an assistant's perspective, direct and well organised.
+- Add 1 point if it is impeccably tailored to the question, expert and without extraneous content.
+
+Question: {prompt}
+
+Response: {response}
+
+Briefly justify your total, then conclude with "Score: <total points>"."""
+
+PAIRWISE_PROMPT = """Which response answers the user's question better?
+
+Question: {prompt}
+
+Response A: {first}
+
+Response B: {second}
+
+Answer with "Better: A" or "Better: B"."""
+
+SCORE_RE = re.compile(r"score\s*[:=]\s*([0-5](?:\.\d+)?)", re.IGNORECASE)
+VERDICT_RE = re.compile(r"better\s*[:=]?\s*(?:response\s*)?\b([AB])\b", re.IGNORECASE)
+
+
+def parse_score(text: str) -> float | None:
+    match = SCORE_RE.findall(text)
+    return float(match[-1]) if match else None
+
+
+def parse_verdict(text: str) -> str | None:
+    match = VERDICT_RE.findall(text)
+    return match[-1].upper() if match else None
+
+
+@dataclass
+class SelfJudge:
+    """The model being trained judges its own samples (Self-Rewarding LMs, Yuan et al. 2024)."""
+
+    model: object
+    tokenizer: object
+    mode: str = "pointwise"
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    name: str = field(default="self", init=False)
+
+    def _ask(self, questions: list[tuple[str, str | None]]) -> list[str]:
+        from data.prompts import format_prompt
+        from models.generation import SamplingSettings, generate_texts
+
+        texts = [format_prompt(self.tokenizer, q, system) for q, system in questions]
+        settings = SamplingSettings(temperature=0.0, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        return [samples[0].text for samples in generate_texts(self.model, self.tokenizer, texts, settings, "self-judge")]
+
+    def judge(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
+        return self._pointwise(groups) if self.mode == "pointwise" else self._pairwise(groups)
+
+    def _pointwise(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
+        questions = [(POINTWISE_PROMPT.format(prompt=g.prompt, response=r), g.system) for g in groups for r in g.responses]
+        answers = iter(self._ask(questions))
+        results = []
+        for group in groups:
+            parsed = [parse_score(next(answers)) for _ in group.responses]
+            scores = np.array([math.nan if s is None else s for s in parsed])
+            results.append(JudgeResult(matrix_from_scores(scores), scores=scores, unparsed=parsed.count(None)))
+        return results
+
+    def _pairwise(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
+        orders = [[(i, j) for i in range(len(g.responses)) for j in range(len(g.responses)) if i != j] for g in groups]
+        questions = [
+            (PAIRWISE_PROMPT.format(prompt=g.prompt, first=g.responses[i], second=g.responses[j]), g.system)
+            for g, pairs in zip(groups, orders)
+            for i, j in pairs
+        ]
+        answers = iter(self._ask(questions))
+        results = []
+        for group, pairs in zip(groups, orders):
+            k = len(group.responses)
+            first_wins = np.full((k, k), 0.5)  # first_wins[i, j]: i shown as A beat j shown as B
+            unparsed = 0
+            for i, j in pairs:
+                verdict = parse_verdict(next(answers))
+                unparsed += verdict is None
+                first_wins[i, j] = {"A": 1.0, "B": 0.0}.get(verdict, 0.5)
+            # Average i's result as A against j with its result as B: position bias cancels.
+            prob = (first_wins + (1.0 - first_wins.T)) / 2
+            np.fill_diagonal(prob, 0.5)
+            results.append(JudgeResult(prob, unparsed=unparsed))
+        return results
+
+
+def make_judge(name: str, recipe, policy_model=None, tokenizer=None):
+    """The judge `name` for a recipe; the self-judge uses `policy_model` (the round's generator)."""
+    if name == "verifier":
+        return VerifierJudge()
+    if name == "reward_model":
+        return RewardModelJudge(recipe.judge.model, recipe.model, recipe.judge.batch_size)
+    if name == "pairrm":
+        from models.pairrm import PairRMJudge
+
+        return PairRMJudge(recipe.judge.model, batch_size=recipe.judge.batch_size)
+    if name == "self":
+        return SelfJudge(policy_model, tokenizer, recipe.judge.self_mode, recipe.judge.batch_size, recipe.judge.max_new_tokens)
+    raise ValueError(f"no judge named {name!r}")
+
+
+# --- the Judge stage: from samples to preference pairs ------------------------------------------
+
+
+def select_pair(result: JudgeResult, algorithm: str) -> tuple[int, int] | None:
+    """(chosen, rejected) indices: best and worst by mean win probability (SPPO) or by the judge's
+    pointwise scores when it has them (iterative DPO). None when every response ties."""
+    key = result.win_probs if algorithm == "sppo" or result.scores is None else result.scores
+    if np.all(np.isnan(key)):
+        return None
+    best, worst = int(np.nanargmax(key)), int(np.nanargmin(key))
+    return None if key[best] == key[worst] else (best, worst)
+
+
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())
+
+
+def _first(group, column: str):
+    return group[column].iloc[0] if column in group.columns else None
+
+
+def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.DataFrame", dict]:
+    """Preference pairs of one round, with stats of what was skipped and why.
+
+    SPIN: chosen = the dataset's ground truth, rejected = the model's own sample (Chen et al. 2024).
+    SPPO / DPO: the judge's K x K matrix per prompt; chosen = best, rejected = worst (see
+    select_pair); the scores are the mean win probabilities (SPPO) or the judge's scores (DPO); the
+    full matrix is kept in `prob_matrix` for the drift analysis.
+    """
+    import pandas as pd
+
+    keep = ("prompt_id", "prompt", "system", "task", "answer")
+    rows, stats = [], {"prompts": 0, "pairs": 0, "skipped_ties": 0, "skipped_identical": 0, "unparsed_judgements": 0}
+    grouped = [(pid, g.sort_values("sample_index")) for pid, g in generations.groupby("prompt_id", sort=False)]
+    stats["prompts"] = len(grouped)
+    if recipe.algorithm == "spin":
+        for _pid, group in grouped:
+            first = group.iloc[0]
+            if _same_text(first.reference, first.response):
+                stats["skipped_identical"] += 1
+                continue
+            rows.append({
+                **{k: first.get(k) for k in keep if k in group.columns},
+                "chosen": first.reference, "rejected": first.response,
+                "chosen_score": math.nan, "rejected_score": math.nan,
+                "chosen_index": -1, "rejected_index": int(first.sample_index),
+                "chosen_win_prob": math.nan, "rejected_win_prob": math.nan, "prob_matrix": None,
+            })
+    else:
+        groups = [
+            JudgeGroup(
+                prompt=g.prompt.iloc[0], responses=g.response.tolist(), system=_first(g, "system"),
+                reference=_first(g, "reference"), task=_first(g, "task"), answer=_first(g, "answer"),
+            )
+            for _pid, g in grouped
+        ]
+        results = judge.judge(groups)
+        for (_pid, group), result in zip(grouped, results):
+            stats["unparsed_judgements"] += result.unparsed
+            picked = select_pair(result, recipe.algorithm)
+            if picked is None:
+                stats["skipped_ties"] += 1
+                continue
+            best, worst = picked
+            chosen, rejected = group.iloc[best], group.iloc[worst]
+            if _same_text(chosen.response, rejected.response):
+                stats["skipped_identical"] += 1
+                continue
+            win = result.win_probs
+            score = win if recipe.algorithm == "sppo" or result.scores is None else result.scores
+            rows.append({
+                **{k: chosen.get(k) for k in keep if k in group.columns},
+                "chosen": chosen.response, "rejected": rejected.response,
+                "chosen_score": float(score[best]), "rejected_score": float(score[worst]),
+                "chosen_index": best, "rejected_index": worst,
+                "chosen_win_prob": float(win[best]), "rejected_win_prob": float(win[worst]),
+                "prob_matrix": result.prob_matrix.tolist(),
+            })
+    stats["pairs"] = len(rows)
+    columns = [*keep, "chosen", "rejected", "chosen_score", "rejected_score", "chosen_index", "rejected_index",
+               "chosen_win_prob", "rejected_win_prob", "prob_matrix"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame = frame.assign(round=round_idx, judge=recipe.judge.name)
+    return frame, stats

@@ -1,0 +1,112 @@
+"""DPO-family losses as pure functions of summed log-prob tensors.
+
+Every function takes a `PreferenceBatch` of per-example tensors and returns per-example losses (the
+trainer takes the mean). Log-ratios are h_w = log pi(y_w|x) - log pi_ref(y_w|x) for the chosen
+response and h_l likewise for the rejected one; all sums are over response tokens.
+
+One explicit table, LOSSES, maps the recipe's `training.loss` name to its function; no registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PreferenceBatch:
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    beta: float
+    chosen_win_prob: torch.Tensor | None = None  # SPPO: P(y_w beats pi_t), mean over the K samples
+    rejected_win_prob: torch.Tensor | None = None
+    chosen_lengths: torch.Tensor | None = None  # SimPO: response tokens
+    rejected_lengths: torch.Tensor | None = None
+    label_smoothing: float = 0.0  # robust DPO: assumed probability that a label is flipped
+    simpo_gamma: float = 0.5
+
+    @property
+    def chosen_logratios(self) -> torch.Tensor:
+        return self.policy_chosen_logps - self.ref_chosen_logps
+
+    @property
+    def rejected_logratios(self) -> torch.Tensor:
+        return self.policy_rejected_logps - self.ref_rejected_logps
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """h_w - h_l: the argument every pairwise DPO-style loss is a function of."""
+        return self.chosen_logratios - self.rejected_logratios
+
+
+def dpo_sigmoid(batch: PreferenceBatch) -> torch.Tensor:
+    # DPO, Rafailov et al. 2023, Eq. 7: -log sigma(beta * (h_w - h_l)).
+    # SPIN, Chen et al. 2024, Eq. 4.7 with the logistic loss is the same expression with y_w the
+    # ground truth and y_l the previous iterate's sample.
+    return -F.logsigmoid(batch.beta * batch.margin)
+
+
+def ipo(batch: PreferenceBatch) -> torch.Tensor:
+    # IPO, Azar et al. 2023, Eq. 17: (h_w - h_l - 1/(2 tau))^2 with tau = beta. The paper's
+    # log-likelihoods are per token, as in its reference code, so we average over response tokens.
+    if batch.chosen_lengths is None or batch.rejected_lengths is None:
+        raise ValueError("ipo needs chosen_lengths and rejected_lengths (it uses per-token log-ratios)")
+    margin = batch.chosen_logratios / batch.chosen_lengths - batch.rejected_logratios / batch.rejected_lengths
+    return (margin - 1 / (2 * batch.beta)) ** 2
+
+
+def hinge(batch: PreferenceBatch) -> torch.Tensor:
+    # SLiC-HF, Zhao et al. 2023, arXiv:2305.10425, Eq. 1 (its calibration hinge, delta = 1) on the log-ratios
+    # as in Liu et al. 2024 (RSO): max(0, 1 - beta * (h_w - h_l)).
+    return torch.relu(1 - batch.beta * batch.margin)
+
+
+def robust(batch: PreferenceBatch) -> torch.Tensor:
+    # Robust DPO (rDPO), Chowdhury et al. 2024, arXiv:2403.00409, its de-biased loss (the equation
+    # number differs between the paper's versions): unbiased under labels flipped with rate eps,
+    # [-(1 - eps) log sigma(beta m) + eps log sigma(-beta m)] / (1 - 2 eps), m = h_w - h_l.
+    eps = batch.label_smoothing
+    if not 0 <= eps < 0.5:
+        raise ValueError(f"robust loss needs 0 <= label_smoothing < 0.5, got {eps}")
+    logits = batch.beta * batch.margin
+    return (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+
+
+def sppo(batch: PreferenceBatch) -> torch.Tensor:
+    # SPPO, Wu et al. 2024, Eq. 4.7 (Algorithm 1), as in uclaml/SPPO's trainer: each log-ratio is
+    # regressed on eta * (P(y beats pi_t) - 1/2) with eta = 1/beta, then the two squares are averaged.
+    if batch.chosen_win_prob is None or batch.rejected_win_prob is None:
+        raise ValueError("sppo needs chosen_win_prob and rejected_win_prob (the judge's win probabilities)")
+    eta = 1.0 / batch.beta
+    chosen_term = (batch.chosen_logratios - eta * (batch.chosen_win_prob - 0.5)) ** 2
+    rejected_term = (batch.rejected_logratios - eta * (batch.rejected_win_prob - 0.5)) ** 2
+    return (chosen_term + rejected_term) / 2
+
+
+def simpo(batch: PreferenceBatch) -> torch.Tensor:
+    # SimPO, Meng et al. 2024, Eq. 6: reference-free, length-normalised:
+    # -log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma).
+    if batch.chosen_lengths is None or batch.rejected_lengths is None:
+        raise ValueError("simpo needs chosen_lengths and rejected_lengths")
+    chosen_reward = batch.beta * batch.policy_chosen_logps / batch.chosen_lengths
+    rejected_reward = batch.beta * batch.policy_rejected_logps / batch.rejected_lengths
+    return -F.logsigmoid(chosen_reward - rejected_reward - batch.simpo_gamma)
+
+
+LOSSES = {
+    "dpo_sigmoid": dpo_sigmoid,
+    "ipo": ipo,
+    "hinge": hinge,
+    "robust": robust,
+    "sppo": sppo,
+    "simpo": simpo,
+}
+
+
+def implicit_rewards(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """beta * log-ratio of chosen and rejected (DPO's implicit reward, Rafailov et al. 2023, Eq. 5)."""
+    return batch.beta * batch.chosen_logratios.detach(), batch.beta * batch.rejected_logratios.detach()

@@ -1,0 +1,286 @@
+"""The Train stage: a LoRA adapter fitted with a DPO-family loss against the previous round.
+
+    train_round(recipe, parent, pairs, work_dir, out_dir, round_idx, root_model) -> stats
+
+1. Load the parent (the previous round's merged weights, or the base) and add a fresh LoRA adapter;
+   with the adapter disabled the model *is* the reference pi_{r-1}.
+2. Reference log-probs of every chosen and rejected response, computed once with the adapter off and
+   stored in work_dir/ref_logps.parquet, so training holds one model and skips the reference forward.
+3. Length-grouped batches (shuffled groups of similar length, then padded to the longest in the
+   batch); chosen and rejected go through the model in one concatenated forward.
+4. AdamW, linear warm-up and decay, gradient clipping; checkpoints to work_dir/checkpoint-<step>/
+   every `save_steps` (adapter, optimiser, scheduler, RNG, log), and a killed run resumes from the last.
+   A NaN or inf loss stops the round with a TrainingError; the last good checkpoint stays.
+5. The adapter and a merged full-precision copy are written to `out_dir` (models/loading.py).
+
+Runs unchanged under `accelerate launch` (DDP): batches are sharded by accelerate, the reference
+pass is split across processes, and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from data.prompts import format_completion, format_prompt
+from data.schema import atomic_write_json, write_parquet
+from models.logps import Encoded, batched_logps, collate, encode, sequence_logps
+from models.losses import LOSSES, PreferenceBatch, implicit_rewards
+from pipeline.errors import TrainingError
+
+log = logging.getLogger("selfplay")
+KEEP_CHECKPOINTS = 2
+REFERENCE_FREE = {"simpo"}
+
+
+class PolicyLogps(torch.nn.Module):
+    """Wraps the policy so DDP/FSDP see one forward: batch in, (summed log-probs, token counts) out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, completion_mask):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        return sequence_logps(self.model, batch)
+
+
+def encode_pairs(tokenizer, pairs: pd.DataFrame, max_length: int) -> tuple[list[Encoded], list[Encoded]]:
+    chosen, rejected = [], []
+    systems = pairs["system"] if "system" in pairs.columns else [None] * len(pairs)
+    for prompt, system, good, bad in zip(pairs.prompt, systems, pairs.chosen, pairs.rejected):
+        system = system if isinstance(system, str) else None
+        prompt_text = format_prompt(tokenizer, prompt, system)
+        chosen.append(encode(tokenizer, prompt_text, format_completion(tokenizer, prompt, good, system), max_length))
+        rejected.append(encode(tokenizer, prompt_text, format_completion(tokenizer, prompt, bad, system), max_length))
+    return chosen, rejected
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffle, then sort within windows of 50 batches by length: little padding, still random order."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator) -> pd.DataFrame:
+    """Reference log-probs with the adapter off; cached in work_dir/ref_logps.parquet."""
+    path = work_dir / "ref_logps.parquet"
+    if not path.is_file():
+        rank, world = accelerator.process_index, accelerator.num_processes
+        items = chosen + rejected
+        mine = list(range(rank, len(items), world))
+        with model.disable_adapter():
+            sums, _ = batched_logps(model, tokenizer, [items[i] for i in mine], batch_size, accelerator.device, "reference logps")
+        part = work_dir / f"ref_logps.rank{rank}.json"
+        part.write_text(json.dumps(dict(zip(mine, sums))))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            merged = {}
+            for r in range(world):
+                merged.update({int(k): v for k, v in json.loads((work_dir / f"ref_logps.rank{r}.json").read_text()).items()})
+            n = len(chosen)
+            frame = pd.DataFrame({"chosen": [merged[i] for i in range(n)], "rejected": [merged[n + i] for i in range(n)]})
+            write_parquet(frame, path)
+        accelerator.wait_for_everyone()
+    return pd.read_parquet(path)
+
+
+def _latest_checkpoint(work_dir: Path) -> Path | None:
+    done = [p for p in work_dir.glob("checkpoint-*") if (p / "state.pt").is_file() and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _save_trainer_checkpoint(work_dir: Path, step: int, adapter_state, optimizer, scheduler, history) -> None:
+    final = work_dir / f"checkpoint-{step}"
+    tmp = work_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(
+        {
+            "step": step,
+            "adapter": adapter_state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": history,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        },
+        tmp / "state.pt",
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, round_idx: int, root_model: str) -> dict:
+    from accelerate import Accelerator
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from models.loading import add_lora, load_round_model, load_tokenizer, resolve_dtype, save_checkpoint
+    from pipeline.progress import bar
+
+    cfg = recipe.training
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    quantized = recipe.model.quantization == "4bit"
+    on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu and (quantized or resolve_dtype(recipe.model.precision) == torch.bfloat16)
+    accelerator = Accelerator(
+        cpu=not on_gpu, gradient_accumulation_steps=cfg.grad_accum_steps, mixed_precision="bf16" if bf16 else "no"
+    )
+    torch.manual_seed(recipe.seed + round_idx)
+
+    tokenizer = load_tokenizer(parent, recipe.model)
+    tokenizer.padding_side = "right"
+    model = load_round_model(parent, recipe.model, device=accelerator.device, quantize=quantized)
+    model = add_lora(model, cfg, quantized=quantized)
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length)
+    loss_name = recipe.loss
+    if loss_name in REFERENCE_FREE:
+        ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
+    else:
+        ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size * 2, accelerator)
+    chosen_win = torch.tensor(pairs["chosen_win_prob"].to_numpy(float)) if "chosen_win_prob" in pairs else None
+    rejected_win = torch.tensor(pairs["rejected_win_prob"].to_numpy(float)) if "rejected_win_prob" in pairs else None
+
+    batches_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    per_step = cfg.grad_accum_steps * accelerator.num_processes  # micro-batches per optimizer step
+    total_steps = math.ceil(cfg.epochs * batches_per_epoch / per_step)
+    if total_steps == 0:
+        log.warning("train round %d: no preference pairs; the round's weights equal its parent's", round_idx)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+    )
+    policy = PolicyLogps(model)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+
+    step, history = 0, []
+    resume = _latest_checkpoint(work_dir)
+    if resume is not None:
+        state = torch.load(resume / "state.pt", weights_only=False)
+        set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        step, history = state["step"], state["history"]
+        log.info("train round %d: resuming from %s (step %d of %d)", round_idx, resume, step, total_steps)
+
+    lengths = [max(len(c), len(r)) for c, r in zip(chosen, rejected)]
+    micro_batches: list[list[int]] = []
+    epoch = 0
+    while len(micro_batches) < total_steps * per_step:
+        micro_batches += length_grouped_batches(lengths, cfg.batch_size, seed=recipe.seed * 997 + round_idx * 31 + epoch)
+        epoch += 1
+    policy.train()
+    progress = bar(total=total_steps, initial=step, desc=f"train round {round_idx}", disable=not accelerator.is_main_process)
+    while step < total_steps:
+        step_batches = micro_batches[step * per_step : (step + 1) * per_step]
+        mine = step_batches[accelerator.process_index :: accelerator.num_processes]
+        figures = []
+        for idx in mine:
+            with accelerator.accumulate(policy):
+                batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
+                sums, counts = policy(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                n = len(idx)
+                pref = PreferenceBatch(
+                    policy_chosen_logps=sums[:n], policy_rejected_logps=sums[n:],
+                    ref_chosen_logps=torch.tensor(ref.chosen.to_numpy()[idx], device=sums.device, dtype=sums.dtype),
+                    ref_rejected_logps=torch.tensor(ref.rejected.to_numpy()[idx], device=sums.device, dtype=sums.dtype),
+                    beta=cfg.beta,
+                    chosen_win_prob=chosen_win[idx].to(sums.device) if chosen_win is not None else None,
+                    rejected_win_prob=rejected_win[idx].to(sums.device) if rejected_win is not None else None,
+                    chosen_lengths=counts[:n].float(), rejected_lengths=counts[n:].float(),
+                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                )
+                loss = LOSSES[loss_name](pref).mean()
+                if not torch.isfinite(loss):
+                    last = _latest_checkpoint(work_dir)
+                    raise TrainingError(
+                        f"round {round_idx}: training loss became {loss.item()} at step {step + 1}; "
+                        f"last good trainer checkpoint: {last or 'none yet'}; lower training.learning_rate or check the pairs"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                chosen_reward, rejected_reward = implicit_rewards(pref)
+                figures.append({
+                    "loss": loss.item(),
+                    "rewards/chosen": chosen_reward.mean().item(),
+                    "rewards/rejected": rejected_reward.mean().item(),
+                    "rewards/accuracy": (chosen_reward > rejected_reward).float().mean().item(),
+                    "rewards/margin": (chosen_reward - rejected_reward).mean().item(),
+                    "logps/chosen": pref.policy_chosen_logps.mean().item(),
+                    "logps/rejected": pref.policy_rejected_logps.mean().item(),
+                })
+        scheduler.step()
+        step += 1
+        entry = {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
+        entry.update(step=step, epoch=step * per_step / batches_per_epoch, learning_rate=scheduler.get_last_lr()[0],
+                     grad_norm=float(grad_norm))
+        history.append(entry)
+        progress.update(1)
+        progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}")
+        if accelerator.is_main_process and (step % cfg.save_steps == 0 or step == total_steps):
+            _save_trainer_checkpoint(work_dir, step, get_peft_model_state_dict(model), optimizer, scheduler, history)
+        accelerator.wait_for_everyone()
+    progress.close()
+
+    stats = {
+        "pairs": len(pairs),
+        "steps": total_steps,
+        "loss": loss_name,
+        "beta": cfg.beta,
+        "learning_rate": cfg.learning_rate,
+        "final_loss": history[-1]["loss"] if history else None,
+        "final_reward_accuracy": history[-1]["rewards/accuracy"] if history else None,
+    }
+    if accelerator.is_main_process:
+        save_checkpoint(
+            accelerator.unwrap_model(policy).model, tokenizer, out_dir, parent=parent, root_model=root_model,
+            round_idx=round_idx, model_cfg=recipe.model, save_merged=cfg.save_merged, quantized=quantized,
+        )
+        atomic_write_json(out_dir / "training_log.json", {"stats": stats, "history": history})
+    accelerator.wait_for_everyone()
+    return stats
+
+
+def run_job(job: dict) -> dict:
+    """Entry used by the Train task in-process and by `accelerate launch -m models.trainer job.json`."""
+    from configs.recipe import recipe_from_dict
+    from data.schema import PAIRS, read_artifact
+
+    recipe = recipe_from_dict(job["recipe"], "train job")
+    frames = [read_artifact(path, PAIRS) for path in job["pair_files"]]
+    pairs = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return train_round(recipe, job["parent"], pairs, job["work_dir"], job["out_dir"], job["round_idx"], job["root_model"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="selfplay: %(message)s")
+    run_job(json.loads(Path(sys.argv[1]).read_text()))

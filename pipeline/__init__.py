@@ -1,0 +1,45 @@
+"""selfplay's Luigi entry module: `luigi --module pipeline Iterate --rounds 3`.
+
+Importing it registers every task and sets up logging: the `selfplay` logger prints one line per
+event, and errors a user caused (pipeline.errors.SelfplayError) are logged as one line, not a traceback.
+"""
+
+import logging
+
+from pipeline.errors import SelfplayError
+
+
+class _OneLineUserErrors(logging.Filter):
+    """Luigi logs task failures with their traceback; for a user's mistake the message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SelfplayError):
+            record.msg = f"{record.getMessage()}: selfplay: {record.exc_info[1]}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _setup_logging() -> None:
+    logging.getLogger("luigi-interface").addFilter(_OneLineUserErrors())
+    log = logging.getLogger("selfplay")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("selfplay: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+_setup_logging()
+
+from tasks.base_model import BaseModel, RunSetup  # noqa: E402
+from tasks.evaluate import Evaluate  # noqa: E402
+from tasks.generate import Generate  # noqa: E402
+from tasks.iterate import Iterate  # noqa: E402
+from tasks.judge import Judge  # noqa: E402
+from tasks.report import Report  # noqa: E402
+from tasks.train import Train  # noqa: E402
+
+__all__ = ["BaseModel", "Evaluate", "Generate", "Iterate", "Judge", "Report", "RunSetup", "Train"]

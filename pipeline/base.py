@@ -1,0 +1,194 @@
+"""What every selfplay task shares: the run directory, the recipe, atomic outputs and completeness.
+
+- `RunTask` carries the three parameters every task has (`--recipe`, `--run-name`, `--runs-dir`),
+  loads the recipe once, and refuses a run directory whose run.yaml was written by another recipe.
+- A task is complete only when its outputs exist *and* everything it requires is complete, so
+  deleting one round's outputs reruns that round and every round after it, nothing before.
+- `FileTarget` and `DirTarget` write atomically: into a temporary sibling, then one rename. A
+  directory output is complete only once `_SUCCESS` is inside it, and `_SUCCESS` is written last.
+- One log line per finished task: its outputs and its wall time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from functools import cached_property
+from pathlib import Path
+
+import luigi
+import yaml
+
+from configs.recipe import DEFAULT_RECIPE, Recipe, load_recipe
+from pipeline.errors import RecipeError, SelfplayError
+
+log = logging.getLogger("selfplay")
+SUCCESS = "_SUCCESS"
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "luigi", "pandas", "pyarrow")
+
+
+def _clear_stale_temporaries(path: Path) -> None:
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+class FileTarget(luigi.LocalTarget):
+    """A file written through `temporary_path()`: readers see the old file, or the whole new one."""
+
+    @contextlib.contextmanager
+    def temporary_path(self):
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_temporaries(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        yield str(tmp)
+        os.replace(tmp, path)
+
+
+class DirTarget(luigi.LocalTarget):
+    """A directory that exists, for Luigi, only once `_SUCCESS` is in it."""
+
+    def exists(self) -> bool:
+        return (Path(self.path) / SUCCESS).is_file()
+
+    @contextlib.contextmanager
+    def temporary_path(self):
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_temporaries(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.mkdir()
+        yield str(tmp)
+        # A unique stamp: work directories downstream compare it to notice their inputs were redone.
+        (tmp / SUCCESS).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {uuid.uuid4().hex}\n")
+        if path.exists():  # an incomplete or outdated copy: it has no _SUCCESS or is being redone
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
+
+def input_stamp(target: luigi.LocalTarget) -> str:
+    path = Path(target.path)
+    if isinstance(target, DirTarget):
+        return (path / SUCCESS).read_text().strip()
+    stat = path.stat()
+    return f"{stat.st_mtime_ns}-{stat.st_size}"
+
+
+def prepare_work_dir(work_dir: Path, inputs: list[luigi.LocalTarget]) -> Path:
+    """A task's scratch space for resuming (parts, trainer checkpoints). It is kept across a kill, and
+    wiped when the task's inputs were rewritten since it was made, so stale parts are never reused."""
+    stamps = {target.path: input_stamp(target) for target in inputs}
+    record = work_dir / "inputs.json"
+    if work_dir.exists() and (not record.is_file() or json.loads(record.read_text()) != stamps):
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(stamps, indent=2))
+    return work_dir
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    """A run directory belongs to one recipe: rerunning it with a changed recipe is refused."""
+    run_yaml = run_dir / "run.yaml"
+    if not run_yaml.is_file():
+        return
+    recorded = (yaml.safe_load(run_yaml.read_text()) or {}).get("recipe", {})
+    current = recipe.to_dict()
+    changed = sorted(_diff_keys(recorded, current))
+    if changed:
+        raise RecipeError(
+            f"{run_yaml} was made by a different recipe (changed: {', '.join(changed[:5])}); "
+            "use another --run-name, or delete the run directory to start over"
+        )
+
+
+def _diff_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = set(old) | set(new)
+        return [d for k in keys for d in _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def set_cpu_threads() -> None:
+    """On CPU use one thread per physical core: on 2-vCPU machines two threads ran 2x slower than one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("SELFPLAY_CPU_THREADS", max(1, (os.cpu_count() or 2) // 2))))
+
+
+class RunTask(luigi.Task):
+    recipe = luigi.Parameter(default=str(DEFAULT_RECIPE), description="Path of the YAML recipe.")
+    run_name = luigi.Parameter(default="", description="Run directory name; default: the recipe's name.")
+    runs_dir = luigi.Parameter(default="runs", description="Where run directories live.")
+
+    @cached_property
+    def config(self) -> Recipe:
+        recipe = load_recipe(self.recipe)
+        check_run_dir(self.run_dir_for(recipe), recipe)
+        return recipe
+
+    def run_dir_for(self, recipe: Recipe) -> Path:
+        return Path(self.runs_dir) / (self.run_name or recipe.name)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run_dir_for(self.config)
+
+    def round_dir(self, round_idx: int) -> Path:
+        return self.run_dir / f"round_{round_idx:02d}"
+
+    def complete(self) -> bool:
+        # Outputs alone are not enough: a task whose inputs are being redone is redone too.
+        outputs = luigi.task.flatten(self.output())
+        if not all(target.exists() for target in outputs):
+            return False
+        return all(dep.complete() for dep in luigi.task.flatten(self.requires()))
+
+    def on_failure(self, exception):
+        if isinstance(exception, SelfplayError):
+            return f"selfplay: {exception}"
+        return super().on_failure(exception)
+
+
+class GpuTask(RunTask):
+    """A task that holds the GPU; `[resources] gpu=1` in luigi.cfg keeps two from sharing it."""
+
+    resources = {"gpu": 1}
+
+
+@RunTask.event_handler(luigi.Event.PROCESSING_TIME)
+def _log_task_time(task, seconds):
+    outputs = ", ".join(t.path for t in luigi.task.flatten(task.output()))
+    log.info("%s done in %.1fs -> %s", task.task_family, seconds, outputs)

@@ -1,0 +1,77 @@
+"""RunSetup writes run.yaml; BaseModel provides the round-0 model.
+
+    luigi --module pipeline BaseModel            # builds the demo model alone
+
+run.yaml records what made the run: the resolved recipe, package versions, the git commit and seed.
+BaseModel builds the demo model (models/sft.py) when the recipe names no `model.base_model`; for a
+named model it checks the path or hub id loads as a config and records it, so every round downstream
+reads one `model_path`.
+"""
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.base import DirTarget, FileTarget, GpuTask, RunTask, git_commit, package_versions, set_cpu_threads
+
+DEMO_ROOT = "selfplay-demo"  # root_model of checkpoints descending from the built demo model
+
+
+class RunSetup(RunTask):
+    def output(self):
+        return FileTarget(str(self.run_dir / "run.yaml"))
+
+    def run(self):
+        record = {
+            "recipe": self.config.to_dict(),
+            "recipe_path": str(self.recipe),
+            "seed": self.config.seed,
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+            "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        with self.output().temporary_path() as tmp:
+            Path(tmp).write_text(yaml.safe_dump(record, sort_keys=False))
+
+
+class BaseModel(GpuTask):
+    def requires(self):
+        return self.clone(RunSetup)
+
+    def output(self):
+        return DirTarget(str(self.run_dir / "base_model"))
+
+    @property
+    def model_path(self) -> str:
+        return self.config.model.base_model or self.output().path
+
+    @property
+    def root_model(self) -> str:
+        return self.config.model.base_model or DEMO_ROOT
+
+    def run(self):
+        set_cpu_threads()
+        recipe = self.config
+        with self.output().temporary_path() as tmp:
+            if recipe.model.base_model is None:
+                from data.prompts import load_prompts
+                from models.sft import build_demo_model
+
+                rows = load_prompts(recipe.data.train, recipe.data.train_split, recipe.data, require_reference=True)
+                info = build_demo_model(recipe.demo_model, rows.to_dict("records"), Path(tmp), recipe.seed)
+            else:
+                from transformers import AutoConfig
+
+                from models.loading import check_model_path, load_tokenizer
+
+                check_model_path(recipe.model.base_model)
+                config = AutoConfig.from_pretrained(recipe.model.base_model, trust_remote_code=recipe.model.trust_remote_code)
+                load_tokenizer(recipe.model.base_model, recipe.model)
+                info = {"model_type": config.model_type}
+            info["root_model"] = self.root_model
+            (Path(tmp) / "base_model.json").write_text(json.dumps(info, indent=2) + "\n")

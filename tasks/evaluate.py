@@ -1,0 +1,58 @@
+"""Evaluate(r): held-out figures of the model after round r (r = 0 is the base model).
+
+    luigi --module pipeline Evaluate --round-idx 2
+
+Writes round_NN/eval.parquet (greedy and sampled responses, their log-probs, held-out pairs) and
+round_NN/metrics.json: the evaluation figures (models/evaluation.py), the training figures and loss
+curve of the round, and what Generate and Judge recorded. Evaluate(r) needs Evaluate(r-1), whose
+responses and log-probs it compares with.
+"""
+
+import json
+from pathlib import Path
+
+import luigi
+
+from pipeline.base import FileTarget, GpuTask, set_cpu_threads
+from tasks.chain import model_task
+
+
+class Evaluate(GpuTask):
+    round_idx = luigi.IntParameter(description="Round number; 0 evaluates the base model.")
+
+    def requires(self):
+        deps = {"model": model_task(self, self.round_idx), "base": model_task(self, 0)}
+        if self.round_idx > 0:
+            deps["previous"] = self.clone(Evaluate, round_idx=self.round_idx - 1)
+            deps["first"] = self.clone(Evaluate, round_idx=0)
+        return deps
+
+    def output(self):
+        out = self.round_dir(self.round_idx)
+        return {"eval": FileTarget(str(out / "eval.parquet")), "metrics": FileTarget(str(out / "metrics.json"))}
+
+    def run(self):
+        set_cpu_threads()
+        from data.prompts import load_prompts
+        from data.schema import EVAL, atomic_write_json, read_artifact, write_parquet
+        from models.evaluation import evaluate_round
+
+        recipe = self.config.for_round(max(1, self.round_idx))
+        prompts = load_prompts(recipe.data.eval, recipe.data.eval_split, recipe.data).head(recipe.evaluation.num_prompts)
+        deps = self.requires()
+        previous = base = None
+        if self.round_idx > 0:
+            previous = read_artifact(self.input()["previous"]["eval"].path, EVAL)
+            base = read_artifact(self.input()["first"]["eval"].path, EVAL)
+        frame, metrics = evaluate_round(
+            recipe, self.round_idx, deps["model"].model_path, deps["base"].model_path, prompts, previous, base
+        )
+        report = {"round": self.round_idx, "eval": metrics}
+        if self.round_idx > 0:
+            report["train"] = json.loads((Path(deps["model"].model_path) / "training_log.json").read_text())
+            for stage in ("generate", "judge"):
+                report[stage] = json.loads((self.round_dir(self.round_idx) / f"{stage}_meta.json").read_text())
+        with self.output()["eval"].temporary_path() as tmp:
+            write_parquet(frame, tmp, EVAL)
+        with self.output()["metrics"].temporary_path() as tmp:
+            atomic_write_json(tmp, report)

@@ -1,0 +1,32 @@
+"""Iterate(rounds): the main command, N rounds of self-play fine-tuning and their report.
+
+    luigi --module pipeline Iterate --rounds 3 [--recipe configs/demo_sppo.yaml] [--run-name NAME]
+
+Round r: Generate(r) -> Judge(r) -> Train(r) -> Evaluate(r); round 1 starts from BaseModel and round
+r+1 from round r's checkpoint. A second identical command runs nothing; deleting a round's files
+reruns that round and the ones after it. The recipe and run directory are checked before anything
+is scheduled, so a misspelled key fails at once, in one line.
+"""
+
+import luigi
+
+from pipeline.base import RunTask
+from pipeline.errors import RecipeError
+from tasks.evaluate import Evaluate
+from tasks.report import Report
+
+
+class Iterate(RunTask):
+    rounds = luigi.IntParameter(default=3, description="Number of self-play rounds.")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.rounds < 1:
+            raise RecipeError(f"--rounds must be at least 1, got {self.rounds}")
+        self.config  # load and validate the recipe, check the run directory: fail before scheduling
+
+    def requires(self):
+        return [self.clone(Evaluate, round_idx=r) for r in range(1, self.rounds + 1)] + [self.clone(Report)]
+
+    def output(self):
+        return []

@@ -1,0 +1,28 @@
+"""Report(rounds): runs/<run>/report.md with a table of every round's figures, plots and examples.
+
+    luigi --module pipeline Report --rounds 3
+
+Reads what Evaluate wrote (through data/runs.py) and renders it with data/report.py; the PNG plots go
+to runs/<run>/plots/ and are written before report.md, the task's output.
+"""
+
+import luigi
+
+from pipeline.base import FileTarget, RunTask
+from tasks.evaluate import Evaluate
+
+
+class Report(RunTask):
+    rounds = luigi.IntParameter(description="Rounds the report covers.")
+
+    def requires(self):
+        return [self.clone(Evaluate, round_idx=r) for r in range(self.rounds + 1)]
+
+    def output(self):
+        return FileTarget(str(self.run_dir / "report.md"))
+
+    def run(self):
+        from data.report import write_report
+
+        with self.output().temporary_path() as tmp:
+            write_report(self.run_dir, tmp, self.config.evaluation.report_prompts)

@@ -1,0 +1,74 @@
+"""Train(r): fit round r's LoRA adapter on its preference pairs, with round r-1 as the reference.
+
+    luigi --module pipeline Train --round-idx 1
+
+Loads the model after round r-1, trains with the recipe's DPO-family loss (models/trainer.py) on
+round r's pairs (plus round r-1's when `training.mix_previous_round`, SPIN's default), and writes
+round_NN/checkpoint/: the merged model, adapter/, tokenizer, training_log.json and, last, _SUCCESS.
+Trainer checkpoints live in round_NN/train_work/; a killed run resumes from the newest one.
+
+With `training.launcher: accelerate` the task starts `accelerate launch --num_processes N` on the
+same code (DDP; see the README for FSDP) and waits for it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import luigi
+
+from pipeline.base import DirTarget, GpuTask, prepare_work_dir, set_cpu_threads
+from pipeline.errors import TrainingError
+from tasks.chain import model_task
+from tasks.judge import Judge
+
+
+class Train(GpuTask):
+    round_idx = luigi.IntParameter(description="Round number, from 1.")
+
+    def requires(self):
+        deps = {"pairs": self.clone(Judge), "parent": model_task(self, self.round_idx - 1), "base": model_task(self, 0)}
+        if self.round_idx > 1 and self.config.for_round(self.round_idx).mix_previous_round:
+            deps["previous_pairs"] = self.clone(Judge, round_idx=self.round_idx - 1)
+        return deps
+
+    def output(self):
+        return DirTarget(str(self.round_dir(self.round_idx) / "checkpoint"))
+
+    @property
+    def model_path(self) -> str:
+        return self.output().path
+
+    def run(self):
+        set_cpu_threads()
+        from models.loading import check_same_root
+
+        recipe = self.config.for_round(self.round_idx)
+        parent = self.requires()["parent"].model_path
+        root_model = self.requires()["base"].root_model
+        check_same_root(parent, root_model)
+        pair_files = [self.input()["pairs"]["pairs"].path]
+        if "previous_pairs" in self.input():
+            pair_files.append(self.input()["previous_pairs"]["pairs"].path)
+        inputs = [self.input()["pairs"]["pairs"], self.input()["parent"]]
+        work_dir = prepare_work_dir(self.round_dir(self.round_idx) / "train_work", inputs)
+        job = {
+            "recipe": recipe.to_dict(), "parent": parent, "pair_files": pair_files, "work_dir": str(work_dir),
+            "round_idx": self.round_idx, "root_model": root_model,
+        }
+        with self.output().temporary_path() as tmp:
+            job["out_dir"] = tmp
+            if recipe.training.launcher == "accelerate":
+                job_file = work_dir / "job.json"
+                job_file.write_text(json.dumps(job, indent=2))
+                command = [
+                    sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(recipe.training.num_processes),
+                    "-m", "models.trainer", str(job_file),
+                ]
+                if subprocess.run(command, cwd=Path(__file__).resolve().parents[1]).returncode != 0:
+                    raise TrainingError(f"round {self.round_idx}: `{' '.join(command)}` failed; its output is above")
+            else:
+                from models.trainer import run_job
+
+                run_job(job)
