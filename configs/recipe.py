@@ -28,7 +28,6 @@ import yaml
 from pipeline.errors import RecipeError
 
 CONFIG_DIR = Path(__file__).resolve().parent
-DEFAULT_RECIPE = CONFIG_DIR / "demo_spin.yaml"
 
 Algorithm = Literal["spin", "sppo", "dpo"]
 JudgeName = Literal["ground_truth", "pairrm", "self", "reward_model", "verifier"]

@@ -111,7 +111,7 @@ def validate(df: pd.DataFrame, schema: ArtifactSchema, path: str | Path) -> None
         dup = df.duplicated(list(schema.unique))
         if dup.any():
             row = int(dup.to_numpy().nonzero()[0][0])
-            key = ", ".join(f"{c}={df[c].iloc[row]!r}" for c in schema.unique)
+            key = ", ".join(f"{c}={df[c].tolist()[row]!r}" for c in schema.unique)
             raise DataError(f"{path}: row {row}: duplicate {key}")
 
 

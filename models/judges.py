@@ -232,7 +232,8 @@ def make_judge(name: str, recipe, policy_model=None, tokenizer=None):
     if name == "pairrm":
         from models.pairrm import PairRMJudge
 
-        return PairRMJudge(recipe.judge.model, batch_size=recipe.judge.batch_size)
+        precision = recipe.model.precision
+        return PairRMJudge(recipe.judge.model, batch_size=recipe.judge.batch_size, dtype=None if precision == "auto" else precision)
     if name == "self":
         return SelfJudge(policy_model, tokenizer, recipe.judge.self_mode, recipe.judge.batch_size, recipe.judge.max_new_tokens)
     raise ValueError(f"no judge named {name!r}")

@@ -34,12 +34,13 @@ def _setup_logging() -> None:
 
 _setup_logging()
 
-from tasks.base_model import BaseModel, RunSetup  # noqa: E402
-from tasks.evaluate import Evaluate  # noqa: E402
-from tasks.generate import Generate  # noqa: E402
-from tasks.iterate import Iterate  # noqa: E402
-from tasks.judge import Judge  # noqa: E402
-from tasks.report import Report  # noqa: E402
-from tasks.train import Train  # noqa: E402
-
-__all__ = ["BaseModel", "Evaluate", "Generate", "Iterate", "Judge", "Report", "RunSetup", "Train"]
+# Importing the task modules registers their tasks with Luigi. A task module imports pipeline.base (and
+# so this file) first; to keep any import order free of cycles, task modules import each other's
+# classes inside requires(), never at module level.
+import tasks.base_model  # noqa: E402,F401
+import tasks.evaluate  # noqa: E402,F401
+import tasks.generate  # noqa: E402,F401
+import tasks.iterate  # noqa: E402,F401
+import tasks.judge  # noqa: E402,F401
+import tasks.report  # noqa: E402,F401
+import tasks.train  # noqa: E402,F401

@@ -26,8 +26,12 @@ from pathlib import Path
 import luigi
 import yaml
 
-from configs.recipe import DEFAULT_RECIPE, Recipe, load_recipe
+import configs
 from pipeline.errors import RecipeError, SelfplayError
+
+# configs.recipe imports pipeline.errors, which runs this package's __init__ (it registers the tasks),
+# so configs.recipe is imported inside functions here, never at module level: that would be a cycle.
+DEFAULT_RECIPE = Path(configs.__file__).resolve().parent / "demo_spin.yaml"
 
 log = logging.getLogger("selfplay")
 SUCCESS = "_SUCCESS"
@@ -118,7 +122,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def check_run_dir(run_dir: Path, recipe: Recipe) -> None:
+def check_run_dir(run_dir: Path, recipe) -> None:
     """A run directory belongs to one recipe: rerunning it with a changed recipe is refused."""
     run_yaml = run_dir / "run.yaml"
     if not run_yaml.is_file():
@@ -154,12 +158,15 @@ class RunTask(luigi.Task):
     runs_dir = luigi.Parameter(default="runs", description="Where run directories live.")
 
     @cached_property
-    def config(self) -> Recipe:
+    def config(self):
+        """The validated recipe (configs.recipe.Recipe)."""
+        from configs.recipe import load_recipe
+
         recipe = load_recipe(self.recipe)
         check_run_dir(self.run_dir_for(recipe), recipe)
         return recipe
 
-    def run_dir_for(self, recipe: Recipe) -> Path:
+    def run_dir_for(self, recipe) -> Path:
         return Path(self.runs_dir) / (self.run_name or recipe.name)
 
     @property

@@ -12,8 +12,6 @@ import luigi
 
 from pipeline.base import RunTask
 from pipeline.errors import RecipeError
-from tasks.evaluate import Evaluate
-from tasks.report import Report
 
 
 class Iterate(RunTask):
@@ -26,6 +24,9 @@ class Iterate(RunTask):
         self.config  # load and validate the recipe, check the run directory: fail before scheduling
 
     def requires(self):
+        from tasks.evaluate import Evaluate
+        from tasks.report import Report
+
         return [self.clone(Evaluate, round_idx=r) for r in range(1, self.rounds + 1)] + [self.clone(Report)]
 
     def output(self):

@@ -12,13 +12,14 @@ import luigi
 
 from pipeline.base import FileTarget, GpuTask, set_cpu_threads
 from tasks.chain import model_task
-from tasks.generate import Generate
 
 
 class Judge(GpuTask):
     round_idx = luigi.IntParameter(description="Round number, from 1.")
 
     def requires(self):
+        from tasks.generate import Generate
+
         return {"generations": self.clone(Generate), "model": model_task(self, self.round_idx - 1)}
 
     def output(self):

@@ -21,13 +21,14 @@ import luigi
 from pipeline.base import DirTarget, GpuTask, prepare_work_dir, set_cpu_threads
 from pipeline.errors import TrainingError
 from tasks.chain import model_task
-from tasks.judge import Judge
 
 
 class Train(GpuTask):
     round_idx = luigi.IntParameter(description="Round number, from 1.")
 
     def requires(self):
+        from tasks.judge import Judge
+
         deps = {"pairs": self.clone(Judge), "parent": model_task(self, self.round_idx - 1), "base": model_task(self, 0)}
         if self.round_idx > 1 and self.config.for_round(self.round_idx).mix_previous_round:
             deps["previous_pairs"] = self.clone(Judge, round_idx=self.round_idx - 1)

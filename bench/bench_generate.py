@@ -1,0 +1,247 @@
+"""Throughput of our `static` backend (static KV cache + CUDA graph) against plain `model.generate`.
+
+One process, one randomly initialised model with Qwen2.5-0.5B's exact config (bf16, sdpa), the
+setting of /work/shared/anchors/hf_generate_baseline.py: prompts of --prompt-len random tokens,
+--new-tokens new tokens per row, sampling (temperature 1, top_p 1). For every batch size it times
+  - hf:     model.generate (eager, dynamic cache), min_new_tokens = max_new_tokens so rows are equally
+            long, top_k=0 as in models.generation's hf backend;
+  - static: models.fast_generation.static_generate with eos_ids=[] so it also makes every token;
+            the first call (cache allocation + graph capture) is timed apart from the steady state;
+and prints new tokens/s and the ratio static / hf. Each timing is the best of --reps runs after a
+warm-up. Then a greedy-equality check: the same config in fp32 (random weights; bf16 random weights
+have near-tied logits, see /work/shared/anchors/README.md), HF greedy vs static greedy on
+left-padded prompts of mixed lengths, reporting the fraction of equal tokens and of equal rows.
+
+Run on a GPU (from the repository root):
+    python bench/bench_generate.py --batches 32,128,512 --new-tokens 256 --prompt-len 128 --json bench.json
+    python bench/bench_generate.py --batches 128 --top-p 0.9 --compile   # top-p sorting; torch.compile'd step
+Smoke test on a CPU (small config, few tokens; numbers mean nothing):
+    python bench/bench_generate.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.fast_generation import _SESSIONS, release_sessions, static_generate  # noqa: E402
+from models.generation import SamplingSettings  # noqa: E402
+
+QWEN25_05B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+
+
+class _Tok:
+    pad_token_id = 0
+
+
+def build_model(config: dict, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**config), dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def hf_sample(model, input_ids, attention_mask, args):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        pad_token_id=0,
+    )
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return out[:, input_ids.shape[1] :]
+
+
+def throughput(args, model, device, vocab: int) -> list[dict]:
+    rows = []
+    settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens)
+    for batch in args.batches:
+        gen = torch.Generator().manual_seed(batch)
+        input_ids = torch.randint(0, min(vocab, 32000), (batch, args.prompt_len), generator=gen).to(device)
+        attention_mask = torch.ones_like(input_ids)
+        new_tokens = batch * args.new_tokens
+        row = {"batch": batch, "new_tokens": new_tokens}
+        if not args.skip_hf:
+            hf_times = []
+            for _ in range(args.reps + 1):  # the first is a warm-up
+                out, dt = timed(lambda: hf_sample(model, input_ids, attention_mask, args), device)
+                hf_times.append(dt)
+            assert out.shape == (batch, args.new_tokens)
+            row["hf_s"] = min(hf_times[1:])
+            row["hf_tok_s"] = new_tokens / row["hf_s"]
+        release_sessions()
+        torch.manual_seed(0)
+        out, first = timed(lambda: static_generate(model, _Tok, input_ids, attention_mask, settings, [], compile_step=args.compile), device)
+        assert out.shape == (batch, args.new_tokens)
+        session = _SESSIONS.get(model)
+        row["static_graph"] = bool(session is not None and session.graph is not None)
+        row["static_first_call_s"] = first
+        times = []
+        for rep in range(args.reps):
+            torch.manual_seed(rep + 1)
+            out, dt = timed(lambda: static_generate(model, _Tok, input_ids, attention_mask, settings, [], compile_step=args.compile), device)
+            times.append(dt)
+        row["static_s"] = min(times)
+        row["static_tok_s"] = new_tokens / row["static_s"]
+        row["distinct_tokens_sampled"] = int(out.unique().numel())
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        if "hf_tok_s" in row:
+            row["speedup"] = row["static_tok_s"] / row["hf_tok_s"]
+        release_sessions()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def greedy_equality(args, config: dict, device: torch.device, dtype: torch.dtype, label: str) -> dict:
+    """HF greedy vs static greedy on left-padded prompts of mixed lengths."""
+    from transformers import GenerationConfig
+
+    model = build_model(config, dtype, device, seed=1)
+    batch, new = args.eq_batch, args.eq_new_tokens
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.randint(max(1, args.prompt_len // 8), args.prompt_len + 1, (batch,), generator=gen).tolist()
+    width = max(lengths)
+    input_ids = torch.zeros((batch, width), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, length in enumerate(lengths):
+        input_ids[i, width - length :] = torch.randint(1, min(config["vocab_size"], 32000), (length,), generator=gen)
+        attention_mask[i, width - length :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    config_hf = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    ref = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config_hf)[:, width:]
+    ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=new), [])
+    same = ours == ref
+    # tokens before each row's first difference: a flip changes everything after it
+    prefix = torch.where(same.all(1), new, (~same).int().argmax(1)).float()
+    result = {
+        "check": label,
+        "batch": batch,
+        "new_tokens": new,
+        "token_match": same.float().mean().item(),
+        "rows_equal": same.all(1).float().mean().item(),
+        "mean_prefix_before_first_difference": prefix.mean().item(),
+    }
+    del model
+    release_sessions()
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="32,128", help="comma-separated batch sizes (default 32,128)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--reps", type=int, default=2, help="timed runs after the warm-up; the best counts")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (max-autotune-no-cudagraphs)")
+    parser.add_argument("--skip-hf", action="store_true", help="time only the static backend")
+    parser.add_argument("--skip-equality", action="store_true")
+    parser.add_argument("--eq-batch", type=int, default=32)
+    parser.add_argument("--eq-new-tokens", type=int, default=64)
+    parser.add_argument("--tiny", action="store_true", help="small config and few tokens: a CPU smoke test")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    args.batches = [int(b) for b in str(args.batches).split(",") if b]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = QWEN25_05B
+    if args.tiny:
+        config = TINY
+        args.new_tokens, args.prompt_len = min(args.new_tokens, 16), min(args.prompt_len, 16)
+        args.batches = sorted({min(b, 8) for b in args.batches})
+        args.eq_batch, args.eq_new_tokens, args.reps = min(args.eq_batch, 4), min(args.eq_new_tokens, 8), 1
+    elif device.type != "cuda":
+        parser.error("the full-size bench needs a CUDA GPU; use --tiny for a CPU smoke test")
+    import transformers
+
+    env = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "config": "tiny" if args.tiny else "Qwen2.5-0.5B (random weights)",
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "compile": args.compile,
+        "cuda_graph_env": os.environ.get("SELFPLAY_STATIC_CUDA_GRAPH", "1"),
+    }
+    print(json.dumps(env), flush=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(config, dtype, device)
+    rows = throughput(args, model, device, config["vocab_size"])
+    del model
+    release_sessions()
+    checks = []
+    if not args.skip_equality:
+        checks.append(greedy_equality(args, config, device, torch.float32, "greedy fp32, random weights"))
+        if device.type == "cuda":
+            checks.append(greedy_equality(args, config, device, torch.bfloat16, "greedy bf16, random weights (near ties: informative only)"))
+    print()
+    print(f"{'batch':>6} {'hf tok/s':>10} {'static tok/s':>13} {'speedup':>8} {'first call s':>13} graph")
+    for row in rows:
+        hf = f"{row['hf_tok_s']:10.0f}" if "hf_tok_s" in row else f"{'-':>10}"
+        speedup = f"{row['speedup']:7.1f}x" if "speedup" in row else f"{'-':>8}"
+        print(f"{row['batch']:>6} {hf} {row['static_tok_s']:13.0f} {speedup} {row['static_first_call_s']:13.2f} {row['static_graph']}")
+    for check in checks:
+        print(f"{check['check']}: {check['token_match']:.4f} of tokens, {check['rows_equal']:.3f} of rows equal")
+    results = {"env": env, "throughput": rows, "greedy_equality": checks}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""models/fast_generation.py: the static-cache decode loop against transformers' generate.
+
+CPU tests use tiny random fp32 models (Llama and Qwen2, sdpa and eager attention) and run in seconds.
+GPU tests (`-m gpu`, skipped without CUDA) repeat the comparison with the decode step captured in a
+CUDA graph, check sampling there, and compare greedy outputs of a briefly trained model in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from models.fast_generation import _SESSIONS, release_sessions, sample_next_tokens, static_generate, unsupported_reason
+from models.generation import SamplingSettings, generate_texts
+
+VOCAB = 101
+PAD = 0
+CUDA = torch.cuda.is_available()
+
+
+class _Tok:
+    """All static_generate needs of a tokenizer."""
+
+    pad_token_id = PAD
+
+
+def tiny_model(family: str, attn: str = "sdpa", vocab: int = VOCAB, layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    if family == "llama":
+        model = LlamaForCausalLM._from_config(LlamaConfig(**common), attn_implementation=attn)
+    else:
+        model = Qwen2ForCausalLM._from_config(Qwen2Config(**common, tie_word_embeddings=True), attn_implementation=attn)
+    return model.eval()
+
+
+def left_padded(lengths: list[int], vocab: int = VOCAB, seed: int = 1, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(3, vocab, (length,), generator=gen)
+        attention_mask[row, width - length :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def hf_greedy(model, input_ids, attention_mask, max_new: int, eos_ids: list[int]):
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, pad_token_id=PAD, eos_token_id=eos_ids or None)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return out[:, input_ids.shape[1] :]
+
+
+def until_eos(row: list[int], eos_ids: list[int]) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in eos_ids:
+            return row[: i + 1]
+    return row
+
+
+def assert_same_greedy(ours: torch.Tensor, ref: torch.Tensor, eos_ids: list[int]) -> None:
+    for r, (a, b) in enumerate(zip(ours.tolist(), ref.tolist())):
+        a, b = until_eos(a, eos_ids), until_eos(b, eos_ids)
+        assert a == b, f"row {r}: static {a} != hf {b}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one CPU thread is several times faster than many, more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sessions():
+    release_sessions()
+    yield
+    release_sessions()
+
+
+# --- CPU ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_matches_hf_generate(family, attn):
+    model = tiny_model(family, attn)
+    input_ids, attention_mask = left_padded([3, 11, 6, 1, 8])
+    free = hf_greedy(model, input_ids, attention_mask, 24, [])
+    # An eos the model really emits, so rows stop at different steps.
+    eos = [free[0, 5].item()]
+    ref = hf_greedy(model, input_ids, attention_mask, 24, eos)
+    settings = SamplingSettings(temperature=0, max_new_tokens=24)
+    ours = static_generate(model, _Tok, input_ids, attention_mask, settings, eos)
+    assert ours.shape == (5, 24)
+    assert_same_greedy(ours, ref, eos)
+    for row in ours.tolist():  # finished rows are padded after their eos
+        cut = len(until_eos(row, eos))
+        assert all(tok == PAD for tok in row[cut:])
+    assert_same_greedy(static_generate(model, _Tok, input_ids, attention_mask, settings, []), free, [])
+
+
+def test_generate_texts_static_equals_hf_backend():
+    from models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer))
+    prompts = ["a", "hello there", "12+34=", "reverse: abcdef", "xyz", "the quick brown fox"]
+    outs = {}
+    for backend in ("hf", "static"):
+        settings = SamplingSettings(num_samples=2, temperature=0, max_new_tokens=12, batch_size=4, backend=backend)
+        outs[backend] = generate_texts(model, tokenizer, prompts, settings)
+    assert outs["static"] == outs["hf"]
+    assert any(s.text for samples in outs["static"] for s in samples)
+
+
+def test_only_settings_decide_not_generation_config():
+    model = tiny_model("qwen2")
+    input_ids, attention_mask = left_padded([4, 7, 2])
+    settings = SamplingSettings(temperature=0, max_new_tokens=10)
+    plain = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    release_sessions()
+    model.generation_config.update(repetition_penalty=3.0, top_k=2, do_sample=True, temperature=0.1, no_repeat_ngram_size=1)
+    assert torch.equal(static_generate(model, _Tok, input_ids, attention_mask, settings, []), plain)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = tiny_model("llama")
+    input_ids, attention_mask = left_padded([5, 9, 2, 7])
+    settings = SamplingSettings(temperature=1.0, top_p=0.9, max_new_tokens=16)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+
+    first = run(3)
+    assert torch.equal(run(3), first)
+    assert _SESSIONS[model].stats["reuses"] == 1  # the second call reused the cache
+    assert not torch.equal(run(4), first)
+    assert len(set(first.flatten().tolist())) > 5  # it samples, not one token over and over
+
+
+def test_top_p_never_leaves_the_nucleus():
+    # probabilities 0.5, 0.3, 0.1, 0.06, 0.04: with top_p = 0.75 the nucleus is {0, 1} (0.8 >= 0.75).
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
+    logits = probs.log()[torch.tensor([3, 0, 4, 1, 2])]  # shuffled: token 1 has p=0.5, token 3 p=0.3
+    torch.manual_seed(0)
+    picks = sample_next_tokens(logits.expand(20000, -1).clone(), temperature=1.0, top_p=0.75)
+    counts = torch.bincount(picks, minlength=5)
+    assert set(picks.unique().tolist()) == {1, 3}
+    assert abs(counts[1].item() / 20000 - 0.5 / 0.8) < 0.02  # renormalised inside the nucleus
+    # top_p = 1: every token can come up; greedy: always the argmax
+    all_tokens = sample_next_tokens(logits.expand(20000, -1).clone(), temperature=1.0, top_p=1.0)
+    assert set(all_tokens.unique().tolist()) == {0, 1, 2, 3, 4}
+    assert set(sample_next_tokens(logits.expand(8, -1).clone(), 0.0, 0.5).tolist()) == {1}
+
+
+class _FixedHead(torch.nn.Module):
+    """An lm_head that ignores the hidden state: the same next-token distribution at every step."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, hidden):
+        return self.logits.to(hidden.dtype).expand(*hidden.shape[:-1], -1)
+
+
+def test_top_p_through_the_decode_loop():
+    model = tiny_model("llama")
+    logits = torch.full((VOCAB,), -4.0)
+    logits[[7, 11, 13]] = torch.tensor([2.0, 1.6, 1.2])  # these three hold ~93% of the mass
+    model.lm_head = _FixedHead(logits)
+    probs = logits.softmax(-1)
+    input_ids, attention_mask = left_padded([3, 6] * 8)
+    torch.manual_seed(0)
+    top_p = float(probs[[7, 11]].sum()) - 0.01  # nucleus {7, 11}
+    out = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=1.0, top_p=top_p, max_new_tokens=20), [])
+    assert set(out.unique().tolist()) == {7, 11}
+
+
+def test_stops_early_when_every_row_ended():
+    model = tiny_model("qwen2")
+    input_ids, attention_mask = left_padded([4, 6, 3])
+    ref = hf_greedy(model, input_ids, attention_mask, 8, [])
+    eos = sorted({row[1] for row in ref.tolist()})  # every row emits one of these by its 2nd token
+    out = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=40), eos)
+    assert out.shape == (3, 40)
+    assert (out[:, 2:] == PAD).all()
+
+
+def test_unsupported_models_are_detected():
+    sliding = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    assert "layer types" in unsupported_reason(Qwen2ForCausalLM(sliding))
+    assert unsupported_reason(tiny_model("llama")) is None
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gpu_graph_greedy_matches_hf_fp32(family):
+    model = tiny_model(family, vocab=1000, layers=4).cuda()
+    input_ids, attention_mask = left_padded([5, 40, 17, 1, 33, 64, 2, 9] * 4, vocab=1000, device="cuda")
+    free = hf_greedy(model, input_ids, attention_mask, 48, [])
+    eos = [free[0, 10].item()]
+    ref = hf_greedy(model, input_ids, attention_mask, 48, eos)
+    settings = SamplingSettings(temperature=0, max_new_tokens=48)
+    ours = static_generate(model, _Tok, input_ids, attention_mask, settings, eos, cuda_graph=True)
+    assert _SESSIONS[model].graph is not None, "the decode step was not captured"
+    assert_same_greedy(ours.cpu(), ref.cpu(), eos)
+    again = static_generate(model, _Tok, input_ids, attention_mask, settings, eos, cuda_graph=True)  # replayed session
+    assert torch.equal(again, ours)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_graph_sampling_is_random_and_reproducible():
+    model = tiny_model("qwen2", vocab=1000).cuda()
+    input_ids, attention_mask = left_padded([5, 12, 3, 8] * 4, vocab=1000, device="cuda")
+    settings = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=32)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return static_generate(model, _Tok, input_ids, attention_mask, settings, [], cuda_graph=True)
+
+    fresh = run(5)  # new session: capture happens inside this call
+    assert _SESSIONS[model].graph is not None
+    assert torch.equal(run(5), fresh)  # replayed session, same seed: same samples
+    assert not torch.equal(run(6), fresh)
+    # fresh noise at every replay: the columns (steps) are not copies of each other
+    assert len({tuple(col) for col in fresh[:, 1:].T.tolist()}) > 25
+
+
+def _train_counting_model(steps: int = 300):
+    """A tiny Llama taught sequences a, a+d, a+2d, ... (mod vocab): peaked, non-random logits."""
+    vocab = 64
+    model = tiny_model("llama", vocab=vocab, layers=2).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(steps):
+        start = torch.randint(1, vocab, (64, 1), device="cuda", generator=gen)
+        step = torch.randint(1, 4, (64, 1), device="cuda", generator=gen)
+        seq = (start + step * torch.arange(48, device="cuda")) % (vocab - 1) + 1
+        loss = model(input_ids=seq, labels=seq).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), loss.item()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_trained_model_bf16_greedy_matches_hf():
+    model, loss = _train_counting_model()
+    assert loss < 1.0
+    model = model.to(torch.bfloat16)
+    starts = torch.arange(1, 33, device="cuda")[:, None]
+    lengths = [3 + (i % 7) for i in range(32)]
+    width = max(lengths)
+    input_ids = torch.full((32, width), PAD, dtype=torch.long, device="cuda")
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        d = 1 + row % 3
+        input_ids[row, width - length :] = (starts[row] + d * torch.arange(length, device="cuda")) % 63 + 1
+        attention_mask[row, width - length :] = 1
+    ref = hf_greedy(model, input_ids, attention_mask, 40, [])
+    ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=40), [], cuda_graph=True)
+    assert _SESSIONS[model].graph is not None
+    assert_same_greedy(ours.cpu(), ref.cpu(), [])

@@ -1,0 +1,155 @@
+"""Judges and pairing: matrices, ties, parsing, and the pairs each algorithm makes."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from configs.recipe import recipe_from_dict
+from models.judges import (
+    JudgeGroup, JudgeResult, RewardModelJudge, SelfJudge, VerifierJudge, matrix_from_scores, pair_round, parse_score,
+    parse_verdict, select_pair,
+)
+
+SPPO = recipe_from_dict({"algorithm": "sppo", "judge": {"name": "verifier"}, "generation": {"num_samples": 3}})
+DPO = recipe_from_dict({"algorithm": "dpo", "judge": {"name": "verifier"}, "generation": {"num_samples": 3}})
+SPIN = recipe_from_dict({})
+
+
+def assert_valid_matrix(prob):
+    assert np.allclose(prob + prob.T, 1.0) and np.allclose(np.diag(prob), 0.5)
+
+
+def test_matrix_from_scores_is_bradley_terry_and_nan_ties():
+    prob = matrix_from_scores(np.array([1.0, 0.0, np.nan]))
+    assert_valid_matrix(prob)
+    assert prob[0, 1] == pytest.approx(1 / (1 + np.exp(-1.0)))
+    assert prob[0, 2] == prob[2, 1] == 0.5
+
+
+def test_verifier_judge():
+    [result] = VerifierJudge().judge([JudgeGroup("What is 2 + 3?", ["5", "6", " 5."], task="add", answer="5")])
+    assert_valid_matrix(result.prob_matrix)
+    assert result.prob_matrix[0, 1] == 1.0 and result.prob_matrix[0, 2] == 0.5
+    assert np.allclose(result.win_probs, [(0.5 + 1 + 0.5) / 3, (0 + 0.5 + 0) / 3, (0.5 + 1 + 0.5) / 3])
+
+
+def test_select_pair_best_vs_worst_and_ties():
+    result = JudgeResult(matrix_from_scores(np.array([0.2, 3.0, -1.0])), scores=np.array([0.2, 3.0, -1.0]))
+    assert select_pair(result, "sppo") == (1, 2) == select_pair(result, "dpo")
+    tie = JudgeResult(np.full((3, 3), 0.5), scores=np.zeros(3))
+    assert select_pair(tie, "sppo") is None and select_pair(tie, "dpo") is None
+
+
+def generations(responses_by_prompt, answers):
+    rows = []
+    for p, (responses, answer) in enumerate(zip(responses_by_prompt, answers)):
+        rows += [{"prompt_id": f"p{p}", "prompt": f"q{p}", "response": r, "sample_index": k, "round": 1, "num_tokens": 1,
+                  "reference": answer, "task": "add", "answer": answer, "system": None} for k, r in enumerate(responses)]
+    return pd.DataFrame(rows)
+
+
+def test_sppo_pairs_carry_mean_win_probabilities_and_matrix():
+    gens = generations([["1", "5", "7"], ["2", "2", "2"], ["9", "9", "4"]], ["5", "3", "4"])
+    pairs, stats = pair_round(SPPO, gens, 1, VerifierJudge())
+    assert stats == {"prompts": 3, "pairs": 2, "skipped_ties": 1, "skipped_identical": 0, "unparsed_judgements": 0}
+    first = pairs.iloc[0]
+    assert (first.chosen, first.rejected) == ("5", "1")
+    # win probabilities: row means with the diagonal counted 0.5, (1 + 0.5 + 1) / 3 and (0.5 + 0 + 0.5) / 3
+    assert first.chosen_score == pytest.approx(2.5 / 3) and first.rejected_score == pytest.approx(1 / 3)
+    assert first.chosen_win_prob == first.chosen_score and np.array(first.prob_matrix).shape == (3, 3)
+    assert set(pairs.judge) == {"verifier"} and set(pairs["round"]) == {1}
+
+
+def test_dpo_pairs_use_the_judges_scores():
+    gens = generations([["1", "5", "7"]], ["5"])
+    pairs, _ = pair_round(DPO, gens, 2, VerifierJudge())
+    assert (pairs.chosen_score.iloc[0], pairs.rejected_score.iloc[0]) == (1.0, 0.0)
+
+
+def test_spin_pairs_ground_truth_against_own_sample():
+    gens = generations([["4"], ["3"]], ["5", "3"])
+    pairs, stats = pair_round(SPIN, gens, 1)
+    assert list(pairs.chosen) == ["5"] and list(pairs.rejected) == ["4"]
+    assert stats["skipped_identical"] == 1 and pairs.judge.iloc[0] == "ground_truth"
+
+
+def test_parsers():
+    assert parse_score("Relevant and complete.\nScore: 4") == 4.0
+    assert parse_score("score = 2.5 ... Score: 3") == 3.0
+    assert parse_score("I would give it four points") is None
+    assert parse_verdict("Better: B") == "B" and parse_verdict("better response a") == "A"
+    assert parse_verdict("both are fine") is None
+
+
+def scripted_judge(monkeypatch, mode, answers):
+    """A SelfJudge whose model answers from a script instead of generating."""
+    judge = SelfJudge(model=None, tokenizer=None, mode=mode)
+    asked = []
+
+    def fake_ask(questions):
+        asked.extend(questions)
+        return [answers(q) for q, _ in questions]
+
+    monkeypatch.setattr(judge, "_ask", fake_ask)
+    return judge, asked
+
+
+def test_self_judge_pointwise_unparsed_answers_are_ties_and_counted(monkeypatch):
+    def answers(question):
+        return {"good": "Score: 5", "bad": "Score: 1"}.get(question.split("Response: ")[1].split("\n")[0], "no idea")
+
+    judge, _ = scripted_judge(monkeypatch, "pointwise", answers)
+    [result] = judge.judge([JudgeGroup("q", ["good", "bad", "odd"])])
+    assert result.unparsed == 1
+    assert result.prob_matrix[0, 1] == pytest.approx(1 / (1 + np.exp(-4)))
+    assert result.prob_matrix[2, 0] == result.prob_matrix[2, 1] == 0.5
+
+
+def test_self_judge_pairwise_asks_both_orders_and_cancels_position_bias(monkeypatch):
+    always_a = lambda question: "Better: A"  # noqa: E731 - a judge that always prefers the first position
+    judge, asked = scripted_judge(monkeypatch, "pairwise", always_a)
+    [result] = judge.judge([JudgeGroup("q", ["x", "y", "z"])])
+    assert len(asked) == 6  # every ordered pair
+    assert np.allclose(result.prob_matrix, 0.5)  # pure position bias carries no preference
+    prefers_x = lambda q: "Better: A" if "Response A: x" in q else ("Better: B" if "Response B: x" in q else "??")  # noqa: E731
+    judge, _ = scripted_judge(monkeypatch, "pairwise", prefers_x)
+    [result] = judge.judge([JudgeGroup("q", ["x", "y"])])
+    assert result.prob_matrix[0, 1] == 1.0 and result.unparsed == 0
+    assert_valid_matrix(result.prob_matrix)
+
+
+def test_self_judge_with_a_real_tiny_model_never_crashes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id))
+    judge = SelfJudge(model, tok, "pointwise", batch_size=4, max_new_tokens=4)
+    [result] = judge.judge([JudgeGroup("What is 1 + 1?", ["2", "3"])])
+    assert result.unparsed == 2 and np.allclose(result.prob_matrix, 0.5)  # a random model answers nonsense
+
+
+def test_reward_model_judge(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from configs.recipe import ModelConfig
+    from models.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    judge = RewardModelJudge(str(tmp_path / "rm"), ModelConfig(precision="fp32"), batch_size=2)
+    [result] = judge.judge([JudgeGroup("q", ["alpha", "beta", "gamma"])])
+    assert_valid_matrix(result.prob_matrix)
+    direct = judge.rewards([judge._text(JudgeGroup("q", []), r) for r in ["alpha", "beta", "gamma"]])
+    assert np.allclose(result.scores, direct)
+    assert result.prob_matrix[0, 1] == pytest.approx(1 / (1 + np.exp(-(direct[0] - direct[1]))))

@@ -1,0 +1,121 @@
+"""End to end on CPU: two rounds of each algorithm through Luigi, resume, and the artifact contract."""
+
+import json
+import shutil
+from pathlib import Path
+
+import luigi
+import pytest
+import yaml
+from luigi.execution_summary import LuigiStatusCode
+
+import pipeline  # noqa: F401 - registers the tasks
+from data.runs import Run
+from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact
+from pipeline.errors import RecipeError
+from tasks.iterate import Iterate
+
+pytestmark = pytest.mark.slow
+
+
+class Ran:
+    """Collects the families of tasks that actually ran during a build."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def __enter__(self):
+        luigi.Task.event_handler(luigi.Event.START)(self._record)
+        return self
+
+    def _record(self, task):
+        self.tasks.append((task.task_family, getattr(task, "round_idx", None)))
+
+    def __exit__(self, *exc):
+        luigi.Task._event_callbacks[luigi.Task][luigi.Event.START].discard(self._record)
+
+
+def build(task) -> list:
+    with Ran() as ran:
+        result = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+    assert result.status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY), result.summary_text
+    return ran.tasks
+
+
+def check_contract(run_dir: Path, rounds: int, algorithm: str) -> None:
+    run_yaml = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert {"recipe", "versions", "git_commit", "seed"} <= set(run_yaml)
+    total_pairs = 0
+    for r in range(1, rounds + 1):
+        rd = run_dir / f"round_{r:02d}"
+        gens = read_artifact(rd / "generations.parquet", GENERATIONS)
+        pairs = read_artifact(rd / "pairs.parquet", PAIRS)
+        assert set(gens["round"]) == {r} and set(pairs["round"]) <= {r}
+        ckpt = rd / "checkpoint"
+        assert (ckpt / "_SUCCESS").is_file() and (ckpt / "config.json").is_file() and (ckpt / "adapter" / "adapter_config.json").is_file()
+        info = json.loads((ckpt / "selfplay_checkpoint.json").read_text())
+        expected_parent = run_dir / "base_model" if r == 1 else run_dir / f"round_{r - 1:02d}" / "checkpoint"
+        assert Path(info["parent"]) == expected_parent
+        metrics = json.loads((rd / "metrics.json").read_text())
+        trained_on = metrics["train"]["stats"]["pairs"]
+        assert trained_on >= len(pairs) and len(metrics["train"]["history"]) == metrics["train"]["stats"]["steps"]
+        total_pairs += len(pairs)
+        assert "accuracy" in metrics["eval"] and "kl_vs_base" in metrics["eval"]
+        assert "win_rate_vs_previous" in metrics["eval"] and "implicit_reward_accuracy" in metrics["eval"]
+        read_artifact(rd / "eval.parquet", EVAL)
+        if algorithm == "spin":
+            assert (pairs.judge == "ground_truth").all()
+            refs = gens.drop_duplicates("prompt_id").set_index("prompt_id").reference
+            assert (pairs.chosen == refs.loc[pairs.prompt_id].to_numpy()).all()
+        else:
+            assert (pairs.chosen_score >= pairs.rejected_score).all()
+    assert total_pairs > 0, "no round made a preference pair: the test exercised no training"
+    assert (run_dir / "report.md").is_file() and list((run_dir / "plots").glob("*.png"))
+
+
+def test_spin_two_rounds_resume_and_rerun_from_a_deleted_round(tiny_recipe, tmp_path):
+    recipe = tiny_recipe("spin")
+    runs = tmp_path / "runs"
+    ran = build(Iterate(recipe=recipe, runs_dir=str(runs), rounds=2))
+    families = {family for family, _ in ran}
+    assert {"BaseModel", "Generate", "Judge", "Train", "Evaluate", "Report", "Iterate"} <= families
+    run_dir = runs / "tiny_spin"
+    check_contract(run_dir, 2, "spin")
+    # Round 2 trained on round 1's pairs too (SPIN's mixing), and started from round 1's weights.
+    log = json.loads((run_dir / "round_02" / "checkpoint" / "training_log.json").read_text())
+    pairs_1 = len(read_artifact(run_dir / "round_01" / "pairs.parquet", PAIRS))
+    pairs_2 = len(read_artifact(run_dir / "round_02" / "pairs.parquet", PAIRS))
+    assert log["stats"]["pairs"] == pairs_1 + pairs_2
+
+    # A second identical command runs nothing.
+    assert build(Iterate(recipe=recipe, runs_dir=str(runs), rounds=2)) == []
+
+    # Deleting round 2's checkpoint marker reruns round 2's training and what follows it only.
+    (run_dir / "round_02" / "checkpoint" / "_SUCCESS").unlink()
+    ran = build(Iterate(recipe=recipe, runs_dir=str(runs), rounds=2))
+    assert sorted(ran) == sorted([("Train", 2), ("Evaluate", 2), ("Report", None), ("Iterate", None)])
+
+    # Deleting round 1 entirely reruns round 1 and round 2, and nothing of round 0.
+    shutil.rmtree(run_dir / "round_01")
+    ran = build(Iterate(recipe=recipe, runs_dir=str(runs), rounds=2))
+    rounds_run = {r for family, r in ran if r is not None}
+    assert rounds_run == {1, 2} and ("BaseModel", None) not in ran
+    check_contract(run_dir, 2, "spin")
+    assert len(Run(run_dir).metrics()) == 3  # rounds 0, 1, 2
+
+
+@pytest.mark.parametrize("algorithm", ["sppo", "dpo"])
+def test_judged_algorithms_two_rounds(tiny_recipe, tmp_path, algorithm):
+    recipe = tiny_recipe(algorithm)
+    build(Iterate(recipe=recipe, runs_dir=str(tmp_path / "runs"), rounds=2))
+    check_contract(tmp_path / "runs" / f"tiny_{algorithm}", 2, algorithm)
+
+
+def test_changed_recipe_into_the_same_run_is_refused(tiny_recipe, tmp_path):
+    from tasks.base_model import RunSetup
+
+    runs = str(tmp_path / "runs")
+    build(RunSetup(recipe=tiny_recipe("spin", name="a"), runs_dir=runs, run_name="same"))
+    changed = tiny_recipe("spin", name="b", training={"beta": 0.5})
+    with pytest.raises(RecipeError, match=r"was made by a different recipe \(changed: .*training.beta"):
+        Iterate(recipe=changed, runs_dir=runs, run_name="same", rounds=1)
