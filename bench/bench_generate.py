@@ -99,6 +99,7 @@ def hf_sample(model, input_ids, attention_mask, args):
     return out[:, input_ids.shape[1] :]
 
 
+@torch.no_grad()
 def throughput(args, model, device, vocab: int) -> list[dict]:
     rows = []
     settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens)
@@ -142,6 +143,33 @@ def throughput(args, model, device, vocab: int) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def profile_steps(args, model, device, vocab: int, steps: int = 3) -> None:
+    """Kernel times of `steps` decode steps run eagerly (a graph replays the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.fast_generation import _attention
+
+    batch = max(args.batches)
+    input_ids = torch.randint(0, min(vocab, 32000), (batch, args.prompt_len)).to(device)
+    settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens)
+    static_generate(model, _Tok, input_ids, torch.ones_like(input_ids), settings, [], cuda_graph=False)
+    session = _SESSIONS[model]
+    with _attention(model, session.attention):
+        session.prefill(model, input_ids, torch.ones_like(input_ids))
+        session.step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                session.step()
+            sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"profile: batch {batch}, {steps} eager decode steps")
+    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
+    release_sessions()
+
+
+@torch.no_grad()
 def greedy_equality(args, config: dict, device: torch.device, dtype: torch.dtype, label: str) -> dict:
     """HF greedy vs static greedy on left-padded prompts of mixed lengths."""
     from transformers import GenerationConfig
@@ -191,6 +219,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--eq-batch", type=int, default=32)
     parser.add_argument("--eq-new-tokens", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="small config and few tokens: a CPU smoke test")
+    parser.add_argument("--profile", action="store_true", help="print the costliest kernels of a few eager decode steps")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",") if b]
@@ -221,6 +250,8 @@ def main(argv=None) -> dict:
     print(json.dumps(env), flush=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(config, dtype, device)
+    if args.profile:
+        profile_steps(args, model, device, config["vocab_size"])
     rows = throughput(args, model, device, config["vocab_size"])
     del model
     release_sessions()

@@ -92,6 +92,7 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     batch_size: int = 64
+    shard_size: int = field(default=256, metadata={"help": "Prompts per resumable part of a round's generation."})
     backend: Literal["hf", "static", "vllm"] = field(
         default="hf", metadata={"help": "hf = transformers generate; static = our static-cache CUDA-graph loop."}
     )
@@ -177,6 +178,7 @@ class Recipe:
             "generation.num_samples": self.generation.num_samples,
             "generation.max_new_tokens": self.generation.max_new_tokens,
             "generation.batch_size": self.generation.batch_size,
+            "generation.shard_size": self.generation.shard_size,
             "training.batch_size": self.training.batch_size,
             "training.grad_accum_steps": self.training.grad_accum_steps,
             "training.beta": self.training.beta,

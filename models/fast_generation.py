@@ -61,6 +61,7 @@ import inspect
 import logging
 import os
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -87,7 +88,11 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    scores = logits.float() / temperature
+    scores = logits.float()  # a fresh copy for bf16 / fp16 logits, so the in-place ops below are safe
+    if scores.data_ptr() == logits.data_ptr():
+        scores = scores.clone()
+    if temperature != 1.0:
+        scores.div_(temperature)
     if top_p < 1.0:
         sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
@@ -95,9 +100,67 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -
         drop_sorted[:, -1:] = False  # the most likely token always stays
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
-    noise = torch.rand_like(scores)
-    gumbel = -torch.log(-torch.log(noise))
-    return (scores + gumbel).argmax(dim=-1)
+    noise = torch.rand_like(scores).log_().neg_().log_()  # -Gumbel noise: log(-log(u))
+    return scores.sub_(noise).argmax(dim=-1)
+
+
+# --- attention for the static cache ---------------------------------------------------------------
+
+STATIC_ATTENTION = "selfplay_static_sdpa"
+
+
+def static_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA over the static cache with our ready boolean mask, registered as an HF attention function.
+
+    transformers' `sdpa` path copies the whole key/value cache per layer and step (`repeat_kv`) for
+    grouped-query attention whenever a mask is given (some versions), which for a static cache of
+    length L at batch B moves B * heads * L * head_dim * 2 values per layer per step. For a single query
+    token we instead fold the query heads of each key/value head into the query-length axis:
+    query [B, kv_heads, group, D] against key/value [B, kv_heads, L, D] with the mask [B, 1, 1, L]
+    broadcast, which is the same attention with no copy. The prefill (many query tokens) repeats the
+    key/value heads once, as transformers does.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    if q_len == 1 and group > 1:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(batch, kv_heads, group, dim), key, value, attn_mask=attention_mask, scale=scaling
+        )
+        out = out.reshape(batch, heads, 1, value.shape[-1])
+    else:
+        if group > 1:
+            key = key.repeat_interleave(group, dim=1)
+            value = value.repeat_interleave(group, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(STATIC_ATTENTION, static_sdpa_attention)
+        return True
+    except (ImportError, AttributeError):  # older transformers: keep the model's own sdpa
+        return False
+
+
+_HAVE_STATIC_ATTENTION = _register_attention()
+
+
+@contextmanager
+def _attention(model, name: str | None):
+    """Run the model with attention implementation `name` (None: unchanged), restoring it afterwards."""
+    if name is None:
+        yield
+        return
+    old = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = old
 
 
 # --- support checks -------------------------------------------------------------------------------
@@ -170,6 +233,7 @@ class _Session:
     eos: torch.Tensor  # [E]
     mask_dtype: torch.dtype | None  # None: boolean mask (sdpa); else additive mask of this dtype (eager)
     extra_kwargs: dict = field(default_factory=dict)
+    attention: str | None = None  # attention implementation swapped in while this session runs the model
     graph: object = None
     step_fn: object = None
     stats: dict = field(default_factory=lambda: {"captures": 0, "reuses": 0})
@@ -336,6 +400,7 @@ def _new_session(model, key: _SessionKey, device: torch.device) -> _Session:
         eos=torch.tensor(list(key.eos_ids), **long),
         mask_dtype=None if impl == "sdpa" else next(model.parameters()).dtype,
         extra_kwargs=extra,
+        attention=STATIC_ATTENTION if impl == "sdpa" and _HAVE_STATIC_ATTENTION and _env_flag("SELFPLAY_STATIC_ATTENTION", True) else None,
     )
     if key.compiled:
         session.step_fn = torch.compile(session.step, mode="max-autotune-no-cudagraphs", dynamic=False)
@@ -412,6 +477,12 @@ def static_generate(
         _SESSIONS[model] = session
         fresh = True
     input_ids = input_ids.to(torch.long)
+    with _attention(model, session.attention):
+        return _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every)
+
+
+def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every):
+    on_cuda = device.type == "cuda"
     if fresh and (use_graph or compiled):
         # The first prefill allocates the cache; then warm up (and compile) and capture the step. The
         # random streams are restored afterwards, so samples do not depend on whether a session was reused.

@@ -143,9 +143,6 @@ def generate_texts(model, tokenizer, prompt_texts: list[str], settings: Sampling
 
 # --- the Generate stage -------------------------------------------------------------------------
 
-SHARD_PROMPTS = 256  # prompts per resumable part file
-
-
 def shard_seed(seed: int, round_idx: int, shard_idx: int) -> int:
     return seed * 1_000_003 + round_idx * 10_007 + shard_idx
 
@@ -153,7 +150,7 @@ def shard_seed(seed: int, round_idx: int, shard_idx: int) -> int:
 def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir) -> tuple["pd.DataFrame", dict]:
     """Sample `generation.num_samples` responses per prompt with the model at `model_path`.
 
-    Work is split into parts of SHARD_PROMPTS prompts, each written atomically to `work_dir` with its
+    Work is split into parts of `generation.shard_size` prompts, each written atomically to `work_dir` with its
     own seed, so a killed run resumes at the first missing part and still produces the same samples.
     Returns the generations frame (contract columns plus reference/task/answer/system) and stats.
     """
@@ -174,12 +171,12 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir) -
     if dropped:
         log.info("generation: skipped %d prompts longer than data.max_prompt_tokens=%d", dropped, recipe.data.max_prompt_tokens)
     model, parts = None, []
-    for shard_idx, start in enumerate(range(0, len(prompts), SHARD_PROMPTS)):
+    for shard_idx, start in enumerate(range(0, len(prompts), gen.shard_size)):
         part_path = work_dir / f"part-{shard_idx:05d}.parquet"
         if part_path.is_file():
             parts.append(pd.read_parquet(part_path))
             continue
-        shard = prompts.iloc[start : start + SHARD_PROMPTS]
+        shard = prompts.iloc[start : start + gen.shard_size]
         texts = [format_prompt(tokenizer, p, s) for p, s in zip(shard.prompt, shard.system)]
         settings = SamplingSettings(
             num_samples=gen.num_samples,

@@ -14,6 +14,21 @@ from pipeline.base import RunTask
 from pipeline.errors import RecipeError
 
 
+def preflight(recipe) -> None:
+    """Check what can be checked before hours of work: the model path and local datasets' rows."""
+    from pathlib import Path
+
+    from data.prompts import DEMO_PREFIX, load_prompts
+    from models.loading import check_model_path
+
+    if recipe.model.base_model:
+        check_model_path(recipe.model.base_model)
+    for source, split, needs_reference in ((recipe.data.train, recipe.data.train_split, recipe.algorithm == "spin"),
+                                           (recipe.data.eval, recipe.data.eval_split, False)):
+        if source.startswith(DEMO_PREFIX) or Path(source).expanduser().suffix in (".parquet", ".jsonl", ".json"):
+            load_prompts(source, split, recipe.data, require_reference=needs_reference)
+
+
 class Iterate(RunTask):
     rounds = luigi.IntParameter(default=3, description="Number of self-play rounds.")
 
@@ -21,7 +36,7 @@ class Iterate(RunTask):
         super().__init__(*args, **kwargs)
         if self.rounds < 1:
             raise RecipeError(f"--rounds must be at least 1, got {self.rounds}")
-        self.config  # load and validate the recipe, check the run directory: fail before scheduling
+        preflight(self.config)  # fail before anything is scheduled, in one line
 
     def requires(self):
         from tasks.evaluate import Evaluate

@@ -11,7 +11,14 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from models.fast_generation import _SESSIONS, release_sessions, sample_next_tokens, static_generate, unsupported_reason
+from models.fast_generation import (
+    _SESSIONS,
+    release_sessions,
+    sample_next_tokens,
+    static_generate,
+    static_sdpa_attention,
+    unsupported_reason,
+)
 from models.generation import SamplingSettings, generate_texts
 
 VOCAB = 101
@@ -40,6 +47,7 @@ def tiny_model(family: str, attn: str = "sdpa", vocab: int = VOCAB, layers: int 
         model = LlamaForCausalLM._from_config(LlamaConfig(**common), attn_implementation=attn)
     else:
         model = Qwen2ForCausalLM._from_config(Qwen2Config(**common, tie_word_embeddings=True), attn_implementation=attn)
+    model.generation_config.eos_token_id = None  # Llama's config says 2; stop only where a test says
     return model.eval()
 
 
@@ -198,6 +206,22 @@ def test_stops_early_when_every_row_ended():
     out = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=40), eos)
     assert out.shape == (3, 40)
     assert (out[:, 2:] == PAD).all()
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_static_attention_equals_transformers_sdpa(q_len):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 3, True, False
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, q_len, 16, generator=gen)
+    key, value = torch.randn(2, 2, 24, 16, generator=gen), torch.randn(2, 2, 24, 16, generator=gen)
+    mask = torch.rand(2, 1, q_len, 24, generator=gen) > 0.3
+    mask[..., 0] = True
+    ours, _ = static_sdpa_attention(module, query, key, value, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_models_are_detected():
