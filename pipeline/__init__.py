@@ -5,8 +5,12 @@ event, and errors a user caused (pipeline.errors.SelfplayError) are logged as on
 """
 
 import logging
+import os
 
 from pipeline.errors import SelfplayError
+
+# transformers draws a progress bar for every weight load; a round loads several models.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class _OneLineUserErrors(logging.Filter):
