@@ -117,26 +117,32 @@ def throughput(args, model, device, vocab: int) -> list[dict]:
             assert out.shape == (batch, args.new_tokens)
             row["hf_s"] = min(hf_times[1:])
             row["hf_tok_s"] = new_tokens / row["hf_s"]
-        release_sessions()
-        torch.manual_seed(0)
-        out, first = timed(lambda: static_generate(model, _Tok, input_ids, attention_mask, settings, [], compile_step=args.compile), device)
-        assert out.shape == (batch, args.new_tokens)
-        session = _SESSIONS.get(model)
-        row["static_graph"] = bool(session is not None and session.graph is not None)
-        row["static_first_call_s"] = first
-        times = []
-        for rep in range(args.reps):
-            torch.manual_seed(rep + 1)
-            out, dt = timed(lambda: static_generate(model, _Tok, input_ids, attention_mask, settings, [], compile_step=args.compile), device)
-            times.append(dt)
-        row["static_s"] = min(times)
-        row["static_tok_s"] = new_tokens / row["static_s"]
-        row["distinct_tokens_sampled"] = int(out.unique().numel())
+        for variant, mode in [("static", "")] + ([("compiled", args.compile)] if args.compile else []):
+            release_sessions()
+            run = lambda: static_generate(model, _Tok, input_ids, attention_mask, settings, [], compile_step=mode)  # noqa: E731
+            torch.manual_seed(0)
+            first_out, first = timed(run, device)
+            assert first_out.shape == (batch, args.new_tokens)
+            session = _SESSIONS.get(model)
+            row[f"{variant}_graph"] = bool(session is not None and session.graph is not None)
+            row[f"{variant}_first_call_s"] = first
+            times = []
+            for _ in range(args.reps):
+                torch.manual_seed(0)
+                out, dt = timed(run, device)
+                times.append(dt)
+            row[f"{variant}_s"] = min(times)
+            row[f"{variant}_tok_s"] = new_tokens / row[f"{variant}_s"]
+            # sampling sanity: the same seed repeats itself (fresh vs reused session), another seed does not
+            row[f"{variant}_same_seed_equal"] = bool(torch.equal(out, first_out))
+            torch.manual_seed(1)
+            row[f"{variant}_other_seed_differs"] = not torch.equal(run(), first_out)
+            row[f"{variant}_distinct_tokens"] = int(out.unique().numel())
+            if "hf_tok_s" in row:
+                row[f"{variant}_speedup"] = row[f"{variant}_tok_s"] / row["hf_tok_s"]
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
-        if "hf_tok_s" in row:
-            row["speedup"] = row["static_tok_s"] / row["hf_tok_s"]
         release_sessions()
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -213,7 +219,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=2, help="timed runs after the warm-up; the best counts")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (max-autotune-no-cudagraphs)")
+    parser.add_argument("--compile", nargs="?", const="max-autotune-no-cudagraphs", default="",
+                        help="also time the static backend with its decode step torch.compile'd in this mode "
+                        "(default max-autotune-no-cudagraphs; 'default' compiles much faster)")
     parser.add_argument("--skip-hf", action="store_true", help="time only the static backend")
     parser.add_argument("--skip-equality", action="store_true")
     parser.add_argument("--eq-batch", type=int, default=32)
@@ -244,7 +252,7 @@ def main(argv=None) -> dict:
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
-        "compile": args.compile,
+        "compile": args.compile or None,
         "cuda_graph_env": os.environ.get("SELFPLAY_STATIC_CUDA_GRAPH", "1"),
     }
     print(json.dumps(env), flush=True)
@@ -261,11 +269,14 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             checks.append(greedy_equality(args, config, device, torch.bfloat16, "greedy bf16, random weights (near ties: informative only)"))
     print()
-    print(f"{'batch':>6} {'hf tok/s':>10} {'static tok/s':>13} {'speedup':>8} {'first call s':>13} graph")
+    variants = ["static"] + (["compiled"] if args.compile else [])
+    print(f"{'batch':>6} {'hf tok/s':>10}" + "".join(f" {v + ' tok/s':>15} {'x hf':>6} {'1st call s':>10}" for v in variants))
     for row in rows:
-        hf = f"{row['hf_tok_s']:10.0f}" if "hf_tok_s" in row else f"{'-':>10}"
-        speedup = f"{row['speedup']:7.1f}x" if "speedup" in row else f"{'-':>8}"
-        print(f"{row['batch']:>6} {hf} {row['static_tok_s']:13.0f} {speedup} {row['static_first_call_s']:13.2f} {row['static_graph']}")
+        line = f"{row['batch']:>6} " + (f"{row['hf_tok_s']:10.0f}" if "hf_tok_s" in row else f"{'-':>10}")
+        for v in variants:
+            speedup = f"{row[v + '_speedup']:5.1f}x" if v + "_speedup" in row else f"{'-':>6}"
+            line += f" {row[v + '_tok_s']:15.0f} {speedup} {row[v + '_first_call_s']:10.2f}"
+        print(line)
     for check in checks:
         print(f"{check['check']}: {check['token_match']:.4f} of tokens, {check['rows_equal']:.3f} of rows equal")
     results = {"env": env, "throughput": rows, "greedy_equality": checks}

@@ -33,7 +33,9 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   the default CUDA generator, which PyTorch registers with graph capture (each replay gets fresh
   philox offsets), so sampling stays random across steps yet reproducible under `torch.manual_seed`.
   Optionally (`compile_step=True` or SELFPLAY_STATIC_COMPILE=1) the step is first compiled with
-  `torch.compile(mode="max-autotune-no-cudagraphs")` and the compiled step is what gets captured.
+  `torch.compile(mode="max-autotune-no-cudagraphs")` (or the mode named by `compile_step="default"`,
+  SELFPLAY_STATIC_COMPILE=default) and the compiled step is what gets captured: inductor fuses the
+  norms, rotary embedding, activation and sampling, so a step launches far fewer kernels.
 - **Early stop** when every row has produced an eos, checked every `check_every` steps (16 on CUDA)
   so the loop does not sync each step. Rows that ended are filled with the pad id.
 - **Reuse.** The cache, buffers and captured graph (a "session") are kept per model (weakly: they go
@@ -88,9 +90,7 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    scores = logits.float()  # a fresh copy for bf16 / fp16 logits, so the in-place ops below are safe
-    if scores.data_ptr() == logits.data_ptr():
-        scores = scores.clone()
+    scores = logits.clone() if logits.dtype == torch.float32 else logits.float()  # a copy: in-place ops follow
     if temperature != 1.0:
         scores.div_(temperature)
     if top_p < 1.0:
@@ -208,7 +208,7 @@ class _SessionKey:
     eos_ids: tuple
     pad_id: int
     graph: bool
-    compiled: bool
+    compiled: str  # torch.compile mode of the step, '' for none
     weights: int  # hash of parameter addresses: a replaced weight would leave a graph reading freed memory
 
 
@@ -372,6 +372,16 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
+def _compile_mode(compile_step) -> str:
+    if compile_step is None:
+        compile_step = os.environ.get("SELFPLAY_STATIC_COMPILE", "0").strip()
+        compile_step = True if compile_step.lower() in ("1", "true", "yes", "on") else compile_step
+        compile_step = False if compile_step.lower() in ("0", "false", "no", "off", "") else compile_step
+    if compile_step is True:
+        return "max-autotune-no-cudagraphs"
+    return compile_step or ""
+
+
 def _new_session(model, key: _SessionKey, device: torch.device) -> _Session:
     from transformers import StaticCache
 
@@ -403,7 +413,7 @@ def _new_session(model, key: _SessionKey, device: torch.device) -> _Session:
         attention=STATIC_ATTENTION if impl == "sdpa" and _HAVE_STATIC_ATTENTION and _env_flag("SELFPLAY_STATIC_ATTENTION", True) else None,
     )
     if key.compiled:
-        session.step_fn = torch.compile(session.step, mode="max-autotune-no-cudagraphs", dynamic=False)
+        session.step_fn = torch.compile(session.step, mode=key.compiled, dynamic=False)
     return session
 
 
@@ -420,13 +430,14 @@ def static_generate(
     eos_ids: list[int],
     *,
     cuda_graph: bool | None = None,
-    compile_step: bool | None = None,
+    compile_step: bool | str | None = None,
     check_every: int | None = None,
 ) -> torch.Tensor:
     """New tokens `[batch, settings.max_new_tokens]` for left-padded prompts; rows padded after their eos.
 
     `cuda_graph` (default: on for CUDA inputs unless SELFPLAY_STATIC_CUDA_GRAPH=0) captures the decode
-    step in a CUDA graph; `compile_step` (default: SELFPLAY_STATIC_COMPILE=1) compiles it first;
+    step in a CUDA graph; `compile_step` (True, or a torch.compile mode; default from
+    SELFPLAY_STATIC_COMPILE: unset/0 off, 1 max-autotune-no-cudagraphs, else a mode) compiles it first;
     `check_every` steps the loop checks whether every row has ended (default 16 on CUDA, 1 on CPU).
     Seed with torch.manual_seed beforehand for reproducible sampling.
     """
@@ -443,7 +454,7 @@ def static_generate(
         return _hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids)
     on_cuda = device.type == "cuda"
     use_graph = on_cuda and (cuda_graph if cuda_graph is not None else _env_flag("SELFPLAY_STATIC_CUDA_GRAPH", True))
-    compiled = compile_step if compile_step is not None else _env_flag("SELFPLAY_STATIC_COMPILE", False)
+    compiled = _compile_mode(compile_step)
     check_every = check_every if check_every is not None else (16 if on_cuda else 1)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     cache_len = width + max_new
@@ -461,7 +472,7 @@ def static_generate(
         eos_ids=tuple(int(i) for i in eos_ids),
         pad_id=int(pad_id),
         graph=use_graph,
-        compiled=bool(compiled),
+        compiled=compiled,
         weights=_weights_fingerprint(model),
     )
     session = _SESSIONS.get(model)

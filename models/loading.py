@@ -28,6 +28,7 @@ log = logging.getLogger("selfplay")
 
 CHECKPOINT_INFO = "selfplay_checkpoint.json"
 ADAPTER_DIR = "adapter"
+GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 # Used only for tokenizers that ship without a chat template (base, non-instruct models).
@@ -71,8 +72,14 @@ def load_tokenizer(path: str, model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     check_model_path(path)
+    loader = AutoTokenizer
+    config_path = Path(path).expanduser() / "tokenizer_config.json"
+    if config_path.is_file() and json.loads(config_path.read_text()).get("tokenizer_class") in GENERIC_TOKENIZERS:
+        # A plain tokenizer.json (like ours) saved beside, say, a Qwen2 config: AutoTokenizer would
+        # rebuild it as the model family's own tokenizer class and change how text is split.
+        from transformers import PreTrainedTokenizerFast as loader
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(path, model_cfg))
+        tokenizer = loader.from_pretrained(path, **_hub_kwargs(path, model_cfg))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -101,6 +102,19 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
     return pd.read_parquet(path)
 
 
+FIGURES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected")
+
+
+def _figures(loss: torch.Tensor, pref: PreferenceBatch) -> dict[str, float]:
+    chosen_reward, rejected_reward = implicit_rewards(pref)
+    values = torch.stack([
+        loss.detach(), chosen_reward.mean(), rejected_reward.mean(), (chosen_reward > rejected_reward).float().mean(),
+        (chosen_reward - rejected_reward).mean(), pref.policy_chosen_logps.detach().mean(),
+        pref.policy_rejected_logps.detach().mean(),
+    ]).float().tolist()
+    return dict(zip(FIGURES, values))
+
+
 def _latest_checkpoint(work_dir: Path) -> Path | None:
     done = [p for p in work_dir.glob("checkpoint-*") if (p / "state.pt").is_file() and p.name.split("-")[-1].isdigit()]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
@@ -154,10 +168,12 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         model.config.use_cache = False
     chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length)
     loss_name = recipe.loss
+    reference_start = time.perf_counter()
     if loss_name in REFERENCE_FREE:
         ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
     else:
         ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size * 2, accelerator)
+    reference_seconds = time.perf_counter() - reference_start
     chosen_win = torch.tensor(pairs["chosen_win_prob"].to_numpy(float)) if "chosen_win_prob" in pairs else None
     rejected_win = torch.tensor(pairs["rejected_win_prob"].to_numpy(float)) if "rejected_win_prob" in pairs else None
 
@@ -199,9 +215,11 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         step_batches = micro_batches[step * per_step : (step + 1) * per_step]
         mine = step_batches[accelerator.process_index :: accelerator.num_processes]
         figures = []
+        step_start, tokens = time.perf_counter(), 0
         for idx in mine:
             with accelerator.accumulate(policy):
                 batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
+                tokens += int(batch["attention_mask"].sum())
                 sums, counts = policy(**{k: v.to(accelerator.device) for k, v in batch.items()})
                 n = len(idx)
                 pref = PreferenceBatch(
@@ -215,43 +233,37 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                     label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                 )
                 loss = LOSSES[loss_name](pref).mean()
-                if not torch.isfinite(loss):
+                accelerator.backward(loss)
+                values = _figures(loss, pref)  # one host sync per micro-batch, before the weights change
+                if not math.isfinite(values["loss"]):
                     last = _latest_checkpoint(work_dir)
                     raise TrainingError(
-                        f"round {round_idx}: training loss became {loss.item()} at step {step + 1}; "
+                        f"round {round_idx}: training loss became {values['loss']} at step {step + 1}; "
                         f"last good trainer checkpoint: {last or 'none yet'}; lower training.learning_rate or check the pairs"
                     )
-                accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                chosen_reward, rejected_reward = implicit_rewards(pref)
-                figures.append({
-                    "loss": loss.item(),
-                    "rewards/chosen": chosen_reward.mean().item(),
-                    "rewards/rejected": rejected_reward.mean().item(),
-                    "rewards/accuracy": (chosen_reward > rejected_reward).float().mean().item(),
-                    "rewards/margin": (chosen_reward - rejected_reward).mean().item(),
-                    "logps/chosen": pref.policy_chosen_logps.mean().item(),
-                    "logps/rejected": pref.policy_rejected_logps.mean().item(),
-                })
+                figures.append(values)
         scheduler.step()
         step += 1
         entry = {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
         entry.update(step=step, epoch=step * per_step / batches_per_epoch, learning_rate=scheduler.get_last_lr()[0],
-                     grad_norm=float(grad_norm))
+                     grad_norm=float(grad_norm), seconds=time.perf_counter() - step_start, tokens=tokens)
         history.append(entry)
         progress.update(1)
         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}")
         if accelerator.is_main_process and (step % cfg.save_steps == 0 or step == total_steps):
             _save_trainer_checkpoint(work_dir, step, get_peft_model_state_dict(model), optimizer, scheduler, history)
-        accelerator.wait_for_everyone()
     progress.close()
 
+    timed = history[1:] or history  # the first step includes warm-up (allocation, kernel selection)
     stats = {
         "pairs": len(pairs),
         "steps": total_steps,
+        "reference_seconds": reference_seconds,
+        "train_tokens_per_second": sum(h["tokens"] for h in timed) / max(1e-9, sum(h["seconds"] for h in timed)) if timed else None,
         "loss": loss_name,
         "beta": cfg.beta,
         "learning_rate": cfg.learning_rate,
