@@ -29,12 +29,18 @@ class Encoded:
 
 
 def encode(tokenizer, prompt_text: str, completion_text: str, max_length: int) -> Encoded:
-    """Token ids of prompt and completion; the completion is cut to fit `max_length`, then the prompt's start."""
+    """Token ids of prompt and completion, at most `max_length` together.
+
+    When too long, the prompt keeps its last tokens (at least half of `max_length`, or all of it if
+    shorter) and the completion its first: the loss is on the completion, its start matters most.
+    """
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
     completion_ids = tokenizer(completion_text, add_special_tokens=False).input_ids
-    completion_ids = completion_ids[: max(1, max_length - len(prompt_ids))]
-    keep_prompt = max_length - len(completion_ids)
-    return Encoded(prompt_ids[-keep_prompt:] if keep_prompt > 0 else prompt_ids[-1:], completion_ids)
+    if len(prompt_ids) + len(completion_ids) > max_length:
+        keep_prompt = min(len(prompt_ids), max(max_length - len(completion_ids), max_length // 2))
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
+        completion_ids = completion_ids[: max_length - keep_prompt]
+    return Encoded(prompt_ids, completion_ids)
 
 
 def collate(items: list[Encoded], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:

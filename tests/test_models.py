@@ -1,0 +1,145 @@
+"""Model-side pieces: tokenizer loading, log-probs, checkpoints, LoRA and the trainer's batching."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs.recipe import ModelConfig, TrainingConfig
+from models.loading import (
+    ADAPTER_DIR, add_lora, check_model_path, checkpoint_info, load_causal_lm, load_round_model, load_tokenizer, save_checkpoint,
+)
+from models.logps import collate, encode, sequence_logps
+from models.tokenizer import build_byte_tokenizer
+from models.trainer import length_grouped_batches
+from pipeline.errors import ModelError
+
+FP32 = ModelConfig(precision="fp32")
+
+
+def tiny_model(family: str = "llama", vocab: int = 300):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    return LlamaForCausalLM(LlamaConfig(**kwargs))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    tok = build_byte_tokenizer()
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    return tmp_path / "base", tok
+
+
+def test_byte_tokenizer_beside_a_qwen2_config_loads_as_itself(saved):
+    path, tok = saved
+    loaded = load_tokenizer(str(path), FP32)
+    text = "<|user|>Sort: 3 1 2<|end|><|assistant|>"
+    assert loaded(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+
+
+def test_model_paths_are_checked_in_one_line(tmp_path):
+    with pytest.raises(ModelError, match="not a model directory"):
+        check_model_path(str(tmp_path))
+    with pytest.raises(ModelError, match="does not exist"):
+        check_model_path(str(tmp_path / "missing"))
+    check_model_path("Qwen/Qwen2.5-0.5B-Instruct")  # a hub id is left to from_pretrained
+
+
+def test_quantization_needs_a_gpu(saved):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ModelError, match="needs a CUDA GPU"):
+        load_causal_lm(str(saved[0]), FP32, quantize=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_sequence_logps_match_full_logits(family):
+    model = tiny_model(family).eval()
+    tok = build_byte_tokenizer()
+    items = [encode(tok, "<|user|>hi<|end|><|assistant|>", "there<|end|>", 64), encode(tok, "<|user|>a<|end|><|assistant|>", "bc<|end|>", 64)]
+    batch = collate(items, tok.pad_token_id)
+    sums, counts = sequence_logps(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logprobs = F.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    expected = (logprobs * batch["completion_mask"][:, 1:]).sum(1)
+    assert torch.allclose(sums, expected, atol=1e-4)
+    assert counts.tolist() == [len(items[0].completion_ids), len(items[1].completion_ids)]
+
+
+def test_encode_keeps_the_prompt_end_and_the_completion_start():
+    tok = build_byte_tokenizer()
+    assert [len(x) for x in (encode(tok, "p" * 20, "c" * 30, 60).prompt_ids, encode(tok, "p" * 20, "c" * 30, 60).completion_ids)] == [20, 30]
+    both_long = encode(tok, "p" * 50, "c" * 50, max_length=60)
+    assert (len(both_long.prompt_ids), len(both_long.completion_ids)) == (30, 30)
+    long_prompt = encode(tok, "p" * 100, "c" * 5, max_length=60)
+    assert (len(long_prompt.prompt_ids), len(long_prompt.completion_ids)) == (55, 5)
+    long_completion = encode(tok, "p" * 20, "c" * 100, max_length=60)
+    assert (len(long_completion.prompt_ids), len(long_completion.completion_ids)) == (20, 40)
+
+
+def test_checkpoint_is_merged_model_plus_adapter_and_loads_alone(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, tok = saved
+    model = add_lora(load_causal_lm(str(path), FP32), TrainingConfig(lora_r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    item = encode(tok, "<|user|>x<|end|><|assistant|>", "y<|end|>", 32)
+    expected, _ = sequence_logps(model.eval(), collate([item], tok.pad_token_id))
+    out = tmp_path / "ckpt"
+    save_checkpoint(model, tok, out, parent=str(path), root_model="root", round_idx=1, model_cfg=FP32)
+    assert (out / "config.json").is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
+    assert json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())["base_model_name_or_path"] == str(path)
+    assert checkpoint_info(out) == {"round": 1, "parent": str(path), "root_model": "root", "merged": True}
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # from_pretrained alone
+    got, _ = sequence_logps(merged, collate([item], tok.pad_token_id))
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_adapter_only_checkpoint_is_rebuilt_from_its_parent(saved, tmp_path):
+    path, tok = saved
+    model = add_lora(load_causal_lm(str(path), FP32), TrainingConfig(lora_r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    item = encode(tok, "<|user|>x<|end|><|assistant|>", "y<|end|>", 32)
+    expected, _ = sequence_logps(model.eval(), collate([item], tok.pad_token_id))
+    out = tmp_path / "ckpt"
+    save_checkpoint(model, tok, out, parent=str(path), root_model="root", round_idx=1, model_cfg=FP32, save_merged=False)
+    assert not (out / "config.json").exists()
+    rebuilt = load_round_model(str(out), FP32)
+    got, _ = sequence_logps(rebuilt.eval(), collate([item], tok.pad_token_id))
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_fresh_lora_is_the_reference():
+    model = add_lora(tiny_model(), TrainingConfig(lora_r=4, lora_alpha=8)).eval()
+    tok = build_byte_tokenizer()
+    batch = collate([encode(tok, "<|user|>q<|end|><|assistant|>", "a<|end|>", 32)], tok.pad_token_id)
+    policy, _ = sequence_logps(model, batch)
+    with model.disable_adapter():
+        reference, _ = sequence_logps(model, batch)
+    assert torch.equal(policy, reference)
+
+
+def test_length_grouped_batches_cover_everything_once_and_group_lengths():
+    lengths = [i % 37 for i in range(400)]
+    batches = length_grouped_batches(lengths, 8, seed=3)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(400))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 5  # random batches would spread over ~30
+    assert batches == length_grouped_batches(lengths, 8, seed=3) and batches != length_grouped_batches(lengths, 8, seed=4)
