@@ -563,8 +563,10 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
     UNTESTED here (vLLM is not installed in CI). The engine is built once per (model_path, dtype) and
     reused across calls (generate_round calls once per part, each part with its own seed);
     `release_vllm()` frees it. Samples are seeded per request (from settings.seed and the prompt's
-    index), so results depend neither on how vLLM batches nor on the engine's own seed. `model_path` must be a checkpoint directory
-    or hub id; a model object is accepted only for its `name_or_path` (in-memory weights are ignored).
+    index), so results depend neither on how vLLM batches nor on the engine's own seed. Prompts go in
+    as token ids encoded like generate_texts does (no added special tokens: the chat template already
+    has them). `model_path` must be a checkpoint directory or hub id; a model object is accepted only
+    for its `name_or_path` (in-memory weights are ignored).
     """
     from pipeline.errors import ModelError
 
@@ -604,7 +606,8 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
         )
         for i in range(len(texts))
     ]
-    outputs = engine.generate(list(texts), params, use_tqdm=False)
+    prompts = [{"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids} for text in texts]
+    outputs = engine.generate(prompts, params, use_tqdm=False)
     results = []
     for request in outputs:
         samples = []

@@ -61,7 +61,13 @@ def _hf_generate(model, tokenizer, input_ids, attention_mask, settings: Sampling
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
     )
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    # generate() merges the model's own generation_config (repetition penalty, top_k, ...) into ours;
+    # only the recipe's settings should apply, so the model's is swapped out for the call.
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        model.generation_config = saved
     return out[:, input_ids.shape[1] :]
 
 
@@ -99,11 +105,8 @@ def run_with_oom_backoff(work, items: list, batch_size: int, what: str) -> list:
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompt_texts: list[str], settings: SamplingSettings, progress: str | None = None) -> list[list[Sample]]:
-    """`settings.num_samples` samples for each prompt text, in input order."""
-    if settings.backend == "vllm":
-        from models.fast_generation import vllm_generate
-
-        return vllm_generate(model, tokenizer, prompt_texts, settings)
+    """`settings.num_samples` samples for each prompt text, in input order (backends hf and static;
+    vLLM takes a model path, not a loaded model: see generate_round)."""
     from pipeline.progress import bar
 
     device = next(model.parameters()).device

@@ -143,6 +143,17 @@ def test_only_settings_decide_not_generation_config():
     assert torch.equal(static_generate(model, _Tok, input_ids, attention_mask, settings, []), plain)
 
 
+def test_hf_backend_ignores_the_models_generation_config_too():
+    from models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer))
+    settings = SamplingSettings(temperature=0, max_new_tokens=10, backend="hf")
+    plain = generate_texts(model, tokenizer, ["abc", "hello"], settings)
+    model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1)
+    assert generate_texts(model, tokenizer, ["abc", "hello"], settings) == plain
+
+
 def test_sampling_is_reproducible_with_a_seed():
     model = tiny_model("llama")
     input_ids, attention_mask = left_padded([5, 9, 2, 7])
