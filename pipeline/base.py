@@ -38,9 +38,12 @@ SUCCESS = "_SUCCESS"
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "luigi", "pandas", "pyarrow")
 
 
-def _clear_stale_temporaries(path: Path) -> None:
+def _fresh_temporary(path: Path) -> Path:
+    """A hidden sibling of `path` to write into, after removing any left by a killed run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 class FileTarget(luigi.LocalTarget):
@@ -49,9 +52,7 @@ class FileTarget(luigi.LocalTarget):
     @contextlib.contextmanager
     def temporary_path(self):
         path = Path(self.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _clear_stale_temporaries(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = _fresh_temporary(path)
         yield str(tmp)
         os.replace(tmp, path)
 
@@ -65,9 +66,7 @@ class DirTarget(luigi.LocalTarget):
     @contextlib.contextmanager
     def temporary_path(self):
         path = Path(self.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _clear_stale_temporaries(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = _fresh_temporary(path)
         tmp.mkdir()
         yield str(tmp)
         # A unique stamp: work directories downstream compare it to notice their inputs were redone.

@@ -86,10 +86,8 @@ def test_encode_keeps_the_prompt_end_and_the_completion_start():
     assert (len(long_completion.prompt_ids), len(long_completion.completion_ids)) == (20, 40)
 
 
-def test_checkpoint_is_merged_model_plus_adapter_and_loads_alone(saved, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    path, tok = saved
+def trained_adapter(path, tok):
+    """A LoRA model whose adapter is not zero, one encoded example and its log-prob under the model."""
     model = add_lora(load_causal_lm(str(path), FP32), TrainingConfig(lora_r=4, lora_alpha=8))
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -97,6 +95,14 @@ def test_checkpoint_is_merged_model_plus_adapter_and_loads_alone(saved, tmp_path
                 param.normal_(0, 0.1)
     item = encode(tok, "<|user|>x<|end|><|assistant|>", "y<|end|>", 32)
     expected, _ = sequence_logps(model.eval(), collate([item], tok.pad_token_id))
+    return model, item, expected
+
+
+def test_checkpoint_is_merged_model_plus_adapter_and_loads_alone(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, tok = saved
+    model, item, expected = trained_adapter(path, tok)
     out = tmp_path / "ckpt"
     save_checkpoint(model, tok, out, parent=str(path), root_model="root", round_idx=1, model_cfg=FP32)
     assert (out / "config.json").is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
@@ -110,13 +116,7 @@ def test_checkpoint_is_merged_model_plus_adapter_and_loads_alone(saved, tmp_path
 
 def test_adapter_only_checkpoint_is_rebuilt_from_its_parent(saved, tmp_path):
     path, tok = saved
-    model = add_lora(load_causal_lm(str(path), FP32), TrainingConfig(lora_r=4, lora_alpha=8))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
-    item = encode(tok, "<|user|>x<|end|><|assistant|>", "y<|end|>", 32)
-    expected, _ = sequence_logps(model.eval(), collate([item], tok.pad_token_id))
+    model, item, expected = trained_adapter(path, tok)
     out = tmp_path / "ckpt"
     save_checkpoint(model, tok, out, parent=str(path), root_model="root", round_idx=1, model_cfg=FP32, save_merged=False)
     assert not (out / "config.json").exists()
