@@ -58,9 +58,9 @@ class DemoModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
-    sft_steps: int = 400
+    sft_steps: int = 800
     sft_batch_size: int = 32
-    sft_learning_rate: float = 3e-3
+    sft_learning_rate: float = 1e-3
     sft_examples: int | None = field(default=None, metadata={"help": "Train rows used for the warm start; null = all."})
 
 

@@ -54,8 +54,8 @@ SCALES = {
     # ~0.9M parameters, minutes per round on 2 CPU cores.
     "cpu": {
         "demo_model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384,
-                       "sft_steps": 300, "sft_batch_size": 32, "sft_learning_rate": 0.003},
-        "data": {"prompts_per_round": 256},
+                       "sft_steps": 800, "sft_batch_size": 32, "sft_learning_rate": 0.001},
+        "data": {"prompts_per_round": 512},
         "generation": {"batch_size": 256, "max_new_tokens": 24},
         "training": {"batch_size": 16, "epochs": 2, "learning_rate": 0.001, "lora_r": 16, "lora_alpha": 32, "max_length": 128,
                      "save_steps": 50},
@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithms", default="spin,sppo,dpo")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/cpu"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe value for every method, e.g. --set training.learning_rate=0.003")
     args = parser.parse_args()
 
     import torch
@@ -146,6 +148,10 @@ def main() -> None:
 
     runs = args.out / "runs"
     common = merge(SCALES[args.scale], {"seed": args.seed})
+    for assignment in args.set:
+        key, value = assignment.split("=", 1)
+        section, name = key.split(".", 1)
+        common = merge(common, {section: {name: yaml.safe_load(value)}})
     timings = {}
     start = time.time()
     base_recipe = write_recipe(args.out / "recipes" / "base.yaml", merge(common, {"name": "base"}))

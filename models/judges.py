@@ -242,10 +242,15 @@ def make_judge(name: str, recipe, policy_model=None, tokenizer=None):
 # --- the Judge stage: from samples to preference pairs ------------------------------------------
 
 
+def ranking_scores(result: JudgeResult, algorithm: str) -> np.ndarray:
+    """What responses are ranked by: mean win probability (SPPO), or the judge's pointwise scores when
+    it has them (iterative DPO)."""
+    return result.win_probs if algorithm == "sppo" or result.scores is None else result.scores
+
+
 def select_pair(result: JudgeResult, algorithm: str) -> tuple[int, int] | None:
-    """(chosen, rejected) indices: best and worst by mean win probability (SPPO) or by the judge's
-    pointwise scores when it has them (iterative DPO). None when every response ties."""
-    key = result.win_probs if algorithm == "sppo" or result.scores is None else result.scores
+    """(chosen, rejected) indices: best and worst by `ranking_scores`; None when every response ties."""
+    key = ranking_scores(result, algorithm)
     if np.all(np.isnan(key)):
         return None
     best, worst = int(np.nanargmax(key)), int(np.nanargmin(key))
@@ -271,9 +276,8 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
     import pandas as pd
 
     keep = ("prompt_id", "prompt", "system", "task", "answer")
-    rows, stats = [], {"prompts": 0, "pairs": 0, "skipped_ties": 0, "skipped_identical": 0, "unparsed_judgements": 0}
     grouped = [(pid, g.sort_values("sample_index")) for pid, g in generations.groupby("prompt_id", sort=False)]
-    stats["prompts"] = len(grouped)
+    rows, stats = [], {"prompts": len(grouped), "pairs": 0, "skipped_ties": 0, "skipped_identical": 0, "unparsed_judgements": 0}
     if recipe.algorithm == "spin":
         for _pid, group in grouped:
             first = group.iloc[0]
@@ -307,8 +311,7 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
             if _same_text(chosen.response, rejected.response):
                 stats["skipped_identical"] += 1
                 continue
-            win = result.win_probs
-            score = win if recipe.algorithm == "sppo" or result.scores is None else result.scores
+            win, score = result.win_probs, ranking_scores(result, recipe.algorithm)
             rows.append({
                 **{k: chosen.get(k) for k in keep if k in group.columns},
                 "chosen": chosen.response, "rejected": rejected.response,

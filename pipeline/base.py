@@ -144,11 +144,11 @@ def _diff_keys(old, new, prefix: str = "") -> list[str]:
 
 
 def set_cpu_threads() -> None:
-    """On CPU use one thread per physical core: on 2-vCPU machines two threads ran 2x slower than one."""
+    """SELFPLAY_CPU_THREADS caps torch's CPU threads (useful when other jobs share the machine)."""
     import torch
 
-    if not torch.cuda.is_available():
-        torch.set_num_threads(int(os.environ.get("SELFPLAY_CPU_THREADS", max(1, (os.cpu_count() or 2) // 2))))
+    if os.environ.get("SELFPLAY_CPU_THREADS"):
+        torch.set_num_threads(int(os.environ["SELFPLAY_CPU_THREADS"]))
 
 
 class RunTask(luigi.Task):

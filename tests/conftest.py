@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-os.environ.setdefault("SELFPLAY_CPU_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
