@@ -127,6 +127,9 @@ class TrainingConfig:
     mix_previous_round: bool | None = field(
         default=None, metadata={"help": "Train on this round's pairs plus the previous round's; null: on for SPIN."}
     )
+    nll_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the chosen response's per-token NLL added to the loss (Iterative RPO)."}
+    )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin (gamma)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Robust DPO's assumed label-flip rate (epsilon)."})
     save_steps: int = field(default=50, metadata={"help": "Trainer checkpoint every N optimizer steps (for resume)."})

@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithms", default="spin,sppo,dpo")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/cpu"))
+    parser.add_argument("--base-model", help="reuse a base model built by an earlier run instead of building one")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value for every method, e.g. --set training.learning_rate=0.003")
     args = parser.parse_args()
@@ -154,10 +155,13 @@ def main() -> None:
         common = merge(common, {section: {name: yaml.safe_load(value)}})
     timings = {}
     start = time.time()
-    base_recipe = write_recipe(args.out / "recipes" / "base.yaml", merge(common, {"name": "base"}))
-    build(BaseModel(recipe=base_recipe, runs_dir=str(runs)))
+    if args.base_model:
+        base_path = str(Path(args.base_model).resolve())
+    else:
+        base_recipe = write_recipe(args.out / "recipes" / "base.yaml", merge(common, {"name": "base"}))
+        build(BaseModel(recipe=base_recipe, runs_dir=str(runs)))
+        base_path = str((runs / "base" / "base_model").resolve())
     timings["base_model"] = time.time() - start
-    base_path = str((runs / "base" / "base_model").resolve())
 
     hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     record = {"scale": args.scale, "seed": args.seed, "rounds": args.rounds, "hardware": hardware,

@@ -107,6 +107,16 @@ LOSSES = {
 }
 
 
+def chosen_nll(batch: PreferenceBatch) -> torch.Tensor:
+    # Iterative RPO, Pang et al. 2024, Eq. 1: the DPO loss plus alpha times the length-normalised
+    # negative log-likelihood of the chosen response, -log pi(y_w|x) / |y_w|. Without it DPO-family
+    # losses can lower the chosen response's likelihood too, which breaks greedy answers on
+    # verifiable tasks; the trainer adds it with weight `training.nll_weight`.
+    if batch.chosen_lengths is None:
+        raise ValueError("chosen_nll needs chosen_lengths")
+    return -batch.policy_chosen_logps / batch.chosen_lengths
+
+
 def implicit_rewards(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """beta * log-ratio of chosen and rejected (DPO's implicit reward, Rafailov et al. 2023, Eq. 5)."""
     return batch.beta * batch.chosen_logratios.detach(), batch.beta * batch.rejected_logratios.detach()

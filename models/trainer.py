@@ -34,7 +34,7 @@ import torch
 from data.prompts import format_completion, format_prompt
 from data.schema import atomic_write_json, write_parquet
 from models.logps import Encoded, batched_logps, collate, encode, sequence_logps
-from models.losses import LOSSES, PreferenceBatch, implicit_rewards
+from models.losses import LOSSES, PreferenceBatch, chosen_nll, implicit_rewards
 from pipeline.errors import TrainingError
 
 log = logging.getLogger("selfplay")
@@ -232,7 +232,10 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                     chosen_lengths=counts[:n].float(), rejected_lengths=counts[n:].float(),
                     label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                 )
-                loss = LOSSES[loss_name](pref).mean()
+                loss = LOSSES[loss_name](pref)
+                if cfg.nll_weight:
+                    loss = loss + cfg.nll_weight * chosen_nll(pref)
+                loss = loss.mean()
                 accelerator.backward(loss)
                 values = _figures(loss, pref)  # one host sync per micro-batch, before the weights change
                 if not math.isfinite(values["loss"]):
@@ -253,7 +256,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                      grad_norm=float(grad_norm), seconds=time.perf_counter() - step_start, tokens=tokens)
         history.append(entry)
         progress.update(1)
-        progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}")
+        progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
         if accelerator.is_main_process and (step % cfg.save_steps == 0 or step == total_steps):
             _save_trainer_checkpoint(work_dir, step, get_peft_model_state_dict(model), optimizer, scheduler, history)
     progress.close()

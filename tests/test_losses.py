@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import LOSSES, PreferenceBatch, dpo_sigmoid, hinge, implicit_rewards, ipo, robust, simpo, sppo
+from models.losses import LOSSES, PreferenceBatch, chosen_nll, dpo_sigmoid, hinge, implicit_rewards, ipo, robust, simpo, sppo
 
 
 def batch(pc, pr, rc=0.0, rr=0.0, beta=0.1, **kw):
@@ -97,3 +97,11 @@ def test_sppo_without_win_probs_is_an_error():
 def test_implicit_rewards():
     chosen, rejected = implicit_rewards(batch(-1.0, -4.0, -2.0, -3.0, beta=0.5))
     assert chosen.item() == pytest.approx(0.5) and rejected.item() == pytest.approx(-0.5)
+
+
+def test_chosen_nll_is_per_token_and_raises_the_chosen_response():
+    b = batch(-8.0, -3.0, chosen_lengths=torch.tensor([4.0], dtype=torch.float64))
+    term = chosen_nll(b)
+    assert term.item() == pytest.approx(2.0)
+    term.sum().backward()
+    assert b.policy_chosen_logps.grad.item() == pytest.approx(-0.25) and b.policy_rejected_logps.grad is None
