@@ -134,8 +134,11 @@ class TrainingConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "Robust DPO's assumed label-flip rate (epsilon)."})
     save_steps: int = field(default=50, metadata={"help": "Trainer checkpoint every N optimizer steps (for resume)."})
     save_merged: bool = field(default=True, metadata={"help": "Write a merged full-precision copy beside the adapter."})
-    launcher: Literal["none", "accelerate"] = "none"
+    launcher: Literal["none", "accelerate"] = field(
+        default="none", metadata={"help": "accelerate: Train runs under `accelerate launch` (DDP, or FSDP via a config)."}
+    )
     num_processes: int = 1
+    accelerate_config: str | None = field(default=None, metadata={"help": "An `accelerate config` file (e.g. FSDP)."})
 
 
 @dataclass

@@ -63,10 +63,14 @@ class Train(GpuTask):
             if recipe.training.launcher == "accelerate":
                 job_file = work_dir / "job.json"
                 job_file.write_text(json.dumps(job, indent=2))
-                command = [
-                    sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(recipe.training.num_processes),
-                    "-m", "models.trainer", str(job_file),
-                ]
+                command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(recipe.training.num_processes)]
+                if recipe.training.accelerate_config:
+                    command += ["--config_file", recipe.training.accelerate_config]
+                elif recipe.training.num_processes > 1:
+                    # Without a config accelerate starts one process; --multi_gpu starts N (DDP over NCCL on
+                    # GPUs, over gloo on a machine without them).
+                    command += ["--multi_gpu"]
+                command += ["-m", "models.trainer", str(job_file)]
                 if subprocess.run(command, cwd=Path(__file__).resolve().parents[1]).returncode != 0:
                     raise TrainingError(f"round {self.round_idx}: `{' '.join(command)}` failed; its output is above")
             else:

@@ -119,3 +119,17 @@ def test_changed_recipe_into_the_same_run_is_refused(tiny_recipe, tmp_path):
     changed = tiny_recipe("spin", name="b", training={"beta": 0.5})
     with pytest.raises(RecipeError, match=r"was made by a different recipe \(changed: .*training.beta"):
         Iterate(recipe=changed, runs_dir=runs, run_name="same", rounds=1)
+
+
+def test_train_under_accelerate_launch_with_two_processes(tiny_recipe, tmp_path):
+    # DDP on CPU (gloo): the Train task starts `accelerate launch --num_processes 2` on itself.
+    from tasks.train import Train
+
+    recipe = tiny_recipe("spin", training={"launcher": "accelerate", "num_processes": 2})
+    build(Train(recipe=recipe, runs_dir=str(tmp_path / "runs"), round_idx=1))
+    ckpt = tmp_path / "runs" / "tiny_spin" / "round_01" / "checkpoint"
+    log = json.loads((ckpt / "training_log.json").read_text())
+    assert (ckpt / "_SUCCESS").is_file() and log["history"] and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    pairs = len(read_artifact(ckpt.parent / "pairs.parquet", PAIRS))
+    batches = -(-pairs // 8)
+    assert log["stats"]["steps"] == -(-batches // 2)  # each optimizer step took one batch from each of 2 processes
