@@ -7,6 +7,9 @@
     run.evals()            # every round's eval.parquet, stacked
     run.pairs()            # every round's pairs.parquet, stacked
     run.generations()      # every round's generations.parquet, stacked
+    run.judge_stats()      # one row per judged round: pairs made, ties and identical pairs skipped
+    run.matrix_spread()    # one row per pair that kept its judge's win-probability matrix (SPPO, DPO)
+    stack_metrics([run_a, run_b])  # several runs' metrics() stacked, with a `run` column
 
 Files are validated against data/schema.py as they are read.
 """
@@ -18,6 +21,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -45,6 +49,15 @@ class Run:
     def config(self) -> dict:
         path = self.dir / "run.yaml"
         return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+    @property
+    def recipe(self) -> dict:
+        """The resolved recipe recorded in run.yaml ({} when the run has none yet)."""
+        return self.config.get("recipe") or {}
+
+    @property
+    def algorithm(self) -> str | None:
+        return self.recipe.get("algorithm")
 
     def rounds(self) -> list[int]:
         found = [int(m.group(1)) for p in self.dir.iterdir() if (m := ROUND_DIR.match(p.name)) and p.is_dir()]
@@ -105,3 +118,66 @@ class Run:
         prompts = greedy.drop_duplicates("prompt_id").set_index("prompt_id").prompt
         table.insert(0, "prompt", prompts.loc[table.index])
         return table.loc[prompt_ids]
+
+    def judge_stats(self) -> pd.DataFrame:
+        """One row per round with a judge_meta.json: prompts, pairs, skipped_ties, skipped_identical, ..."""
+        rows = []
+        for round_idx in self.rounds():
+            path = self.round_dir(round_idx) / "judge_meta.json"
+            if path.is_file():
+                rows.append({"round": round_idx, **json.loads(path.read_text())})
+        return pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(JUDGE_STATS))
+
+    def matrix_spread(self) -> pd.DataFrame:
+        """Spread of the judge's K x K win-probability matrix behind every pair that kept one.
+
+        One row per pair: round, prompt_id, k (samples judged), score_gap (chosen_score - rejected_score),
+        win_prob_gap (the same for the mean win probabilities, where recorded), matrix_std (std of the
+        off-diagonal entries: 0 when the judge saw only ties) and decisiveness (mean |P - 1/2| off the
+        diagonal: 0 = all ties, 0.5 = every comparison certain). Empty (with these columns) for SPIN,
+        whose pairs have no judge and no matrix.
+        """
+        pairs = self.pairs()
+        if "prob_matrix" not in pairs.columns:
+            return pd.DataFrame(columns=list(MATRIX_SPREAD))
+        rows = []
+        for rec in pairs.to_dict("records"):
+            matrix = rec.get("prob_matrix")
+            if matrix is None or len(matrix) < 2:
+                continue
+            m = np.array([np.asarray(row, dtype=float) for row in matrix])
+            off = m[~np.eye(len(m), dtype=bool)]
+            rows.append({
+                "round": int(rec["round"]),
+                "prompt_id": rec["prompt_id"],
+                "k": len(m),
+                "score_gap": rec["chosen_score"] - rec["rejected_score"],
+                "win_prob_gap": (rec.get("chosen_win_prob", np.nan) - rec.get("rejected_win_prob", np.nan)),
+                "matrix_std": float(off.std()),
+                "decisiveness": float(np.abs(off - 0.5).mean()),
+            })
+        return pd.DataFrame(rows, columns=list(MATRIX_SPREAD))
+
+
+JUDGE_STATS = ("round", "prompts", "pairs", "skipped_ties", "skipped_identical", "unparsed_judgements")
+MATRIX_SPREAD = ("round", "prompt_id", "k", "score_gap", "win_prob_gap", "matrix_std", "decisiveness")
+
+
+def stack_metrics(runs: list[Run]) -> pd.DataFrame:
+    """metrics() of several runs stacked, with `run` (its name, made unique) and `algorithm` columns first."""
+    labels = run_labels(runs)
+    frames = [run.metrics().assign(run=label, algorithm=run.algorithm) for run, label in zip(runs, labels)]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["run", "algorithm", "round"])
+    stacked = pd.concat(frames, ignore_index=True)
+    for column in stacked.columns.drop(["run", "algorithm"]):  # figures a run never measured are None: make them NaN
+        stacked[column] = pd.to_numeric(stacked[column], errors="coerce")
+    return stacked[["run", "algorithm", *[c for c in stacked.columns if c not in ("run", "algorithm")]]]
+
+
+def run_labels(runs: list[Run]) -> list[str]:
+    """A short unique label per run: its directory name, with its parent's name where two names clash."""
+    names = [run.name for run in runs]
+    labels = [f"{run.dir.resolve().parent.name}/{run.name}" if names.count(run.name) > 1 else run.name for run in runs]
+    return [f"{label}#{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
