@@ -149,16 +149,17 @@ def main() -> None:
 
     runs = args.out / "runs"
     common = merge(SCALES[args.scale], {"seed": args.seed})
+    overrides: dict = {}  # applied last, over the scale's and the algorithm's own settings
     for assignment in args.set:
         key, value = assignment.split("=", 1)
         section, name = key.split(".", 1)
-        common = merge(common, {section: {name: yaml.safe_load(value)}})
+        overrides = merge(overrides, {section: {name: yaml.safe_load(value)}})
     timings = {}
     start = time.time()
     if args.base_model:
         base_path = str(Path(args.base_model).resolve())
     else:
-        base_recipe = write_recipe(args.out / "recipes" / "base.yaml", merge(common, {"name": "base"}))
+        base_recipe = write_recipe(args.out / "recipes" / "base.yaml", merge(merge(common, overrides), {"name": "base"}))
         build(BaseModel(recipe=base_recipe, runs_dir=str(runs)))
         base_path = str((runs / "base" / "base_model").resolve())
     timings["base_model"] = time.time() - start
@@ -168,7 +169,7 @@ def main() -> None:
               "timings_seconds": timings, "results": {}, "date": time.strftime("%Y-%m-%d")}
     results = record["results"]
     for name in args.algorithms.split(","):
-        recipe = merge(merge(common, ALGORITHMS[name]), {"name": name, "model": {"base_model": base_path}})
+        recipe = merge(merge(merge(common, ALGORITHMS[name]), overrides), {"name": name, "model": {"base_model": base_path}})
         recipe_path = write_recipe(args.out / "recipes" / f"{name}.yaml", recipe)
         start = time.time()
         build(Iterate(recipe=recipe_path, runs_dir=str(runs), rounds=args.rounds))

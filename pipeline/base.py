@@ -197,4 +197,4 @@ class GpuTask(RunTask):
 @RunTask.event_handler(luigi.Event.PROCESSING_TIME)
 def _log_task_time(task, seconds):
     outputs = ", ".join(t.path for t in luigi.task.flatten(task.output()))
-    log.info("%s done in %.1fs -> %s", task.task_family, seconds, outputs)
+    log.info("%s done in %.1fs%s", task.task_family, seconds, f" -> {outputs}" if outputs else "")

@@ -8,6 +8,9 @@ reruns that round and the ones after it. The recipe and run directory are checke
 is scheduled, so a misspelled key fails at once, in one line.
 """
 
+import logging
+import time
+
 import luigi
 
 from pipeline.base import RunTask
@@ -37,6 +40,7 @@ class Iterate(RunTask):
         if self.rounds < 1:
             raise RecipeError(f"--rounds must be at least 1, got {self.rounds}")
         preflight(self.config)  # fail before anything is scheduled, in one line
+        self._started = time.time()  # the CLI builds this task first: its age at run() is the command's wall time
 
     def requires(self):
         from tasks.evaluate import Evaluate
@@ -46,3 +50,9 @@ class Iterate(RunTask):
 
     def output(self):
         return []
+
+    def run(self):
+        report = self.run_dir / "report.md"
+        logging.getLogger("selfplay").info(
+            "%d rounds of run '%s' complete; this command took %.0fs; report: %s",
+            self.rounds, self.run_dir.name, time.time() - self._started, report)
