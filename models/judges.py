@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -248,17 +249,36 @@ def ranking_scores(result: JudgeResult, algorithm: str) -> np.ndarray:
     return result.win_probs if algorithm == "sppo" or result.scores is None else result.scores
 
 
-def select_pair(result: JudgeResult, algorithm: str) -> tuple[int, int] | None:
-    """(chosen, rejected) indices: best and worst by `ranking_scores`; None when every response ties."""
+def select_pair(result: JudgeResult, algorithm: str, responses: list[str] | None = None) -> tuple[int, int] | None:
+    """(chosen, rejected) indices: best and worst by `ranking_scores`; None when every response ties.
+
+    Coarse judges (a verifier's right/wrong) tie many responses at the top and the bottom. Among tied
+    ones, take the response the model sampled most often: the rejected side is then the model's most
+    likely wrong answer rather than a rare stray sample, so the pair pushes on what greedy decoding
+    would say (the hard-negative choice of Pang et al. 2024, Iterative RPO, Sec. 2, made without extra
+    log-prob passes).
+    """
     key = ranking_scores(result, algorithm)
     if np.all(np.isnan(key)):
         return None
-    best, worst = int(np.nanargmax(key)), int(np.nanargmin(key))
-    return None if key[best] == key[worst] else (best, worst)
+    top, bottom = np.nanmax(key), np.nanmin(key)
+    if top == bottom:
+        return None
+    counts = Counter(_normalized(r) for r in responses) if responses is not None else None
+
+    def most_sampled(value: float) -> int:
+        tied = [i for i in range(len(key)) if key[i] == value]
+        return max(tied, key=lambda i: counts[_normalized(responses[i])]) if counts else tied[0]
+
+    return most_sampled(top), most_sampled(bottom)
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _same_text(a: str, b: str) -> bool:
-    return " ".join(a.split()) == " ".join(b.split())
+    return _normalized(a) == _normalized(b)
 
 
 def _first(group, column: str):
@@ -302,7 +322,7 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
         results = judge.judge(groups)
         for (_pid, group), result in zip(grouped, results):
             stats["unparsed_judgements"] += result.unparsed
-            picked = select_pair(result, recipe.algorithm)
+            picked = select_pair(result, recipe.algorithm, group.response.tolist())
             if picked is None:
                 stats["skipped_ties"] += 1
                 continue

@@ -41,6 +41,16 @@ def test_select_pair_best_vs_worst_and_ties():
     assert select_pair(tie, "sppo") is None and select_pair(tie, "dpo") is None
 
 
+def test_select_pair_breaks_ties_by_the_most_sampled_response():
+    # A verifier ties every right and every wrong answer; the pair takes the model's modal ones.
+    responses = ["7", "9", "5", "9", "5", " 9 ", "5"]
+    scores = np.array([0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    result = JudgeResult(matrix_from_scores(scores), scores=scores)
+    assert select_pair(result, "dpo") == (2, 0)  # without the responses: the first of each tie
+    assert select_pair(result, "dpo", responses) == (2, 1)  # "9" was sampled three times, "7" once
+    assert select_pair(result, "sppo", responses) == (2, 1)
+
+
 def generations(responses_by_prompt, answers):
     rows = []
     for p, (responses, answer) in enumerate(zip(responses_by_prompt, answers)):
