@@ -93,8 +93,20 @@ def verify(kind: str, answer: str, response: str) -> bool:
 
 def make_split(split: str, size: int, seed: int = SEED) -> list[dict]:
     """`size` rows of the split; prompts never repeat within or across splits of one seed."""
-    rng = random.Random(f"{seed}-{split}")
     taken = set() if split == "train" else {row["prompt"] for row in make_split("train", SPLIT_SIZES["train"], seed)}
+    return _draw(split, size, seed, taken)
+
+
+def make_large_train(size: int, seed: int = SEED) -> list[dict]:
+    """A training split of any size for a bigger warm start: its first 3,000 rows are the committed
+    train split, and it never shares a prompt with the committed held-out split."""
+    heldout = {row["prompt"] for row in make_split("heldout", SPLIT_SIZES["heldout"], seed)}
+    return _draw("train", size, seed, heldout)
+
+
+def _draw(split: str, size: int, seed: int, taken: set[str]) -> list[dict]:
+    rng = random.Random(f"{seed}-{split}")
+    taken = set(taken)
     rows: list[dict] = []
     kinds = sorted(TASK_KINDS)
     for _attempt in range(size * 100):

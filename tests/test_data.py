@@ -34,6 +34,14 @@ def test_demo_splits_do_not_overlap_and_answers_verify():
         assert not demo_tasks.verify(row.task, row.answer, row.reference + "1")
 
 
+def test_large_train_split_extends_the_shipped_one_and_never_holds_a_heldout_prompt():
+    large = demo_tasks.make_large_train(8000)
+    heldout = {row["prompt"] for row in demo_tasks.make_split("heldout", demo_tasks.SPLIT_SIZES["heldout"])}
+    assert large[:3000] == demo_tasks.make_split("train", 3000)
+    assert len({row["prompt"] for row in large}) == 8000
+    assert not {row["prompt"] for row in large} & heldout
+
+
 def test_prompt_response_layout():
     frame = load_prompts(str(FIXTURES / "prompt_response.parquet"), "train", DataConfig(), require_reference=True)
     assert list(frame.prompt_id) == ["pr-0", "pr-1", "pr-2"] and frame.reference.iloc[2] == "tac"
