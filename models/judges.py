@@ -255,8 +255,7 @@ def select_pair(result: JudgeResult, algorithm: str, responses: list[str] | None
     Coarse judges (a verifier's right/wrong) tie many responses at the top and the bottom. Among tied
     ones, take the response the model sampled most often: the rejected side is then the model's most
     likely wrong answer rather than a rare stray sample, so the pair pushes on what greedy decoding
-    would say (the hard-negative choice of Pang et al. 2024, Iterative RPO, Sec. 2, made without extra
-    log-prob passes).
+    would say. Counting samples costs nothing; ranking ties by log-prob would need another pass.
     """
     key = ranking_scores(result, algorithm)
     if np.all(np.isnan(key)):
