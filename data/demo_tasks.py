@@ -125,16 +125,14 @@ def _draw(split: str, size: int, seed: int, taken: set[str]) -> list[dict]:
     return rows
 
 
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def write_demo(out_dir: Path = DEMO_DIR) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, size in SPLIT_SIZES.items():
-        path = out_dir / f"{split}.jsonl"
-        with open(path, "w") as f:
-            for row in make_split(split, size):
-                f.write(json.dumps(row) + "\n")
-        paths[split] = path
-    return paths
+    return {split: write_jsonl(make_split(split, size), out_dir / f"{split}.jsonl") for split, size in SPLIT_SIZES.items()}
 
 
 if __name__ == "__main__":

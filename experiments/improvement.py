@@ -95,14 +95,6 @@ def write_recipe(path: Path, data: dict) -> str:
     return str(path)
 
 
-def write_large_train(path: Path, size: int) -> str:
-    from data.demo_tasks import make_large_train
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in make_large_train(size)))
-    return str(path.resolve())
-
-
 def build(task) -> None:
     import luigi
 
@@ -163,6 +155,7 @@ def main() -> None:
     import torch
 
     import pipeline  # noqa: F401 - registers the tasks
+    from data.demo_tasks import make_large_train, write_jsonl
     from data.runs import Run
     from tasks.base_model import BaseModel
     from tasks.iterate import Iterate
@@ -171,7 +164,8 @@ def main() -> None:
     common = merge(SCALES[args.scale], {"seed": args.seed})
     train_size = TRAIN_SIZES[args.scale] if args.train_size is None else args.train_size
     if train_size:
-        common = merge(common, {"data": {"train": write_large_train(args.out / "data" / "train.jsonl", train_size)}})
+        train_path = write_jsonl(make_large_train(train_size), args.out / "data" / "train.jsonl")
+        common = merge(common, {"data": {"train": str(train_path.resolve())}})
     overrides: dict = {}  # applied last, over the scale's and the algorithm's own settings
     for assignment in args.set:
         key, value = assignment.split("=", 1)
