@@ -3,8 +3,10 @@
     from data.report import write_report
     write_report("runs/demo_spin", out_md="runs/demo_spin/report.md")
 
-Plots (PNG, in the run directory's plots/): verifier accuracy and win rates, KL to the base and
-response length, implicit-reward accuracy, and the training loss of every round.
+Every mean over held-out prompts is shown with its standard error and n. Plots (PNG, in the run
+directory's plots/): verifier accuracy and win rates (0..1 axes, error bars, the 0.5 line for win rates),
+KL to the base and response length (axes from 0), implicit-reward accuracy, and the training loss of
+every round.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ TABLE = [
     ("accuracy", "accuracy", "{:.3f}"),
     ("win_rate_vs_previous", "win vs prev", "{:.3f}"),
     ("win_rate_vs_base", "win vs base", "{:.3f}"),
-    ("kl_vs_base", "KL(pi_r||base)", "{:.3f}"),
+    ("kl_vs_base", "KL vs base (nats)", "{:.3f}"),
     ("implicit_reward_accuracy", "implicit-reward acc", "{:.3f}"),
     ("implicit_reward_margin", "implicit-reward margin", "{:.3f}"),
     ("mean_length", "mean tokens", "{:.1f}"),
@@ -29,19 +31,61 @@ TABLE = [
     ("pairs", "pairs", "{:.0f}"),
     ("train_final_loss", "final train loss", "{:.4f}"),
 ]
+# What each plotted figure is drawn against: probabilities on 0..1 (with the chance line where there is one);
+# the others from 0, so that a change of a few hundredths is not drawn as a cliff.
+PROBABILITIES = {"accuracy": None, "win_rate_vs_previous": 0.5, "win_rate_vs_base": 0.5, "implicit_reward_accuracy": 0.5,
+                 "train_reward_accuracy": 0.5, "distinct_1": None, "distinct_2": None}
 
 
-def _cell(value, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _cell(value, fmt: str, se=None) -> str:
+    if _missing(value):
         return "-"
-    return fmt.format(int(value) if fmt == "{:d}" else value)
+    text = fmt.format(int(value) if fmt == "{:d}" else value)
+    return text if _missing(se) else f"{text} ± {fmt.format(se)}"
 
 
 def metrics_table(metrics: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(title for _, title, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
     for row in metrics.to_dict("records"):
-        lines.append("| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in TABLE) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(key), fmt, row.get(f"{key}_se")) for key, _, fmt in TABLE) + " |")
     return "\n".join(lines)
+
+
+def sample_sizes(metrics: pd.DataFrame) -> str:
+    """One sentence: what ± means here and over how many prompts and pairs the figures were measured."""
+    def counts(column: str) -> str:
+        values = sorted({int(v) for v in metrics[column].dropna()}) if column in metrics else []
+        return " / ".join(map(str, values)) or "?"
+
+    text = f"± is one standard error of the mean over n = {counts('prompts')} held-out prompts"
+    if "implicit_reward_pairs" in metrics and metrics["implicit_reward_pairs"].notna().any():
+        text += f" (implicit reward: {counts('implicit_reward_pairs')} held-out pairs)"
+    return text + "; a difference of one or two standard errors between rounds is within noise."
+
+
+def draw_per_round(ax, metrics: pd.DataFrame, column: str, label: str | None = None, **style) -> bool:
+    """`column` against round, with one-standard-error bars where recorded, on an axis that does not
+    magnify noise: 0..1 for probabilities (chance line at 0.5 for win rates), else from 0. The report and
+    the notebooks draw every per-round figure with it."""
+    if column not in metrics or not metrics[column].notna().any():
+        return False
+    rows = metrics[metrics[column].notna()]
+    se = rows.get(f"{column}_se")
+    ax.errorbar(rows["round"], rows[column], yerr=None if se is None else se.fillna(0).to_numpy(dtype=float),
+                **{"marker": "o", "capsize": 3, **style}, label=label or column)
+    ax.set_xticks(sorted(metrics["round"]))
+    ax.set_xlabel("round (0 = base)")
+    if column in PROBABILITIES:
+        ax.set_ylim(-0.02, 1.02)
+        if PROBABILITIES[column] is not None:
+            ax.axhline(PROBABILITIES[column], color="gray", lw=1, ls=":")
+    else:  # a line at 0 widens the autoscaled axis to reach it, and later series still rescale it
+        ax.axhline(0, color="gray", lw=1)
+    return True
 
 
 def plot_run(run: Run, out_dir: Path) -> list[Path]:
@@ -53,7 +97,7 @@ def plot_run(run: Run, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics, curves = run.metrics(), run.loss_curves()
     panels = [
-        ("quality.png", "Held-out quality by round", ["accuracy", "win_rate_vs_previous", "win_rate_vs_base"]),
+        ("quality.png", "Held-out quality by round (bars: one standard error)", ["accuracy", "win_rate_vs_previous", "win_rate_vs_base"]),
         ("drift.png", "Drift from the base model", ["kl_vs_base", "mean_length", "distinct_2"]),
         ("implicit_reward.png", "Implicit reward on held-out pairs", ["implicit_reward_accuracy", "implicit_reward_margin"]),
     ]
@@ -64,10 +108,8 @@ def plot_run(run: Run, out_dir: Path) -> list[Path]:
             continue
         fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
         for ax, column in zip(axes[0], present):
-            ax.plot(metrics["round"], metrics[column], marker="o")
+            draw_per_round(ax, metrics, column)
             ax.set_title(column)
-            ax.set_xlabel("round")
-            ax.set_xticks(metrics["round"])
         fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(out_dir / file_name, dpi=100)
@@ -106,6 +148,8 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
         "Round 0 is the base model. Every figure is measured on held-out prompts that no round trains on.",
         "",
         metrics_table(metrics),
+        "",
+        sample_sizes(metrics),
         "",
     ]
     by_task = [c for c in metrics.columns if c.startswith("accuracy/")]

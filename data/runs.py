@@ -2,7 +2,8 @@
 
     from data.runs import Run
     run = Run("runs/demo_spin")
-    run.metrics()          # one row per evaluated round (0 = base): accuracy, win rates, KL, length...
+    run.metrics()          # one row per evaluated round (0 = base): accuracy, win rates, KL, length...,
+                           # with `<figure>_se` (standard error) and `prompts` (n) where measured
     run.loss_curves()      # round, step, loss, rewards/accuracy, ... of every training step
     run.evals()            # every round's eval.parquet, stacked
     run.pairs()            # every round's pairs.parquet, stacked
@@ -33,6 +34,10 @@ FIGURES = (
     "accuracy", "win_rate_vs_previous", "win_rate_vs_base", "kl_vs_base", "implicit_reward_accuracy",
     "implicit_reward_margin", "mean_length", "length_p50", "length_p90", "distinct_1", "distinct_2",
 )
+# Figures that are means over held-out prompts (or pairs) also record `<figure>_se`, their standard error.
+WITH_SE = ("accuracy", "win_rate_vs_previous", "win_rate_vs_base", "kl_vs_base", "implicit_reward_accuracy",
+           "implicit_reward_margin")
+COUNTS = ("prompts", "implicit_reward_pairs")
 
 
 class Run:
@@ -78,6 +83,8 @@ class Run:
                 continue
             ev = report["eval"]
             row = {"round": round_idx, **{k: ev.get(k) for k in FIGURES}}
+            row.update({f"{k}_se": ev.get(f"{k}_se") for k in WITH_SE})
+            row.update({k: ev.get(k) for k in COUNTS})
             row.update({f"accuracy/{task}": acc for task, acc in (ev.get("accuracy_by_task") or {}).items()})
             train = (report.get("train") or {}).get("stats") or {}
             row["train_final_loss"] = train.get("final_loss")

@@ -14,6 +14,11 @@ that every later round scores. Figures, all on prompts no round trains on:
 - kl_vs_base: Monte-Carlo KL(pi_r || pi_base) = mean over samples y ~ pi_r of log pi_r(y) - log pi_base(y);
 - implicit_reward_accuracy / margin: on the held-out pairs, r(y) = beta (log pi_r(y) - log pi_{r-1}(y))
   (DPO's implicit reward, Rafailov et al. 2023, Eq. 5): how often r(chosen) > r(rejected), and by how much.
+
+Each mean over prompts comes with its standard error (`<figure>_se`, the sample standard deviation over
+sqrt(n)) and its n (`prompts`, `implicit_reward_pairs`): a change of one or two standard errors between
+rounds is noise. KL's standard error is taken over per-prompt means, since a prompt's samples are not
+independent of each other.
 """
 
 from __future__ import annotations
@@ -36,17 +41,29 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def mean_se(values) -> tuple[float, float]:
+    """(mean, standard error of the mean): sample standard deviation (ddof 1) / sqrt(n); NaN when n < 2."""
+    values = np.asarray(values, dtype=float)
+    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return float(values.mean()), se
+
+
 def implicit_reward_stats(
     chosen_logp: np.ndarray, chosen_prev: np.ndarray, rejected_logp: np.ndarray, rejected_prev: np.ndarray, beta: float
-) -> tuple[float, float]:
-    """(accuracy, mean margin) of r(y) = beta * (log pi_r(y) - log pi_{r-1}(y)) on held-out pairs."""
+) -> dict[str, float]:
+    """Accuracy and mean margin, each with its standard error, of r(y) = beta * (log pi_r(y) - log pi_{r-1}(y))
+    on held-out pairs."""
     chosen_reward = beta * (np.asarray(chosen_logp) - np.asarray(chosen_prev))
     rejected_reward = beta * (np.asarray(rejected_logp) - np.asarray(rejected_prev))
-    return float(np.mean(chosen_reward > rejected_reward)), float(np.mean(chosen_reward - rejected_reward))
+    accuracy, accuracy_se = mean_se(chosen_reward > rejected_reward)
+    margin, margin_se = mean_se(chosen_reward - rejected_reward)
+    return {"implicit_reward_accuracy": accuracy, "implicit_reward_accuracy_se": accuracy_se,
+            "implicit_reward_margin": margin, "implicit_reward_margin_se": margin_se,
+            "implicit_reward_pairs": int(len(chosen_reward))}
 
 
-def win_rate(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> float:
-    """Mean P(ours beats theirs) over prompts by `judge` (a models.judges judge)."""
+def win_rate(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> tuple[float, float]:
+    """(mean, standard error) over prompts of P(ours beats theirs) by `judge` (a models.judges judge)."""
     from models.judges import JudgeGroup
 
     groups = [
@@ -54,7 +71,7 @@ def win_rate(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -
                    task=row.get("task"), answer=row.get("answer"))
         for row, a, b in zip(prompts.to_dict("records"), ours, theirs)
     ]
-    return float(np.mean([result.prob_matrix[0, 1] for result in judge.judge(groups)]))
+    return mean_se([result.prob_matrix[0, 1] for result in judge.judge(groups)])
 
 
 def eval_judge_name(recipe, prompts: pd.DataFrame) -> str | None:
@@ -125,7 +142,7 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
     greedy_rows = frame[frame.kind == "greedy"].reset_index(drop=True)
     sample_rows = frame[frame.kind == "sample"]
     if "correct" in frame:
-        metrics["accuracy"] = float(greedy_rows.correct.mean())
+        metrics["accuracy"], metrics["accuracy_se"] = mean_se(greedy_rows.correct)
         metrics["accuracy_by_task"] = {k: float(v) for k, v in greedy_rows.groupby("task").correct.mean().items()}
     metrics.update(
         mean_length=float(greedy_rows.num_tokens.mean()),
@@ -145,12 +162,13 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
         base_tokenizer = load_tokenizer(base_path, recipe.model)
         sample_prompts = by_prompt.loc[sample_rows.prompt_id].reset_index()
         frame.loc[sample_rows.index, "base_logp"] = _logps(base_model, base_tokenizer, sample_prompts, sample_rows.response.tolist(), batch, device)
-        metrics["kl_vs_base"] = float((frame.loc[sample_rows.index, "logp"] - frame.loc[sample_rows.index, "base_logp"]).mean())
+        log_ratio = frame.loc[sample_rows.index, "logp"] - frame.loc[sample_rows.index, "base_logp"]
+        metrics["kl_vs_base"], metrics["kl_vs_base_se"] = mean_se(log_ratio.groupby(sample_rows.prompt_id).mean())
         pairs_now = frame[frame.kind.str.startswith("pair_")].set_index(["prompt_id", "kind"]).logp
         pairs_prev = previous[previous.kind.str.startswith("pair_")].set_index(["prompt_id", "kind"]).logp
         if len(pairs_now):
             chosen_ids = pairs_now.xs("pair_chosen", level="kind").index
-            metrics["implicit_reward_accuracy"], metrics["implicit_reward_margin"] = implicit_reward_stats(
+            metrics |= implicit_reward_stats(
                 pairs_now.xs("pair_chosen", level="kind").loc[chosen_ids].to_numpy(),
                 pairs_prev.xs("pair_chosen", level="kind").loc[chosen_ids].to_numpy(),
                 pairs_now.xs("pair_rejected", level="kind").loc[chosen_ids].to_numpy(),
@@ -163,7 +181,7 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
             greedy_prompts = by_prompt.loc[greedy_rows.prompt_id].reset_index()
             for label, other in (("previous", previous), ("base", base)):
                 theirs = other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
-                metrics[f"win_rate_vs_{label}"] = win_rate(judge, greedy_prompts, ours, theirs)
+                metrics[f"win_rate_vs_{label}"], metrics[f"win_rate_vs_{label}_se"] = win_rate(judge, greedy_prompts, ours, theirs)
     else:
         metrics["kl_vs_base"] = 0.0
     return frame, metrics

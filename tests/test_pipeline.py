@@ -62,7 +62,15 @@ def check_contract(run_dir: Path, rounds: int, algorithm: str) -> None:
         total_pairs += len(pairs)
         assert "accuracy" in metrics["eval"] and "kl_vs_base" in metrics["eval"]
         assert "win_rate_vs_previous" in metrics["eval"] and "implicit_reward_accuracy" in metrics["eval"]
-        read_artifact(rd / "eval.parquet", EVAL)
+        evals = read_artifact(rd / "eval.parquet", EVAL)
+        # accuracy's standard error, recomputed from the per-prompt verdicts: sqrt(p (1 - p) / (n - 1)) for 0/1 values
+        greedy = evals[evals.kind == "greedy"]
+        p, n = greedy.correct.mean(), len(greedy)
+        assert metrics["eval"]["prompts"] == n
+        assert metrics["eval"]["accuracy_se"] == pytest.approx((p * (1 - p) / (n - 1)) ** 0.5)
+        samples = evals[evals.kind == "sample"]
+        per_prompt = (samples.logp - samples.base_logp).groupby(samples.prompt_id).mean()
+        assert metrics["eval"]["kl_vs_base_se"] == pytest.approx(per_prompt.std(ddof=1) / n ** 0.5)
         if algorithm == "spin":
             assert (pairs.judge == "ground_truth").all()
             refs = gens.drop_duplicates("prompt_id").set_index("prompt_id").reference

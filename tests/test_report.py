@@ -1,0 +1,64 @@
+"""The report's figures carry their uncertainty, and its plots do not magnify noise."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from data.report import draw_per_round, render_report  # noqa: E402
+from data.runs import Run  # noqa: E402
+from models.evaluation import implicit_reward_stats, mean_se  # noqa: E402
+
+
+def test_mean_se_matches_the_closed_form():
+    mean, se = mean_se([1, 0, 1, 1])  # p = 3/4 on 0/1 values: se = sqrt(p (1 - p) / (n - 1))
+    assert mean == 0.75 and se == pytest.approx((0.75 * 0.25 / 3) ** 0.5)
+    assert np.isnan(mean_se([0.3])[1])  # one value has no spread to estimate
+
+
+def test_implicit_reward_stats_per_pair():
+    # rewards: chosen 0.1*(2-1)=0.1, 0.1*(0-1)=-0.1; rejected 0, 0 -> wins [1, 0], margins [0.1, -0.1]
+    stats = implicit_reward_stats(np.array([2.0, 0.0]), np.array([1.0, 1.0]), np.array([5.0, 5.0]), np.array([5.0, 5.0]), 0.1)
+    assert stats["implicit_reward_accuracy"] == 0.5 and stats["implicit_reward_pairs"] == 2
+    assert stats["implicit_reward_margin"] == pytest.approx(0.0)
+    assert stats["implicit_reward_margin_se"] == pytest.approx(0.1)  # std(ddof=1) of [0.1, -0.1] / sqrt(2)
+
+
+def _write_round(run_dir, round_idx, eval_metrics):
+    round_dir = run_dir / f"round_{round_idx:02d}"
+    round_dir.mkdir(parents=True)
+    (round_dir / "metrics.json").write_text(json.dumps({"round": round_idx, "eval": eval_metrics}))
+
+
+def test_report_shows_standard_errors_and_n(tmp_path):
+    run_dir = tmp_path / "run"
+    _write_round(run_dir, 0, {"accuracy": 0.233, "accuracy_se": 0.039, "prompts": 120, "kl_vs_base": 0.0})
+    _write_round(run_dir, 1, {"accuracy": 0.242, "accuracy_se": 0.039, "prompts": 120, "kl_vs_base": 0.05,
+                              "kl_vs_base_se": 0.01, "win_rate_vs_base": 0.52, "win_rate_vs_base_se": 0.03})
+    text = render_report(Run(run_dir), plots=[])
+    assert "0.233 ± 0.039" in text and "0.242 ± 0.039" in text and "0.520 ± 0.030" in text
+    assert "n = 120 held-out prompts" in text
+    # the base's KL is exactly 0 with no standard error: shown bare
+    assert "| 0 | 0.233 ± 0.039 | - | - | 0.000 |" in text
+
+
+def test_plots_do_not_magnify_noise():
+    metrics = pd.DataFrame({"round": [0, 1, 2], "accuracy": [0.217, 0.242, 0.233], "accuracy_se": [0.04] * 3,
+                            "win_rate_vs_base": [np.nan, 0.51, 0.49], "mean_length": [30.0, 31.0, 30.5]})
+    fig, axes = plt.subplots(1, 3)
+    for ax, column in zip(axes, ("accuracy", "win_rate_vs_base", "mean_length")):
+        assert draw_per_round(ax, metrics, column)
+    assert axes[0].get_ylim() == (-0.02, 1.02)  # probabilities: the whole 0..1 range, not 0.217..0.242
+    assert axes[1].get_ylim() == (-0.02, 1.02) and any(list(line.get_ydata()) == [0.5, 0.5] for line in axes[1].lines)
+    draw_per_round(axes[2], metrics.assign(length_p90=[60.0, 61.0, 62.0]), "length_p90")
+    low, high = axes[2].get_ylim()
+    assert low <= 0.0 < 30.0 and high >= 62.0  # lengths drawn from 0, and a later, longer series still fits
+    bars = [c for c in axes[0].containers if hasattr(c, "has_yerr") and c.has_yerr]
+    assert bars, "accuracy has a standard error: it must be drawn as error bars"
+    assert not draw_per_round(axes[0], metrics, "kl_vs_base")  # never measured: nothing drawn
+    plt.close(fig)
