@@ -1,0 +1,104 @@
+"""How long Luigi takes to decide that nothing is left to do, for an N-round run that is already complete.
+
+    python bench/bench_scheduling.py --rounds 10
+
+Every output of an N-round run is faked (empty files, `_SUCCESS` in directory outputs, a real run.yaml),
+then `Iterate(rounds=N).complete()` is timed and the completeness checks of outputs are counted: with
+completeness re-walked through every dependency path this grows about 3^N (Train(r) reaches Train(r-1)
+by three paths); with it computed once per task per check it grows linearly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def fake_complete_run(task) -> None:
+    """Create every output of `task` and of everything it requires, as empty placeholders."""
+    import luigi
+    import yaml
+
+    from pipeline.base import DirTarget
+
+    seen, todo = set(), [task]
+    while todo:
+        current = todo.pop()
+        if current.task_id in seen:
+            continue
+        seen.add(current.task_id)
+        for target in luigi.task.flatten(current.output()):
+            path = Path(target.path)
+            if isinstance(target, DirTarget):
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "_SUCCESS").write_text("faked\n")
+            elif path.name == "run.yaml":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(yaml.safe_dump({"recipe": current.config.to_dict()}))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+        todo.extend(luigi.task.flatten(current.requires()))
+
+
+def measure(rounds: int, runs_dir: Path) -> tuple[float, int]:
+    """(seconds, output-existence checks) of one Iterate(rounds).complete() on a complete run."""
+    import luigi
+
+    import pipeline  # noqa: F401 - registers the tasks
+    from tasks.evaluate import Evaluate
+    from tasks.report import Report
+
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "demo_spin.yaml")
+    tasks = [Evaluate(recipe=recipe, runs_dir=str(runs_dir), round_idx=r) for r in range(1, rounds + 1)]
+    tasks.append(Report(recipe=recipe, runs_dir=str(runs_dir), rounds=rounds))
+    for task in tasks:
+        fake_complete_run(task)
+    checks = [0]
+    original = luigi.LocalTarget.exists
+
+    def counted(self):
+        checks[0] += 1
+        return original(self)
+
+    luigi.LocalTarget.exists = counted
+    try:
+        start = time.perf_counter()
+        assert all(task.complete() for task in tasks)
+        return time.perf_counter() - start, checks[0]
+    finally:
+        luigi.LocalTarget.exists = original
+
+
+def build_seconds(rounds: int, runs_dir: Path) -> float:
+    """Wall time of luigi.build([Iterate(rounds)]) on the faked complete run: scheduling alone."""
+    import luigi
+
+    from tasks.iterate import Iterate
+
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "demo_spin.yaml")
+    start = time.perf_counter()
+    assert luigi.build([Iterate(recipe=recipe, runs_dir=str(runs_dir), rounds=rounds)], local_scheduler=True, log_level="ERROR")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    for rounds in range(1, args.rounds + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds, checks = measure(rounds, Path(tmp))
+            line = f"rounds {rounds:2d}: Evaluate(1..N) and Report complete(): {checks:8d} output checks, {seconds:8.3f} s"
+            if rounds == args.rounds:
+                line += f"; luigi.build(Iterate) with nothing to run: {build_seconds(rounds, Path(tmp)):.2f} s"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
