@@ -4,7 +4,7 @@ Six kinds of task (arithmetic, sorting, reversing, counting, max/min), each with
 ground-truth response and a programmatic check. The files in data/demo/ are made by this script and
 committed; a test regenerates them and checks they are unchanged. Regenerate with:
 
-    python -m data.demo_tasks            # writes data/demo/{train,heldout}.jsonl
+    python -m data.demo_tasks            # writes data/demo/{train,heldout,train_20k}.jsonl
 
 `verify(kind, answer, response)` is what the verifier judge and the evaluation call.
 """
@@ -131,8 +131,13 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
+LARGE_TRAIN_SIZE = 20000  # data/demo/train_20k.jsonl: the default demo's warm start and rounds draw from it
+
+
 def write_demo(out_dir: Path = DEMO_DIR) -> dict[str, Path]:
-    return {split: write_jsonl(make_split(split, size), out_dir / f"{split}.jsonl") for split, size in SPLIT_SIZES.items()}
+    written = {split: write_jsonl(make_split(split, size), out_dir / f"{split}.jsonl") for split, size in SPLIT_SIZES.items()}
+    written["train_20k"] = write_jsonl(make_large_train(LARGE_TRAIN_SIZE), out_dir / "train_20k.jsonl")
+    return written
 
 
 if __name__ == "__main__":

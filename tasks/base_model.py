@@ -3,13 +3,16 @@
     luigi --module pipeline BaseModel            # builds the demo model alone
 
 run.yaml records what made the run: the resolved recipe, package versions, the git commit and seed.
-BaseModel builds the demo model (models/sft.py) when the recipe names no `model.base_model`; for a
+BaseModel provides the demo model when the recipe names no `model.base_model`: a copy of the shipped
+data/demo/base_model/ when the recipe's demo_model, data.train and seed are the ones it was built with,
+else it builds one (models/sft.py); for a
 named model it checks the path or hub id loads as a config and records it, so every round downstream
 reads one `model_path`.
 """
 
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,11 +62,14 @@ class BaseModel(GpuTask):
         recipe = self.config
         with self.output().temporary_path() as tmp:
             if recipe.model.base_model is None:
-                from data.prompts import load_prompts
-                from models.sft import build_demo_model
+                from models.sft import build_demo_base, shipped_demo_base
 
-                rows = load_prompts(recipe.data.train, recipe.data.train_split, recipe.data, require_reference=True)
-                info = build_demo_model(recipe.demo_model, rows.to_dict("records"), Path(tmp), recipe.seed)
+                shipped = shipped_demo_base(recipe)
+                if shipped is not None:  # the shipped warm start was built with exactly these settings
+                    shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+                    info = {"copied_from": str(shipped), **json.loads((Path(tmp) / "demo_build.json").read_text())}
+                else:
+                    info = build_demo_base(recipe, Path(tmp))
             else:
                 from transformers import AutoConfig
 

@@ -1,0 +1,48 @@
+"""The default demo's shipped warm start: used when a recipe asks for it, and reproducible."""
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import luigi
+
+import pipeline  # noqa: F401 - registers the tasks
+from configs.recipe import load_recipe
+from models.sft import BUILD_RECORD, build_demo_base, compare_weights, demo_base_dir, shipped_demo_base
+from tasks.base_model import BaseModel
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_default_demo_recipes_use_the_shipped_base_and_others_do_not():
+    for name in ("demo_spin", "demo_dpo", "demo_sppo"):
+        assert shipped_demo_base(load_recipe(CONFIGS / f"{name}.yaml")) == demo_base_dir(), name
+    recipe = load_recipe(CONFIGS / "demo_spin.yaml")
+    for change in (lambda r: setattr(r.demo_model, "sft_steps", 100), lambda r: setattr(r, "seed", 1),
+                   lambda r: setattr(r.data, "train", "demo:train")):
+        other = copy.deepcopy(recipe)
+        change(other)
+        assert shipped_demo_base(other) is None
+
+
+def test_shipped_base_is_the_one_its_record_describes():
+    record = json.loads((demo_base_dir() / BUILD_RECORD).read_text())
+    assert hashlib.sha256((demo_base_dir() / "model.safetensors").read_bytes()).hexdigest() == record["model_sha256"]
+    assert len(record["sft_losses"]) == record["sft_steps"] == 2400
+
+
+def test_a_rebuild_retraces_the_shipped_warm_start(tmp_path):
+    """The first 100 of 2,400 warm-start steps, rebuilt from the recipe, give the recorded losses bit for
+    bit (the whole rebuild, `python -m models.sft --rebuild-demo-base --check`, takes minutes)."""
+    record = json.loads((demo_base_dir() / BUILD_RECORD).read_text())
+    rebuilt = build_demo_base(load_recipe(CONFIGS / "demo_spin.yaml"), tmp_path, stop_after=100)
+    assert rebuilt["sft_losses"] == record["sft_losses"][:100]
+
+
+def test_base_model_task_copies_the_shipped_base(tmp_path):
+    task = BaseModel(recipe=str(CONFIGS / "demo_spin.yaml"), runs_dir=str(tmp_path))
+    assert luigi.build([task], local_scheduler=True, log_level="WARNING")
+    out = Path(task.output().path)
+    assert compare_weights(out, demo_base_dir()) == 0.0
+    assert json.loads((out / "base_model.json").read_text())["copied_from"] == str(demo_base_dir())
