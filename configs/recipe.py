@@ -224,6 +224,8 @@ class Recipe:
 
 
 ROUND_OVERRIDABLE = {"generation", "judge", "training", "evaluation"}
+# Every round continues one LoRA adapter (models/loading.py), so its shape is fixed for the run.
+LORA_SHAPE = ("lora_r", "lora_alpha", "lora_target_modules")
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -292,6 +294,12 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
             if key not in ROUND_OVERRIDABLE:
                 raise RecipeError(
                     f"{where}: rounds[{i}].{key} cannot change between rounds (allowed: {', '.join(sorted(ROUND_OVERRIDABLE))})"
+                )
+        for key in LORA_SHAPE:
+            if isinstance(entry.get("training"), dict) and key in entry["training"]:
+                raise RecipeError(
+                    f"{where}: rounds[{i}].training.{key} cannot change between rounds "
+                    "(every round continues the same LoRA adapter; set it once under training:)"
                 )
         recipe.for_round(i + 1)  # validates the merged round now, not hours later
     return recipe

@@ -75,6 +75,14 @@ def test_per_round_overrides_are_validated_at_load(tmp_path):
         load_recipe(write(tmp_path, {"rounds": [{"model": {"base_model": "x/y"}}]}))
 
 
+@pytest.mark.parametrize("key, value", [("lora_r", 8), ("lora_alpha", 64), ("lora_target_modules", "q_proj,v_proj")])
+def test_lora_shape_cannot_change_between_rounds(tmp_path, key, value):
+    # Every round continues the same adapter: a per-round shape would not fit the saved one.
+    with pytest.raises(RecipeError, match=rf"rounds\[1\].training.{key} cannot change between rounds"):
+        load_recipe(write(tmp_path, {"rounds": [{}, {"training": {key: value, "learning_rate": 1e-6}}]}))
+    load_recipe(write(tmp_path, {"training": {key: value}, "rounds": [{}, {"training": {"lora_dropout": 0.1}}]}))
+
+
 def test_defaults_by_algorithm():
     spin = recipe_from_dict({})
     assert spin.loss == "dpo_sigmoid" and spin.mix_previous_round
