@@ -1,13 +1,36 @@
 """Loading and saving models: full precision, LoRA and QLoRA, and the per-round checkpoint.
 
-A round's checkpoint directory holds a merged full-precision model at its top level (so
-`AutoModelForCausalLM.from_pretrained(checkpoint)` alone loads it), the LoRA adapter in `adapter/`
-(with the previous round's checkpoint as its base), the tokenizer, and `selfplay_checkpoint.json`,
-which names the root model every round descends from; loading a checkpoint of another root is refused.
+How rounds chain. The run's root weights (its base model: full precision, or nf4 once for QLoRA)
+are never changed; the policy is ONE LoRA adapter carried across rounds. Train(r) loads the root
+plus round r-1's adapter (a fresh, zero adapter for round 1), takes the reference log-probs with
+that adapter as it is at the round's start (that is pi_{r-1}), then keeps training the same adapter.
+Every consumer (Generate(r+1), the self-judge, Evaluate(r), Train(r+1)) loads root + the round's
+adapter through `load_policy`, so the model they use is the model that was trained. Folding the
+adapter into the weights instead loses the update: in bf16 small updates round away, and a merged
+copy re-quantised to nf4 is nf4(W + delta), not the trained nf4(W) + delta.
+
+A round's checkpoint directory holds:
+
+- `adapter/`: the policy's adapter (its `base_model_name_or_path` is the root, so peft or
+  transformers load it with `AutoModelForCausalLM.from_pretrained(checkpoint / "adapter")`);
+- the merged model at the top level, an export only (`training.save_merged`, default on), so
+  `AutoModelForCausalLM.from_pretrained(checkpoint)` alone loads it: in the training dtype for LoRA,
+  and for QLoRA folded into a bf16 load of the root, never into the 4-bit weights; the pipeline
+  never reads it;
+- the tokenizer, and `selfplay_checkpoint.json`: the round, the checkpoint it continued (`parent`),
+  the root's identity (`root_model`; a checkpoint of another root is refused) and path (`root_path`).
+
+Because the adapter is continued, its shape (`training.lora_r`, `lora_alpha`,
+`lora_target_modules`) is the same in every round (configs/recipe.py refuses per-round changes), its
+rank bounds the total update of all rounds together, and `training.weight_decay` pulls the policy
+toward the root rather than toward the previous round.
+
+Exactness: with the adapter kept unmerged the loaded policy computes exactly what the trained one
+did. `load_policy` merges only fp32, non-quantised loads for inference (faster generation); there the
+merged weights differ from W + BA by fp32 rounding, a few 1e-6 in summed log-probs of the tests' models.
 
 QLoRA (`model.quantization: 4bit`) loads the weights as bitsandbytes nf4 with double quantisation and
-bf16 compute; the merged copy is made by folding the adapter into a bf16 load of the same weights,
-never into the 4-bit ones (merging into quantised weights loses the update to rounding).
+bf16 compute.
 """
 
 from __future__ import annotations
@@ -17,6 +40,7 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +51,7 @@ from pipeline.errors import ModelError
 log = logging.getLogger("selfplay")
 
 CHECKPOINT_INFO = "selfplay_checkpoint.json"
+CHAIN = "root+adapter"  # how rounds link; checkpoint_info(...)["chain"]
 ADAPTER_DIR = "adapter"
 GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -124,29 +149,79 @@ def load_causal_lm(path: str, model_cfg: ModelConfig, device: torch.device | Non
     return model
 
 
-def add_lora(model, training: TrainingConfig, quantized: bool = False):
-    """Wrap `model` with a fresh LoRA adapter (zero update at start, so policy == reference)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def lora_config(training: TrainingConfig):
+    from peft import LoraConfig
 
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
-    elif training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     targets = training.lora_target_modules
-    config = LoraConfig(
+    return LoraConfig(
         r=training.lora_r,
         lora_alpha=training.lora_alpha,
         lora_dropout=training.lora_dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+
+
+def add_lora(model, training: TrainingConfig, quantized: bool = False, adapter_dir: str | Path | None = None):
+    """Wrap the root `model` with the policy's LoRA adapter, ready to train.
+
+    Without `adapter_dir` the adapter is fresh (B = 0, so the policy equals the root: round 1); with
+    it, the previous round's adapter is continued, so the policy starts as exactly pi_{r-1}.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
+    elif training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, lora_config(training))
+    if adapter_dir is not None:
+        _continue_adapter(peft_model, Path(adapter_dir), training)
+    return peft_model
+
+
+def _continue_adapter(peft_model, adapter_dir: Path, training: TrainingConfig) -> None:
+    """Copy a saved adapter's weights into `peft_model`'s fresh adapter of the same shape."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    for key, saved_key in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        if saved_config.get(saved_key) != getattr(training, key):
+            raise ModelError(
+                f"training.{key} is {getattr(training, key)} but the adapter in {adapter_dir} has {saved_config.get(saved_key)}; "
+                "rounds continue one adapter, so its shape cannot change within a run"
+            )
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    expected = get_peft_model_state_dict(peft_model)
+    if set(saved) != set(expected):
+        extra, missing = sorted(set(saved) - set(expected)), sorted(set(expected) - set(saved))
+        raise ModelError(
+            f"the adapter in {adapter_dir} does not fit training.lora_target_modules={training.lora_target_modules!r} "
+            f"({len(missing)} weights missing, e.g. {missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]})"
+        )
+    set_peft_model_state_dict(peft_model, saved)
 
 
 def checkpoint_info(path: str | Path) -> dict:
     info_path = Path(path) / CHECKPOINT_INFO
     return json.loads(info_path.read_text()) if info_path.is_file() else {}
+
+
+def is_round_checkpoint(path: str | Path) -> bool:
+    """A round's checkpoint (root + adapter), as opposed to a base model directory or hub id."""
+    return (Path(path).expanduser() / CHECKPOINT_INFO).is_file()
+
+
+def round_adapter(checkpoint: str | Path) -> Path:
+    """The policy's adapter in a round checkpoint; checkpoints of the older merged-copy chain are refused."""
+    if checkpoint_info(checkpoint).get("chain") != CHAIN:
+        raise ModelError(
+            f"checkpoint {checkpoint} was written by an older selfplay that chained rounds through merged copies "
+            "(which are not the trained policy); rerun its rounds in a new run (or delete the run's round_* directories)"
+        )
+    return Path(checkpoint) / ADAPTER_DIR
 
 
 def check_same_root(checkpoint: str | Path, root_model: str) -> None:
@@ -163,55 +238,102 @@ def save_checkpoint(
     *,
     parent: str,
     root_model: str,
+    root_path: str,
     round_idx: int,
     model_cfg: ModelConfig,
     save_merged: bool = True,
     quantized: bool = False,
 ) -> None:
-    """Write adapter/ and (optionally) the merged full-precision model into `out_dir` (a temporary dir)."""
+    """Write adapter/ and (optionally) the merged export into `out_dir` (a temporary dir).
+
+    Without quantisation the merged export is folded into `peft_model` itself, which is then no longer
+    the policy: call this last.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir / ADAPTER_DIR)
-    _point_adapter_at(out_dir / ADAPTER_DIR, parent)
+    _point_adapter_at(out_dir / ADAPTER_DIR, root_path)
     tokenizer.save_pretrained(out_dir)
     if save_merged:
         if quantized:
-            merged = _merge_from_full_precision(out_dir / ADAPTER_DIR, parent, model_cfg)
+            merged = _merge_into_full_precision(out_dir / ADAPTER_DIR, root_path, model_cfg)
         else:
             merged = peft_model.merge_and_unload()
         merged.save_pretrained(out_dir, safe_serialization=True)
         del merged
-    info = {"round": round_idx, "parent": str(parent), "root_model": root_model, "merged": save_merged}
+    info = {"round": round_idx, "parent": str(parent), "root_model": root_model, "root_path": str(root_path),
+            "chain": CHAIN, "merged": save_merged}
     (out_dir / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _point_adapter_at(adapter_dir: Path, parent: str) -> None:
+def _point_adapter_at(adapter_dir: Path, root_path: str) -> None:
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = str(parent)
+    config["base_model_name_or_path"] = str(root_path)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _merge_from_full_precision(adapter_dir: Path, parent: str, model_cfg: ModelConfig):
-    """QLoRA's merged copy: the parent's weights in bf16 on the CPU plus the adapter, folded exactly."""
+def _merge_into_full_precision(adapter_dir: Path, root_path: str, model_cfg: ModelConfig):
+    """QLoRA's merged export: the root's weights in bf16 on the CPU plus the adapter (never the 4-bit ones)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(
-        parent, dtype=torch.bfloat16, use_safetensors=True, **_hub_kwargs(parent, model_cfg)
+        root_path, dtype=torch.bfloat16, use_safetensors=True, **_hub_kwargs(root_path, model_cfg)
     )
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
-def load_round_model(checkpoint: str, model_cfg: ModelConfig, device=None, quantize: bool = False):
-    """Load a round's weights: the merged copy when there is one, else the parent plus the adapter."""
-    info = checkpoint_info(checkpoint)
-    if info and not info.get("merged", True):
-        from peft import PeftModel
+def load_policy(model_path: str, model_cfg: ModelConfig, device=None, quantize: bool = False, *,
+                root: str | None = None, merge: bool | None = None):
+    """The model after the round whose output is `model_path`, for inference.
 
-        parent = load_round_model(info["parent"], model_cfg, device, quantize)
-        return PeftModel.from_pretrained(parent, os.path.join(checkpoint, ADAPTER_DIR)).merge_and_unload()
-    return load_causal_lm(checkpoint, model_cfg, device, quantize)
+    A base model directory or hub id loads as it is. A round checkpoint loads as the root weights
+    (`root`, default the path its selfplay_checkpoint.json records) plus the round's adapter, never
+    its merged export. `merge` folds the adapter in; by default only for fp32 without quantisation,
+    where the fold costs fp32 rounding alone. Unmerged, the adapter stays in the model's LoRA layers
+    (the plain transformers model is returned, not a peft wrapper) and `root_weights(model)` switches
+    it off, so one load serves both the policy and the root.
+    """
+    if not is_round_checkpoint(model_path):
+        return load_causal_lm(model_path, model_cfg, device, quantize).eval()
+    from peft import PeftModel
+
+    adapter_dir = round_adapter(model_path)
+    model = load_causal_lm(root or checkpoint_info(model_path)["root_path"], model_cfg, device, quantize)
+    if merge is None:
+        merge = not quantize and next(model.parameters()).dtype == torch.float32
+    peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    policy = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
+    return policy.eval()
+
+
+def has_adapter(model) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+def set_adapter_enabled(model, enabled: bool) -> None:
+    """Switch `model`'s LoRA adapter off (it computes with the root weights alone) or back on."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    grad_flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(enabled)
+    for param, flag in grad_flags:  # enable_adapters also changes which weights train; keep them as they were
+        param.requires_grad_(flag)
+
+
+@contextmanager
+def root_weights(model):
+    """Inside the block `model` computes with its root weights alone (its LoRA adapter switched off)."""
+    set_adapter_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_adapter_enabled(model, True)
 
 
 def copy_tree_atomic(src: Path, dst: Path) -> None:

@@ -1,17 +1,21 @@
-"""The Train stage: a LoRA adapter fitted with a DPO-family loss against the previous round.
+"""The Train stage: the policy's LoRA adapter, continued from the previous round, fitted with a DPO-family loss
+against the previous round.
 
-    train_round(recipe, parent, pairs, work_dir, out_dir, round_idx, root_model) -> stats
+    train_round(recipe, parent, pairs, work_dir, out_dir, round_idx, root_model, root_path) -> stats
 
-1. Load the parent (the previous round's merged weights, or the base) and add a fresh LoRA adapter;
-   with the adapter disabled the model *is* the reference pi_{r-1}.
-2. Reference log-probs of every chosen and rejected response, computed once with the adapter off and
-   stored in work_dir/ref_logps.parquet, so training holds one model and skips the reference forward.
+1. Load the root weights (the run's base model, as loaded: full precision, or nf4 for QLoRA) and the
+   policy's LoRA adapter: round r-1's, continued (`parent` is its checkpoint), or a fresh zero adapter
+   in round 1 (`parent` is the base). Before any update the model *is* the reference pi_{r-1}.
+2. Reference log-probs of every chosen and rejected response, computed once with the adapter as it
+   is at the round's start and stored in work_dir/ref_logps.parquet, so training holds one model and
+   skips the reference forward.
 3. Length-grouped batches (shuffled groups of similar length, then padded to the longest in the
    batch); chosen and rejected go through the model in one concatenated forward.
 4. AdamW, linear warm-up and decay, gradient clipping; checkpoints to work_dir/checkpoint-<step>/
    every `save_steps` (adapter, optimiser, scheduler, RNG, log), and a killed run resumes from the last.
    A NaN or inf loss stops the round with a TrainingError; the last good checkpoint stays.
-5. The adapter and a merged full-precision copy are written to `out_dir` (models/loading.py).
+5. The adapter (the policy) and a merged export are written to `out_dir` (models/loading.py says how
+   the next round loads it).
 
 Runs unchanged under `accelerate launch` (DDP): batches are sharded by accelerate, the reference
 pass is split across processes, and only the main process writes.
@@ -80,14 +84,16 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
 
 
 def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator) -> pd.DataFrame:
-    """Reference log-probs with the adapter off; cached in work_dir/ref_logps.parquet."""
+    """Reference log-probs: the policy before this round's first update (pi_{r-1}, the root in round 1).
+
+    Cached in work_dir/ref_logps.parquet; computed before a resumed run restores its trained adapter.
+    """
     path = work_dir / "ref_logps.parquet"
     if not path.is_file():
         rank, world = accelerator.process_index, accelerator.num_processes
         items = chosen + rejected
         mine = list(range(rank, len(items), world))
-        with model.disable_adapter():
-            sums, _ = batched_logps(model, tokenizer, [items[i] for i in mine], batch_size, accelerator.device, "reference logps")
+        sums, _ = batched_logps(model, tokenizer, [items[i] for i in mine], batch_size, accelerator.device, "reference logps")
         part = work_dir / f"ref_logps.rank{rank}.json"
         part.write_text(json.dumps(dict(zip(mine, sums))))
         accelerator.wait_for_everyone()
@@ -142,11 +148,15 @@ def _save_trainer_checkpoint(work_dir: Path, step: int, adapter_state, optimizer
         shutil.rmtree(old, ignore_errors=True)
 
 
-def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, round_idx: int, root_model: str) -> dict:
+def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, round_idx: int, root_model: str,
+                root_path: str | None = None) -> dict:
     from accelerate import Accelerator
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from models.loading import add_lora, load_round_model, load_tokenizer, resolve_dtype, save_checkpoint
+    from models.loading import (
+        add_lora, checkpoint_info, is_round_checkpoint, load_causal_lm, load_tokenizer, resolve_dtype, round_adapter,
+        save_checkpoint,
+    )
     from pipeline.progress import bar
 
     cfg = recipe.training
@@ -160,10 +170,12 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     )
     torch.manual_seed(recipe.seed + round_idx)
 
+    continued = is_round_checkpoint(parent)
+    root_path = root_path or (checkpoint_info(parent)["root_path"] if continued else parent)
     tokenizer = load_tokenizer(parent, recipe.model)
     tokenizer.padding_side = "right"
-    model = load_round_model(parent, recipe.model, device=accelerator.device, quantize=quantized)
-    model = add_lora(model, cfg, quantized=quantized)
+    model = load_causal_lm(root_path, recipe.model, device=accelerator.device, quantize=quantized)
+    model = add_lora(model, cfg, quantized=quantized, adapter_dir=round_adapter(parent) if continued else None)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length)
@@ -181,7 +193,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     per_step = cfg.grad_accum_steps * accelerator.num_processes  # micro-batches per optimizer step
     total_steps = math.ceil(cfg.epochs * batches_per_epoch / per_step)
     if total_steps == 0:
-        log.warning("train round %d: no preference pairs; the round's weights equal its parent's", round_idx)
+        log.warning("train round %d: no preference pairs; the round's policy equals its parent's", round_idx)
     warmup = int(cfg.warmup_ratio * total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -276,7 +288,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     if accelerator.is_main_process:
         save_checkpoint(
             accelerator.unwrap_model(policy).model, tokenizer, out_dir, parent=parent, root_model=root_model,
-            round_idx=round_idx, model_cfg=recipe.model, save_merged=cfg.save_merged, quantized=quantized,
+            root_path=root_path, round_idx=round_idx, model_cfg=recipe.model, save_merged=cfg.save_merged, quantized=quantized,
         )
         atomic_write_json(out_dir / "training_log.json", {"stats": stats, "history": history})
     accelerator.wait_for_everyone()
@@ -291,7 +303,8 @@ def run_job(job: dict) -> dict:
     recipe = recipe_from_dict(job["recipe"], "train job")
     frames = [read_artifact(path, PAIRS) for path in job["pair_files"]]
     pairs = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    return train_round(recipe, job["parent"], pairs, job["work_dir"], job["out_dir"], job["round_idx"], job["root_model"])
+    return train_round(recipe, job["parent"], pairs, job["work_dir"], job["out_dir"], job["round_idx"], job["root_model"],
+                       job.get("root_path"))
 
 
 if __name__ == "__main__":

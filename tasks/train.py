@@ -1,10 +1,11 @@
-"""Train(r): fit round r's LoRA adapter on its preference pairs, with round r-1 as the reference.
+"""Train(r): continue the policy's LoRA adapter on round r's preference pairs, with round r-1 as the reference.
 
     luigi --module pipeline Train --round-idx 1
 
-Loads the model after round r-1, trains with the recipe's DPO-family loss (models/trainer.py) on
-round r's pairs (plus round r-1's when `training.mix_previous_round`, SPIN's default), and writes
-round_NN/checkpoint/: the merged model, adapter/, tokenizer, training_log.json and, last, _SUCCESS.
+Loads the root weights plus round r-1's adapter (the policy after round r-1; a fresh adapter in round
+1), trains with the recipe's DPO-family loss (models/trainer.py) on round r's pairs (plus round r-1's
+when `training.mix_previous_round`, SPIN's default), and writes round_NN/checkpoint/: adapter/ (the
+policy), the merged export, tokenizer, training_log.json and, last, _SUCCESS.
 Trainer checkpoints live in round_NN/train_work/; a killed run resumes from the newest one.
 
 With `training.launcher: accelerate` the task starts `accelerate launch --num_processes N` on the
@@ -48,6 +49,7 @@ class Train(GpuTask):
         recipe = self.config.for_round(self.round_idx)
         parent = self.requires()["parent"].model_path
         root_model = self.requires()["base"].root_model
+        root_path = self.requires()["base"].model_path
         check_same_root(parent, root_model)
         pair_files = [self.input()["pairs"]["pairs"].path]
         if "previous_pairs" in self.input():
@@ -56,7 +58,7 @@ class Train(GpuTask):
         work_dir = prepare_work_dir(self.round_dir(self.round_idx) / "train_work", inputs)
         job = {
             "recipe": recipe.to_dict(), "parent": parent, "pair_files": pair_files, "work_dir": str(work_dir),
-            "round_idx": self.round_idx, "root_model": root_model,
+            "round_idx": self.round_idx, "root_model": root_model, "root_path": root_path,
         }
         with self.output().temporary_path() as tmp:
             job["out_dir"] = tmp

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from configs.recipe import ModelConfig, TrainingConfig
 from models.loading import (
-    ADAPTER_DIR, add_lora, check_model_path, checkpoint_info, load_causal_lm, load_round_model, load_tokenizer, save_checkpoint,
+    ADAPTER_DIR, CHAIN, add_lora, check_model_path, checkpoint_info, load_causal_lm, load_policy, load_tokenizer, save_checkpoint,
 )
 from models.logps import collate, encode, sequence_logps
 from models.tokenizer import build_byte_tokenizer
@@ -98,31 +98,36 @@ def trained_adapter(path, tok):
     return model, item, expected
 
 
-def test_checkpoint_is_merged_model_plus_adapter_and_loads_alone(saved, tmp_path):
+def test_checkpoint_is_adapter_on_the_root_plus_a_merged_export_that_loads_alone(saved, tmp_path):
     from transformers import AutoModelForCausalLM
 
     path, tok = saved
     model, item, expected = trained_adapter(path, tok)
     out = tmp_path / "ckpt"
-    save_checkpoint(model, tok, out, parent=str(path), root_model="root", round_idx=1, model_cfg=FP32)
+    save_checkpoint(model, tok, out, parent=str(path), root_model="root", root_path=str(path), round_idx=1, model_cfg=FP32)
     assert (out / "config.json").is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
     assert json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())["base_model_name_or_path"] == str(path)
-    assert checkpoint_info(out) == {"round": 1, "parent": str(path), "root_model": "root", "merged": True}
+    assert checkpoint_info(out) == {"round": 1, "parent": str(path), "root_model": "root", "root_path": str(path),
+                                    "chain": CHAIN, "merged": True}
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # from_pretrained alone
     got, _ = sequence_logps(merged, collate([item], tok.pad_token_id))
     assert torch.allclose(got, expected, atol=1e-4)
+    adapter_and_base = AutoModelForCausalLM.from_pretrained(out / ADAPTER_DIR).eval()  # transformers reads the root from it
+    got, _ = sequence_logps(adapter_and_base, collate([item], tok.pad_token_id))
+    assert torch.allclose(got, expected, atol=1e-4)
 
 
-def test_adapter_only_checkpoint_is_rebuilt_from_its_parent(saved, tmp_path):
+def test_adapter_only_checkpoint_is_loaded_on_the_root(saved, tmp_path):
     path, tok = saved
     model, item, expected = trained_adapter(path, tok)
     out = tmp_path / "ckpt"
-    save_checkpoint(model, tok, out, parent=str(path), root_model="root", round_idx=1, model_cfg=FP32, save_merged=False)
+    save_checkpoint(model, tok, out, parent=str(path), root_model="root", root_path=str(path), round_idx=1, model_cfg=FP32,
+                    save_merged=False)
     assert not (out / "config.json").exists()
-    rebuilt = load_round_model(str(out), FP32)
-    got, _ = sequence_logps(rebuilt.eval(), collate([item], tok.pad_token_id))
-    assert torch.allclose(got, expected, atol=1e-4)
+    rebuilt = load_policy(str(out), FP32, merge=False)
+    got, _ = sequence_logps(rebuilt, collate([item], tok.pad_token_id))
+    assert torch.equal(got, expected)
 
 
 def test_fresh_lora_is_the_reference():
