@@ -98,12 +98,14 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
     from data.demo_tasks import verify
     from models.generation import SamplingSettings, generate_texts
     from models.judges import make_judge
-    from models.loading import load_round_model, load_tokenizer
+    from models.loading import has_adapter, load_policy, load_tokenizer, set_adapter_enabled
 
     ev = recipe.evaluation
     quantize = recipe.model.quantization == "4bit"
     tokenizer = load_tokenizer(model_path, recipe.model)
-    model = load_round_model(model_path, recipe.model, quantize=quantize)
+    # A round's policy is the base (root) plus its adapter, kept unmerged: exactly the trained model,
+    # and with the adapter switched off the same load is the base, so pi_base needs no second load.
+    model = load_policy(model_path, recipe.model, quantize=quantize, root=base_path, merge=False)
     device = next(model.parameters()).device
     texts = [format_prompt(tokenizer, p, s) for p, s in zip(prompts.prompt, prompts.system)]
     batch = recipe.generation.batch_size
@@ -155,10 +157,15 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
     judge_name = eval_judge_name(recipe, prompts)
     metrics["eval_judge"] = judge_name
     if round_idx > 0:
-        del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        base_model = load_round_model(base_path, recipe.model, quantize=quantize)
+        if has_adapter(model):
+            # From here on the same load is pi_base: the KL estimate, and the base as the fixed referee.
+            set_adapter_enabled(model, False)
+            base_model = model
+        else:  # a model saved whole (the experiment's supervised control): load the base instead
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            base_model = load_policy(base_path, recipe.model, quantize=quantize)
         base_tokenizer = load_tokenizer(base_path, recipe.model)
         sample_prompts = by_prompt.loc[sample_rows.prompt_id].reset_index()
         frame.loc[sample_rows.index, "base_logp"] = _logps(base_model, base_tokenizer, sample_prompts, sample_rows.response.tolist(), batch, device)

@@ -64,7 +64,8 @@ attention, encoder-decoder) falls back to the `hf` backend with a warning, as do
 
 `vllm_generate` (the `vllm` backend)
 ------------------------------------
-vLLM's offline `LLM` engine on the checkpoint directory; optional, imported only when used.
+vLLM's offline `LLM` engine on the base model, with a round's adapter passed as a LoRA request (the
+policy is root + adapter; the checkpoint's merged export is not it); optional, imported only when used.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ import os
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -533,6 +535,7 @@ def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, 
 # --- vLLM -----------------------------------------------------------------------------------------
 
 _VLLM_ENGINES: dict = {}
+_VLLM_LORA_IDS: dict = {}  # (adapter path, its weights' mtime) -> vLLM LoRA id
 
 
 def _vllm_dtype(model_cfg) -> str:
@@ -557,16 +560,19 @@ def _vllm_eos_ids(model_path: str, tokenizer) -> list[int]:
     return ids
 
 
-def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSettings, model_cfg=None) -> list[list[Sample]]:
+def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSettings, model_cfg=None,
+                  adapter=None) -> list[list[Sample]]:
     """`settings.num_samples` samples per already chat-formatted prompt text, with vLLM's offline engine.
 
-    UNTESTED here (vLLM is not installed in CI). The engine is built once per (model_path, dtype) and
+    UNTESTED here (vLLM is not installed in CI). The engine is built once per (model_path, dtype, LoRA rank) and
     reused across calls (generate_round calls once per part, each part with its own seed);
     `release_vllm()` frees it. Samples are seeded per request (from settings.seed and the prompt's
     index), so results depend neither on how vLLM batches nor on the engine's own seed. Prompts go in
     as token ids encoded like generate_texts does (no added special tokens: the chat template already
-    has them). `model_path` must be a checkpoint directory or hub id; a model object is accepted only
-    for its `name_or_path` (in-memory weights are ignored).
+    has them). `model_path` must be a model directory or hub id; a model object is accepted only
+    for its `name_or_path` (in-memory weights are ignored). `adapter` (a PEFT LoRA directory, a round
+    checkpoint's adapter/) is applied to every request as a vLLM LoRA request, unmerged; vLLM loads
+    the base unquantised, so for a QLoRA run its policy is W + BA rather than the trained nf4(W) + BA.
     """
     from pipeline.errors import ModelError
 
@@ -582,11 +588,20 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
         model_path = name
     model_path = str(model_path)
     dtype = _vllm_dtype(model_cfg)
-    key = (model_path, dtype)
+    lora_rank = None
+    if adapter is not None:
+        import json
+
+        rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
+        # vLLM accepts only some max_lora_rank values; the smallest of them that holds the adapter.
+        lora_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
+    key = (model_path, dtype, lora_rank)
     engine = _VLLM_ENGINES.get(key)
     if engine is None:
         release_vllm()
         kwargs = dict(model=model_path, dtype=dtype, seed=int(settings.seed))
+        if lora_rank is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
         if model_cfg is not None:
             kwargs["trust_remote_code"] = bool(getattr(model_cfg, "trust_remote_code", False))
             if getattr(model_cfg, "revision", None) and not os.path.isdir(model_path):
@@ -607,7 +622,17 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
         for i in range(len(texts))
     ]
     prompts = [{"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids} for text in texts]
-    outputs = engine.generate(prompts, params, use_tqdm=False)
+    lora_request = None
+    if adapter is not None:
+        from vllm.lora.request import LoRARequest
+
+        # vLLM caches adapters by integer id: every adapter directory gets its own, or a later round's
+        # requests would run with an earlier round's cached weights.
+        path = Path(adapter).resolve()
+        stamp = (str(path), (path / "adapter_model.safetensors").stat().st_mtime_ns)
+        lora_id = _VLLM_LORA_IDS.setdefault(stamp, len(_VLLM_LORA_IDS) + 1)
+        lora_request = LoRARequest(f"policy-{lora_id}", lora_id, str(path))
+    outputs = engine.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
     results = []
     for request in outputs:
         samples = []

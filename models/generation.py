@@ -150,8 +150,9 @@ def shard_seed(seed: int, round_idx: int, shard_idx: int) -> int:
     return seed * 1_000_003 + round_idx * 10_007 + shard_idx
 
 
-def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir) -> tuple["pd.DataFrame", dict]:
-    """Sample `generation.num_samples` responses per prompt with the model at `model_path`.
+def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, root_path: str | None = None) -> tuple["pd.DataFrame", dict]:
+    """Sample `generation.num_samples` responses per prompt with the model at `model_path` (a base model, or
+    a round checkpoint loaded as `root_path` + its adapter: models.loading.load_policy).
 
     Work is split into parts of `generation.shard_size` prompts, each written atomically to `work_dir` with its
     own seed, so a killed run resumes at the first missing part and still produces the same samples.
@@ -163,7 +164,7 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir) -
 
     from data.prompts import filter_overlong, format_prompt
     from data.schema import write_parquet
-    from models.loading import load_round_model, load_tokenizer
+    from models.loading import checkpoint_info, is_round_checkpoint, load_policy, load_tokenizer, round_adapter
 
     work_dir = Path(work_dir)
     gen = recipe.generation
@@ -193,9 +194,14 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir) -
         if gen.backend == "vllm":
             from models.fast_generation import vllm_generate
 
-            samples = vllm_generate(model_path, tokenizer, texts, settings, recipe.model)
+            if is_round_checkpoint(model_path):  # the root weights and the round's adapter as a LoRA request
+                root = root_path or checkpoint_info(model_path)["root_path"]
+                samples = vllm_generate(root, tokenizer, texts, settings, recipe.model,
+                                        adapter=round_adapter(model_path))
+            else:
+                samples = vllm_generate(model_path, tokenizer, texts, settings, recipe.model)
         else:
-            model = model or load_round_model(model_path, recipe.model, quantize=recipe.model.quantization == "4bit")
+            model = model or load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit", root=root_path)
             samples = generate_texts(model, tokenizer, texts, settings, progress=f"generate r{round_idx} part {shard_idx}")
         rows = [
             {

@@ -37,7 +37,9 @@ class Generate(GpuTask):
         )
         prompts = round_prompts(prompts, self.round_idx, recipe.data.prompts_per_round)
         work_dir = prepare_work_dir(self.round_dir(self.round_idx) / "generate_work", luigi.task.flatten(self.input()))
-        frame, stats = generate_round(recipe, self.requires().model_path, prompts, self.round_idx, work_dir)
+        frame, stats = generate_round(
+            recipe, self.requires().model_path, prompts, self.round_idx, work_dir, root_path=model_task(self, 0).model_path
+        )
         with self.output()["generations"].temporary_path() as tmp:
             write_parquet(frame, tmp, GENERATIONS)
         with self.output()["meta"].temporary_path() as tmp:

@@ -39,11 +39,12 @@ class Judge(GpuTask):
         if recipe.algorithm != "spin":
             model = tokenizer = None
             if recipe.judge.name == "self":  # the round's generator judges its own samples
-                from models.loading import load_round_model, load_tokenizer
+                from models.loading import load_policy, load_tokenizer
 
                 model_path = self.requires()["model"].model_path
                 tokenizer = load_tokenizer(model_path, recipe.model)
-                model = load_round_model(model_path, recipe.model, quantize=recipe.model.quantization == "4bit")
+                model = load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit",
+                                    root=model_task(self, 0).model_path)
             judge = make_judge(recipe.judge.name, recipe, model, tokenizer)
         pairs, stats = pair_round(recipe, generations, self.round_idx, judge)
         with self.output()["pairs"].temporary_path() as tmp:
