@@ -1,0 +1,194 @@
+"""How rounds chain: the policy at the end of Train(r) is the model every later stage loads.
+
+The root weights are never changed and the policy is one LoRA adapter continued across rounds
+(models/loading.py). These tests train real rounds (models.trainer.train_round) on a tiny random
+Llama on the CPU, take the policy's log-probs from the trained model object in-process (at the moment
+the trainer hands it to save_checkpoint), and compare them with the log-probs of what Generate(r+1),
+the self-judge and Evaluate(r) load (models.loading.load_policy) and with Train(r+1)'s reference.
+
+Tolerance, on summed log-probs of whole responses: TOL = 1e-4. Unmerged (bf16, fp16, QLoRA, and every
+Evaluate load) the loaded policy computes the same operations on the same weights: measured difference
+0. Merged in fp32 (load_policy's default for fp32 inference) the fold costs fp32 rounding: measured
+about 4e-6. The merged copy in bf16, which the previous chain loaded, is off by about 3e-3 here, as
+large as the round's whole update at a small learning rate: the test shows it fails TOL.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from configs.recipe import recipe_from_dict
+from models import loading
+from models.logps import batched_logps
+from models.tokenizer import build_byte_tokenizer
+from models.trainer import encode_pairs, train_round
+from pipeline.errors import ModelError
+
+TOL = 1e-4
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def root(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = build_byte_tokenizer()
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "root")
+    tok.save_pretrained(tmp_path / "root")
+    return str(tmp_path / "root"), tok
+
+
+def make_recipe(root_path: str, precision: str, learning_rate: float, quantization: str = "none", **training):
+    return recipe_from_dict({
+        "model": {"base_model": root_path, "precision": precision, "quantization": quantization},
+        "training": {"epochs": 2, "batch_size": 4, "max_length": 96, "learning_rate": learning_rate, "lora_r": 4,
+                     "lora_alpha": 8, "save_steps": 100, **training},
+    })
+
+
+def make_pairs(offset: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "prompt": [f"q{i} {i * 7}" for i in range(offset, offset + 8)],
+        "chosen": [f"a{i * 3}" for i in range(offset, offset + 8)],
+        "rejected": [f"b{i}" for i in range(offset, offset + 8)],
+    })
+
+
+# Responses the probes score: every pair of both rounds plus text no round trains on.
+PROBES = pd.concat([make_pairs(0), make_pairs(100), make_pairs(500)], ignore_index=True)
+
+
+def probe_items(tokenizer):
+    chosen, rejected = encode_pairs(tokenizer, PROBES, 96)
+    return chosen + rejected
+
+
+def logps(model, tokenizer, items=None) -> np.ndarray:
+    items = items if items is not None else probe_items(tokenizer)
+    return np.array(batched_logps(model, tokenizer, items, 8, next(model.parameters()).device)[0])
+
+
+@pytest.fixture
+def trained_policies(monkeypatch):
+    """Records the log-probs of every trained policy as train_round hands it to save_checkpoint."""
+    seen = []
+    original = loading.save_checkpoint
+
+    def spy(peft_model, tokenizer, out_dir, **kwargs):
+        seen.append(logps(peft_model, tokenizer))
+        return original(peft_model, tokenizer, out_dir, **kwargs)
+
+    monkeypatch.setattr(loading, "save_checkpoint", spy)
+    return seen
+
+
+def train(recipe, parent, pairs, tmp_path, round_idx, root_path):
+    out = tmp_path / f"round_{round_idx:02d}"
+    train_round(recipe, parent, pairs, tmp_path / f"work_{round_idx:02d}", out, round_idx, "root", root_path)
+    return str(out)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_each_round_loads_the_policy_that_was_trained_and_the_next_reference_is_it(root, tmp_path, trained_policies, precision):
+    root_path, tok = root
+    recipe = make_recipe(root_path, precision, learning_rate=2e-5)
+    first = train(recipe, root_path, make_pairs(0), tmp_path, 1, root_path)
+    round_1 = trained_policies[0]
+    root_logps = logps(loading.load_causal_lm(root_path, recipe.model, CPU), tok)
+    assert np.abs(round_1 - root_logps).max() > 10 * TOL  # the round moved the policy: the checks below can fail
+
+    # What Generate(2) and the self-judge load (merged only in fp32), and what Evaluate(1) loads.
+    generator = loading.load_policy(first, recipe.model, CPU, root=root_path)
+    assert np.abs(logps(generator, tok) - round_1).max() <= TOL
+    evaluator = loading.load_policy(first, recipe.model, CPU, root=root_path, merge=False)
+    assert np.array_equal(logps(evaluator, tok), round_1)  # unmerged: the same computation, exactly
+    with loading.root_weights(evaluator):  # Evaluate's pi_base: the same load with the adapter off
+        assert np.array_equal(logps(evaluator, tok), root_logps)
+    assert np.array_equal(logps(evaluator, tok), round_1)
+    if precision == "bf16":
+        # The previous chain loaded the merged copy; in bf16 the fold rounds the small update away,
+        # and the same check fails it.
+        from transformers import AutoModelForCausalLM
+
+        merged_copy = AutoModelForCausalLM.from_pretrained(first, dtype=torch.bfloat16).eval()
+        assert np.abs(logps(merged_copy, tok) - round_1).max() > 10 * TOL
+        folded = loading.load_policy(first, recipe.model, CPU, merge=True)
+        assert np.abs(logps(folded, tok) - round_1).max() > 10 * TOL
+
+    # Train(2) continues the adapter; its reference log-probs, taken before its first update, are round 1's policy.
+    pairs_2 = make_pairs(100)
+    second = train(recipe, first, pairs_2, tmp_path, 2, root_path)
+    round_2 = trained_policies[1]
+    reference = pd.read_parquet(tmp_path / "work_02" / "ref_logps.parquet")
+    in_process = np.concatenate([round_1[8:16], round_1[32:40]])  # round 2's pairs among the probes
+    assert np.abs(np.concatenate([reference.chosen, reference.rejected]) - in_process).max() <= TOL
+    assert np.abs(round_2 - round_1).max() > 10 * TOL  # round 2 trained on
+    info = loading.checkpoint_info(second)
+    assert (info["parent"], info["root_path"], info["chain"]) == (first, root_path, loading.CHAIN)
+    adapter_config = json.loads((tmp_path / "round_02" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == root_path
+    assert np.abs(logps(loading.load_policy(second, recipe.model, CPU), tok) - round_2).max() <= TOL
+
+    # A killed round resumes from its last trainer checkpoint; its reference is still taken at the
+    # round's start, not from the partly trained adapter the resume restores.
+    (tmp_path / "work_02" / "ref_logps.parquet").unlink()
+    shutil.rmtree(second)
+    train(recipe, first, pairs_2, tmp_path, 2, root_path)
+    again = pd.read_parquet(tmp_path / "work_02" / "ref_logps.parquet")
+    assert np.abs(again.to_numpy() - reference.to_numpy()).max() <= TOL
+    assert np.array_equal(trained_policies[2], round_2)
+
+
+def test_a_checkpoint_of_the_older_merged_chain_is_refused(tmp_path):
+    (tmp_path / loading.CHECKPOINT_INFO).write_text(json.dumps({"round": 1, "parent": "x", "root_model": "r", "merged": True}))
+    with pytest.raises(ModelError, match="chained rounds through merged copies"):
+        loading.load_policy(str(tmp_path), recipe_from_dict({}).model)
+
+
+def test_an_adapter_of_another_shape_is_refused(root, tmp_path, trained_policies):
+    root_path, _ = root
+    recipe = make_recipe(root_path, "fp32", learning_rate=1e-3)
+    first = train(recipe, root_path, make_pairs(0), tmp_path, 1, root_path)
+    wider = make_recipe(root_path, "fp32", learning_rate=1e-3, lora_r=8)
+    with pytest.raises(ModelError, match="training.lora_r is 8 but the adapter in .* has 4"):
+        train(wider, first, make_pairs(100), tmp_path, 2, root_path)
+    fewer = make_recipe(root_path, "fp32", learning_rate=1e-3, lora_target_modules="q_proj,v_proj")
+    with pytest.raises(ModelError, match="does not fit training.lora_target_modules='q_proj,v_proj'"):
+        train(fewer, first, make_pairs(100), tmp_path, 2, root_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_policy_is_the_nf4_root_plus_the_trained_adapter(root, tmp_path, trained_policies):
+    """QLoRA: the loaded policy holds the trained nf4 weights and adapter bit for bit, and computes the
+    trained policy's log-probs; the merged copy re-quantised to nf4 (the previous chain) has other weights."""
+    from safetensors.torch import load_file
+
+    root_path, tok = root
+    recipe = make_recipe(root_path, "bf16", learning_rate=1e-3, quantization="4bit")
+    checkpoint = train(recipe, root_path, make_pairs(0), tmp_path, 1, root_path)
+    gpu = torch.device("cuda")
+    policy = loading.load_policy(checkpoint, recipe.model, gpu, quantize=True)
+    fresh_root = dict(loading.load_causal_lm(root_path, recipe.model, gpu, quantize=True).named_modules())
+    requantised = dict(loading.load_causal_lm(checkpoint, recipe.model, gpu, quantize=True).named_modules())
+    saved = load_file(f"{checkpoint}/adapter/adapter_model.safetensors")
+    adapted = [(name, module) for name, module in policy.named_modules() if hasattr(module, "lora_A")]
+    assert adapted
+    for name, module in adapted:
+        assert torch.equal(module.lora_A["default"].weight.cpu(), saved[f"base_model.model.{name}.lora_A.weight"])
+        assert torch.equal(module.lora_B["default"].weight.cpu(), saved[f"base_model.model.{name}.lora_B.weight"])
+        assert torch.equal(module.base_layer.weight.data, fresh_root[name].weight.data)  # packed nf4: the root as loaded
+    assert any(not torch.equal(requantised[name].weight.data, fresh_root[name].weight.data) for name, _ in adapted)
+    # Training ran the norms and embeddings in fp32 (prepare_model_for_kbit_training); with the same
+    # upcast the loaded policy computes exactly what the trained one did.
+    for param in policy.parameters():
+        if param.dtype == torch.bfloat16 and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.float()
+    assert np.abs(logps(policy, tok) - trained_policies[0]).max() <= TOL
