@@ -56,6 +56,10 @@ def check_contract(run_dir: Path, rounds: int, algorithm: str) -> None:
         info = json.loads((ckpt / "selfplay_checkpoint.json").read_text())
         expected_parent = run_dir / "base_model" if r == 1 else run_dir / f"round_{r - 1:02d}" / "checkpoint"
         assert Path(info["parent"]) == expected_parent
+        # Every round is the base model's weights plus one adapter continued across rounds.
+        assert info["chain"] == "root+adapter" and Path(info["root_path"]) == run_dir / "base_model"
+        adapter_config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+        assert Path(adapter_config["base_model_name_or_path"]) == run_dir / "base_model"
         metrics = json.loads((rd / "metrics.json").read_text())
         trained_on = metrics["train"]["stats"]["pairs"]
         assert trained_on >= len(pairs) and len(metrics["train"]["history"]) == metrics["train"]["stats"]["steps"]
