@@ -229,11 +229,14 @@ class _SessionKey:
     pad_id: int
     graph: bool
     compiled: str  # torch.compile mode of the step, '' for none
-    weights: int  # hash of parameter addresses: a replaced weight would leave a graph reading freed memory
+    weights: int  # hash of parameter addresses (a replaced weight would leave a graph reading freed memory) and adapter state
 
 
 def _weights_fingerprint(model) -> int:
-    return hash(tuple(p.data_ptr() for p in model.parameters()))
+    # Switching a LoRA adapter off or on (models.loading.root_weights) changes the computation without
+    # moving a weight, so its state is part of the key: a graph captured the other way is never replayed.
+    adapters_off = tuple(m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
+    return hash((tuple(p.data_ptr() for p in model.parameters()), adapters_off))
 
 
 @dataclass

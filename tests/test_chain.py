@@ -164,6 +164,35 @@ def test_an_adapter_of_another_shape_is_refused(root, tmp_path, trained_policies
         train(fewer, first, make_pairs(100), tmp_path, 2, root_path)
 
 
+def test_generation_backends_run_the_unmerged_policy_and_the_root(root):
+    # Generate and Evaluate run the policy with its adapter unmerged (bf16, QLoRA, Evaluate always):
+    # both backends must see it, and a static-cache session must not outlive switching it off.
+    from models.fast_generation import _weights_fingerprint
+    from models.generation import SamplingSettings, generate_texts
+
+    root_path, tok = root
+    model_cfg = recipe_from_dict({}).model
+    peft_model = loading.add_lora(loading.load_causal_lm(root_path, model_cfg, CPU), recipe_from_dict({}).training)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    policy = peft_model.get_base_model().eval()
+    plain_root = loading.load_causal_lm(root_path, model_cfg, CPU)
+    texts = [f"<|user|>Add {i} and {i * 3}.<|end|><|assistant|>" for i in range(6)]
+
+    def greedy(model, backend):
+        settings = SamplingSettings(temperature=0.0, max_new_tokens=12, batch_size=8, backend=backend)
+        return [samples[0].text for samples in generate_texts(model, tok, texts, settings)]
+
+    assert greedy(policy, "static") == greedy(policy, "hf") != greedy(plain_root, "hf")
+    fingerprint = _weights_fingerprint(policy)
+    with loading.root_weights(policy):
+        assert _weights_fingerprint(policy) != fingerprint
+        assert greedy(policy, "static") == greedy(plain_root, "hf")
+    assert _weights_fingerprint(policy) == fingerprint
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_policy_is_the_nf4_root_plus_the_trained_adapter(root, tmp_path, trained_policies):
