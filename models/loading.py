@@ -26,8 +26,12 @@ rank bounds the total update of all rounds together, and `training.weight_decay`
 toward the root rather than toward the previous round.
 
 Exactness: with the adapter kept unmerged the loaded policy computes exactly what the trained one
-did. `load_policy` merges only fp32, non-quantised loads for inference (faster generation); there the
-merged weights differ from W + BA by fp32 rounding, a few 1e-6 in summed log-probs of the tests' models.
+did (tests/test_chain.py: difference 0 in fp32 and bf16). `load_policy` merges only fp32,
+non-quantised loads for inference (faster generation); there the merged weights differ from W + BA
+by fp32 rounding, a few 1e-6 in summed log-probs of the tests' models. With QLoRA the loaded weights
+(nf4 root, adapter) are the trained ones bit for bit; training ran the norms and embeddings in fp32
+(peft's prepare_model_for_kbit_training) and inference loads run them in bf16, a difference of
+compute precision only, and Train(r+1)'s reference is taken in training's precision.
 
 QLoRA (`model.quantization: 4bit`) loads the weights as bitsandbytes nf4 with double quantisation and
 bf16 compute.
