@@ -102,27 +102,39 @@ class RewardModelJudge:
         self.batch_size = batch_size
         self._torch = torch
 
-    def _text(self, group: JudgeGroup, response: str) -> str:
+    def encode(self, group: JudgeGroup, response: str):
+        """The reward model's input for (prompt, response), as its own tokenizer would build it.
+
+        A reward model with a chat template (Skywork, ArmoRM, ...) scores the conversation rendered by
+        it; the template writes its own BOS, so no special tokens are added again. Without one, the
+        tokenizer's text-pair encoding with special tokens: `tokenizer(question, answer)`, which for
+        OpenAssistant/reward-model-deberta-v3-large-v2 (its model card's usage) is
+        [CLS] question [SEP] answer [SEP], the [CLS] being what its pooler reads. The system prompt,
+        if any, goes only into a chat template: text-pair reward models were trained on question and
+        answer alone.
+        """
         if self.tokenizer.chat_template:
             turns = [{"role": "system", "content": group.system}] if group.system else []
             turns += [{"role": "user", "content": group.prompt}, {"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(turns, tokenize=False)
-        return f"{group.prompt}\n\n{response}"
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False, truncation=True)
+        return self.tokenizer(group.prompt, response, truncation=True)
 
-    def rewards(self, texts: list[str]) -> list[float]:
+    def rewards(self, encodings: list) -> list[float]:
+        """Reward of each encoding from `encode`, batched with padding."""
         from models.generation import run_with_oom_backoff
 
         def work(chunk):
-            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False)
+            batch = self.tokenizer.pad([dict(e) for e in chunk], return_tensors="pt")
             with self._torch.no_grad():
-                logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
+                logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits
             return logits[:, 0].float().tolist()
 
-        return run_with_oom_backoff(work, texts, self.batch_size, "reward model")
+        return run_with_oom_backoff(work, encodings, self.batch_size, "reward model")
 
     def judge(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
-        texts = [self._text(g, r) for g in groups for r in g.responses]
-        flat = iter(self.rewards(texts))
+        encodings = [self.encode(g, r) for g in groups for r in g.responses]
+        flat = iter(self.rewards(encodings))
         results = []
         for group in groups:
             scores = np.array([next(flat) for _ in group.responses])

@@ -160,6 +160,39 @@ def test_reward_model_judge(tmp_path):
     judge = RewardModelJudge(str(tmp_path / "rm"), ModelConfig(precision="fp32"), batch_size=2)
     [result] = judge.judge([JudgeGroup("q", ["alpha", "beta", "gamma"])])
     assert_valid_matrix(result.prob_matrix)
-    direct = judge.rewards([judge._text(JudgeGroup("q", []), r) for r in ["alpha", "beta", "gamma"]])
+    direct = judge.rewards([judge.encode(JudgeGroup("q", []), r) for r in ["alpha", "beta", "gamma"]])
     assert np.allclose(result.scores, direct)
     assert result.prob_matrix[0, 1] == pytest.approx(1 / (1 + np.exp(-(direct[0] - direct[1]))))
+
+
+def tiny_deberta_reward_model(path):
+    """A DeBERTa-v2 sequence classifier and a DeBERTa-v2 tokenizer without a chat template, built in
+    place (offline) like OpenAssistant/reward-model-deberta-v3-large-v2's, saved to `path`."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2Tokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = DebertaV2Tokenizer(vocab=[(t, 0.0) for t in specials] + [(c, -1.0) for c in "\u2581abcdefghijklmnopqrstuvwxyz?.!,"])
+    torch.manual_seed(0)
+    rm = DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=64, type_vocab_size=0, relative_attention=True, position_buckets=16,
+        pos_att_type=["p2c", "c2p"], num_labels=1, pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return tok
+
+
+def test_reward_model_without_chat_template_scores_the_text_pair_with_special_tokens(tmp_path):
+    from configs.recipe import ModelConfig
+
+    tok = tiny_deberta_reward_model(tmp_path / "rm")
+    judge = RewardModelJudge(str(tmp_path / "rm"), ModelConfig(precision="fp32"), batch_size=2)
+    ids = judge.encode(JudgeGroup("why?", []), "because.").input_ids
+    question = tok("why?", add_special_tokens=False).input_ids
+    answer = tok("because.", add_special_tokens=False).input_ids
+    assert ids == [tok.cls_token_id, *question, tok.sep_token_id, *answer, tok.sep_token_id]
+    [result] = judge.judge([JudgeGroup("why?", ["because.", "no", "it is so."])])
+    assert_valid_matrix(result.prob_matrix)
+    with torch.no_grad():  # each response scored alone, unpadded, as the model card does
+        alone = [judge.model(**tok("why?", r, return_tensors="pt")).logits[0, 0].item() for r in ["because.", "no", "it is so."]]
+    assert np.allclose(result.scores, alone, atol=1e-5)
