@@ -58,10 +58,47 @@ def collate(items: list[Encoded], pad_id: int, pad_to_multiple: int = 8) -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+# Causal-LM families whose forward is exactly `logits = lm_head(decoder(...).last_hidden_state)`, read
+# in transformers 5.x's modeling files: nothing rescales, soft-caps or masks the logits after the head.
+# Only these take the chunked-head path; every other family (Gemma 2/3 soft-capping, Cohere's
+# logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, remote code, anything new)
+# runs its own forward, which is always right and only slower.
+PLAIN_HEAD_MODEL_TYPES = frozenset({
+    "apertus", "arcee", "deepseek_v3", "exaone4", "gemma", "glm", "glm4", "gpt_neox", "helium", "llama",
+    "ministral", "mistral", "mixtral", "olmo", "olmo2", "olmo3", "phi", "phi3", "qwen2", "qwen2_moe",
+    "qwen3", "qwen3_moe", "seed_oss", "smollm3", "stablelm", "starcoder2",
+})
+# Config fields through which some family transforms its logits after the head. A listed family that
+# carries one anyway (a config edited by hand, a fork) is not trusted either.
+LOGIT_TRANSFORM_FIELDS = (
+    "final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier",
+    "logit_softcapping", "mup_width_multiplier",
+)
+
+
+def _all_configs(config, seen=None):
+    """`config` and every sub-config nested in it (text_config, decoder, ...)."""
+    from transformers import PretrainedConfig
+
+    seen = seen if seen is not None else set()
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    yield config
+    for value in vars(config).values():
+        if isinstance(value, PretrainedConfig):
+            yield from _all_configs(value, seen)
+
+
 def _has_plain_head(model) -> bool:
-    # Models that rescale or soft-cap logits after the LM head need their own forward.
-    config = model.config
-    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+    """True only when the model's logits are provably `lm_head(last_hidden_state)` (see above)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a PEFT wrapper
+    if not type(inner).__module__.startswith("transformers.models."):
+        return False  # remote code: its forward may do anything
+    config = inner.config
+    if config.model_type not in PLAIN_HEAD_MODEL_TYPES:
+        return False
+    return not any(getattr(c, name, None) is not None for c in _all_configs(config) for name in LOGIT_TRANSFORM_FIELDS)
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

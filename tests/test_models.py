@@ -11,7 +11,7 @@ from configs.recipe import ModelConfig, TrainingConfig
 from models.loading import (
     ADAPTER_DIR, CHAIN, add_lora, check_model_path, checkpoint_info, load_causal_lm, load_policy, load_tokenizer, save_checkpoint,
 )
-from models.logps import collate, encode, sequence_logps
+from models.logps import _has_plain_head, collate, encode, sequence_logps
 from models.tokenizer import build_byte_tokenizer
 from models.trainer import length_grouped_batches
 from pipeline.errors import ModelError
@@ -61,9 +61,30 @@ def test_quantization_needs_a_gpu(saved):
         load_causal_lm(str(saved[0]), FP32, quantize=True)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+# Families that transform their logits after the LM head, each with a strong setting so a wrong path shows.
+SCALED_HEADS = {
+    "granite": {"logits_scaling": 4.0},
+    "gemma2": {"final_logit_softcapping": 0.5, "head_dim": 8},
+    "cohere": {"logit_scale": 0.25},
+    "falcon_h1": {"lm_head_multiplier": 3.0, "head_dim": 8, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8,
+                  "mamba_d_state": 8, "mamba_n_groups": 1, "mamba_chunk_size": 16},
+}
+
+
+def family_model(family: str):
+    if family in ("llama", "qwen2"):
+        return tiny_model(family)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **SCALED_HEADS[family])
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", *SCALED_HEADS])
 def test_sequence_logps_match_full_logits(family):
-    model = tiny_model(family).eval()
+    model = family_model(family).eval()
     tok = build_byte_tokenizer()
     items = [encode(tok, "<|user|>hi<|end|><|assistant|>", "there<|end|>", 64), encode(tok, "<|user|>a<|end|><|assistant|>", "bc<|end|>", 64)]
     batch = collate(items, tok.pad_token_id)
@@ -73,6 +94,20 @@ def test_sequence_logps_match_full_logits(family):
     expected = (logprobs * batch["completion_mask"][:, 1:]).sum(1)
     assert torch.allclose(sums, expected, atol=1e-4)
     assert counts.tolist() == [len(items[0].completion_ids), len(items[1].completion_ids)]
+
+
+def test_only_known_plain_heads_take_the_chunked_path():
+    from transformers import LlamaConfig
+
+    assert _has_plain_head(tiny_model("llama")) and _has_plain_head(tiny_model("qwen2"))
+    assert _has_plain_head(add_lora(tiny_model("llama"), TrainingConfig(lora_r=2, lora_alpha=4)))  # through PEFT
+    for family in SCALED_HEADS:
+        assert not _has_plain_head(family_model(family)), family
+    nested = tiny_model("llama")  # a listed family whose config still nests a soft-cap in a sub-config
+    nested.config.text_config = LlamaConfig(final_logit_softcapping=30.0)
+    assert not _has_plain_head(nested)
+    remote = type("RemoteLlama", (type(tiny_model("llama")),), {"__module__": "transformers_modules.org.model"})
+    assert not _has_plain_head(remote(tiny_model("llama").config))
 
 
 def test_encode_keeps_the_prompt_end_and_the_completion_start():
