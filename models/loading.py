@@ -60,10 +60,16 @@ ADAPTER_DIR = "adapter"
 GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
-# Used only for tokenizers that ship without a chat template (base, non-instruct models).
+# Used only for tokenizers that ship without a chat template (base, non-instruct models). Every
+# assistant turn ends with the tokenizer's EOS, as TRL appends eos_token to completions: the model is
+# trained to write it after a response, and generation stops at it (models/generation.py); without it
+# a base model never learns to stop and every sample runs to max_new_tokens. Turns are joined by a
+# blank line written *before* the next turn, so nothing follows the EOS in a completion.
 FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
+    "{% for message in messages %}{% if not loop.first %}\n\n{% endif %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}\n\n{% endif %}Assistant:{% endif %}"
 )
 
 
@@ -111,6 +117,8 @@ def load_tokenizer(path: str, model_cfg: ModelConfig):
         tokenizer = loader.from_pretrained(path, **_hub_kwargs(path, model_cfg))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    if not tokenizer.chat_template and tokenizer.eos_token is None:
+        raise ModelError(f"tokenizer of {path} has neither a chat template nor an eos token: a model trained with it could never stop")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:

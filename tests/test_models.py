@@ -183,3 +183,36 @@ def test_length_grouped_batches_cover_everything_once_and_group_lengths():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 5  # random batches would spread over ~30
     assert batches == length_grouped_batches(lengths, 8, seed=3) and batches != length_grouped_batches(lengths, 8, seed=4)
+
+
+def test_fallback_chat_template_ends_completions_with_eos_so_a_base_model_learns_to_stop(tmp_path):
+    from data.prompts import format_completion, format_prompt
+    from models.generation import SamplingSettings, generate_texts
+    from models.sft import encode_examples, supervised_finetune
+
+    tok = build_byte_tokenizer()
+    tok.chat_template = None  # a base model's tokenizer: no template of its own
+    model = tiny_model("llama", vocab=len(tok))
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    loaded = load_tokenizer(str(tmp_path / "base"), FP32)
+    completion = format_completion(loaded, "hi", "ok")
+    assert completion == " ok" + loaded.eos_token  # nothing after the EOS: the loss ends where generation stops
+    assert loaded(completion, add_special_tokens=False).input_ids[-1] == loaded.eos_token_id
+    assert format_prompt(loaded, "hi") + completion == loaded.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False)
+
+    examples = encode_examples(loaded, [{"prompt": "hi", "reference": "ok"}], max_length=64)
+    supervised_finetune(model, loaded, examples, steps=60, batch_size=1, learning_rate=1e-2, seed=0, device="cpu")
+    [[sample]] = generate_texts(model, loaded, [format_prompt(loaded, "hi")], SamplingSettings(temperature=0.0, max_new_tokens=12))
+    assert sample.text == "ok" and sample.finished
+
+
+def test_tokenizer_without_template_or_eos_is_refused(tmp_path):
+    tok = build_byte_tokenizer()
+    tok.chat_template = None
+    tok.eos_token = None
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    with pytest.raises(ModelError, match="neither a chat template nor an eos token"):
+        load_tokenizer(str(tmp_path / "base"), FP32)
