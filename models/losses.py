@@ -26,7 +26,7 @@ class PreferenceBatch:
     rejected_win_prob: torch.Tensor | None = None
     chosen_lengths: torch.Tensor | None = None  # SimPO: response tokens
     rejected_lengths: torch.Tensor | None = None
-    label_smoothing: float = 0.0  # robust DPO: assumed probability that a label is flipped
+    label_smoothing: float = 0.0  # cDPO / robust DPO: assumed probability that a label is flipped
     simpo_gamma: float = 0.5
 
     @property
@@ -47,7 +47,16 @@ def dpo_sigmoid(batch: PreferenceBatch) -> torch.Tensor:
     # DPO, Rafailov et al. 2023, Eq. 7: -log sigma(beta * (h_w - h_l)).
     # SPIN, Chen et al. 2024, Eq. 4.7 with the logistic loss is the same expression with y_w the
     # ground truth and y_l the previous iterate's sample.
-    return -F.logsigmoid(batch.beta * batch.margin)
+    # With label_smoothing eps > 0 it is conservative DPO (cDPO; E. Mitchell 2023, "A note on DPO with
+    # noisy preferences & relationship to IPO"; TRL's sigmoid loss with label_smoothing, e.g. v0.10):
+    # each label is taken to be flipped with probability eps, i.e. binary cross-entropy against the
+    # soft target 1 - eps: -(1 - eps) log sigma(beta m) - eps log sigma(-beta m), m = h_w - h_l.
+    # Its minimum is at sigma(beta m) = 1 - eps, so the margin stops growing instead of running off.
+    logits = batch.beta * batch.margin
+    eps = batch.label_smoothing
+    if eps == 0:
+        return -F.logsigmoid(logits)
+    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
 def ipo(batch: PreferenceBatch) -> torch.Tensor:

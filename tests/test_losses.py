@@ -30,6 +30,19 @@ def test_dpo_sigmoid_closed_form():
     assert dpo_sigmoid(b).item() == pytest.approx(math.log1p(math.exp(-0.5 * margin)))
 
 
+def test_dpo_sigmoid_with_label_smoothing_is_conservative_dpo():
+    # cDPO: -(1 - eps) log sigma(beta m) - eps log sigma(-beta m).
+    b = batch(-2.0, -6.0, -3.0, -4.0, beta=0.5, label_smoothing=0.1)
+    z = 0.5 * 3.0
+    expected = -0.9 * math.log(1 / (1 + math.exp(-z))) - 0.1 * math.log(1 / (1 + math.exp(z)))
+    assert dpo_sigmoid(b).item() == pytest.approx(expected)
+    assert dpo_sigmoid(batch(-3.0, -5.0, -3.0, -5.0, label_smoothing=0.2)).item() == pytest.approx(math.log(2))
+    # Its gradient vanishes where sigma(beta m) = 1 - eps: the margin it settles at, log((1 - eps) / eps) / beta.
+    at_min = batch(math.log(0.9 / 0.1) / 0.5, 0.0, beta=0.5, label_smoothing=0.1)
+    dpo_sigmoid(at_min).sum().backward()
+    assert at_min.policy_chosen_logps.grad.abs().item() < 1e-12
+
+
 def test_ipo_closed_form_uses_per_token_logratios():
     b = batch(-2.0, -6.0, -3.0, -4.0, beta=0.25, chosen_lengths=torch.tensor([2.0]), rejected_lengths=torch.tensor([4.0]))
     margin = (1.0 / 2) - (-2.0 / 4)
