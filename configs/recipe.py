@@ -81,7 +81,10 @@ class DataConfig:
     prompts_per_round: int | None = field(
         default=None, metadata={"help": "Prompts each round samples (rotating through the set); null = all."}
     )
-    max_prompt_tokens: int = field(default=512, metadata={"help": "Longer prompts are filtered or an error."})
+    max_prompt_tokens: int = field(
+        default=512,
+        metadata={"help": "Longer prompts are filtered or an error; capped at training.max_length - generation.max_new_tokens."},
+    )
     overlong_prompts: Literal["filter", "error"] = "filter"
 
 
@@ -131,7 +134,9 @@ class TrainingConfig:
         default=0.0, metadata={"help": "Weight of the chosen response's per-token NLL added to the loss (Iterative RPO)."}
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin (gamma)."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Robust DPO's assumed label-flip rate (epsilon)."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Assumed label-flip rate in [0, 0.5): cDPO for dpo_sigmoid, robust DPO's epsilon."}
+    )
     save_steps: int = field(default=50, metadata={"help": "Trainer checkpoint every N optimizer steps (for resume)."})
     save_merged: bool = field(default=True, metadata={"help": "Write a merged full-precision copy beside the adapter."})
     launcher: Literal["none", "accelerate"] = field(
@@ -180,26 +185,81 @@ class Recipe:
             raise RecipeError(f"{where}: judge.model is required for judge {self.judge.name}")
         if self.training.loss == "sppo" and self.algorithm != "sppo":
             raise RecipeError(f"{where}: training.loss sppo needs the win probabilities of algorithm sppo")
+        t, g, ev, demo = self.training, self.generation, self.evaluation, self.demo_model
+        # Zero or negative values here would divide by zero (save_steps), build empty models or batches,
+        # or silently do nothing, hours into a run; refuse them at load, naming the key.
         positive = {
-            "generation.num_samples": self.generation.num_samples,
-            "generation.max_new_tokens": self.generation.max_new_tokens,
-            "generation.batch_size": self.generation.batch_size,
-            "generation.shard_size": self.generation.shard_size,
-            "training.batch_size": self.training.batch_size,
-            "training.grad_accum_steps": self.training.grad_accum_steps,
-            "training.beta": self.training.beta,
-            "training.learning_rate": self.training.learning_rate,
-            "training.epochs": self.training.epochs,
-            "training.num_processes": self.training.num_processes,
-            "evaluation.num_prompts": self.evaluation.num_prompts,
+            "demo_model.hidden_size": demo.hidden_size,
+            "demo_model.num_layers": demo.num_layers,
+            "demo_model.num_heads": demo.num_heads,
+            "demo_model.intermediate_size": demo.intermediate_size,
+            "demo_model.sft_steps": demo.sft_steps,
+            "demo_model.sft_batch_size": demo.sft_batch_size,
+            "demo_model.sft_learning_rate": demo.sft_learning_rate,
+            "demo_model.sft_examples": demo.sft_examples,
+            "data.max_prompt_tokens": self.data.max_prompt_tokens,
+            "data.prompts_per_round": self.data.prompts_per_round,
+            "generation.num_samples": g.num_samples,
+            "generation.max_new_tokens": g.max_new_tokens,
+            "generation.batch_size": g.batch_size,
+            "generation.shard_size": g.shard_size,
+            "judge.batch_size": self.judge.batch_size,
+            "judge.max_new_tokens": self.judge.max_new_tokens,
+            "training.batch_size": t.batch_size,
+            "training.grad_accum_steps": t.grad_accum_steps,
+            "training.beta": t.beta,
+            "training.learning_rate": t.learning_rate,
+            "training.epochs": t.epochs,
+            "training.max_length": t.max_length,
+            "training.max_grad_norm": t.max_grad_norm,
+            "training.lora_r": t.lora_r,
+            "training.lora_alpha": t.lora_alpha,
+            "training.save_steps": t.save_steps,
+            "training.num_processes": t.num_processes,
+            "evaluation.num_prompts": ev.num_prompts,
+            "evaluation.max_new_tokens": ev.max_new_tokens,
+            "evaluation.kl_samples": ev.kl_samples,
         }
         for key, value in positive.items():
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise RecipeError(f"{where}: {key} must be positive, got {value}")
-        if not 0 < self.generation.top_p <= 1:
-            raise RecipeError(f"{where}: generation.top_p must be in (0, 1], got {self.generation.top_p}")
-        if self.generation.temperature < 0:
-            raise RecipeError(f"{where}: generation.temperature must be >= 0")
+        non_negative = {
+            "training.weight_decay": t.weight_decay,
+            "training.nll_weight": t.nll_weight,
+            "evaluation.report_prompts": ev.report_prompts,
+            "generation.temperature": g.temperature,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise RecipeError(f"{where}: {key} must be >= 0, got {value}")
+        for key, value in {"training.warmup_ratio": t.warmup_ratio, "training.lora_dropout": t.lora_dropout}.items():
+            if not 0 <= value < 1:
+                raise RecipeError(f"{where}: {key} must be in [0, 1), got {value}")
+        if not 0 < g.top_p <= 1:
+            raise RecipeError(f"{where}: generation.top_p must be in (0, 1], got {g.top_p}")
+        if demo.hidden_size % demo.num_heads:
+            raise RecipeError(f"{where}: demo_model.hidden_size ({demo.hidden_size}) must be a multiple of demo_model.num_heads ({demo.num_heads})")
+        # label_smoothing: the flip rate of cDPO (dpo_sigmoid) and robust DPO; at 0.5 or more the labels
+        # carry no information (and robust's 1/(1 - 2 eps) blows up), and the other losses have no use for it.
+        if not 0 <= t.label_smoothing < 0.5:
+            raise RecipeError(f"{where}: training.label_smoothing must be in [0, 0.5), got {t.label_smoothing}")
+        if t.label_smoothing and self.loss not in ("dpo_sigmoid", "robust"):
+            raise RecipeError(
+                f"{where}: training.label_smoothing applies to losses dpo_sigmoid (cDPO) and robust only; loss {self.loss} would ignore it"
+            )
+        # Every prompt must fit beside a full-length sample in a training sequence (see prompt_token_limit).
+        if g.max_new_tokens >= t.max_length:
+            raise RecipeError(
+                f"{where}: generation.max_new_tokens ({g.max_new_tokens}) leaves no room for a prompt in training.max_length ({t.max_length})"
+            )
+
+    @property
+    def prompt_token_limit(self) -> int:
+        """Longest prompt (chat-formatted, in tokens) a round samples from: data.max_prompt_tokens, but
+        never more than training.max_length - generation.max_new_tokens, so every prompt fits beside a
+        full-length sample and training never has to cut a prompt (models/logps.py, encode_pair).
+        Longer prompts are dropped or refused by data.overlong_prompts."""
+        return min(self.data.max_prompt_tokens, self.training.max_length - self.generation.max_new_tokens)
 
     @property
     def loss(self) -> str:
@@ -217,7 +277,12 @@ class Recipe:
             return self
         merged = _deep_merge(self.to_dict(), self.rounds[round_idx - 1])
         merged["rounds"] = []
-        return recipe_from_dict(merged, f"{self.name} rounds[{round_idx - 1}]")
+        where = f"{self.name} rounds[{round_idx - 1}]"
+        try:
+            return recipe_from_dict(merged, where)
+        except RecipeError as exc:  # a rule broken by the round's values: say which round
+            message, own = str(exc), f"{self.name}: "
+            raise RecipeError(f"{where}: {message[len(own):]}" if message.startswith(own) else message) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -97,3 +97,56 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("training: [unclosed")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize("key", [
+    "training.save_steps", "training.max_length", "training.lora_r", "training.lora_alpha", "training.max_grad_norm",
+    "judge.batch_size", "judge.max_new_tokens", "evaluation.max_new_tokens", "evaluation.kl_samples",
+    "data.max_prompt_tokens", "data.prompts_per_round", "demo_model.sft_steps", "demo_model.num_heads",
+])
+@pytest.mark.parametrize("value", [0, -1])
+def test_zero_or_negative_counts_fail_at_load_naming_the_key(tmp_path, key, value):
+    section, name = key.split(".")
+    with pytest.raises(RecipeError, match=rf"^r: {key} must be positive, got {value}(\.0)?$"):  # one line, the key named
+        load_recipe(write(tmp_path, {section: {name: value}}))
+
+
+def test_ranges_fail_at_load_naming_the_key(tmp_path):
+    for key, value, message in [
+        ("training.weight_decay", -0.1, "must be >= 0"), ("training.nll_weight", -1.0, "must be >= 0"),
+        ("training.warmup_ratio", 1.0, r"must be in \[0, 1\)"), ("training.lora_dropout", -0.1, r"must be in \[0, 1\)"),
+        ("training.label_smoothing", 0.5, r"must be in \[0, 0.5\)"), ("training.label_smoothing", -0.1, r"must be in \[0, 0.5\)"),
+    ]:
+        section, name = key.split(".")
+        with pytest.raises(RecipeError, match=rf"{key} {message}"):
+            load_recipe(write(tmp_path, {section: {name: value}}))
+    with pytest.raises(RecipeError, match=r"rounds\[1\].*training.save_steps must be positive"):  # per-round values too
+        load_recipe(write(tmp_path, {"rounds": [{}, {"training": {"save_steps": 0}}]}))
+
+
+def test_label_smoothing_only_where_a_loss_uses_it(tmp_path):
+    assert load_recipe(write(tmp_path, {"training": {"label_smoothing": 0.1}})).training.label_smoothing == 0.1  # cDPO
+    assert load_recipe(write(tmp_path, {"training": {"loss": "robust", "label_smoothing": 0.1}})).loss == "robust"
+    with pytest.raises(RecipeError, match="training.label_smoothing applies to losses dpo_sigmoid .cDPO. and robust only; loss ipo"):
+        load_recipe(write(tmp_path, {"training": {"loss": "ipo", "label_smoothing": 0.1}}))
+
+
+def test_prompt_token_limit_leaves_room_for_a_full_sample(tmp_path):
+    recipe = load_recipe(write(tmp_path, {"data": {"max_prompt_tokens": 1024}, "generation": {"max_new_tokens": 512},
+                                          "training": {"max_length": 1024}}))
+    assert recipe.prompt_token_limit == 512
+    assert load_recipe(write(tmp_path, {"data": {"max_prompt_tokens": 100}})).prompt_token_limit == 100
+    with pytest.raises(RecipeError, match=r"generation.max_new_tokens \(128\) leaves no room for a prompt in training.max_length \(128\)"):
+        load_recipe(write(tmp_path, {"generation": {"max_new_tokens": 128}, "training": {"max_length": 128}}))
+
+
+@pytest.mark.parametrize("name", ["spin_qwen2.5-0.5b.yaml", "spin_qwen2.5-0.5b_qlora.yaml"])
+def test_spin_recipes_follow_the_official_schedule(name):
+    # uclaml/SPIN scripts/finetune.sh, finetune_iter1.sh, _iter2.sh, _iter3.sh: lr 5e-7, 5e-7, 1e-7, 1e-7;
+    # beta 0.1, 0.1, 0.1, 5.0; --num_train_epochs=6 each. Our LoRA recipes scale every lr by the same factor.
+    recipe = load_recipe(CONFIG_DIR / name)
+    rounds = [recipe.for_round(r).training for r in range(1, 5)]
+    scale = rounds[0].learning_rate / 5e-7
+    assert [t.learning_rate / scale for t in rounds] == pytest.approx([5e-7, 5e-7, 1e-7, 1e-7])
+    assert [t.beta for t in rounds] == [0.1, 0.1, 0.1, 5.0]
+    assert [t.epochs for t in rounds] == [6, 6, 6, 6]
