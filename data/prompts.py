@@ -161,8 +161,10 @@ def format_completion(tokenizer, prompt: str, response: str, system: str | None 
     return response + (tokenizer.eos_token or "")
 
 
-def filter_overlong(frame: pd.DataFrame, tokenizer, max_tokens: int, policy: str, source: str) -> tuple[pd.DataFrame, int]:
-    """Drop (policy 'filter') or refuse (policy 'error') prompts longer than `max_tokens` once formatted."""
+def filter_overlong(frame: pd.DataFrame, tokenizer, max_tokens: int, policy: str, source: str,
+                    limit_name: str = "data.max_prompt_tokens") -> tuple[pd.DataFrame, int]:
+    """Drop (policy 'filter') or refuse (policy 'error') prompts longer than `max_tokens` once formatted;
+    `limit_name` says in messages where the limit comes from."""
     lengths = [
         len(tokenizer(format_prompt(tokenizer, p, s), add_special_tokens=False).input_ids)
         for p, s in zip(frame.prompt, frame.system)
@@ -171,9 +173,9 @@ def filter_overlong(frame: pd.DataFrame, tokenizer, max_tokens: int, policy: str
     if any(too_long) and policy == "error":
         row = too_long.index(True)
         raise DataError(
-            f"{source}: row {row}: field 'prompt' is {lengths[row]} tokens, over data.max_prompt_tokens={max_tokens}"
+            f"{source}: row {row}: field 'prompt' is {lengths[row]} tokens, over {limit_name}={max_tokens}"
         )
     kept = frame[[not t for t in too_long]].reset_index(drop=True)
     if kept.empty:
-        raise DataError(f"{source}: every prompt is longer than data.max_prompt_tokens={max_tokens}")
+        raise DataError(f"{source}: every prompt is longer than {limit_name}={max_tokens}")
     return kept, sum(too_long)

@@ -169,11 +169,12 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
     work_dir = Path(work_dir)
     gen = recipe.generation
     tokenizer = load_tokenizer(model_path, recipe.model)
-    prompts, dropped = filter_overlong(
-        prompts, tokenizer, recipe.data.max_prompt_tokens, recipe.data.overlong_prompts, recipe.data.train
-    )
+    # The limit leaves room for a full-length sample in training.max_length, so no prompt is cut in training.
+    limit = recipe.prompt_token_limit
+    limit_name = "data.max_prompt_tokens" if limit == recipe.data.max_prompt_tokens else "training.max_length - generation.max_new_tokens"
+    prompts, dropped = filter_overlong(prompts, tokenizer, limit, recipe.data.overlong_prompts, recipe.data.train, limit_name)
     if dropped:
-        log.info("generation: skipped %d prompts longer than data.max_prompt_tokens=%d", dropped, recipe.data.max_prompt_tokens)
+        log.info("generation: skipped %d prompts longer than %s=%d", dropped, limit_name, limit)
     model, parts = None, []
     for shard_idx, start in enumerate(range(0, len(prompts), gen.shard_size)):
         part_path = work_dir / f"part-{shard_idx:05d}.parquet"

@@ -28,19 +28,43 @@ class Encoded:
         return len(self.prompt_ids) + len(self.completion_ids)
 
 
-def encode(tokenizer, prompt_text: str, completion_text: str, max_length: int) -> Encoded:
-    """Token ids of prompt and completion, at most `max_length` together.
+def truncate_group(prompt_ids: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int | None = None):
+    """Cut one prompt and the completions that share it so each (prompt, completion) fits `max_length`.
 
-    When too long, the prompt keeps its last tokens (at least half of `max_length`, or all of it if
-    shorter) and the completion its first: the loss is on the completion, its start matters most.
+    TRL's DPO rule (DPOTrainer.tokenize_row): the decision is taken once, on the longest completion,
+    so every completion keeps the same prompt tokens: DPO compares pi(y_w|x) with pi(y_l|x) for one x.
+    When prompt + longest completion is too long, the prompt keeps its last tokens, at least
+    `max_prompt_length` of them (default max_length // 2; the pipeline passes its prompt limit, so
+    prompts that passed it are never cut), then every completion keeps its first max_length - prompt.
     """
+    if max_prompt_length is None:
+        max_prompt_length = max_length // 2
+    longest = max((len(c) for c in completions), default=0)
+    if len(prompt_ids) + longest > max_length:
+        keep = min(len(prompt_ids), max(max_length - longest, max_prompt_length), max_length - 1)
+        prompt_ids = prompt_ids[len(prompt_ids) - keep :]
+        completions = [c[: max_length - keep] for c in completions]
+    return prompt_ids, completions
+
+
+def encode(tokenizer, prompt_text: str, completion_text: str, max_length: int, max_prompt_length: int | None = None) -> Encoded:
+    """Token ids of prompt and completion, at most `max_length` together (rule: `truncate_group`)."""
+    return encode_group(tokenizer, prompt_text, [completion_text], max_length, max_prompt_length)[0]
+
+
+def encode_pair(tokenizer, prompt_text: str, chosen_text: str, rejected_text: str, max_length: int,
+                max_prompt_length: int | None = None) -> tuple[Encoded, Encoded]:
+    """Chosen and rejected of one preference pair, both with the same (possibly cut) prompt tokens."""
+    chosen, rejected = encode_group(tokenizer, prompt_text, [chosen_text, rejected_text], max_length, max_prompt_length)
+    return chosen, rejected
+
+
+def encode_group(tokenizer, prompt_text: str, completion_texts: list[str], max_length: int,
+                 max_prompt_length: int | None = None) -> list[Encoded]:
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
-    completion_ids = tokenizer(completion_text, add_special_tokens=False).input_ids
-    if len(prompt_ids) + len(completion_ids) > max_length:
-        keep_prompt = min(len(prompt_ids), max(max_length - len(completion_ids), max_length // 2))
-        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
-        completion_ids = completion_ids[: max_length - keep_prompt]
-    return Encoded(prompt_ids, completion_ids)
+    completions = [tokenizer(text, add_special_tokens=False).input_ids for text in completion_texts]
+    prompt_ids, completions = truncate_group(prompt_ids, completions, max_length, max_prompt_length)
+    return [Encoded(prompt_ids, ids) for ids in completions]
 
 
 def collate(items: list[Encoded], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:

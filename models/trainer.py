@@ -37,7 +37,7 @@ import torch
 
 from data.prompts import format_completion, format_prompt
 from data.schema import atomic_write_json, write_parquet
-from models.logps import Encoded, batched_logps, collate, encode, sequence_logps
+from models.logps import Encoded, batched_logps, collate, encode_pair, sequence_logps
 from models.losses import LOSSES, PreferenceBatch, chosen_nll, implicit_rewards
 from pipeline.errors import TrainingError
 
@@ -58,14 +58,18 @@ class PolicyLogps(torch.nn.Module):
         return sequence_logps(self.model, batch)
 
 
-def encode_pairs(tokenizer, pairs: pd.DataFrame, max_length: int) -> tuple[list[Encoded], list[Encoded]]:
+def encode_pairs(tokenizer, pairs: pd.DataFrame, max_length: int, max_prompt_length: int | None = None) -> tuple[list[Encoded], list[Encoded]]:
+    """Token ids of every pair; the prompt is cut once per pair, so both sides share it (encode_pair)."""
     chosen, rejected = [], []
     systems = pairs["system"] if "system" in pairs.columns else [None] * len(pairs)
     for prompt, system, good, bad in zip(pairs.prompt, systems, pairs.chosen, pairs.rejected):
         system = system if isinstance(system, str) else None
-        prompt_text = format_prompt(tokenizer, prompt, system)
-        chosen.append(encode(tokenizer, prompt_text, format_completion(tokenizer, prompt, good, system), max_length))
-        rejected.append(encode(tokenizer, prompt_text, format_completion(tokenizer, prompt, bad, system), max_length))
+        good_ids, bad_ids = encode_pair(
+            tokenizer, format_prompt(tokenizer, prompt, system), format_completion(tokenizer, prompt, good, system),
+            format_completion(tokenizer, prompt, bad, system), max_length, max_prompt_length,
+        )
+        chosen.append(good_ids)
+        rejected.append(bad_ids)
     return chosen, rejected
 
 
@@ -178,7 +182,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     model = add_lora(model, cfg, quantized=quantized, adapter_dir=round_adapter(parent) if continued else None)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
-    chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length)
+    chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length, recipe.prompt_token_limit)
     loss_name = recipe.loss
     reference_start = time.perf_counter()
     if loss_name in REFERENCE_FREE:

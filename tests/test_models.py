@@ -121,6 +121,45 @@ def test_encode_keeps_the_prompt_end_and_the_completion_start():
     assert (len(long_completion.prompt_ids), len(long_completion.completion_ids)) == (20, 40)
 
 
+def test_a_pair_shares_one_prompt_cut_once_by_the_longer_side():
+    import pandas as pd
+
+    from models.logps import encode_pair
+    from models.trainer import encode_pairs
+
+    tok = build_byte_tokenizer()
+    chosen, rejected = encode_pair(tok, "p" * 50, "c" * 40, "r" * 5, max_length=60)
+    assert chosen.prompt_ids == rejected.prompt_ids and len(chosen.prompt_ids) == 30  # TRL: decided on the longest side
+    assert (len(chosen.completion_ids), len(rejected.completion_ids)) == (30, 5)
+    # A prompt within the pipeline's prompt limit is never cut; the completions share what is left.
+    chosen, rejected = encode_pair(tok, "p" * 50, "c" * 40, "r" * 5, max_length=60, max_prompt_length=50)
+    assert chosen.prompt_ids == rejected.prompt_ids and (len(chosen.prompt_ids), len(chosen.completion_ids)) == (50, 10)
+    # Through the trainer: a long ground truth and a short sample get the same prompt tokens.
+    pairs = pd.DataFrame({"prompt": ["q" * 40], "chosen": ["long answer " * 10], "rejected": ["short"]})
+    [good], [bad] = encode_pairs(tok, pairs, max_length=64)
+    assert good.prompt_ids == bad.prompt_ids and len(good) <= 64 and len(bad) <= 64
+
+
+def test_generation_keeps_only_prompts_that_fit_beside_a_full_sample(saved, tmp_path):
+    import pandas as pd
+
+    from configs.recipe import recipe_from_dict
+    from models.generation import generate_round
+    from pipeline.errors import DataError
+
+    path, _ = saved
+    # 40 tokens of training sequence, 8 of them for the sample: prompts over 32 tokens could not be trained on whole.
+    data = {"model": {"precision": "fp32"}, "data": {"max_prompt_tokens": 128}, "generation": {"max_new_tokens": 8},
+            "training": {"max_length": 40}}
+    prompts = pd.DataFrame({"prompt_id": ["fits", "long"], "prompt": ["x" * 10, "y" * 30], "system": [None, None],
+                            "reference": ["a", "b"]})
+    frame, stats = generate_round(recipe_from_dict(data), str(path), prompts, 1, tmp_path / "work")
+    assert list(frame.prompt_id) == ["fits"] and stats["prompts_too_long"] == 1
+    data["data"]["overlong_prompts"] = "error"
+    with pytest.raises(DataError, match=r"row 1: field 'prompt' is \d+ tokens, over training.max_length - generation.max_new_tokens=32"):
+        generate_round(recipe_from_dict(data), str(path), prompts, 1, tmp_path / "work2")
+
+
 def trained_adapter(path, tok):
     """A LoRA model whose adapter is not zero, one encoded example and its log-prob under the model."""
     model = add_lora(load_causal_lm(str(path), FP32), TrainingConfig(lora_r=4, lora_alpha=8))
