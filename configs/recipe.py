@@ -108,6 +108,11 @@ class JudgeConfig:
     self_mode: Literal["pointwise", "pairwise"] = "pointwise"
     batch_size: int = 16
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens the self-judge may write."})
+    unfinished: Literal["keep", "drop", "penalize"] = field(
+        default="penalize",
+        metadata={"help": "Samples cut at max_new_tokens: penalize = lose to every finished one (never chosen); "
+                          "drop = never paired; keep = paired like any other."},
+    )
 
 
 @dataclass

@@ -109,7 +109,7 @@ def load_prompts(source: str, split: str, cfg: DataConfig, require_reference: bo
         out = {
             "prompt_id": str(given_id) if given_id is not None and not pd.isna(given_id) else _stable_id(prompt),
             "prompt": prompt,
-            "reference": reference if isinstance(reference, str) else None,
+            "reference": clean_response(reference) if isinstance(reference, str) else None,
             "system": system or cfg.system_prompt,
         }
         out.update({k: str(record[k]) for k in PASSTHROUGH if k in record and record[k] is not None})
@@ -134,6 +134,17 @@ def round_prompts(frame: pd.DataFrame, round_idx: int, per_round: int | None) ->
     start = ((round_idx - 1) * per_round) % len(frame)
     idx = [(start + i) % len(frame) for i in range(per_round)]
     return frame.iloc[idx].reset_index(drop=True)
+
+
+def clean_response(text: str) -> str:
+    """The one normalisation every response gets, sampled or ground truth: surrounding whitespace removed.
+
+    Samples are decoded up to their end-of-turn token and stripped; a reference must be treated the
+    same way, or SPIN's chosen side (the dataset's answer, often ending in a newline in UltraChat) and
+    rejected side (a stripped sample) differ in whitespace alone, which the model can learn instead of
+    the content.
+    """
+    return text.strip()
 
 
 def _messages(prompt: str, system: str | None) -> list[dict]:

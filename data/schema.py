@@ -48,7 +48,8 @@ GENERATIONS = ArtifactSchema(
     },
     non_empty=("prompt_id", "prompt"),
     unique=("prompt_id", "sample_index"),
-    optional=(("reference", pa.string()), ("task", pa.string()), ("answer", pa.string()), ("finished", pa.bool_())),
+    optional=(("reference", pa.string()), ("task", pa.string()), ("answer", pa.string()), ("finished", pa.bool_()),
+              ("token_ids", pa.list_(pa.int64()))),
 )
 
 PAIRS = ArtifactSchema(
@@ -65,7 +66,8 @@ PAIRS = ArtifactSchema(
     },
     non_empty=("prompt_id", "prompt", "chosen"),
     unique=("prompt_id",),
-    optional=(("chosen_index", pa.int64()), ("rejected_index", pa.int64()), ("prob_matrix", PROB_MATRIX)),
+    optional=(("chosen_index", pa.int64()), ("rejected_index", pa.int64()), ("prob_matrix", PROB_MATRIX),
+              ("chosen_finished", pa.bool_()), ("rejected_finished", pa.bool_())),
 )
 
 EVAL = ArtifactSchema(
@@ -82,7 +84,8 @@ EVAL = ArtifactSchema(
     },
     non_empty=("prompt_id", "prompt"),
     unique=("prompt_id", "kind", "sample_index"),
-    optional=(("correct", pa.bool_()), ("base_logp", pa.float64())),
+    optional=(("correct", pa.bool_()), ("base_logp", pa.float64()), ("finished", pa.bool_()),
+              ("token_ids", pa.list_(pa.int64()))),
 )
 
 

@@ -577,6 +577,7 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
     checkpoint's adapter/) is applied to every request as a vLLM LoRA request, unmerged; vLLM loads
     the base unquantised, so for a QLoRA run its policy is W + BA rather than the trained nf4(W) + BA.
     """
+    from data.prompts import clean_response
     from pipeline.errors import ModelError
 
     try:
@@ -641,7 +642,8 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
         samples = []
         for completion in sorted(request.outputs, key=lambda c: c.index):
             finished = completion.finish_reason == "stop"
-            samples.append(Sample(text=completion.text.strip(), num_tokens=len(completion.token_ids), finished=finished))
+            samples.append(Sample(text=clean_response(completion.text), num_tokens=len(completion.token_ids), finished=finished,
+                                  token_ids=list(completion.token_ids)))
         results.append(samples)
     return results
 

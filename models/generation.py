@@ -15,7 +15,7 @@ out-of-memory the batch size is halved and the batch retried (logged), instead o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,9 +35,10 @@ class SamplingSettings:
 
 @dataclass
 class Sample:
-    text: str
+    text: str  # decoded without special tokens, then data.prompts.clean_response
     num_tokens: int
     finished: bool  # ended with an end-of-sequence token rather than the length limit
+    token_ids: list[int] = field(default_factory=list)  # the sampled ids, the ending EOS included when finished
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -72,12 +73,14 @@ def _hf_generate(model, tokenizer, input_ids, attention_mask, settings: Sampling
 
 
 def _decode(tokenizer, new_tokens: torch.Tensor, eos_ids: list[int]) -> list[Sample]:
+    from data.prompts import clean_response
+
     samples = []
     for row in new_tokens.tolist():
         end = next((i for i, tok in enumerate(row) if tok in eos_ids), None)
-        kept = row if end is None else row[:end]
-        text = tokenizer.decode(kept, skip_special_tokens=True)
-        samples.append(Sample(text=text.strip(), num_tokens=len(kept) + (end is not None), finished=end is not None))
+        sampled = row if end is None else row[: end + 1]  # what follows the EOS is padding
+        text = tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True)
+        samples.append(Sample(text=clean_response(text), num_tokens=len(sampled), finished=end is not None, token_ids=sampled))
     return samples
 
 
@@ -213,6 +216,7 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
                 "round": round_idx,
                 "num_tokens": sample.num_tokens,
                 "finished": sample.finished,
+                "token_ids": sample.token_ids,
             }
             for row, row_samples in zip(shard.to_dict("records"), samples)
             for k, sample in enumerate(row_samples)

@@ -261,27 +261,47 @@ def ranking_scores(result: JudgeResult, algorithm: str) -> np.ndarray:
     return result.win_probs if algorithm == "sppo" or result.scores is None else result.scores
 
 
-def select_pair(result: JudgeResult, algorithm: str, responses: list[str] | None = None) -> tuple[int, int] | None:
+def select_pair(result: JudgeResult, algorithm: str, responses: list[str] | None = None,
+                finished: list[bool] | None = None) -> tuple[int, int] | None:
     """(chosen, rejected) indices: best and worst by `ranking_scores`; None when every response ties.
 
     Coarse judges (a verifier's right/wrong) tie many responses at the top and the bottom. Among tied
     ones, take the response the model sampled most often: the rejected side is then the model's most
     likely wrong answer rather than a rare stray sample, so the pair pushes on what greedy decoding
     would say. Counting samples costs nothing; ranking ties by log-prob would need another pass.
+
+    With `finished` (judge.unfinished: penalize), a sample cut at max_new_tokens ranks below every
+    finished one whatever the judge said: the chosen side is the best finished sample (None when there
+    is none), the rejected side the worst unfinished one when there is one.
     """
     key = ranking_scores(result, algorithm)
-    if np.all(np.isnan(key)):
+    valid = ~np.isnan(key)
+    done = np.ones(len(key), dtype=bool) if finished is None else np.asarray(finished, dtype=bool)
+    top_pool = valid & done
+    bottom_pool = valid & ~done if (valid & ~done).any() else valid
+    if not top_pool.any():
         return None
-    top, bottom = np.nanmax(key), np.nanmin(key)
-    if top == bottom:
+    top, bottom = key[top_pool].max(), key[bottom_pool].min()
+    if top == bottom and done[bottom_pool].all():
         return None
     counts = Counter(_normalized(r) for r in responses) if responses is not None else None
 
-    def most_sampled(value: float) -> int:
-        tied = [i for i in range(len(key)) if key[i] == value]
+    def most_sampled(value: float, pool: np.ndarray) -> int:
+        tied = [i for i in range(len(key)) if pool[i] and key[i] == value]
         return max(tied, key=lambda i: counts[_normalized(responses[i])]) if counts else tied[0]
 
-    return most_sampled(top), most_sampled(bottom)
+    return most_sampled(top, top_pool), most_sampled(bottom, bottom_pool)
+
+
+def penalize_unfinished(result: JudgeResult, finished: list[bool]) -> JudgeResult:
+    """The judge's matrix with every finished sample beating every unfinished one (P = 1), ties within
+    each group left to the judge; SPPO's win probabilities (its training targets) then carry the penalty
+    too: a finished sample's row mean is always above an unfinished one's."""
+    done = np.asarray(finished, dtype=bool)
+    prob = result.prob_matrix.copy()
+    prob[np.ix_(done, ~done)] = 1.0
+    prob[np.ix_(~done, done)] = 0.0
+    return JudgeResult(prob, scores=result.scores, unparsed=result.unparsed)
 
 
 def _normalized(text: str) -> str:
@@ -303,26 +323,51 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
     SPPO / DPO: the judge's K x K matrix per prompt; chosen = best, rejected = worst (see
     select_pair); the scores are the mean win probabilities (SPPO) or the judge's scores (DPO); the
     full matrix is kept in `prob_matrix` for the drift analysis.
+
+    Samples cut at max_new_tokens (`finished` false in the generations) follow `judge.unfinished`:
+    keep = pair them like any other; drop = never pair them (a prompt left with fewer than two, or for
+    SPIN an unfinished sample, is skipped); penalize = they lose to every finished sample, so one can
+    be rejected but never chosen (a chosen response cut mid-sentence, then closed with the end-of-turn
+    token in training, would teach the model to stop anywhere). For SPIN, whose chosen side is always
+    the ground truth, penalize pairs them as keep does. The stats count unfinished samples, prompts
+    skipped for them and pairs whose rejected side is one.
     """
     import pandas as pd
 
+    from data.prompts import clean_response
+
+    policy = recipe.judge.unfinished
     keep = ("prompt_id", "prompt", "system", "task", "answer")
+    if "finished" not in generations.columns:  # generations written before `finished` was recorded
+        generations = generations.assign(finished=True)
+    generations = generations.assign(finished=generations.finished.fillna(True).astype(bool))
     grouped = [(pid, g.sort_values("sample_index")) for pid, g in generations.groupby("prompt_id", sort=False)]
-    rows, stats = [], {"prompts": len(grouped), "pairs": 0, "skipped_ties": 0, "skipped_identical": 0, "unparsed_judgements": 0}
+    rows = []
+    stats = {"prompts": len(grouped), "pairs": 0, "skipped_ties": 0, "skipped_identical": 0, "unparsed_judgements": 0,
+             "unfinished_samples": int((~generations.finished).sum()), "skipped_unfinished": 0, "pairs_rejected_unfinished": 0}
     if recipe.algorithm == "spin":
         for _pid, group in grouped:
             first = group.iloc[0]
-            if _same_text(first.reference, first.response):
+            if policy == "drop" and not first.finished:
+                stats["skipped_unfinished"] += 1
+                continue
+            reference = clean_response(first.reference)  # the same normalisation as the sample had
+            if _same_text(reference, first.response):
                 stats["skipped_identical"] += 1
                 continue
             rows.append({
                 **{k: first.get(k) for k in keep if k in group.columns},
-                "chosen": first.reference, "rejected": first.response,
+                "chosen": reference, "rejected": first.response,
                 "chosen_score": math.nan, "rejected_score": math.nan,
                 "chosen_index": -1, "rejected_index": int(first.sample_index),
                 "chosen_win_prob": math.nan, "rejected_win_prob": math.nan, "prob_matrix": None,
+                "chosen_finished": True, "rejected_finished": bool(first.finished),
             })
     else:
+        if policy == "drop":
+            kept = [(pid, g[g.finished]) for pid, g in grouped]
+            stats["skipped_unfinished"] += sum(len(g) < 2 for _pid, g in kept)
+            grouped = [(pid, g) for pid, g in kept if len(g) >= 2]
         groups = [
             JudgeGroup(
                 prompt=g.prompt.iloc[0], responses=g.response.tolist(), system=_first(g, "system"),
@@ -330,12 +375,16 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
             )
             for _pid, g in grouped
         ]
-        results = judge.judge(groups)
+        results = judge.judge(groups) if groups else []
         for (_pid, group), result in zip(grouped, results):
             stats["unparsed_judgements"] += result.unparsed
-            picked = select_pair(result, recipe.algorithm, group.response.tolist())
+            finished = group.finished.tolist()
+            penalize = policy == "penalize" and not all(finished)
+            if penalize:
+                result = penalize_unfinished(result, finished)
+            picked = select_pair(result, recipe.algorithm, group.response.tolist(), finished if penalize else None)
             if picked is None:
-                stats["skipped_ties"] += 1
+                stats["skipped_unfinished" if penalize and not any(finished) else "skipped_ties"] += 1
                 continue
             best, worst = picked
             chosen, rejected = group.iloc[best], group.iloc[worst]
@@ -347,13 +396,15 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
                 **{k: chosen.get(k) for k in keep if k in group.columns},
                 "chosen": chosen.response, "rejected": rejected.response,
                 "chosen_score": float(score[best]), "rejected_score": float(score[worst]),
-                "chosen_index": best, "rejected_index": worst,
+                "chosen_index": int(chosen.sample_index), "rejected_index": int(rejected.sample_index),
                 "chosen_win_prob": float(win[best]), "rejected_win_prob": float(win[worst]),
                 "prob_matrix": result.prob_matrix.tolist(),
+                "chosen_finished": bool(chosen.finished), "rejected_finished": bool(rejected.finished),
             })
     stats["pairs"] = len(rows)
+    stats["pairs_rejected_unfinished"] = sum(not row["rejected_finished"] for row in rows)
     columns = [*keep, "chosen", "rejected", "chosen_score", "rejected_score", "chosen_index", "rejected_index",
-               "chosen_win_prob", "rejected_win_prob", "prob_matrix"]
+               "chosen_win_prob", "rejected_win_prob", "prob_matrix", "chosen_finished", "rejected_finished"]
     frame = pd.DataFrame(rows, columns=columns)
     frame = frame.assign(round=round_idx, judge=recipe.judge.name)
     return frame, stats

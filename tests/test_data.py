@@ -79,6 +79,15 @@ def test_repeated_prompts_without_ids_are_dropped_not_fatal(tmp_path):
     assert list(load_prompts(str(path), "train", DataConfig()).prompt) == ["a", "b"]
 
 
+def test_ground_truth_gets_the_normalisation_samples_get(tmp_path):
+    from data.prompts import clean_response
+
+    path = tmp_path / "gt.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "response": "An answer.\n\n"}) + "\n")
+    [reference] = load_prompts(str(path), "train", DataConfig(), require_reference=True).reference
+    assert reference == clean_response("An answer.\n\n") == "An answer."
+
+
 def test_round_prompts_rotate_through_the_set():
     frame = pd.DataFrame({"prompt_id": list("abcde"), "prompt": list("abcde")})
     assert list(round_prompts(frame, 1, 2).prompt_id) == ["a", "b"]

@@ -62,7 +62,8 @@ def generations(responses_by_prompt, answers):
 def test_sppo_pairs_carry_mean_win_probabilities_and_matrix():
     gens = generations([["1", "5", "7"], ["2", "2", "2"], ["9", "9", "4"]], ["5", "3", "4"])
     pairs, stats = pair_round(SPPO, gens, 1, VerifierJudge())
-    assert stats == {"prompts": 3, "pairs": 2, "skipped_ties": 1, "skipped_identical": 0, "unparsed_judgements": 0}
+    assert stats == {"prompts": 3, "pairs": 2, "skipped_ties": 1, "skipped_identical": 0, "unparsed_judgements": 0,
+                     "unfinished_samples": 0, "skipped_unfinished": 0, "pairs_rejected_unfinished": 0}
     first = pairs.iloc[0]
     assert (first.chosen, first.rejected) == ("5", "1")
     # win probabilities: row means with the diagonal counted 0.5, (1 + 0.5 + 1) / 3 and (0.5 + 0 + 0.5) / 3
@@ -196,3 +197,67 @@ def test_reward_model_without_chat_template_scores_the_text_pair_with_special_to
     with torch.no_grad():  # each response scored alone, unpadded, as the model card does
         alone = [judge.model(**tok("why?", r, return_tensors="pt")).logits[0, 0].item() for r in ["because.", "no", "it is so."]]
     assert np.allclose(result.scores, alone, atol=1e-5)
+
+
+class ScoredJudge:
+    """A judge that gives each response the score written in the table (pointwise, like a reward model)."""
+
+    name = "reward_model"
+
+    def __init__(self, table):
+        self.table = table
+
+    def judge(self, groups):
+        out = []
+        for group in groups:
+            scores = np.array([self.table[r] for r in group.responses])
+            out.append(JudgeResult(matrix_from_scores(scores), scores=scores))
+        return out
+
+
+def with_finished(gens, finished):
+    return gens.assign(finished=finished)
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "sppo"])
+def test_unfinished_samples_are_penalized_dropped_or_kept(algorithm):
+    # p0: the judge likes the sample that was cut at max_new_tokens best; p1: every sample was cut.
+    gens = with_finished(generations([["long and cut", "meh", "good"], ["a", "b"]], ["x", "y"]), [False, True, True, False, False])
+    judge = ScoredJudge({"long and cut": 3.0, "meh": 1.0, "good": 2.0, "a": 1.0, "b": 0.0})
+    made = {}
+    for policy in ("keep", "drop", "penalize"):
+        recipe = recipe_from_dict({"algorithm": algorithm, "judge": {"name": "verifier", "unfinished": policy},
+                                   "generation": {"num_samples": 3}})
+        made[policy] = pair_round(recipe, gens, 1, judge)
+    pairs, stats = made["penalize"]  # the default: an unfinished sample can be rejected, never chosen
+    assert recipe_from_dict({}).judge.unfinished == "penalize"
+    assert list(zip(pairs.chosen, pairs.rejected)) == [("good", "long and cut")]
+    assert (pairs.chosen_finished.iloc[0], pairs.rejected_finished.iloc[0]) == (True, False)
+    assert stats["unfinished_samples"] == 3 and stats["skipped_unfinished"] == 1 and stats["pairs_rejected_unfinished"] == 1
+    matrix = np.array(pairs.prob_matrix.iloc[0])
+    assert matrix[1, 0] == matrix[2, 0] == 1.0 and matrix[0, 1] == matrix[0, 2] == 0.0  # finished beats unfinished
+    if algorithm == "sppo":  # the SPPO targets carry the penalty
+        assert pairs.chosen_win_prob.iloc[0] > 0.5 > pairs.rejected_win_prob.iloc[0]
+    pairs, stats = made["drop"]
+    assert list(zip(pairs.chosen, pairs.rejected)) == [("good", "meh")] and stats["skipped_unfinished"] == 1
+    assert (pairs.chosen_index.iloc[0], pairs.rejected_index.iloc[0]) == (2, 1)  # sample indices, not positions
+    pairs, stats = made["keep"]
+    assert list(zip(pairs.chosen, pairs.rejected)) == [("long and cut", "meh"), ("a", "b")]
+    assert stats["skipped_unfinished"] == 0 and stats["pairs_rejected_unfinished"] == 1
+
+
+def test_spin_drops_or_keeps_unfinished_samples_and_counts_them():
+    gens = with_finished(generations([["4"], ["6"]], ["5", "3"]), [False, True])
+    for policy, pairs_made in (("keep", 2), ("penalize", 2), ("drop", 1)):
+        recipe = recipe_from_dict({"judge": {"unfinished": policy}})
+        pairs, stats = pair_round(recipe, gens, 1)
+        assert len(pairs) == pairs_made and stats["unfinished_samples"] == 1
+        assert stats["skipped_unfinished"] == (policy == "drop") and stats["pairs_rejected_unfinished"] == (policy != "drop")
+
+
+def test_spin_reference_is_normalised_like_the_samples():
+    # Samples are stripped when decoded; a ground truth ending in a newline must be too, or "trailing
+    # newline = chosen" is something SPIN can learn.
+    gens = generations([["4"], ["3"]], ["5\n", " 3\n\n"])
+    pairs, stats = pair_round(SPIN, gens, 1)
+    assert list(pairs.chosen) == ["5"] and stats["skipped_identical"] == 1
