@@ -11,7 +11,8 @@ that every later round scores. Figures, all on prompts no round trains on:
   self-judge is the *base* model here, a fixed referee, not the model being graded;
 - length: mean, median and 90th percentile of response tokens;
 - distinct_1 / distinct_2: unique n-grams over all n-grams of the samples (diversity, collapse);
-- kl_vs_base: Monte-Carlo KL(pi_r || pi_base) = mean over samples y ~ pi_r of log pi_r(y) - log pi_base(y);
+- kl_vs_base: Monte-Carlo KL(pi_r || pi_base) = mean over samples y ~ pi_r of log pi_r(y) - log pi_base(y),
+  y being the sampled token ids themselves (`token_ids`), not a re-tokenisation of the decoded text;
 - implicit_reward_accuracy / margin: on the held-out pairs, r(y) = beta (log pi_r(y) - log pi_{r-1}(y))
   (DPO's implicit reward, Rafailov et al. 2023, Eq. 5): how often r(chosen) > r(rejected), and by how much.
 
@@ -28,8 +29,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from data.prompts import format_completion, format_prompt
-from models.logps import batched_logps, encode
+from data.prompts import clean_response, format_completion, format_prompt
+from models.logps import Encoded, batched_logps, encode, encode_pair
 
 log = logging.getLogger("selfplay")
 EVAL_MAX_LENGTH = 2048
@@ -82,12 +83,49 @@ def eval_judge_name(recipe, prompts: pd.DataFrame) -> str | None:
     return None if name == "none" else name
 
 
-def _logps(model, tokenizer, prompts: pd.DataFrame, responses: list[str], batch_size: int, device) -> list[float]:
-    items = []
-    for row, response in zip(prompts.to_dict("records"), responses):
-        prompt_text = format_prompt(tokenizer, row["prompt"], row.get("system"))
-        items.append(encode(tokenizer, prompt_text, format_completion(tokenizer, row["prompt"], response, row.get("system")), EVAL_MAX_LENGTH))
-    return batched_logps(model, tokenizer, items, batch_size, device, "eval logps")[0]
+def _sampled_ids(value) -> list[int] | None:
+    """A row's `token_ids` as a list, or None where it has none (pair rows; frames written before them)."""
+    return None if value is None or isinstance(value, float) else [int(t) for t in value]
+
+
+def encode_eval_rows(tokenizer, frame: pd.DataFrame, prompts_by_id: pd.DataFrame) -> list[Encoded]:
+    """What each eval row's log-prob is taken of.
+
+    Generated rows (greedy, sample): the prompt's ids followed by the sampled token ids themselves, so
+    the KL estimate scores exactly the y ~ pi_r that was drawn. Re-tokenising the decoded, stripped
+    text would score another sequence: whitespace gone, the ending EOS replaced by the template's
+    end-of-turn text, and a different split into tokens where the sample's was not canonical.
+    Held-out pairs: the reference and the base's sample as text, one prompt cut for both (encode_pair).
+    """
+    items: list[Encoded | None] = [None] * len(frame)
+    pair_rows: dict[str, dict[str, int]] = {}
+    prompt_ids: dict[str, list[int]] = {}
+    rows = frame.reset_index(drop=True).to_dict("records")
+    def prompt_of(prompt_id) -> tuple[str, str | None]:
+        row = prompts_by_id.loc[prompt_id]
+        system = row.get("system")
+        return row["prompt"], system if isinstance(system, str) else None
+
+    for i, row in enumerate(rows):
+        prompt, system = prompt_of(row["prompt_id"])
+        sampled = _sampled_ids(row.get("token_ids"))
+        if row["kind"].startswith("pair_"):
+            pair_rows.setdefault(row["prompt_id"], {})[row["kind"]] = i
+        elif sampled is not None:
+            if row["prompt_id"] not in prompt_ids:
+                prompt_ids[row["prompt_id"]] = tokenizer(format_prompt(tokenizer, prompt, system), add_special_tokens=False).input_ids
+            items[i] = Encoded(prompt_ids[row["prompt_id"]], sampled)
+        else:
+            completion = format_completion(tokenizer, prompt, row["response"], system)
+            items[i] = encode(tokenizer, format_prompt(tokenizer, prompt, system), completion, EVAL_MAX_LENGTH)
+    for pid, kinds in pair_rows.items():
+        prompt, system = prompt_of(pid)
+        chosen_i, rejected_i = kinds["pair_chosen"], kinds["pair_rejected"]
+        chosen, rejected = (format_completion(tokenizer, prompt, rows[i]["response"], system) for i in (chosen_i, rejected_i))
+        items[chosen_i], items[rejected_i] = encode_pair(
+            tokenizer, format_prompt(tokenizer, prompt, system), chosen, rejected, EVAL_MAX_LENGTH
+        )
+    return items
 
 
 def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prompts: pd.DataFrame,
@@ -119,24 +157,27 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
     records = []
     for row, g, samples in zip(prompts.to_dict("records"), greedy, sampled):
         common = {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "round": round_idx, **{c: row[c] for c in meta_cols}}
-        records.append({**common, "kind": "greedy", "sample_index": 0, "response": g[0].text, "num_tokens": g[0].num_tokens})
-        records += [{**common, "kind": "sample", "sample_index": k, "response": s.text, "num_tokens": s.num_tokens}
-                    for k, s in enumerate(samples)]
+        records.append({**common, "kind": "greedy", "sample_index": 0, "response": g[0].text, "num_tokens": g[0].num_tokens,
+                        "finished": g[0].finished, "token_ids": g[0].token_ids})
+        records += [{**common, "kind": "sample", "sample_index": k, "response": s.text, "num_tokens": s.num_tokens,
+                     "finished": s.finished, "token_ids": s.token_ids} for k, s in enumerate(samples)]
     # Held-out pairs: fixed at round 0 as (ground truth, the base's first sample); later rounds rescore them.
     if base is None:
         refs = prompts.set_index("prompt_id")["reference"] if "reference" in prompts else pd.Series(dtype=object)
         for rec in [r for r in records if r["kind"] == "sample" and r["sample_index"] == 0]:
             reference = refs.get(rec["prompt_id"])
             if isinstance(reference, str) and " ".join(reference.split()) != " ".join(rec["response"].split()):
-                records.append({**rec, "kind": "pair_chosen", "response": reference, "num_tokens": 0})
-                records.append({**rec, "kind": "pair_rejected"})
+                # Pairs are scored as text (both sides the same way), so they carry no sampled ids.
+                records.append({**rec, "kind": "pair_chosen", "response": clean_response(reference), "num_tokens": 0,
+                                "finished": True, "token_ids": None})
+                records.append({**rec, "kind": "pair_rejected", "token_ids": None})
     else:
         pair_rows = base[base.kind.isin(["pair_chosen", "pair_rejected"])]
         records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=["logp", "base_logp", "correct"], errors="ignore").to_dict("records")]
     frame = pd.DataFrame(records)
     by_prompt = prompts.set_index("prompt_id")
-    row_prompts = by_prompt.loc[frame.prompt_id].reset_index()
-    frame["logp"] = _logps(model, tokenizer, row_prompts, frame.response.tolist(), batch, device)
+    items = encode_eval_rows(tokenizer, frame, by_prompt)
+    frame["logp"] = batched_logps(model, tokenizer, items, batch, device, "eval logps")[0]
     if meta_cols == ["task", "answer"]:
         frame["correct"] = [verify(t, a, r) for t, a, r in zip(frame.task, frame.answer, frame.response)]
 
@@ -167,8 +208,9 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
                 torch.cuda.empty_cache()
             base_model = load_policy(base_path, recipe.model, quantize=quantize)
         base_tokenizer = load_tokenizer(base_path, recipe.model)
-        sample_prompts = by_prompt.loc[sample_rows.prompt_id].reset_index()
-        frame.loc[sample_rows.index, "base_logp"] = _logps(base_model, base_tokenizer, sample_prompts, sample_rows.response.tolist(), batch, device)
+        # The very token sequences pi_r sampled, scored under the base: one Monte-Carlo term each.
+        sample_items = [items[i] for i in sample_rows.index]
+        frame.loc[sample_rows.index, "base_logp"] = batched_logps(base_model, base_tokenizer, sample_items, batch, device, "eval base logps")[0]
         log_ratio = frame.loc[sample_rows.index, "logp"] - frame.loc[sample_rows.index, "base_logp"]
         metrics["kl_vs_base"], metrics["kl_vs_base_se"] = mean_se(log_ratio.groupby(sample_rows.prompt_id).mean())
         pairs_now = frame[frame.kind.str.startswith("pair_")].set_index(["prompt_id", "kind"]).logp

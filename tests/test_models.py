@@ -255,3 +255,35 @@ def test_tokenizer_without_template_or_eos_is_refused(tmp_path):
     tok.save_pretrained(tmp_path / "base")
     with pytest.raises(ModelError, match="neither a chat template nor an eos token"):
         load_tokenizer(str(tmp_path / "base"), FP32)
+
+
+def test_samples_keep_their_token_ids_with_the_ending_eos():
+    from models.generation import _decode
+
+    tok = build_byte_tokenizer()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    text_ids = tok(" x \n", add_special_tokens=False).input_ids
+    finished, cut = _decode(tok, torch.tensor([text_ids + [eos, pad], text_ids + text_ids[:2]]), [eos])
+    assert finished.text == "x" and finished.finished and finished.token_ids == text_ids + [eos]
+    assert not cut.finished and cut.token_ids == text_ids + text_ids[:2]
+    assert finished.num_tokens == len(finished.token_ids) and cut.num_tokens == len(cut.token_ids)
+
+
+def test_eval_scores_the_sampled_ids_and_one_prompt_per_held_out_pair():
+    import pandas as pd
+
+    from data.prompts import format_prompt
+    from models.evaluation import encode_eval_rows
+
+    tok = build_byte_tokenizer()
+    sampled = tok(" x \n", add_special_tokens=False).input_ids + [tok.eos_token_id]  # decoded and stripped: "x"
+    prompts = pd.DataFrame({"prompt_id": ["p"], "prompt": ["q" * 1500], "system": [None]}).set_index("prompt_id")
+    frame = pd.DataFrame({
+        "prompt_id": ["p"] * 3, "kind": ["sample", "pair_chosen", "pair_rejected"], "response": ["x", "long " * 500, "x"],
+        "token_ids": [sampled, None, None],
+    })
+    sample, chosen, rejected = encode_eval_rows(tok, frame, prompts)
+    assert sample.prompt_ids == tok(format_prompt(tok, "q" * 1500), add_special_tokens=False).input_ids
+    assert sample.completion_ids == sampled  # not the re-tokenised "x<|end|>"
+    # A long prompt and a long reference: cut once for the pair, so both sides see the same prompt tokens.
+    assert chosen.prompt_ids == rejected.prompt_ids and len(chosen) <= 2048
