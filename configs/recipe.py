@@ -77,6 +77,12 @@ class DataConfig:
     response_field: str = "response"
     messages_field: str = "messages"
     id_field: str = "prompt_id"
+    answer_field: str = field(
+        default="answer", metadata={"help": "Column the verifier checks against; when absent, the ground-truth response."}
+    )
+    task_field: str | None = field(
+        default=None, metadata={"help": "Column of task kinds, for figures per kind; null: 'task' when the data has one."}
+    )
     system_prompt: str | None = None
     prompts_per_round: int | None = field(
         default=None, metadata={"help": "Prompts each round samples (rotating through the set); null = all."}
@@ -105,6 +111,11 @@ class GenerationConfig:
 class JudgeConfig:
     name: JudgeName = "ground_truth"
     model: str | None = field(default=None, metadata={"help": "PairRM or reward model path/hub id."})
+    verifier: str | None = field(
+        default=None,
+        metadata={"help": "exact, number, choice, contains, regex, or 'pkg.module:fn' / 'file.py:fn'; null: exact. "
+                          "Pairs for judge verifier; the evaluation's accuracy for every judge."},
+    )
     self_mode: Literal["pointwise", "pairwise"] = "pointwise"
     batch_size: int = 16
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens the self-judge may write."})

@@ -6,7 +6,8 @@ committed; a test regenerates them and checks they are unchanged. Regenerate wit
 
     python -m data.demo_tasks            # writes data/demo/{train,heldout,train_20k}.jsonl
 
-`verify(kind, answer, response)` is what the verifier judge and the evaluation call.
+`verify(kind, answer, response)` is the check; `check(prompt, response, row)` is the same in the form
+a recipe names as its verifier (`judge.verifier: data.demo_tasks:check`, models/verifiers.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from pathlib import Path
+
+from models.verifiers import normalize_answer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 SPLIT_SIZES = {"train": 3000, "heldout": 300}
@@ -78,17 +80,16 @@ TASK_KINDS = {
 }
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop surrounding punctuation and collapse spaces, so '1 2 3.' matches '1 2 3'."""
-    text = re.sub(r"[\s,]+", " ", text.strip().lower())
-    return text.strip(" .!?\"'")
-
-
 def verify(kind: str, answer: str, response: str) -> bool:
     """True when `response` states the ground-truth `answer` of a demo task of this `kind`."""
     if kind not in TASK_KINDS:
         raise ValueError(f"unknown demo task kind {kind!r}; known: {sorted(TASK_KINDS)}")
     return normalize_answer(response) == normalize_answer(answer)
+
+
+def check(prompt: str, response: str, row: dict) -> bool:
+    """The demo's verifier as a recipe names it: the row carries the task kind and its answer."""
+    return verify(row["task"], row["answer"], response)
 
 
 def make_split(split: str, size: int, seed: int = SEED) -> list[dict]:

@@ -7,8 +7,11 @@ through `datasets`, in either layout:
 - messages: a list of {role, content} turns (UltraChat / UltraFeedback style); the first user turn is
   the prompt, the assistant turn after it the ground truth, a leading system turn the system prompt.
 
-It returns one frame with `prompt_id, prompt, reference, system` (plus `task`/`answer` when the data
-carries them, for the verifier), and checks every row: a bad one is a DataError naming file, row, field.
+It returns one frame with `prompt_id, prompt, reference, system`, plus what verifiers and the
+evaluation read: `answer` (the `data.answer_field` column, else the ground-truth response), `task`
+(the `data.task_field` column, else a `task` column when there is one) and `source_row` (the row's
+scalar columns other than the prompt, as JSON: the `row` a user's verifier is given). It checks every
+row: a bad one is a DataError naming file, row, field.
 
 `format_prompt` and `format_completion` are the only places text meets the chat template, and both
 generation and training call them, so the model is trained on exactly the text it generates from.
@@ -16,11 +19,14 @@ generation and training call them, so the model is trained on exactly the text i
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from configs.recipe import DataConfig
@@ -29,7 +35,8 @@ from pipeline.errors import DataError
 log = logging.getLogger("selfplay")
 
 DEMO_PREFIX = "demo:"
-PASSTHROUGH = ("task", "answer")  # verifier fields of the demo tasks, kept when present
+DEFAULT_ANSWER_FIELD = DataConfig.answer_field
+DEFAULT_TASK_FIELD = "task"  # used when data.task_field is unset and the data has this column
 
 
 def _read_table(source: str, split: str) -> pd.DataFrame:
@@ -74,6 +81,36 @@ def _messages_row(messages, source: str, row: int, field: str) -> tuple[str, str
     raise DataError(f"{source}: row {row}: field '{field}' has no user turn")
 
 
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value is pd.NaT
+
+
+def _as_text(value) -> str | None:
+    """A column value as the text verifiers compare with: 42, 42.0 and '42' all become '42'."""
+    if _is_missing(value):
+        return None
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
+def _scalar_columns(record: dict, skip: set[str]) -> str:
+    """The row's scalar columns as JSON; lists and nested columns (chat turns, say) are left out."""
+    row = {}
+    for key, value in record.items():
+        if key in skip:
+            continue
+        if isinstance(value, np.generic):
+            value = value.item()
+        if _is_missing(value):
+            row[str(key)] = None
+        elif isinstance(value, (str, bool, int, float)):
+            row[str(key)] = value
+        elif isinstance(value, (pd.Timestamp, datetime.date)):
+            row[str(key)] = value.isoformat()
+    return json.dumps(row, ensure_ascii=False)
+
+
 def _stable_id(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -90,6 +127,13 @@ def load_prompts(source: str, split: str, cfg: DataConfig, require_reference: bo
     missing = [c for c in needed if c not in raw.columns]
     if missing:
         raise DataError(f"{source}: missing column(s) {', '.join(missing)} (columns: {', '.join(map(str, raw.columns))})")
+    for key, name in (("data.task_field", cfg.task_field), ("data.answer_field", cfg.answer_field)):
+        # An answer column named by the user must exist; only the default may fall back to the ground truth.
+        if name and name not in raw.columns and (key == "data.task_field" or name != DEFAULT_ANSWER_FIELD):
+            raise DataError(f"{source}: missing column {name} ({key}) (columns: {', '.join(map(str, raw.columns))})")
+    task_field = cfg.task_field or (DEFAULT_TASK_FIELD if DEFAULT_TASK_FIELD in raw.columns else None)
+    answer_field = cfg.answer_field if cfg.answer_field in raw.columns else None
+    not_row = {cfg.prompt_field, cfg.messages_field}
 
     rows = []
     for row_idx, record in enumerate(raw.to_dict("records")):
@@ -112,11 +156,16 @@ def load_prompts(source: str, split: str, cfg: DataConfig, require_reference: bo
             "reference": clean_response(reference) if isinstance(reference, str) else None,
             "system": system or cfg.system_prompt,
         }
-        out.update({k: str(record[k]) for k in PASSTHROUGH if k in record and record[k] is not None})
+        out["answer"] = _as_text(record.get(answer_field)) if answer_field else out["reference"]
+        if task_field:
+            out["task"] = _as_text(record.get(task_field))
+        out["source_row"] = _scalar_columns(record, not_row)
         rows.append(out)
     frame = pd.DataFrame(rows)
     if frame.empty:
         raise DataError(f"{source}: no rows")
+    if frame["answer"].isna().all():  # nothing to check answers against: no column for it
+        frame = frame.drop(columns="answer")
     dup = frame.duplicated("prompt_id")
     if dup.any():
         if cfg.id_field in raw.columns:
@@ -124,6 +173,8 @@ def load_prompts(source: str, split: str, cfg: DataConfig, require_reference: bo
             raise DataError(f"{source}: row {row}: duplicate {cfg.id_field} {frame.prompt_id.iloc[row]!r}")
         log.info("%s: dropped %d repeated prompts", source, int(dup.sum()))
         frame = frame[~dup].reset_index(drop=True)
+    # Which field the answers came from, for messages about them (data/requirements.py).
+    frame.attrs["answer_from"] = answer_field or (cfg.response_field if layout == "prompt_response" else cfg.messages_field)
     return frame
 
 

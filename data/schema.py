@@ -48,8 +48,8 @@ GENERATIONS = ArtifactSchema(
     },
     non_empty=("prompt_id", "prompt"),
     unique=("prompt_id", "sample_index"),
-    optional=(("reference", pa.string()), ("task", pa.string()), ("answer", pa.string()), ("finished", pa.bool_()),
-              ("token_ids", pa.list_(pa.int64()))),
+    optional=(("reference", pa.string()), ("task", pa.string()), ("answer", pa.string()), ("source_row", pa.string()),
+              ("finished", pa.bool_()), ("token_ids", pa.list_(pa.int64()))),
 )
 
 PAIRS = ArtifactSchema(
@@ -84,7 +84,7 @@ EVAL = ArtifactSchema(
     },
     non_empty=("prompt_id", "prompt"),
     unique=("prompt_id", "kind", "sample_index"),
-    optional=(("correct", pa.bool_()), ("base_logp", pa.float64()), ("finished", pa.bool_()),
+    optional=(("correct", pa.bool_()), ("verifier_score", pa.float64()), ("base_logp", pa.float64()), ("finished", pa.bool_()),
               ("token_ids", pa.list_(pa.int64()))),
 )
 

@@ -5,10 +5,11 @@
 Round 0 evaluates the base model and fixes the held-out pairs (ground truth vs the base's own sample)
 that every later round scores. Figures, all on prompts no round trains on:
 
-- accuracy: verifier accuracy of greedy responses, where prompts are verifiable (per task too);
+- accuracy: the mean score of greedy responses by `judge.verifier` (`exact` when unset; the fraction
+  right for a right/wrong verifier), wherever it can score the prompts (per task kind too);
 - win_rate_vs_previous / win_rate_vs_base: greedy response of round r against that of round r-1 /
   the base, by the evaluation judge (both orders for pairwise judges; ties count one half). The
-  self-judge is the *base* model here, a fixed referee, not the model being graded;
+  self-judge is the *base* model here, a fixed referee, not the model being graded; per task kind too;
 - length: mean, median and 90th percentile of response tokens;
 - distinct_1 / distinct_2: unique n-grams over all n-grams of the samples (diversity, collapse);
 - kl_vs_base: Monte-Carlo KL(pi_r || pi_base) = mean over samples y ~ pi_r of log pi_r(y) - log pi_base(y),
@@ -63,22 +64,31 @@ def implicit_reward_stats(
             "implicit_reward_pairs": int(len(chosen_reward))}
 
 
-def win_rate(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> tuple[float, float]:
-    """(mean, standard error) over prompts of P(ours beats theirs) by `judge` (a models.judges judge)."""
-    from models.judges import JudgeGroup
+def win_probs(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> np.ndarray:
+    """P(ours beats theirs) per prompt by `judge` (a models.judges judge)."""
+    from models.judges import JudgeGroup, row_of
 
     groups = [
         JudgeGroup(prompt=row["prompt"], responses=[a, b], system=row.get("system"), reference=row.get("reference"),
-                   task=row.get("task"), answer=row.get("answer"))
+                   task=row.get("task"), answer=row.get("answer"), row=row_of(row.get("source_row")))
         for row, a, b in zip(prompts.to_dict("records"), ours, theirs)
     ]
-    return mean_se([result.prob_matrix[0, 1] for result in judge.judge(groups)])
+    return np.array([result.prob_matrix[0, 1] for result in judge.judge(groups)])
+
+
+def win_rate(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> tuple[float, float]:
+    """(mean, standard error) over prompts of P(ours beats theirs) by `judge` (a models.judges judge)."""
+    return mean_se(win_probs(judge, prompts, ours, theirs))
 
 
 def eval_judge_name(recipe, prompts: pd.DataFrame) -> str | None:
+    """The judge of the win rates: `evaluation.judge`, or for `auto` the recipe's judge, or (SPIN) the
+    verifier when it can score these prompts."""
+    from models.verifiers import can_verify, load_verifier
+
     name = recipe.evaluation.judge
-    verifiable = {"task", "answer"} <= set(prompts.columns)
     if name == "auto":
+        verifiable = can_verify(load_verifier(recipe.judge.verifier), prompts)
         name = recipe.judge.name if recipe.judge.name != "ground_truth" else ("verifier" if verifiable else "none")
     return None if name == "none" else name
 
@@ -128,15 +138,26 @@ def encode_eval_rows(tokenizer, frame: pd.DataFrame, prompts_by_id: pd.DataFrame
     return items
 
 
+def eval_judge_detail(recipe, judge_name: str | None) -> str | None:
+    """What stands behind the evaluation judge: the verifier, the judge model, or the self-judge's referee."""
+    if judge_name == "verifier":
+        return recipe.judge.verifier or "exact"
+    if judge_name in ("pairrm", "reward_model"):
+        return recipe.judge.model
+    if judge_name == "self":
+        return f"the base model as referee, {recipe.judge.self_mode}"
+    return None
+
+
 def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prompts: pd.DataFrame,
                    previous: pd.DataFrame | None, base: pd.DataFrame | None) -> tuple[pd.DataFrame, dict]:
     """Evaluate the model after `round_idx` rounds; `previous`/`base` are eval frames of round r-1 / 0."""
     import torch
 
-    from data.demo_tasks import verify
     from models.generation import SamplingSettings, generate_texts
-    from models.judges import make_judge
+    from models.judges import make_judge, row_of
     from models.loading import has_adapter, load_policy, load_tokenizer, set_adapter_enabled
+    from models.verifiers import can_verify, load_verifier
 
     ev = recipe.evaluation
     quantize = recipe.model.quantization == "4bit"
@@ -173,20 +194,31 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
                 records.append({**rec, "kind": "pair_rejected", "token_ids": None})
     else:
         pair_rows = base[base.kind.isin(["pair_chosen", "pair_rejected"])]
-        records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=["logp", "base_logp", "correct"], errors="ignore").to_dict("records")]
+        records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=["logp", "base_logp", "correct", "verifier_score"], errors="ignore").to_dict("records")]
     frame = pd.DataFrame(records)
     by_prompt = prompts.set_index("prompt_id")
+    row_prompts = by_prompt.loc[frame.prompt_id].reset_index()
     items = encode_eval_rows(tokenizer, frame, by_prompt)
     frame["logp"] = batched_logps(model, tokenizer, items, batch, device, "eval logps")[0]
-    if meta_cols == ["task", "answer"]:
-        frame["correct"] = [verify(t, a, r) for t, a, r in zip(frame.task, frame.answer, frame.response)]
-
+    verifier = load_verifier(recipe.judge.verifier)
     metrics: dict = {"round": round_idx, "prompts": int(len(prompts))}
+    if can_verify(verifier, prompts):
+        frame["verifier_score"] = [
+            verifier.score(row["prompt"], response, row_of(row.get("source_row")), row.get("answer"))
+            for row, response in zip(row_prompts.to_dict("records"), frame.response)
+        ]
+        frame["correct"] = frame.verifier_score >= 0.5
+        metrics["verifier"] = verifier.spec
+        if verifier.needs_answer:
+            metrics["verifier_answers"] = prompts.attrs.get("answer_from", "answer")
+
     greedy_rows = frame[frame.kind == "greedy"].reset_index(drop=True)
     sample_rows = frame[frame.kind == "sample"]
-    if "correct" in frame:
-        metrics["accuracy"], metrics["accuracy_se"] = mean_se(greedy_rows.correct)
-        metrics["accuracy_by_task"] = {k: float(v) for k, v in greedy_rows.groupby("task").correct.mean().items()}
+    if "verifier_score" in frame:
+        # The mean score: the fraction right for a right/wrong verifier, mean partial credit otherwise.
+        metrics["accuracy"], metrics["accuracy_se"] = mean_se(greedy_rows.verifier_score)
+        if "task" in greedy_rows:
+            metrics["accuracy_by_task"] = {k: float(v) for k, v in greedy_rows.groupby("task").verifier_score.mean().items()}
     metrics.update(
         mean_length=float(greedy_rows.num_tokens.mean()),
         length_p50=float(greedy_rows.num_tokens.median()),
@@ -197,6 +229,7 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
 
     judge_name = eval_judge_name(recipe, prompts)
     metrics["eval_judge"] = judge_name
+    metrics["eval_judge_detail"] = eval_judge_detail(recipe, judge_name)
     if round_idx > 0:
         if has_adapter(model):
             # From here on the same load is pi_base: the KL estimate, and the base as the fixed referee.
@@ -230,7 +263,11 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
             greedy_prompts = by_prompt.loc[greedy_rows.prompt_id].reset_index()
             for label, other in (("previous", previous), ("base", base)):
                 theirs = other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
-                metrics[f"win_rate_vs_{label}"], metrics[f"win_rate_vs_{label}_se"] = win_rate(judge, greedy_prompts, ours, theirs)
+                probs = win_probs(judge, greedy_prompts, ours, theirs)
+                metrics[f"win_rate_vs_{label}"], metrics[f"win_rate_vs_{label}_se"] = mean_se(probs)
+                if "task" in greedy_prompts:
+                    by_task = pd.Series(probs).groupby(greedy_prompts["task"].to_numpy()).mean()
+                    metrics[f"win_rate_vs_{label}_by_task"] = {k: float(v) for k, v in by_task.items()}
     else:
         metrics["kl_vs_base"] = 0.0
     return frame, metrics

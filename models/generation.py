@@ -159,7 +159,7 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
 
     Work is split into parts of `generation.shard_size` prompts, each written atomically to `work_dir` with its
     own seed, so a killed run resumes at the first missing part and still produces the same samples.
-    Returns the generations frame (contract columns plus reference/task/answer/system) and stats.
+    Returns the generations frame (contract columns plus reference/task/answer/source_row/system) and stats.
     """
     from pathlib import Path
 
@@ -210,7 +210,7 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
         rows = [
             {
                 **{k: row[k] for k in ("prompt_id", "prompt", "system", "reference") if k in row},
-                **{k: row.get(k) for k in ("task", "answer") if k in shard.columns},
+                **{k: row.get(k) for k in ("task", "answer", "source_row") if k in shard.columns},
                 "response": sample.text,
                 "sample_index": k,
                 "round": round_idx,

@@ -4,7 +4,7 @@ One interface for all: `judge.judge(groups) -> list[JudgeResult]`, batched acros
 has 0.5 on the diagonal and P[i, j] + P[j, i] = 1. A judge may also give pointwise `scores` (a reward,
 a rubric score, correctness); iterative DPO pairs by them when present.
 
-- VerifierJudge: programmatic correctness of verifiable prompts (the demo tasks).
+- VerifierJudge: programmatic correctness by a verifier, built in or the user's (models/verifiers.py).
 - RewardModelJudge: any AutoModelForSequenceClassification reward model; P = sigmoid(r_i - r_j).
 - SelfJudge: the current model as an LLM judge, pointwise (Self-Rewarding LMs' additive 5-point
   rubric, 'Score: N' parsed from its text) or pairwise (asked in both orders to cancel position bias).
@@ -16,6 +16,7 @@ a rubric score, correctness); iterative DPO pairs by them when present.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -37,6 +38,12 @@ class JudgeGroup:
     reference: str | None = None
     task: str | None = None
     answer: str | None = None
+    row: dict | None = None  # the dataset row's other scalar columns, for a user's verifier
+
+
+def row_of(source_row) -> dict:
+    """The dataset row a prompt came from, from its `source_row` JSON column (data/prompts.py)."""
+    return json.loads(source_row) if isinstance(source_row, str) else {}
 
 
 @dataclass
@@ -60,19 +67,21 @@ def matrix_from_scores(scores: np.ndarray) -> np.ndarray:
 
 
 class VerifierJudge:
-    """Correct beats wrong with probability 1; two correct or two wrong answers tie."""
+    """Scores each response with a verifier (models/verifiers.py; `exact` when none is given): a right
+    answer beats a wrong one with probability 1, and P = 1/2 + (s_i - s_j)/2 for partial credit."""
 
     name = "verifier"
 
-    def judge(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
-        from data.demo_tasks import verify
+    def __init__(self, verifier=None):
+        from models.verifiers import load_verifier
 
+        self.verifier = verifier or load_verifier(None)
+
+    def judge(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
         results = []
         for group in groups:
-            if group.task is None or group.answer is None:
-                raise ValueError(f"verifier judge needs 'task' and 'answer' columns; prompt {group.prompt[:60]!r} has none")
-            correct = np.array([float(verify(group.task, group.answer, r)) for r in group.responses])
-            results.append(JudgeResult(0.5 + 0.5 * (correct[:, None] - correct[None, :]), scores=correct))
+            scores = np.array([self.verifier.score(group.prompt, r, group.row, group.answer) for r in group.responses])
+            results.append(JudgeResult(0.5 + 0.5 * (scores[:, None] - scores[None, :]), scores=scores))
         return results
 
 
@@ -239,7 +248,9 @@ class SelfJudge:
 def make_judge(name: str, recipe, policy_model=None, tokenizer=None):
     """The judge `name` for a recipe; the self-judge uses `policy_model` (the round's generator)."""
     if name == "verifier":
-        return VerifierJudge()
+        from models.verifiers import load_verifier
+
+        return VerifierJudge(load_verifier(recipe.judge.verifier))
     if name == "reward_model":
         return RewardModelJudge(recipe.judge.model, recipe.model, recipe.judge.batch_size)
     if name == "pairrm":
@@ -372,6 +383,7 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
             JudgeGroup(
                 prompt=g.prompt.iloc[0], responses=g.response.tolist(), system=_first(g, "system"),
                 reference=_first(g, "reference"), task=_first(g, "task"), answer=_first(g, "answer"),
+                row=row_of(_first(g, "source_row")),
             )
             for _pid, g in grouped
         ]

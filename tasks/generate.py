@@ -3,7 +3,7 @@
     luigi --module pipeline Generate --round-idx 1
 
 Writes round_NN/generations.parquet (prompt_id, prompt, response, sample_index, round, num_tokens,
-plus reference/task/answer/system) and round_NN/generate_meta.json. Parts of the work are kept in
+plus reference/task/answer/source_row/system) and round_NN/generate_meta.json. Parts of the work are kept in
 round_NN/generate_work/ so a killed run resumes where it stopped (models/generation.py).
 """
 
@@ -28,6 +28,7 @@ class Generate(GpuTask):
     def run(self):
         set_cpu_threads()
         from data.prompts import load_prompts, round_prompts
+        from data.requirements import check_train_data
         from data.schema import GENERATIONS, atomic_write_json, write_parquet
         from models.generation import generate_round
 
@@ -35,6 +36,7 @@ class Generate(GpuTask):
         prompts = load_prompts(
             recipe.data.train, recipe.data.train_split, recipe.data, require_reference=recipe.algorithm == "spin"
         )
+        check_train_data(recipe, prompts, recipe.data.train)  # a hub dataset was not read before scheduling
         prompts = round_prompts(prompts, self.round_idx, recipe.data.prompts_per_round)
         work_dir = prepare_work_dir(self.round_dir(self.round_idx) / "generate_work", luigi.task.flatten(self.input()))
         frame, stats = generate_round(
