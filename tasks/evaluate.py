@@ -34,11 +34,13 @@ class Evaluate(GpuTask):
     def run(self):
         set_cpu_threads()
         from data.prompts import load_prompts
+        from data.requirements import check_eval_data
         from data.schema import EVAL, atomic_write_json, read_artifact, write_parquet
         from models.evaluation import evaluate_round
 
         recipe = self.config.for_round(max(1, self.round_idx))
         prompts = load_prompts(recipe.data.eval, recipe.data.eval_split, recipe.data).head(recipe.evaluation.num_prompts)
+        check_eval_data(recipe, prompts, recipe.data.eval)  # a hub dataset was not read before scheduling
         deps = self.requires()
         previous = base = None
         if self.round_idx > 0:

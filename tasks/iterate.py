@@ -4,8 +4,9 @@
 
 Round r: Generate(r) -> Judge(r) -> Train(r) -> Evaluate(r); round 1 starts from BaseModel and round
 r+1 from round r's checkpoint. A second identical command runs nothing; deleting a round's files
-reruns that round and the ones after it. The recipe and run directory are checked before anything
-is scheduled, so a misspelled key fails at once, in one line.
+reruns that round and the ones after it. The recipe, the run directory and what every later stage
+needs of the data and models (data/requirements.py) are checked before anything is scheduled, so a
+misspelled key or a column the verifier needs fails at once, in one line.
 """
 
 import logging
@@ -17,21 +18,6 @@ from pipeline.base import RunTask
 from pipeline.errors import RecipeError
 
 
-def preflight(recipe) -> None:
-    """Check what can be checked before hours of work: the model path and local datasets' rows."""
-    from pathlib import Path
-
-    from data.prompts import DEMO_PREFIX, load_prompts
-    from models.loading import check_model_path
-
-    if recipe.model.base_model:
-        check_model_path(recipe.model.base_model)
-    for source, split, needs_reference in ((recipe.data.train, recipe.data.train_split, recipe.algorithm == "spin"),
-                                           (recipe.data.eval, recipe.data.eval_split, False)):
-        if source.startswith(DEMO_PREFIX) or Path(source).expanduser().suffix in (".parquet", ".jsonl", ".json"):
-            load_prompts(source, split, recipe.data, require_reference=needs_reference)
-
-
 class Iterate(RunTask):
     rounds = luigi.IntParameter(default=3, description="Number of self-play rounds.")
 
@@ -39,7 +25,9 @@ class Iterate(RunTask):
         super().__init__(*args, **kwargs)
         if self.rounds < 1:
             raise RecipeError(f"--rounds must be at least 1, got {self.rounds}")
-        preflight(self.config)  # fail before anything is scheduled, in one line
+        from data.requirements import preflight
+
+        preflight(self.config, self.rounds)  # fail before anything is scheduled, in one line
         self._started = time.time()  # the CLI builds this task first: its age at run() is the command's wall time
 
     def requires(self):

@@ -1,0 +1,109 @@
+"""What the later stages of a run need of the data and the recipe, checked before any compute.
+
+    from data.requirements import preflight
+    preflight(recipe, rounds)      # Iterate calls it before anything is scheduled
+
+A run samples for hours before its Judge and Evaluate stages read the data again; whatever those
+stages would refuse is refused here first, in one line naming the file, row, field or key:
+
+- the base model path, and `judge.model` of a PairRM or reward-model judge (pairing or evaluating):
+  a local directory with a config.json, or something that looks like a hub id;
+- `judge.verifier` of every round: a built-in name, or a function that imports and can be called
+  as fn(prompt, response, row);
+- the training data (SPIN: a ground truth in every row; the verifier judge: an answer its verifier
+  can check in every row) and the held-out data (the answers the evaluation judge or the accuracy
+  will check), with `data.task_field` / `data.answer_field` columns present where they are named.
+
+Local files are read here; a hub dataset is checked by the same functions as Generate and Evaluate
+load it, still before they sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import ModelError, RecipeError
+
+MODEL_JUDGES = ("pairrm", "reward_model")
+
+
+def _answers(verifier, frame, source: str, purpose: str) -> None:
+    """Every row of `frame` has an answer `verifier` can check, or a DataError naming the first that has not."""
+    from pipeline.errors import DataError
+
+    field = frame.attrs.get("answer_from", "answer")
+    if "answer" not in frame.columns:
+        raise DataError(
+            f"{source}: {purpose} (verifier '{verifier.spec}') checks against an answer, but the data has no "
+            f"column '{field}' (data.answer_field) and no ground-truth response"
+        )
+    for row_idx, answer in enumerate(frame["answer"]):
+        problem = verifier.answer_problem(answer)
+        if problem:
+            raise DataError(f"{source}: row {row_idx}: field '{field}' {problem} ({purpose}, verifier '{verifier.spec}')")
+
+
+def check_model_judge(recipe, judge_name: str | None, key: str) -> None:
+    """A PairRM or reward-model judge has a `judge.model` that can be a model."""
+    from models.loading import check_model_path
+
+    if judge_name not in MODEL_JUDGES:
+        return
+    if not recipe.judge.model:
+        raise RecipeError(f"{recipe.name}: {key} {judge_name} needs judge.model (a model path or hub id)")
+    try:
+        check_model_path(recipe.judge.model)
+    except ModelError as exc:
+        raise ModelError(f"judge.model: {exc}") from None
+
+
+def check_train_data(recipe, frame, source: str) -> None:
+    """What Judge will need of the training prompts of a round of `recipe` (its ground truth is checked on loading)."""
+    from models.verifiers import load_verifier
+
+    verifier = load_verifier(recipe.judge.verifier)
+    if recipe.algorithm != "spin" and recipe.judge.name == "verifier" and verifier.needs_answer:
+        _answers(verifier, frame, source, "the verifier judge")
+
+
+def check_eval_data(recipe, frame, source: str) -> None:
+    """What Evaluate will need of the held-out prompts it scores (`frame`: the first evaluation.num_prompts)."""
+    from models.evaluation import eval_judge_name
+    from models.verifiers import can_verify, load_verifier
+
+    verifier = load_verifier(recipe.judge.verifier)
+    judge_name = eval_judge_name(recipe, frame)
+    check_model_judge(recipe, judge_name, "evaluation judge")
+    if verifier.needs_answer and (judge_name == "verifier" or can_verify(verifier, frame)):
+        purpose = "the evaluation judge" if judge_name == "verifier" else "the evaluation's accuracy"
+        _answers(verifier, frame, source, purpose)
+
+
+def _is_local(source: str) -> bool:
+    from data.prompts import DEMO_PREFIX
+
+    return source.startswith(DEMO_PREFIX) or Path(source).expanduser().suffix in (".parquet", ".jsonl", ".json")
+
+
+def preflight(recipe, rounds: int) -> None:
+    """Check, before anything is scheduled, every requirement the `rounds` rounds of `recipe` have."""
+    from data.prompts import load_prompts
+    from models.loading import check_model_path
+    from models.verifiers import load_verifier
+
+    if recipe.model.base_model:
+        check_model_path(recipe.model.base_model)
+    round_recipes = [recipe.for_round(r) for r in range(1, rounds + 1)]
+    for round_recipe in round_recipes:  # judge and evaluation may change between rounds
+        load_verifier(round_recipe.judge.verifier)
+        if round_recipe.algorithm != "spin":
+            check_model_judge(round_recipe, round_recipe.judge.name, "judge.name")
+    data = recipe.data
+    if _is_local(data.train):
+        train = load_prompts(data.train, data.train_split, data, require_reference=recipe.algorithm == "spin")
+        for round_recipe in round_recipes:
+            check_train_data(round_recipe, train, data.train)
+    if _is_local(data.eval):
+        held_out = load_prompts(data.eval, data.eval_split, data)
+        for round_recipe in round_recipes:
+            check_eval_data(round_recipe, held_out.head(round_recipe.evaluation.num_prompts), data.eval)
