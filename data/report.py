@@ -134,6 +134,43 @@ def _quote(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:120] if isinstance(text, str) else "-"
 
 
+def _by_round(descriptions: dict[int, str | None]) -> str | None:
+    """'X', or 'X (rounds 0, 1); Y (round 2)' when rounds differ (a judge may change between rounds)."""
+    groups: dict[str, list[int]] = {}
+    for round_idx, text in descriptions.items():
+        if text:
+            groups.setdefault(text, []).append(round_idx)
+    if len(groups) <= 1:
+        return next(iter(groups), None)
+    return "; ".join(f"{text} (round{'s' if len(r) > 1 else ''} {', '.join(map(str, r))})" for text, r in groups.items())
+
+
+def _accuracy_source(sources: pd.DataFrame) -> str:
+    def describe(row) -> str | None:
+        if not row["verifier"]:
+            return None
+        answers = f" against field `{row['verifier_answers']}`" if row.get("verifier_answers") else ""
+        return f"verifier `{row['verifier']}`{answers}"
+
+    text = _by_round({int(r["round"]): describe(r) for r in sources.to_dict("records")})
+    return text or "not measured: no verifier could score the held-out prompts (no answers in them)"
+
+
+def _judge_source(sources: pd.DataFrame) -> str:
+    def describe(row) -> str | None:
+        if not row["eval_judge"]:
+            return None
+        name, detail = row["eval_judge"], row.get("eval_judge_detail")
+        if not detail:
+            return f"judge `{name}`"
+        if name == "verifier":
+            return f"judge `verifier` with verifier `{detail}`"
+        return f"judge `{name}` (`{detail}`)" if name in ("pairrm", "reward_model") else f"judge `{name}` ({detail})"
+
+    text = _by_round({int(r["round"]): describe(r) for r in sources.to_dict("records") if r["round"] > 0})
+    return text or "not measured (no evaluation judge)"
+
+
 def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
     metrics = run.metrics()
     config = run.config.get("recipe", {})
@@ -152,13 +189,18 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
         sample_sizes(metrics),
         "",
     ]
-    by_task = [c for c in metrics.columns if c.startswith("accuracy/")]
-    if by_task:
-        lines += ["Accuracy by task:", "", "| round | " + " | ".join(c.split("/", 1)[1] for c in by_task) + " |",
-                  "|" + "---|" * (len(by_task) + 1)]
-        lines += [f"| {int(r['round'])} | " + " | ".join(_cell(r[c], "{:.2f}") for c in by_task) + " |"
-                  for r in metrics.to_dict("records")]
-        lines.append("")
+    sources = run.figure_sources()
+    accuracy_by, judge_by = _accuracy_source(sources), _judge_source(sources)
+    lines += [f"- accuracy: {accuracy_by}", f"- win vs prev, win vs base: {judge_by}", ""]
+    for prefix, title in (("accuracy/", f"Accuracy by task kind ({accuracy_by})"),
+                          ("win_rate_vs_base/", f"Win rate vs base by task kind ({judge_by})")):
+        by_task = [c for c in metrics.columns if c.startswith(prefix)]
+        if by_task:
+            lines += [f"{title}:", "", "| round | " + " | ".join(c.split("/", 1)[1] for c in by_task) + " |",
+                      "|" + "---|" * (len(by_task) + 1)]
+            lines += [f"| {int(r['round'])} | " + " | ".join(_cell(r[c], "{:.2f}") for c in by_task) + " |"
+                      for r in metrics.to_dict("records")]
+            lines.append("")
     lines += [f"![{p.stem}]({p.relative_to(run.dir).as_posix()})" for p in plots]
     table = run.side_by_side(num_prompts)
     if not table.empty:

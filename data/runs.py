@@ -3,7 +3,8 @@
     from data.runs import Run
     run = Run("runs/demo_spin")
     run.metrics()          # one row per evaluated round (0 = base): accuracy, win rates, KL, length...,
-                           # with `<figure>_se` (standard error) and `prompts` (n) where measured
+                           # with `<figure>_se` (standard error) and `prompts` (n) where measured, and per task kind
+    run.figure_sources()   # which verifier and which judge measured accuracy and win rates, per round
     run.loss_curves()      # round, step, loss, rewards/accuracy, ... of every training step
     run.evals()            # every round's eval.parquet, stacked
     run.pairs()            # every round's pairs.parquet, stacked
@@ -86,12 +87,26 @@ class Run:
             row.update({f"{k}_se": ev.get(f"{k}_se") for k in WITH_SE})
             row.update({k: ev.get(k) for k in COUNTS})
             row.update({f"accuracy/{task}": acc for task, acc in (ev.get("accuracy_by_task") or {}).items()})
+            for label in ("previous", "base"):
+                by_task = ev.get(f"win_rate_vs_{label}_by_task") or {}
+                row.update({f"win_rate_vs_{label}/{task}": rate for task, rate in by_task.items()})
             train = (report.get("train") or {}).get("stats") or {}
             row["train_final_loss"] = train.get("final_loss")
             row["train_reward_accuracy"] = train.get("final_reward_accuracy")
             row["pairs"] = (report.get("judge") or {}).get("pairs")
             rows.append(row)
         return pd.DataFrame(rows)
+
+    def figure_sources(self) -> pd.DataFrame:
+        """One row per evaluated round: the verifier behind `accuracy` (and the field its answers came
+        from) and the judge behind the win rates (with its verifier or model), from metrics.json."""
+        rows = []
+        for round_idx in self.rounds():
+            ev = (self.round_metrics(round_idx) or {}).get("eval")
+            if ev is not None:
+                rows.append({"round": round_idx, "verifier": ev.get("verifier"), "verifier_answers": ev.get("verifier_answers"),
+                             "eval_judge": ev.get("eval_judge"), "eval_judge_detail": ev.get("eval_judge_detail")})
+        return pd.DataFrame(rows, columns=["round", "verifier", "verifier_answers", "eval_judge", "eval_judge_detail"])
 
     def loss_curves(self) -> pd.DataFrame:
         frames = []
