@@ -175,6 +175,7 @@ def load_prompts(source: str, split: str, cfg: DataConfig, require_reference: bo
         frame = frame[~dup].reset_index(drop=True)
     # Which field the answers came from, for messages about them (data/requirements.py).
     frame.attrs["answer_from"] = answer_field or (cfg.response_field if layout == "prompt_response" else cfg.messages_field)
+    frame.attrs["answer_field"] = cfg.answer_field
     return frame
 
 

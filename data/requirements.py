@@ -31,12 +31,12 @@ def _answers(verifier, frame, source: str, purpose: str) -> None:
     """Every row of `frame` has an answer `verifier` can check, or a DataError naming the first that has not."""
     from pipeline.errors import DataError
 
-    field = frame.attrs.get("answer_from", "answer")
     if "answer" not in frame.columns:
         raise DataError(
             f"{source}: {purpose} (verifier '{verifier.spec}') checks against an answer, but the data has no "
-            f"column '{field}' (data.answer_field) and no ground-truth response"
+            f"column '{frame.attrs.get('answer_field', 'answer')}' (data.answer_field) and no ground-truth response"
         )
+    field = frame.attrs.get("answer_from", "answer")
     for row_idx, answer in enumerate(frame["answer"]):
         problem = verifier.answer_problem(answer)
         if problem:
