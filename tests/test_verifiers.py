@@ -99,7 +99,7 @@ def test_a_verifier_returning_something_else_than_a_score_is_refused(tmp_path):
     (tmp_path / "checks.py").write_text("def text(prompt, response, row):\n    return 'yes'\n"
                                         "def big(prompt, response, row):\n    return 3\n")
     for name in ("text", "big"):
-        with pytest.raises(RecipeError, match=rf"returned .* for prompt 'p'; a verifier returns a bool or a number in \[0, 1\]"):
+        with pytest.raises(RecipeError, match=r"returned .* for prompt 'p'; a verifier returns a bool or a number in \[0, 1\]"):
             load_verifier(f"{tmp_path}/checks.py:{name}").score("p", "r", {})
 
 
