@@ -25,19 +25,21 @@ GSM8K = str(FIXTURES / "gsm8k_style.jsonl")
 pytestmark = pytest.mark.slow
 CHOICE = str(FIXTURES / "multiple_choice.jsonl")
 
+# The verifier alone ranks the samples here (judge.unfinished: keep), so every pair must follow it.
+KEEP = {"unfinished": "keep"}
 # Worked answers are longer than the demo's: room to write them.
 LONGER = {"generation": {"num_samples": 4, "max_new_tokens": 48}, "training": {"max_length": 256},
           "evaluation": {"num_prompts": 16, "max_new_tokens": 48}}
 
 
 def gsm8k_recipe(tiny_recipe, **judge):
-    return tiny_recipe("dpo", name="gsm8k", judge={"name": "verifier", **judge}, **LONGER,
+    return tiny_recipe("dpo", name="gsm8k", judge={"name": "verifier", **KEEP, **judge}, **LONGER,
                        data={"train": GSM8K, "eval": GSM8K, "prompt_field": "question", "response_field": "answer",
                              "max_prompt_tokens": 256, "prompts_per_round": 16})
 
 
 def choice_recipe(tiny_recipe, name="choice", **judge):
-    return tiny_recipe("dpo", name=name, judge={"name": "verifier", **judge},
+    return tiny_recipe("dpo", name=name, judge={"name": "verifier", **KEEP, **judge},
                        data={"train": CHOICE, "eval": CHOICE, "prompt_field": "question", "response_field": "answer",
                              "id_field": "id", "task_field": "subject", "max_prompt_tokens": 256, "prompts_per_round": 16},
                        evaluation={"num_prompts": 16})
