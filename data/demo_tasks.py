@@ -144,5 +144,5 @@ def write_demo(out_dir: Path = DEMO_DIR) -> dict[str, Path]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
-    for split, path in write_demo(parser.parse_args().out).items():
+    for path in write_demo(parser.parse_args().out).values():
         print(f"wrote {path}")

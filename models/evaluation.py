@@ -194,7 +194,8 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
                 records.append({**rec, "kind": "pair_rejected", "token_ids": None})
     else:
         pair_rows = base[base.kind.isin(["pair_chosen", "pair_rejected"])]
-        records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=["logp", "base_logp", "correct", "verifier_score"], errors="ignore").to_dict("records")]
+        measured = ["logp", "base_logp", "correct", "verifier_score"]  # rescored every round
+        records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=measured, errors="ignore").to_dict("records")]
     frame = pd.DataFrame(records)
     by_prompt = prompts.set_index("prompt_id")
     row_prompts = by_prompt.loc[frame.prompt_id].reset_index()

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
+    import pandas as pd
 
 log = logging.getLogger("selfplay")
 

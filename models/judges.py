@@ -22,8 +22,12 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
+    import pandas as pd
 
 log = logging.getLogger("selfplay")
 

@@ -1,7 +1,6 @@
 """Model-side pieces: tokenizer loading, log-probs, checkpoints, LoRA and the trainer's batching."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ the SPIN run's demo base model, so the base is trained once) and execute every c
 with nbclient, from the repository root and from notebooks/. Any cell error fails the test.
 """
 
-import json
 import shutil
 from pathlib import Path
 
