@@ -46,16 +46,20 @@ def _read_table(source: str, split: str) -> pd.DataFrame:
         path = DEMO_DIR / f"{source[len(DEMO_PREFIX):]}.jsonl"
         if not path.is_file():
             raise DataError(f"{source}: no such demo split (have {', '.join(p.stem for p in DEMO_DIR.glob('*.jsonl'))})")
-        return pd.read_json(path, lines=True, dtype=False)
+        return _read_jsonl(path, source)
     path = Path(source).expanduser()
     if path.suffix in (".parquet", ".jsonl", ".json"):
         if not path.is_file():
             raise DataError(f"{source}: no such file")
+        if path.stat().st_size == 0:
+            raise DataError(f"{source}: the file is empty")
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path, source)
         try:
             if path.suffix == ".parquet":
                 return pd.read_parquet(path)
-            return pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
-        except ValueError as exc:
+            return _read_json(path, source)
+        except (ValueError, OSError) as exc:
             raise DataError(f"{source}: cannot read: {str(exc).splitlines()[0]}") from None
     import datasets
 
@@ -63,6 +67,36 @@ def _read_table(source: str, split: str) -> pd.DataFrame:
         return datasets.load_dataset(source, split=split).to_pandas()
     except Exception as exc:  # datasets raises many types; the user needs one line either way
         raise DataError(f"{source}: cannot load dataset split {split!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _read_jsonl(path: Path, source: str) -> pd.DataFrame:
+    """One JSON object per line (blank lines skipped); a bad line is named by its line number."""
+    records = []
+    with open(path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{source}: line {line_number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{source}: line {line_number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    if not records:
+        raise DataError(f"{source}: the file is empty (no JSON lines)")
+    return pd.DataFrame.from_records(records)
+
+
+def _read_json(path: Path, source: str) -> pd.DataFrame:
+    """A .json file: a list of objects (or pandas' column layouts); a syntax error is named by line."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{source}: line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if data in ([], {}):
+        raise DataError(f"{source}: the file is empty (no rows)")
+    return pd.DataFrame.from_records(data) if isinstance(data, list) else pd.read_json(path, dtype=False)
 
 
 def _messages_row(messages, source: str, row: int, field: str) -> tuple[str, str | None, str | None]:
