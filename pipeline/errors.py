@@ -22,3 +22,15 @@ class ModelError(SelfplayError):
 
 class TrainingError(SelfplayError):
     """Training cannot go on (a NaN or inf loss); the last good checkpoint is kept."""
+
+
+class RunLockedError(SelfplayError):
+    """Another command is writing the same run directory (see pipeline/lock.py)."""
+
+
+class Interrupted(SelfplayError):
+    """A SIGTERM or SIGINT stopped the command; what was saved is kept and the next command resumes."""
+
+
+class DiskFullError(SelfplayError):
+    """A write ran out of space; nothing partial was left behind, and the same command can be rerun."""
