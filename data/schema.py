@@ -1,8 +1,9 @@
 """Parquet schemas of the round artifacts, with atomic writers and validating readers.
 
 The columns below are the contract of ../shared/DESIGN.md that notebooks and external checks rely on:
-add columns freely, never rename these. `write_artifact` validates, then writes to a temporary file and
-renames it into place, so a reader never sees half a file; `read_artifact` validates what it reads and
+add columns freely, never rename these. `write_parquet` validates, then writes to a temporary file and
+renames it into place, so a reader never sees half a file, and a full disk leaves no file and one line
+(pipeline/disk.py); `read_artifact` validates what it reads and
 names the file, row and field of the first problem.
 """
 
@@ -18,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.disk import full_disk_guard
 from pipeline.errors import DataError
 
 PROB_MATRIX = pa.list_(pa.list_(pa.float64()))
@@ -125,18 +127,41 @@ def _first_bad_row(series: pd.Series, dtype: pa.DataType) -> int:
     return 0
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A hidden temporary beside `path` named with this process's id; any left there by a process that
+    no longer runs (killed while writing) is removed first, so killed runs leave no debris for long."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_running(int(pid)):
+            stale.unlink(missing_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with full_disk_guard(path, len(data)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _temporary(path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -151,14 +176,18 @@ def write_parquet(df: pd.DataFrame, path: str | Path, schema: ArtifactSchema | N
         validate(df, schema, path)
         table = table.cast(pa.schema([pa.field(f.name, schema.types.get(f.name, f.type)) for f in table.schema]))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        # The in-memory size of the table is the estimate of the space the file needs.
+        with full_disk_guard(path, table.nbytes):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _temporary(path)
+            os.close(fd)
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -173,3 +202,30 @@ def read_artifact(path: str | Path, schema: ArtifactSchema) -> pd.DataFrame:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     validate(df, schema, path)
     return df
+
+
+ARTIFACT_SCHEMAS = {"generations.parquet": GENERATIONS, "pairs.parquet": PAIRS, "eval.parquet": EVAL}
+
+
+def _same_kind(found: pa.DataType, wanted: pa.DataType) -> bool:
+    kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
+             lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+             lambda t: pa.types.is_list(t) or pa.types.is_large_list(t))
+    return found == wanted or pa.types.is_null(found) or any(kind(found) and kind(wanted) for kind in kinds)
+
+
+def check_artifact_schema(path: str | Path, schema: ArtifactSchema) -> None:
+    """Check a Parquet artifact's columns and types from its footer alone (no rows are read); a file
+    that is not one this pipeline wrote is a one-line DataError."""
+    remake = "delete it and the run makes it again"
+    try:
+        found = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]}); {remake}") from None
+    missing = [col for col in schema.columns if col not in found.names]
+    if missing:
+        raise DataError(f"{path}: not a {schema.name} file: missing column(s) {', '.join(missing)}; {remake}")
+    for col, wanted in schema.types.items():
+        if col in found.names and not _same_kind(found.field(col).type, wanted):
+            raise DataError(f"{path}: not a {schema.name} file: column '{col}' is {found.field(col).type}, "
+                            f"not {wanted}; {remake}")
