@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline import interrupt
+from pipeline.errors import Interrupted
+
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
     import pandas as pd
 
@@ -157,12 +160,14 @@ def shard_seed(seed: int, round_idx: int, shard_idx: int) -> int:
     return seed * 1_000_003 + round_idx * 10_007 + shard_idx
 
 
+@interrupt.safe_points("generation part")  # a signal stops the loop below between parts, once one is saved
 def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, root_path: str | None = None) -> tuple["pd.DataFrame", dict]:
     """Sample `generation.num_samples` responses per prompt with the model at `model_path` (a base model, or
     a round checkpoint loaded as `root_path` + its adapter: models.loading.load_policy).
 
     Work is split into parts of `generation.shard_size` prompts, each written atomically to `work_dir` with its
-    own seed, so a killed run resumes at the first missing part and still produces the same samples.
+    own seed, so a killed run resumes at the first missing part and still produces the same samples. A
+    SIGTERM or SIGINT (pipeline/interrupt.py) lets the part being generated finish and be saved, then stops.
     Returns the generations frame (contract columns plus reference/task/answer/source_row/system) and stats.
     """
     from pathlib import Path
@@ -183,11 +188,17 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
     if dropped:
         log.info("generation: skipped %d prompts longer than %s=%d", dropped, limit_name, limit)
     model, parts = None, []
-    for shard_idx, start in enumerate(range(0, len(prompts), gen.shard_size)):
+    starts = range(0, len(prompts), gen.shard_size)
+    for shard_idx, start in enumerate(starts):
         part_path = work_dir / f"part-{shard_idx:05d}.parquet"
         if part_path.is_file():
             parts.append(pd.read_parquet(part_path))
             continue
+        if interrupt.received():  # a SIGTERM/SIGINT came while the previous part was generated; it is saved
+            raise Interrupted(
+                f"{interrupt.received()}: generation of round {round_idx} stopped with {len(parts)} of {len(starts)} "
+                f"parts saved in {work_dir}; rerun the same command to resume"
+            )
         shard = prompts.iloc[start : start + gen.shard_size]
         texts = [format_prompt(tokenizer, p, s) for p, s in zip(shard.prompt, shard.system)]
         settings = SamplingSettings(

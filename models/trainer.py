@@ -13,6 +13,7 @@ against the previous round.
    batch); chosen and rejected go through the model in one concatenated forward.
 4. AdamW, linear warm-up and decay, gradient clipping; checkpoints to work_dir/checkpoint-<step>/
    every `save_steps` (adapter, optimiser, scheduler, RNG, log), and a killed run resumes from the last.
+   A SIGTERM or SIGINT finishes the current step, saves a checkpoint there and stops (pipeline/interrupt.py).
    A NaN or inf loss stops the round with a TrainingError; the last good checkpoint stays.
 5. The adapter (the policy) and a merged export are written to `out_dir` (models/loading.py says how
    the next round loads it).
@@ -39,10 +40,13 @@ from data.prompts import format_completion, format_prompt
 from data.schema import atomic_write_json, write_parquet
 from models.logps import Encoded, batched_logps, collate, encode_pair, sequence_logps
 from models.losses import LOSSES, PreferenceBatch, chosen_nll, implicit_rewards
-from pipeline.errors import TrainingError
+from pipeline import interrupt
+from pipeline.disk import full_disk_guard
+from pipeline.errors import Interrupted, TrainingError
 
 log = logging.getLogger("selfplay")
 KEEP_CHECKPOINTS = 2
+INTERRUPTED_EXIT = 3  # the exit status of `python -m models.trainer` stopped by a signal (tasks/train.py)
 REFERENCE_FREE = {"simpo"}
 
 
@@ -99,7 +103,7 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
         mine = list(range(rank, len(items), world))
         sums, _ = batched_logps(model, tokenizer, [items[i] for i in mine], batch_size, accelerator.device, "reference logps")
         part = work_dir / f"ref_logps.rank{rank}.json"
-        part.write_text(json.dumps(dict(zip(mine, sums))))
+        atomic_write_json(part, dict(zip(mine, sums)))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             merged = {}
@@ -130,26 +134,51 @@ def _latest_checkpoint(work_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _save_trainer_checkpoint(work_dir: Path, step: int, adapter_state, optimizer, scheduler, history) -> None:
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state: what saving it needs, give or take the pickle around them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _save_trainer_checkpoint(work_dir: Path, step: int, adapter_state, optimizer, scheduler, history) -> Path:
     final = work_dir / f"checkpoint-{step}"
     tmp = work_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(
-        {
-            "step": step,
-            "adapter": adapter_state,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "history": history,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        },
-        tmp / "state.pt",
-    )
+    state = {
+        "step": step,
+        "adapter": adapter_state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": history,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    try:
+        # torch.save reports a full disk as a bare RuntimeError: the guard compares the free space with this estimate.
+        with full_disk_guard(final, _nbytes(state)):
+            tmp.mkdir(parents=True)
+            torch.save(state, tmp / "state.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint must not take space, nor be resumed from
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _stop_requested(accelerator) -> bool:
+    """Whether a SIGTERM/SIGINT asked to stop, in any process: all ranks must stop after the same step."""
+    asked = interrupt.received() is not None
+    if accelerator.num_processes == 1:
+        return asked
+    flag = torch.tensor([1.0 if asked else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, round_idx: int, root_model: str,
@@ -227,6 +256,8 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         epoch += 1
     policy.train()
     progress = bar(total=total_steps, initial=step, desc=f"train round {round_idx}", disable=not accelerator.is_main_process)
+    # From here a SIGTERM/SIGINT lets the current step finish, saves a trainer checkpoint and stops (below).
+    interrupt.enter_safe_points("training step")
     while step < total_steps:
         step_batches = micro_batches[step * per_step : (step + 1) * per_step]
         mine = step_batches[accelerator.process_index :: accelerator.num_processes]
@@ -273,8 +304,18 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         history.append(entry)
         progress.update(1)
         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
-        if accelerator.is_main_process and (step % cfg.save_steps == 0 or step == total_steps):
+        saved = accelerator.is_main_process and (step % cfg.save_steps == 0 or step == total_steps)
+        if saved:
             _save_trainer_checkpoint(work_dir, step, get_peft_model_state_dict(model), optimizer, scheduler, history)
+        if step < total_steps and _stop_requested(accelerator):
+            if accelerator.is_main_process and not saved:
+                _save_trainer_checkpoint(work_dir, step, get_peft_model_state_dict(model), optimizer, scheduler, history)
+            accelerator.wait_for_everyone()
+            raise Interrupted(
+                f"{interrupt.received() or 'a signal'}: training of round {round_idx} stopped after step {step} of "
+                f"{total_steps}; trainer checkpoint {work_dir / f'checkpoint-{step}'}; rerun the same command to resume"
+            )
+    interrupt.leave_safe_points()
     progress.close()
 
     timed = history[1:] or history  # the first step includes warm-up (allocation, kernel selection)
@@ -290,10 +331,13 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         "final_reward_accuracy": history[-1]["rewards/accuracy"] if history else None,
     }
     if accelerator.is_main_process:
-        save_checkpoint(
-            accelerator.unwrap_model(policy).model, tokenizer, out_dir, parent=parent, root_model=root_model,
-            root_path=root_path, round_idx=round_idx, model_cfg=recipe.model, save_merged=cfg.save_merged, quantized=quantized,
-        )
+        # What saving needs: the merged weights (about the model's own size) or the adapter alone.
+        needed = _nbytes(model.state_dict()) if cfg.save_merged else _nbytes(get_peft_model_state_dict(model))
+        with full_disk_guard(out_dir, needed):
+            save_checkpoint(
+                accelerator.unwrap_model(policy).model, tokenizer, out_dir, parent=parent, root_model=root_model,
+                root_path=root_path, round_idx=round_idx, model_cfg=recipe.model, save_merged=cfg.save_merged, quantized=quantized,
+            )
         atomic_write_json(out_dir / "training_log.json", {"stats": stats, "history": history})
     accelerator.wait_for_everyone()
     return stats
@@ -315,4 +359,11 @@ if __name__ == "__main__":
     import sys
 
     logging.basicConfig(level=logging.INFO, format="selfplay: %(message)s")
-    run_job(json.loads(Path(sys.argv[1]).read_text()))
+    # Under `accelerate launch` the Train task passes its signals on to this process group; a process may get
+    # the same signal twice (from the task and from accelerate), so a repeat must not skip the checkpoint.
+    interrupt.install(repeat_stops_at_once=False)
+    try:
+        run_job(json.loads(Path(sys.argv[1]).read_text()))
+    except Interrupted as exc:
+        logging.getLogger("selfplay").error("%s", exc)
+        sys.exit(INTERRUPTED_EXIT)
