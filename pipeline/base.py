@@ -6,12 +6,16 @@
   deleting one round's outputs reruns that round and every round after it, nothing before.
 - `FileTarget` and `DirTarget` write atomically: into a temporary sibling, then one rename. A
   directory output is complete only once `_SUCCESS` is inside it, and `_SUCCESS` is written last.
+- One writer per run directory: making a task takes the run's lock (pipeline/lock.py), and every
+  task's run() is guarded by it and by the SIGTERM/SIGINT handling of pipeline/interrupt.py.
+- A write that fills the disk leaves no temporary behind and fails in one line (pipeline/disk.py).
 - One log line per finished task: its outputs and its wall time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -24,10 +28,14 @@ from functools import cached_property
 from pathlib import Path
 
 import luigi
+import luigi.cmdline_parser
+import luigi.worker
 import yaml
 
 import configs
-from pipeline.errors import RecipeError, SelfplayError
+from pipeline import interrupt, lock
+from pipeline.disk import disk_full_error, is_disk_full
+from pipeline.errors import RecipeError, RunLockedError, SelfplayError
 
 # configs.recipe imports pipeline.errors, which runs this package's __init__ (it registers the tasks),
 # so configs.recipe is imported inside functions here, never at module level: that would be a cycle.
@@ -38,11 +46,38 @@ SUCCESS = "_SUCCESS"
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "luigi", "pandas", "pyarrow")
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _size_of(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.is_file() else 0
+
+
+@contextlib.contextmanager
+def _written_whole_or_not_at_all(path: Path, tmp: Path):
+    """Remove the temporary on any failure, so nothing partial is left for a rerun to find; a full
+    disk becomes one line naming `path` and the space the write needs."""
+    try:
+        yield
+    except BaseException as exc:
+        written = _size_of(tmp)
+        _remove(tmp)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            needed = getattr(exc, "needed_bytes", None)
+            # Without the writer's own estimate, what had been written when the disk filled is a lower bound.
+            raise disk_full_error(path, needed or written, at_least=needed is None) from exc
+        raise
+
+
 def _fresh_temporary(path: Path) -> Path:
     """A hidden sibling of `path` to write into, after removing any left by a killed run."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    # Also the temporaries of the writer that wrote into one (data/schema.py names them after it).
+    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f"..{path.name}.tmp-*")]:
+        _remove(stale)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
@@ -53,8 +88,9 @@ class FileTarget(luigi.LocalTarget):
     def temporary_path(self):
         path = Path(self.path)
         tmp = _fresh_temporary(path)
-        yield str(tmp)
-        os.replace(tmp, path)
+        with _written_whole_or_not_at_all(path, tmp):
+            yield str(tmp)
+            os.replace(tmp, path)
 
 
 class DirTarget(luigi.LocalTarget):
@@ -67,13 +103,14 @@ class DirTarget(luigi.LocalTarget):
     def temporary_path(self):
         path = Path(self.path)
         tmp = _fresh_temporary(path)
-        tmp.mkdir()
-        yield str(tmp)
-        # A unique stamp: work directories downstream compare it to notice their inputs were redone.
-        (tmp / SUCCESS).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {uuid.uuid4().hex}\n")
-        if path.exists():  # an incomplete or outdated copy: it has no _SUCCESS or is being redone
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with _written_whole_or_not_at_all(path, tmp):
+            tmp.mkdir()
+            yield str(tmp)
+            # A unique stamp: work directories downstream compare it to notice their inputs were redone.
+            (tmp / SUCCESS).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {uuid.uuid4().hex}\n")
+            if path.exists():  # an incomplete or outdated copy: it has no _SUCCESS or is being redone
+                shutil.rmtree(path)
+            os.replace(tmp, path)
 
 
 def input_stamp(target: luigi.LocalTarget) -> str:
@@ -87,13 +124,22 @@ def input_stamp(target: luigi.LocalTarget) -> str:
 def prepare_work_dir(work_dir: Path, inputs: list[luigi.LocalTarget]) -> Path:
     """A task's scratch space for resuming (parts, trainer checkpoints). It is kept across a kill, and
     wiped when the task's inputs were rewritten since it was made, so stale parts are never reused."""
+    from data.schema import atomic_write_json
+
     stamps = {target.path: input_stamp(target) for target in inputs}
     record = work_dir / "inputs.json"
-    if work_dir.exists() and (not record.is_file() or json.loads(record.read_text()) != stamps):
+    if work_dir.exists() and _read_json(record) != stamps:
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(stamps, indent=2))
+    atomic_write_json(record, stamps)
     return work_dir
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or damaged: either way the work directory is not to be trusted
+        return None
 
 
 def package_versions() -> dict[str, str]:
@@ -126,7 +172,16 @@ def check_run_dir(run_dir: Path, recipe) -> None:
     run_yaml = run_dir / "run.yaml"
     if not run_yaml.is_file():
         return
-    recorded = (yaml.safe_load(run_yaml.read_text()) or {}).get("recipe", {})
+    start_over = "restore it, or delete the run directory to start over"
+    try:
+        record = yaml.safe_load(run_yaml.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{run_yaml}: not valid YAML{where} (edited by hand?); {start_over}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("recipe"), dict):
+        raise RecipeError(f"{run_yaml}: has no 'recipe' mapping (edited by hand?); {start_over}")
+    recorded = record["recipe"]
     current = recipe.to_dict()
     changed = sorted(_diff_keys(recorded, current))
     if changed:
@@ -155,6 +210,42 @@ class RunTask(luigi.Task):
     recipe = luigi.Parameter(default=str(DEFAULT_RECIPE), description="Path of the YAML recipe.")
     run_name = luigi.Parameter(default="", description="Run directory name; default: the recipe's name.")
     runs_dir = luigi.Parameter(default="runs", description="Where run directories live.")
+    wait_for_lock = luigi.BoolParameter(
+        default=False, significant=False,
+        description="When another command is writing the run directory, wait for it to end instead of refusing.",
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # One writer per run directory: the command takes the lock when its first task is made, which
+        # the luigi command line does before it schedules anything (pipeline/lock.py).
+        self.took_lock = self.lock_run_dir()
+
+    def lock_run_dir(self) -> bool:
+        in_command_line = luigi.cmdline_parser.CmdlineParser.get_instance() is not None
+        try:
+            took = lock.acquire(self.run_dir, wait=self.wait_for_lock)
+        except RunLockedError as exc:
+            if in_command_line:
+                # The luigi command line is making its task: refuse in one line, with our own exit status
+                # (luigi would log a traceback and exit with its unhandled_exception code).
+                log.error("%s", exc)
+                raise SystemExit(lock.EXIT_CODE) from None
+            raise
+        if in_command_line:  # from here on SIGTERM/SIGINT stop at the next saved point (pipeline/interrupt.py)
+            interrupt.install()
+        return took
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run")
+        if run is not None and not getattr(run, "guarded", False):
+            cls.run = _guarded_run(run)
+
+    @property
+    def short_name(self) -> str:
+        round_idx = getattr(self, "round_idx", None)
+        return self.task_family + (f" of round {round_idx}" if round_idx is not None else "")
 
     @cached_property
     def config(self):
@@ -194,6 +285,45 @@ class RunTask(luigi.Task):
         if isinstance(exception, SelfplayError):
             return f"selfplay: {exception}"
         return super().on_failure(exception)
+
+
+def _guarded_run(run):
+    """Every task's run(): under its command's lock (taken again if an earlier build in this process gave
+    it back), not started once a stop was asked for, and stopped by a signal as pipeline/interrupt.py says."""
+
+    @functools.wraps(run)
+    def guarded(self):
+        self.lock_run_dir()
+        interrupt.install()  # until the worker stops: luigi.build in a notebook or test gets its handlers back
+        with interrupt.task_running(self.short_name):
+            return run(self)
+
+    guarded.guarded = True
+    return guarded
+
+
+def _give_back_when_the_worker_stops() -> None:
+    """A command's lock lasts as long as its Luigi worker: luigi.build and the command line both end
+    with the worker's __exit__, the one place every way of running tasks passes through."""
+    from luigi.worker import Worker
+
+    original = Worker.__exit__
+    if getattr(original, "gives_back_run_locks", False):
+        return
+
+    @functools.wraps(original)
+    def __exit__(self, *exc_info):
+        try:
+            return original(self, *exc_info)
+        finally:
+            lock.release_all()
+            interrupt.restore()
+
+    __exit__.gives_back_run_locks = True
+    Worker.__exit__ = __exit__
+
+
+_give_back_when_the_worker_stops()
 
 
 class GpuTask(RunTask):

@@ -6,7 +6,9 @@ Round r: Generate(r) -> Judge(r) -> Train(r) -> Evaluate(r); round 1 starts from
 r+1 from round r's checkpoint. A second identical command runs nothing; deleting a round's files
 reruns that round and the ones after it. The recipe, the run directory and what every later stage
 needs of the data and models (data/requirements.py) are checked before anything is scheduled, so a
-misspelled key or a column the verifier needs fails at once, in one line.
+misspelled key or a column the verifier needs fails at once, in one line; so does a second command on
+a run directory another command is writing (pipeline/lock.py), and a run directory edited by hand is
+said in one line per edit (pipeline/run_state.py).
 """
 
 import logging
@@ -14,20 +16,28 @@ import time
 
 import luigi
 
+from pipeline import lock
 from pipeline.base import RunTask
 from pipeline.errors import RecipeError
+from pipeline.run_state import check_run_state
 
 
 class Iterate(RunTask):
     rounds = luigi.IntParameter(default=3, description="Number of self-play rounds.")
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.rounds < 1:
-            raise RecipeError(f"--rounds must be at least 1, got {self.rounds}")
-        from data.requirements import preflight
+        super().__init__(*args, **kwargs)  # loads the recipe, checks run.yaml, takes the run's lock
+        try:
+            if self.rounds < 1:
+                raise RecipeError(f"--rounds must be at least 1, got {self.rounds}")
+            from data.requirements import preflight
 
-        preflight(self.config, self.rounds)  # fail before anything is scheduled, in one line
+            preflight(self.config, self.rounds)  # fail before anything is scheduled, in one line
+            check_run_state(self)  # a run directory edited by hand (pipeline/run_state.py)
+        except BaseException:
+            if self.took_lock:  # nothing will run: a process that goes on (a notebook) must not keep it
+                lock.release(self.run_dir)
+            raise
         self._started = time.time()  # the CLI builds this task first: its age at run() is the command's wall time
 
     def requires(self):

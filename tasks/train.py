@@ -13,14 +13,14 @@ same code (DDP; see the README for FSDP) and waits for it.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import luigi
 
+from pipeline import interrupt
 from pipeline.base import DirTarget, GpuTask, prepare_work_dir, set_cpu_threads
-from pipeline.errors import TrainingError
+from pipeline.errors import Interrupted, TrainingError
 from tasks.chain import model_task
 
 
@@ -73,7 +73,11 @@ class Train(GpuTask):
                     # GPUs, over gloo on a machine without them).
                     command += ["--multi_gpu"]
                 command += ["-m", "models.trainer", str(job_file)]
-                if subprocess.run(command, cwd=Path(__file__).resolve().parents[1]).returncode != 0:
+                # A SIGTERM/SIGINT is passed on to the training processes, which save a checkpoint and stop.
+                if interrupt.run_forwarding_signals(command, cwd=Path(__file__).resolve().parents[1]) != 0:
+                    if interrupt.received():
+                        raise Interrupted(f"{interrupt.received()}: training of round {self.round_idx} stopped; "
+                                          f"its trainer checkpoints are in {work_dir}; rerun the same command to resume")
                     raise TrainingError(f"round {self.round_idx}: `{' '.join(command)}` failed; its output is above")
             else:
                 from models.trainer import run_job
