@@ -77,7 +77,7 @@ def _read_jsonl(path: Path, source: str) -> pd.DataFrame:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{source}: line {line_number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(record, dict):
