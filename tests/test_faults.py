@@ -497,6 +497,42 @@ def test_a_full_disk_in_a_run_then_the_same_command_completes_with_the_same_resu
     assert_same_rounds(runs / NAME, clean_run, [1])
 
 
+@pytest.mark.slow
+def test_a_real_full_disk_on_a_small_tmpfs(tmp_path, clean_run):
+    """The same, with no injection: the run directory is a tmpfs too small for one round (mounted in a
+    user and mount namespace of its own, where that is allowed), then made larger, as freeing space is."""
+    import shutil
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode:
+        pytest.skip("no tmpfs can be mounted in a user namespace here")
+    recipe = write_recipe(tmp_path)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    runs.mkdir()
+    out.mkdir()
+    command = f"{sys.executable} -m luigi --module pipeline Iterate --rounds 1 --recipe {recipe} --runs-dir {runs}"
+    # 384 KiB holds the base model, round 0 and round 1 up to its trainer checkpoint, not the round's final checkpoint.
+    script = f"""
+mount -t tmpfs -o size=384k tmpfs {runs}
+{command} > {out}/full.log 2>&1; echo $? > {out}/full.rc
+find {runs} -name '.*' > {out}/hidden.txt
+mount -o remount,size=64m {runs}
+{command} > {out}/freed.log 2>&1; echo $? > {out}/freed.rc
+cp -r {runs}/{NAME} {out}/
+"""
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                   timeout=1200, check=True)
+    full = (out / "full.log").read_text()
+    assert (out / "full.rc").read_text().strip() == str(TASK_FAILED), full[-3000:]
+    lines = [line for line in full.splitlines() if "no space left on device" in line]
+    assert lines and f"selfplay: {runs / NAME / 'round_01' / 'checkpoint'}: no space left on device; it needs about" in lines[0]
+    assert (out / "hidden.txt").read_text().split() == []  # no temporary, and the lock given back
+    assert (out / "freed.rc").read_text().strip() == "0", (out / "freed.log").read_text()[-3000:]
+    assert_same_rounds(out / NAME, clean_run, [1])
+
+
 # --- hand-edited run directories ----------------------------------------------------------------------
 
 def fake_run(tmp_path, rounds: int) -> tuple[str, Path]:
