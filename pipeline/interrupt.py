@@ -40,7 +40,7 @@ def install(repeat_stops_at_once: bool = True) -> None:
     """Handle SIGTERM and SIGINT in this process (from the main thread only; elsewhere a no-op)."""
     if _previous or threading.current_thread() is not threading.main_thread():
         return
-    _state.update(received=None, repeat_stops_at_once=repeat_stops_at_once)
+    _state.update(received=None, safe_point=None, forward=None, repeat_stops_at_once=repeat_stops_at_once)
     for signum in SIGNALS:
         _previous[signum] = signal.signal(signum, _handle)
 
@@ -86,7 +86,8 @@ def task_running(name: str):
     """Marks `name` as the running task; refuses to start it once a stop was asked for."""
     if _state["received"]:
         raise Interrupted(f"{_state['received']}: {name} not started; rerun the same command to resume")
-    previous, _state["task"] = _state["task"], name
+    previous = _state["task"]
+    _state.update(task=name, safe_point=None, forward=None)  # nothing of an earlier task's loop carries over
     try:
         yield
     finally:
