@@ -9,6 +9,8 @@ import errno
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,8 +265,9 @@ def test_workers_of_one_command_under_luigid_share_its_lock(tmp_path):
 # --- SIGTERM and SIGINT -------------------------------------------------------------------------------
 
 # The luigi command line in a child, with generation and training slowed down so that a signal lands in
-# the middle of either, and a file touched at the first training step. As in test_reliability.py, the
-# slowing is done here by wrapping two functions; no test hook lives in the product.
+# the middle of either, and files that mark where it is: "generate r1 part 2" when that part starts,
+# "training" at the first training step. As in test_reliability.py, the slowing is done here by
+# wrapping two functions; no test hook lives in the product.
 DRIVER = """
 import sys, time
 from pathlib import Path
@@ -272,15 +275,17 @@ import luigi.cmdline
 import models.generation as generation
 import models.trainer as trainer
 
-delay, training = float(sys.argv[1]), Path(sys.argv[2])
+delay, marks = float(sys.argv[1]), Path(sys.argv[2])
 _generate, _logps = generation.generate_texts, trainer.sequence_logps
 
 def slow_generate(*args, **kwargs):
+    if kwargs.get("progress"):
+        (marks / kwargs["progress"]).touch()
     time.sleep(delay)
     return _generate(*args, **kwargs)
 
 def slow_logps(*args, **kwargs):
-    training.touch()
+    (marks / "training").touch()
     time.sleep(delay / 4)
     return _logps(*args, **kwargs)
 
@@ -292,7 +297,10 @@ luigi.cmdline.luigi_run(sys.argv[3:])
 def start(tmp_path, recipe, runs, delay, rounds):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    args = [sys.executable, str(driver), str(delay), str(tmp_path / "training"), "--module", "pipeline", "Iterate",
+    marks = tmp_path / "marks"
+    shutil.rmtree(marks, ignore_errors=True)
+    marks.mkdir()
+    args = [sys.executable, str(driver), str(delay), str(marks), "--module", "pipeline", "Iterate",
             "--rounds", str(rounds), "--recipe", recipe, "--runs-dir", str(runs)]
     log_path = tmp_path / f"run-{time.time_ns()}.log"
     with open(log_path, "w") as log:
@@ -306,7 +314,7 @@ def interrupt_generation(tmp_path, recipe, runs, round_idx: int, signum: int) ->
     round_dir = runs / NAME / f"round_{round_idx:02d}"
     work = round_dir / "generate_work"
     proc, log_path = start(tmp_path, recipe, runs, delay=1.0, rounds=round_idx)
-    wait_for(proc, lambda: (work / "part-00000.parquet").exists())
+    wait_for(proc, lambda: (tmp_path / "marks" / f"generate r{round_idx} part 1").exists())  # part 1 under way
     os.kill(proc.pid, signum)  # to the process alone, as Kubernetes does
     sent = time.time()
     assert proc.wait(timeout=120) == TASK_FAILED
@@ -323,9 +331,8 @@ def interrupt_training(tmp_path, recipe, runs, round_idx: int, signum: int, clea
     """Signal a run in the middle of round `round_idx`'s training: the step under way finishes, a trainer
     checkpoint is saved there (the recipe saves none of its own before the end), then it stops."""
     round_dir = runs / NAME / f"round_{round_idx:02d}"
-    (tmp_path / "training").unlink(missing_ok=True)
     proc, log_path = start(tmp_path, recipe, runs, delay=1.0, rounds=round_idx)
-    wait_for(proc, lambda: (tmp_path / "training").exists())  # the driver marks the first training step
+    wait_for(proc, lambda: (tmp_path / "marks" / "training").exists())  # the first training step is under way
     os.kill(proc.pid, signum)
     assert proc.wait(timeout=120) == TASK_FAILED
     output = log_path.read_text()
@@ -501,7 +508,6 @@ def test_a_full_disk_in_a_run_then_the_same_command_completes_with_the_same_resu
 def test_a_real_full_disk_on_a_small_tmpfs(tmp_path, clean_run):
     """The same, with no injection: the run directory is a tmpfs too small for one round (mounted in a
     user and mount namespace of its own, where that is allowed), then made larger, as freeing space is."""
-    import shutil
 
     probe = tmp_path / "probe"
     probe.mkdir()
@@ -578,15 +584,11 @@ def test_an_intact_or_merely_unfinished_run_says_nothing(tmp_path, caplog):
     assert check(recipe, tmp_path, 3, caplog) == []  # one more round asked for
     for name in ("eval.parquet", "metrics.json", "pairs.parquet", "judge_meta.json"):  # killed in round 2
         (run_dir / "round_02" / name).unlink()
-    import shutil
-
     shutil.rmtree(run_dir / "round_02" / "checkpoint")
     assert check(recipe, tmp_path, 2, caplog) == []
 
 
 def test_a_round_removed_while_later_rounds_remain_says_which_rounds_rerun(tmp_path, caplog):
-    import shutil
-
     recipe, run_dir = fake_run(tmp_path, 3)
     shutil.rmtree(run_dir / "round_01")
     assert check(recipe, tmp_path, 3, caplog) == [
@@ -703,19 +705,25 @@ def test_soak_random_sigkills_then_the_same_result(tmp_path, clean_run):
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", "Iterate", "--rounds", str(ROUNDS),
                "--recipe", recipe, "--runs-dir", str(runs)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    survived, finished_early = 0, 0
+    # Each run gets a random time before its kill; the fewer kills, the longer, so that kills spread over
+    # the whole run (each rerun resumes where the last was killed) and the last still lands before its end.
+    longest = 3.0 + 135.0 / SOAK_KILLS
+    survived, finished_early, killed_in = 0, False, []
     for kill in range(SOAK_KILLS):
-        with open(tmp_path / f"run-{kill}.log", "w") as log:
+        log_path = tmp_path / f"run-{kill}.log"
+        with open(log_path, "w") as log:
             proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
-                proc.wait(timeout=rng.uniform(4.0, 30.0))
-                finished_early += 1  # the run was over before its kill: nothing left to kill
-                assert proc.returncode == 0, (tmp_path / f"run-{kill}.log").read_text()[-3000:]
+                proc.wait(timeout=rng.uniform(3.0, longest))
+                finished_early = True  # the run was over before its kill: nothing left to kill
+                assert proc.returncode == 0, log_path.read_text()[-3000:]
                 break
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         survived += 1
+        running = re.findall(r"running\s+(\w+)\(.*?(?:round_idx=(\d+))?\)$", log_path.read_text(), re.M)
+        killed_in.append(f"{running[-1][0]}{running[-1][1]}" if running else "start-up")
         # Whatever a kill leaves, every finished artifact is whole.
         for path in run_dir.rglob("*.parquet"):
             if not path.name.startswith(".") and path.parent.name != "generate_work":
@@ -724,6 +732,6 @@ def test_soak_random_sigkills_then_the_same_result(tmp_path, clean_run):
     final = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert final.returncode == 0, final.stderr[-3000:]
     ended = f" (the run ended before kill {survived + 1} of {SOAK_KILLS})" if finished_early else ""
-    print(f"soak: {survived} SIGKILLs survived{ended}")
+    print(f"soak: {survived} SIGKILLs survived{ended}; killed in: {', '.join(killed_in)}")
     assert_same_rounds(run_dir, clean_run, range(1, ROUNDS + 1))
     assert not no_temporaries(runs) and not (run_dir / lock.LOCK_NAME).exists()
