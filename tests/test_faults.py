@@ -705,16 +705,20 @@ def test_soak_random_sigkills_then_the_same_result(tmp_path, clean_run):
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", "Iterate", "--rounds", str(ROUNDS),
                "--recipe", recipe, "--runs-dir", str(runs)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # Each run gets a random time before its kill; the fewer kills, the longer, so that kills spread over
-    # the whole run (each rerun resumes where the last was killed) and the last still lands before its end.
-    longest = 3.0 + 135.0 / SOAK_KILLS
+    # Each run is killed a random time after its first task starts (start-up, the same every time, is left
+    # out); the fewer kills, the longer that time may be, so that kills spread over the whole run (each
+    # rerun resumes where the last was killed) and the last still lands before its end.
+    longest = min(40.0, max(10.0, 300.0 / SOAK_KILLS))
     survived, finished_early, killed_in = 0, False, []
     for kill in range(SOAK_KILLS):
         log_path = tmp_path / f"run-{kill}.log"
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            deadline = time.time() + 300
+            while proc.poll() is None and " running " not in log_path.read_text() and time.time() < deadline:
+                time.sleep(0.05)
             try:
-                proc.wait(timeout=rng.uniform(3.0, longest))
+                proc.wait(timeout=rng.uniform(0.0, longest))
                 finished_early = True  # the run was over before its kill: nothing left to kill
                 assert proc.returncode == 0, log_path.read_text()[-3000:]
                 break
