@@ -91,8 +91,13 @@ def preflight(recipe, rounds: int) -> None:
     from models.loading import check_model_path
     from models.verifiers import load_verifier
 
-    if recipe.model.base_model:
-        check_model_path(recipe.model.base_model)
+    from models.gguf import check_gguf, is_gguf_spec, resolve_gguf
+
+    base = recipe.model.base_model
+    if is_gguf_spec(base):
+        check_gguf(resolve_gguf(base), named=base)
+    elif base:
+        check_model_path(base)
     round_recipes = [recipe.for_round(r) for r in range(1, rounds + 1)]
     for round_recipe in round_recipes:  # judge and evaluation may change between rounds
         load_verifier(round_recipe.judge.verifier)

