@@ -247,15 +247,20 @@ def format_completion(tokenizer, prompt: str, response: str, system: str | None 
     """The text the model should write after `format_prompt(...)`: the response and its end-of-turn marker.
 
     Taken from the template itself (full conversation minus the prompt), so the end-of-turn tokens the
-    model is trained on are those generation stops at.
+    model is trained on are those generation stops at. It ends at the eos token: what a template puts
+    after it (ChatML's newline after `<|im_end|>`) is never sampled, since generation stops at eos,
+    so training on it would score tokens the policy does not produce.
     """
     prompt_text = format_prompt(tokenizer, prompt, system)
     full = tokenizer.apply_chat_template(
         _messages(prompt, system) + [{"role": "assistant", "content": response}], tokenize=False
     )
-    if full.startswith(prompt_text):
-        return full[len(prompt_text):]
-    return response + (tokenizer.eos_token or "")
+    if not full.startswith(prompt_text):
+        return response + (tokenizer.eos_token or "")
+    completion = full[len(prompt_text):]
+    eos = tokenizer.eos_token
+    end = completion.rfind(eos) if eos else -1
+    return completion[: end + len(eos)] if end >= 0 else completion
 
 
 def filter_overlong(frame: pd.DataFrame, tokenizer, max_tokens: int, policy: str, source: str,
