@@ -69,7 +69,9 @@ PAIRS = ArtifactSchema(
     non_empty=("prompt_id", "prompt", "chosen"),
     unique=("prompt_id",),
     optional=(("chosen_index", pa.int64()), ("rejected_index", pa.int64()), ("prob_matrix", PROB_MATRIX),
-              ("chosen_finished", pa.bool_()), ("rejected_finished", pa.bool_())),
+              ("chosen_finished", pa.bool_()), ("rejected_finished", pa.bool_()),
+              # the ids a sampled side was generated as (null for ground truth): training scores these
+              ("chosen_token_ids", pa.list_(pa.int64())), ("rejected_token_ids", pa.list_(pa.int64()))),
 )
 
 EVAL = ArtifactSchema(
@@ -89,6 +91,13 @@ EVAL = ArtifactSchema(
     optional=(("correct", pa.bool_()), ("verifier_score", pa.float64()), ("base_logp", pa.float64()), ("finished", pa.bool_()),
               ("token_ids", pa.list_(pa.int64()))),
 )
+
+
+def token_ids_or_none(value) -> list[int] | None:
+    """A token-id cell read from Parquet (an array, a list, or null) as a list of ints, or None."""
+    if value is None or (isinstance(value, float) and value != value):  # null, or NaN from a missing cell
+        return None
+    return [int(i) for i in value]
 
 
 def _check_type(series: pd.Series, dtype: pa.DataType) -> bool:

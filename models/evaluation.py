@@ -64,8 +64,8 @@ def implicit_reward_stats(
             "implicit_reward_pairs": int(len(chosen_reward))}
 
 
-def win_probs(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> np.ndarray:
-    """P(ours beats theirs) per prompt by `judge` (a models.judges judge)."""
+def judge_pairs(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> list:
+    """The judge's result (models.judges.JudgeResult) for each prompt's (ours, theirs)."""
     from models.judges import JudgeGroup, row_of
 
     groups = [
@@ -73,7 +73,12 @@ def win_probs(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) 
                    task=row.get("task"), answer=row.get("answer"), row=row_of(row.get("source_row")))
         for row, a, b in zip(prompts.to_dict("records"), ours, theirs)
     ]
-    return np.array([result.prob_matrix[0, 1] for result in judge.judge(groups)])
+    return judge.judge(groups)
+
+
+def win_probs(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> np.ndarray:
+    """P(ours beats theirs) per prompt by `judge` (a models.judges judge)."""
+    return np.array([result.prob_matrix[0, 1] for result in judge_pairs(judge, prompts, ours, theirs)])
 
 
 def win_rate(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> tuple[float, float]:
@@ -262,9 +267,12 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
             judge = make_judge(judge_name, recipe, base_model, base_tokenizer)
             ours = greedy_rows.response.tolist()
             greedy_prompts = by_prompt.loc[greedy_rows.prompt_id].reset_index()
+            metrics["eval_judge_unparsed"] = 0  # self-judge answers with no verdict (ties), both comparisons
             for label, other in (("previous", previous), ("base", base)):
                 theirs = other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
-                probs = win_probs(judge, greedy_prompts, ours, theirs)
+                results = judge_pairs(judge, greedy_prompts, ours, theirs)
+                probs = np.array([result.prob_matrix[0, 1] for result in results])
+                metrics["eval_judge_unparsed"] += sum(result.unparsed for result in results)
                 metrics[f"win_rate_vs_{label}"], metrics[f"win_rate_vs_{label}_se"] = mean_se(probs)
                 if "task" in greedy_prompts:
                     by_task = pd.Series(probs).groupby(greedy_prompts["task"].to_numpy()).mean()

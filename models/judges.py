@@ -8,7 +8,10 @@ a rubric score, correctness); iterative DPO pairs by them when present.
 - RewardModelJudge: any AutoModelForSequenceClassification reward model; P = sigmoid(r_i - r_j).
 - SelfJudge: the current model as an LLM judge, pointwise (Self-Rewarding LMs' additive 5-point
   rubric, 'Score: N' parsed from its text) or pairwise (asked in both orders to cancel position bias).
-  Answers it cannot parse are counted in `unparsed` and treated as ties; they never fail a round.
+  An answer with no verdict in it is continued once with the verdict's opening written for it
+  ('Score:' / 'Better:'), which small models need (SmolLM2-135M restates the response instead of
+  scoring it). Answers still without a verdict are counted in `unparsed` and treated as ties; they
+  never fail a round.
 - PairRMJudge (models/pairrm.py): llm-blender/PairRM-hf loaded by our own code.
 
 `make_judge(recipe, model_path)` builds the one a recipe names.
@@ -55,6 +58,7 @@ class JudgeResult:
     prob_matrix: np.ndarray  # (K, K): P(i beats j), 0.5 on the diagonal
     scores: np.ndarray | None = None  # (K,) pointwise scores where the judge has them
     unparsed: int = 0  # judge answers that could not be parsed (self-judge), counted as ties
+    reprompted: int = 0  # judge answers that needed the verdict's opening written for them (self-judge)
 
     @property
     def win_probs(self) -> np.ndarray:
@@ -179,7 +183,10 @@ Response B: {second}
 
 Answer with "Better: A" or "Better: B"."""
 
-SCORE_RE = re.compile(r"score\s*[:=]\s*([0-5](?:\.\d+)?)", re.IGNORECASE)
+# The number must end there: 'Score: 100' or 'Score: 10.' is no score out of 5 (not a 1).
+SCORE_RE = re.compile(r"score\s*[:=]\s*([0-5](?:\.\d+)?)(?!\d)", re.IGNORECASE)
+SCORE_OPENING, VERDICT_OPENING = "\nScore:", "\nBetter:"
+REPROMPT_TOKENS = 4  # enough for ' 4' or ' A' and what follows
 VERDICT_RE = re.compile(r"better\s*[:=]?\s*(?:response\s*)?\b([AB])\b", re.IGNORECASE)
 
 
@@ -202,27 +209,53 @@ class SelfJudge:
     mode: str = "pointwise"
     batch_size: int = 16
     max_new_tokens: int = 32
+    reprompt: bool = True  # continue a verdict-less answer once with the verdict's opening
     name: str = field(default="self", init=False)
 
     def _ask(self, questions: list[tuple[str, str | None]]) -> list[str]:
         from data.prompts import format_prompt
+
+        return self._generate([format_prompt(self.tokenizer, q, system) for q, system in questions], self.max_new_tokens)
+
+    def _continue(self, questions: list[tuple[str, str | None]], answers: list[str], opening: str) -> list[str]:
+        """What the model writes after its own answer followed by `opening`, in the same assistant turn."""
+        from data.prompts import format_prompt
+
+        texts = [format_prompt(self.tokenizer, q, system) + answer + opening for (q, system), answer in zip(questions, answers)]
+        return self._generate(texts, REPROMPT_TOKENS)
+
+    def _generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
         from models.generation import SamplingSettings, generate_texts
 
-        texts = [format_prompt(self.tokenizer, q, system) for q, system in questions]
-        settings = SamplingSettings(temperature=0.0, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=self.batch_size)
         return [samples[0].text for samples in generate_texts(self.model, self.tokenizer, texts, settings, "self-judge")]
+
+    def _verdicts(self, questions: list[tuple[str, str | None]], parse, opening: str) -> tuple[list, list[bool]]:
+        """Parsed verdicts (None where none) and whether each needed the reprompt."""
+        answers = self._ask(questions)
+        verdicts = [parse(a) for a in answers]
+        retry = [i for i, v in enumerate(verdicts) if v is None] if self.reprompt else []
+        if retry:
+            more = self._continue([questions[i] for i in retry], [answers[i] for i in retry], opening)
+            for i, extra in zip(retry, more):
+                verdicts[i] = parse(opening + extra)
+        retried = set(retry)
+        return verdicts, [i in retried for i in range(len(answers))]
 
     def judge(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
         return self._pointwise(groups) if self.mode == "pointwise" else self._pairwise(groups)
 
     def _pointwise(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
         questions = [(POINTWISE_PROMPT.format(prompt=g.prompt, response=r), g.system) for g in groups for r in g.responses]
-        answers = iter(self._ask(questions))
-        results = []
+        verdicts, reprompted = self._verdicts(questions, parse_score, SCORE_OPENING)
+        results, start = [], 0
         for group in groups:
-            parsed = [parse_score(next(answers)) for _ in group.responses]
+            end = start + len(group.responses)
+            parsed = verdicts[start:end]
             scores = np.array([math.nan if s is None else s for s in parsed])
-            results.append(JudgeResult(matrix_from_scores(scores), scores=scores, unparsed=parsed.count(None)))
+            results.append(JudgeResult(matrix_from_scores(scores), scores=scores, unparsed=parsed.count(None),
+                                       reprompted=sum(reprompted[start:end])))
+            start = end
         return results
 
     def _pairwise(self, groups: list[JudgeGroup]) -> list[JudgeResult]:
@@ -232,20 +265,22 @@ class SelfJudge:
             for g, pairs in zip(groups, orders)
             for i, j in pairs
         ]
-        answers = iter(self._ask(questions))
+        verdicts, reprompted = self._verdicts(questions, parse_verdict, VERDICT_OPENING)
+        answers, retried = iter(verdicts), iter(reprompted)
         results = []
         for group, pairs in zip(groups, orders):
             k = len(group.responses)
             first_wins = np.full((k, k), 0.5)  # first_wins[i, j]: i shown as A beat j shown as B
-            unparsed = 0
+            unparsed = again = 0
             for i, j in pairs:
-                verdict = parse_verdict(next(answers))
+                verdict = next(answers)
                 unparsed += verdict is None
+                again += next(retried)
                 first_wins[i, j] = {"A": 1.0, "B": 0.0}.get(verdict, 0.5)
             # Average i's result as A against j with its result as B: position bias cancels.
             prob = (first_wins + (1.0 - first_wins.T)) / 2
             np.fill_diagonal(prob, 0.5)
-            results.append(JudgeResult(prob, unparsed=unparsed))
+            results.append(JudgeResult(prob, unparsed=unparsed, reprompted=again))
         return results
 
 
@@ -316,7 +351,7 @@ def penalize_unfinished(result: JudgeResult, finished: list[bool]) -> JudgeResul
     prob = result.prob_matrix.copy()
     prob[np.ix_(done, ~done)] = 1.0
     prob[np.ix_(~done, done)] = 0.0
-    return JudgeResult(prob, scores=result.scores, unparsed=result.unparsed)
+    return JudgeResult(prob, scores=result.scores, unparsed=result.unparsed, reprompted=result.reprompted)
 
 
 def _normalized(text: str) -> str:
@@ -325,6 +360,14 @@ def _normalized(text: str) -> str:
 
 def _same_text(a: str, b: str) -> bool:
     return _normalized(a) == _normalized(b)
+
+
+def _token_ids(sample) -> list[int] | None:
+    """The ids a sample was generated as (generations.parquet `token_ids`, its EOS included when it
+    finished), where they were recorded."""
+    from data.schema import token_ids_or_none
+
+    return token_ids_or_none(sample.get("token_ids"))
 
 
 def _first(group, column: str):
@@ -359,7 +402,7 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
     grouped = [(pid, g.sort_values("sample_index")) for pid, g in generations.groupby("prompt_id", sort=False)]
     rows = []
     stats = {"prompts": len(grouped), "pairs": 0, "skipped_ties": 0, "skipped_identical": 0, "unparsed_judgements": 0,
-             "unfinished_samples": int((~generations.finished).sum()), "skipped_unfinished": 0, "pairs_rejected_unfinished": 0}
+             "reprompted_judgements": 0, "unfinished_samples": int((~generations.finished).sum()), "skipped_unfinished": 0, "pairs_rejected_unfinished": 0}
     if recipe.algorithm == "spin":
         for _pid, group in grouped:
             first = group.iloc[0]
@@ -373,6 +416,7 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
             rows.append({
                 **{k: first.get(k) for k in keep if k in group.columns},
                 "chosen": reference, "rejected": first.response,
+                "chosen_token_ids": None, "rejected_token_ids": _token_ids(first),
                 "chosen_score": math.nan, "rejected_score": math.nan,
                 "chosen_index": -1, "rejected_index": int(first.sample_index),
                 "chosen_win_prob": math.nan, "rejected_win_prob": math.nan, "prob_matrix": None,
@@ -394,6 +438,7 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
         results = judge.judge(groups) if groups else []
         for (_pid, group), result in zip(grouped, results):
             stats["unparsed_judgements"] += result.unparsed
+            stats["reprompted_judgements"] += result.reprompted
             finished = group.finished.tolist()
             penalize = policy == "penalize" and not all(finished)
             if penalize:
@@ -411,6 +456,7 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
             rows.append({
                 **{k: chosen.get(k) for k in keep if k in group.columns},
                 "chosen": chosen.response, "rejected": rejected.response,
+                "chosen_token_ids": _token_ids(chosen), "rejected_token_ids": _token_ids(rejected),
                 "chosen_score": float(score[best]), "rejected_score": float(score[worst]),
                 "chosen_index": int(chosen.sample_index), "rejected_index": int(rejected.sample_index),
                 "chosen_win_prob": float(win[best]), "rejected_win_prob": float(win[worst]),
@@ -420,7 +466,8 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
     stats["pairs"] = len(rows)
     stats["pairs_rejected_unfinished"] = sum(not row["rejected_finished"] for row in rows)
     columns = [*keep, "chosen", "rejected", "chosen_score", "rejected_score", "chosen_index", "rejected_index",
-               "chosen_win_prob", "rejected_win_prob", "prob_matrix", "chosen_finished", "rejected_finished"]
+               "chosen_win_prob", "rejected_win_prob", "prob_matrix", "chosen_finished", "rejected_finished",
+               "chosen_token_ids", "rejected_token_ids"]
     frame = pd.DataFrame(rows, columns=columns)
     frame = frame.assign(round=round_idx, judge=recipe.judge.name)
     return frame, stats

@@ -53,16 +53,40 @@ def encode(tokenizer, prompt_text: str, completion_text: str, max_length: int, m
 
 
 def encode_pair(tokenizer, prompt_text: str, chosen_text: str, rejected_text: str, max_length: int,
-                max_prompt_length: int | None = None) -> tuple[Encoded, Encoded]:
-    """Chosen and rejected of one preference pair, both with the same (possibly cut) prompt tokens."""
-    chosen, rejected = encode_group(tokenizer, prompt_text, [chosen_text, rejected_text], max_length, max_prompt_length)
+                max_prompt_length: int | None = None, sampled: tuple | None = None) -> tuple[Encoded, Encoded]:
+    """Chosen and rejected of one preference pair, both with the same (possibly cut) prompt tokens;
+    `sampled`: for each side, None or (response text, the ids it was sampled as), see completion_token_ids."""
+    chosen, rejected = encode_group(tokenizer, prompt_text, [chosen_text, rejected_text], max_length, max_prompt_length,
+                                    sampled)
     return chosen, rejected
 
 
+def completion_token_ids(tokenizer, completion_text: str, response: str | None = None, response_ids=None) -> list[int]:
+    """Token ids of a completion (a response and the template's end of turn, data.prompts.format_completion).
+
+    For the model's own sample, pass its text and the ids it was sampled as (without its EOS): those
+    ids stand for the text, and only the template's text around it is tokenised. Re-tokenising the
+    text is not enough: BPE can split one string several ways and sampling can pick a split the
+    tokenizer would not (SmolLM2 sampled 'k' 'alo' where the text re-tokenises to 'kal' 'o'), and the
+    text is stripped of the spaces the model wrote around it (data.prompts.clean_response), so the
+    sequence trained on would not be the one sampled. Ground truth (no ids) is tokenised as text.
+    """
+    start = completion_text.find(response) if response_ids is not None and response is not None else -1
+    if start < 0:  # no ids, or a template that rewrote the response
+        return tokenizer(completion_text, add_special_tokens=False).input_ids
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    after = completion_text[start + len(response) :]
+    return tokenize(completion_text[:start]) + [int(i) for i in response_ids] + tokenize(after)
+
+
 def encode_group(tokenizer, prompt_text: str, completion_texts: list[str], max_length: int,
-                 max_prompt_length: int | None = None) -> list[Encoded]:
+                 max_prompt_length: int | None = None, sampled: list | tuple | None = None) -> list[Encoded]:
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
-    completions = [tokenizer(text, add_special_tokens=False).input_ids for text in completion_texts]
+    sampled = sampled or [None] * len(completion_texts)
+    completions = [completion_token_ids(tokenizer, text, *(ids or (None, None))) for text, ids in zip(completion_texts, sampled)]
     prompt_ids, completions = truncate_group(prompt_ids, completions, max_length, max_prompt_length)
     return [Encoded(prompt_ids, ids) for ids in completions]
 

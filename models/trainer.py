@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from data.prompts import format_completion, format_prompt
-from data.schema import atomic_write_json, write_parquet
+from data.schema import atomic_write_json, token_ids_or_none, write_parquet
 from models.logps import Encoded, batched_logps, collate, encode_pair, sequence_logps
 from models.losses import LOSSES, PreferenceBatch, chosen_nll, implicit_rewards
 from pipeline import interrupt
@@ -63,18 +63,32 @@ class PolicyLogps(torch.nn.Module):
 
 
 def encode_pairs(tokenizer, pairs: pd.DataFrame, max_length: int, max_prompt_length: int | None = None) -> tuple[list[Encoded], list[Encoded]]:
-    """Token ids of every pair; the prompt is cut once per pair, so both sides share it (encode_pair)."""
+    """Token ids of every pair; the prompt is cut once per pair, so both sides share it (encode_pair).
+    A side the model sampled is scored as the ids it was sampled as (`chosen_token_ids` /
+    `rejected_token_ids`), then the template's end of turn: exactly the sequence generated."""
     chosen, rejected = [], []
-    systems = pairs["system"] if "system" in pairs.columns else [None] * len(pairs)
-    for prompt, system, good, bad in zip(pairs.prompt, systems, pairs.chosen, pairs.rejected):
+    column = lambda name: pairs[name].tolist() if name in pairs.columns else [None] * len(pairs)  # noqa: E731
+    sides = zip(pairs.prompt, column("system"), pairs.chosen, pairs.rejected, column("chosen_token_ids"),
+                column("rejected_token_ids"), column("chosen_finished"), column("rejected_finished"))
+    for prompt, system, good, bad, good_sampled, bad_sampled, good_done, bad_done in sides:
         system = system if isinstance(system, str) else None
         good_ids, bad_ids = encode_pair(
             tokenizer, format_prompt(tokenizer, prompt, system), format_completion(tokenizer, prompt, good, system),
             format_completion(tokenizer, prompt, bad, system), max_length, max_prompt_length,
+            (_sampled(good, good_sampled, good_done), _sampled(bad, bad_sampled, bad_done)),
         )
         chosen.append(good_ids)
         rejected.append(bad_ids)
     return chosen, rejected
+
+
+def _sampled(text: str, ids, finished) -> tuple[str, list[int]] | None:
+    """(text, sampled ids without the EOS a finished sample ends with), or None for a side with no ids."""
+    ids = token_ids_or_none(ids)
+    if ids is None:
+        return None
+    finished = finished is not None and finished == finished and bool(finished)  # None/NaN: not recorded
+    return text, ids[:-1] if finished and ids else ids
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:

@@ -148,3 +148,30 @@ def test_completion_ends_at_eos_not_at_the_template_newline_after_it():
     assert format_prompt(tok, "Hi") == "<|user|>user\nHi<|end|>\n<|user|>assistant\n"
     assert format_completion(tok, "Hi", "Hello.") == "Hello.<|end|>"
     assert format_completion(tok, "Hi", "Two\nlines\n") == "Two\nlines\n<|end|>"  # the response's own newlines stay
+
+
+def test_a_sampled_response_is_trained_as_the_ids_it_was_sampled_as():
+    import pandas as pd
+
+    from models.logps import completion_token_ids, encode_pair
+    from models.tokenizer import build_byte_tokenizer
+    from models.trainer import encode_pairs
+
+    tok = build_byte_tokenizer()
+    eos = tok.convert_tokens_to_ids("<|end|>")
+    canonical = tok("ab", add_special_tokens=False).input_ids
+    sampled = [canonical[1], canonical[0]]  # ids that do not re-tokenise from the text: stand-ins for another BPE split
+    assert completion_token_ids(tok, "ab<|end|>") == canonical + [eos]  # ground truth: the text, tokenised
+    assert completion_token_ids(tok, "ab<|end|>", "ab", sampled) == sampled + [eos]
+    assert completion_token_ids(tok, "<|system|>ab<|end|>", "ab", sampled) == [tok.convert_tokens_to_ids("<|system|>")] + sampled + [eos]
+    assert completion_token_ids(tok, "ab<|end|>", "a b", sampled) == canonical + [eos]  # template changed the text: as text
+    chosen, rejected = encode_pair(tok, "q", "ab<|end|>", "ab<|end|>", 64, None, (("ab", sampled), None))
+    assert (chosen.completion_ids, rejected.completion_ids) == (sampled + [eos], canonical + [eos])
+    # Pairs as the Judge stage writes them: a finished sample's ids end with the EOS it stopped at, which
+    # the template's end of turn stands for; a sample cut at the length limit has none and gets one.
+    pairs = pd.DataFrame({"prompt": ["q", "q"], "chosen": ["ab", "ab"], "rejected": ["ab", "ab"],
+                          "chosen_token_ids": [sampled + [eos], None], "rejected_token_ids": [sampled, sampled],
+                          "chosen_finished": [True, True], "rejected_finished": [False, False]})
+    chosen, rejected = encode_pairs(tok, pairs, 64)
+    assert [c.completion_ids for c in chosen] == [sampled + [eos], canonical + [eos]]
+    assert [r.completion_ids for r in rejected] == [sampled + [eos], sampled + [eos]]

@@ -63,7 +63,7 @@ def test_sppo_pairs_carry_mean_win_probabilities_and_matrix():
     gens = generations([["1", "5", "7"], ["2", "2", "2"], ["9", "9", "4"]], ["5", "3", "4"])
     pairs, stats = pair_round(SPPO, gens, 1, VerifierJudge())
     assert stats == {"prompts": 3, "pairs": 2, "skipped_ties": 1, "skipped_identical": 0, "unparsed_judgements": 0,
-                     "unfinished_samples": 0, "skipped_unfinished": 0, "pairs_rejected_unfinished": 0}
+                     "reprompted_judgements": 0, "unfinished_samples": 0, "skipped_unfinished": 0, "pairs_rejected_unfinished": 0}
     first = pairs.iloc[0]
     assert (first.chosen, first.rejected) == ("5", "1")
     # win probabilities: row means with the diagonal counted 0.5, (1 + 0.5 + 1) / 3 and (0.5 + 0 + 0.5) / 3
@@ -89,12 +89,14 @@ def test_parsers():
     assert parse_score("Relevant and complete.\nScore: 4") == 4.0
     assert parse_score("score = 2.5 ... Score: 3") == 3.0
     assert parse_score("I would give it four points") is None
+    assert parse_score("Score: 100") is None and parse_score("Score: 10.") is None and parse_score("Score: 3.") == 3.0
     assert parse_verdict("Better: B") == "B" and parse_verdict("better response a") == "A"
     assert parse_verdict("both are fine") is None
 
 
-def scripted_judge(monkeypatch, mode, answers):
-    """A SelfJudge whose model answers from a script instead of generating."""
+def scripted_judge(monkeypatch, mode, answers, continuation=lambda question, answer, opening: ""):
+    """A SelfJudge whose model answers from a script instead of generating (and, asked again after
+    the verdict's opening, continues with `continuation`: nothing by default)."""
     judge = SelfJudge(model=None, tokenizer=None, mode=mode)
     asked = []
 
@@ -102,8 +104,32 @@ def scripted_judge(monkeypatch, mode, answers):
         asked.extend(questions)
         return [answers(q) for q, _ in questions]
 
+    def fake_continue(questions, given, opening):
+        return [continuation(q, a, opening) for (q, _), a in zip(questions, given)]
+
     monkeypatch.setattr(judge, "_ask", fake_ask)
+    monkeypatch.setattr(judge, "_continue", fake_continue)
     return judge, asked
+
+
+def test_a_verdictless_answer_is_continued_once_after_the_verdicts_opening(monkeypatch):
+    # SmolLM2-135M restates the response instead of scoring it; with 'Score:' written for it, it scores.
+    restate = lambda question: question.split("Response: ")[1].split("\n")[0]  # noqa: E731
+    continued = []
+
+    def after_opening(question, answer, opening):
+        continued.append((answer, opening))
+        return {"good": " 4", "bad": " 100"}.get(answer, " ?")
+
+    judge, _ = scripted_judge(monkeypatch, "pointwise", lambda q: "Score: 2" if "Response: fine" in q else restate(q),
+                              after_opening)
+    [result] = judge.judge([JudgeGroup("q", ["good", "bad", "fine"])])
+    assert continued == [("good", "\nScore:"), ("bad", "\nScore:")]  # only the answers without a score
+    assert list(result.scores[[0, 2]]) == [4.0, 2.0] and np.isnan(result.scores[1])  # 'Score: 100' is not out of 5
+    assert (result.reprompted, result.unparsed) == (2, 1)
+    judge, _ = scripted_judge(monkeypatch, "pairwise", lambda q: "I like both.", lambda q, a, opening: " A")
+    [result] = judge.judge([JudgeGroup("q", ["x", "y"])])
+    assert (result.reprompted, result.unparsed) == (2, 0) and np.allclose(result.prob_matrix, 0.5)  # always A: position bias
 
 
 def test_self_judge_pointwise_unparsed_answers_are_ties_and_counted(monkeypatch):
