@@ -175,3 +175,34 @@ def test_a_sampled_response_is_trained_as_the_ids_it_was_sampled_as():
     chosen, rejected = encode_pairs(tok, pairs, 64)
     assert [c.completion_ids for c in chosen] == [sampled + [eos], canonical + [eos]]
     assert [r.completion_ids for r in rejected] == [sampled + [eos], sampled + [eos]]
+
+
+# --- a GGUF base model in the pipeline ----------------------------------------------------------------
+
+def test_iterate_checks_a_gguf_base_model_before_scheduling(tiny_recipe, tmp_path, monkeypatch):
+    from tasks.iterate import Iterate
+
+    runs = str(tmp_path / "runs")
+    missing = tiny_recipe("spin", name="missing", model={"base_model": str(tmp_path / "missing.gguf")})
+    with pytest.raises(ModelError, match=r"^GGUF model .*missing\.gguf does not exist$"):
+        Iterate(recipe=missing, runs_dir=runs, rounds=1)
+    (tmp_path / "fake.gguf").write_text("not a model")
+    fake = tiny_recipe("spin", name="fake", model={"base_model": str(tmp_path / "fake.gguf")})
+    with pytest.raises(ModelError, match=r"fake\.gguf is not a GGUF file"):
+        Iterate(recipe=fake, runs_dir=runs, rounds=1)
+    monkeypatch.setenv("SELFPLAY_CACHE", str(tmp_path / "empty-cache"))
+    cached = tiny_recipe("spin", name="cached", model={"base_model": "cache:smollm2-135m-instruct"})
+    with pytest.raises(ModelError, match=r"run `python -m models\.fetch smollm2-135m-instruct` first"):
+        Iterate(recipe=cached, runs_dir=runs, rounds=1)
+    assert not any((tmp_path / "runs").rglob("*"))  # nothing was scheduled or written
+
+
+def test_a_gguf_base_model_is_read_from_the_runs_own_converted_directory(tiny_recipe, tmp_path):
+    from tasks.base_model import BaseModel
+
+    recipe = tiny_recipe("spin", model={"base_model": "~/models/m.gguf"})
+    task = BaseModel(recipe=recipe, runs_dir=str(tmp_path / "runs"))
+    assert task.model_path == str(tmp_path / "runs" / "tiny_spin" / "base_model")  # what every later stage loads
+    assert task.root_model == "~/models/m.gguf"  # what checkpoints record as their root, as the recipe says it
+    hub = BaseModel(recipe=tiny_recipe("spin", name="hub", model={"base_model": "org/model"}), runs_dir=str(tmp_path / "runs"))
+    assert hub.model_path == hub.root_model == "org/model"
