@@ -58,6 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                "torch_threads": os.environ.get("SELFPLAY_CPU_THREADS", "torch default"), "recipes": {}}
+    if args.json and Path(args.json).is_file():  # figures of recipes measured before are kept
+        results["recipes"] = json.loads(Path(args.json).read_text())["recipes"]
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     for recipe in args.recipes:
         stages = []
@@ -76,8 +78,8 @@ def main() -> None:
             "generate": metrics["generate"], "judge": metrics["judge"], "train": metrics["train"]["stats"],
         }
         print(Path(recipe).stem, "total", results["recipes"][Path(recipe).stem]["total_seconds"], "s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        if args.json:  # after every recipe, so a stopped run keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
