@@ -8,6 +8,7 @@ committed; a test regenerates them and checks they are unchanged. Regenerate wit
 
 `verify(kind, answer, response)` is the check; `check(prompt, response, row)` is the same in the form
 a recipe names as its verifier (`judge.verifier: data.demo_tasks:check`, models/verifiers.py).
+`check_stated` accepts the answer stated at the end of a sentence, as chat models write it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
-from models.verifiers import normalize_answer
+from models.verifiers import NUMBER_RE, normalize_answer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 SPLIT_SIZES = {"train": 3000, "heldout": 300}
@@ -90,6 +92,20 @@ def verify(kind: str, answer: str, response: str) -> bool:
 def check(prompt: str, response: str, row: dict) -> bool:
     """The demo's verifier as a recipe names it: the row carries the task kind and its answer."""
     return verify(row["task"], row["answer"], response)
+
+
+def check_stated(prompt: str, response: str, row: dict) -> bool:
+    """The answer as a chat model states it, at the end of a sentence ("The largest number is 44.",
+    "Sorted: 11, 47, 54."): the response's last numbers, as many as the answer has, for a numeric or
+    list answer, its last word for a word. `check` would score every such answer wrong (SmolLM2-135M
+    never answers with the bare result); like any last-answer rule, "12, not 44" counts as 44."""
+    answer = row["answer"]
+    expected = NUMBER_RE.findall(answer)
+    if expected and " ".join(expected) == normalize_answer(answer):
+        stated = NUMBER_RE.findall(response)
+        return len(stated) >= len(expected) and stated[-len(expected):] == expected
+    words = re.findall(r"[a-z]+", response.lower())
+    return bool(words) and words[-1] == normalize_answer(answer)
 
 
 def make_split(split: str, size: int, seed: int = SEED) -> list[dict]:

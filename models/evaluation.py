@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from data.prompts import clean_response, format_completion, format_prompt
+from data.schema import token_ids_or_none
 from models.logps import Encoded, batched_logps, encode, encode_pair
 
 log = logging.getLogger("selfplay")
@@ -98,11 +99,6 @@ def eval_judge_name(recipe, prompts: pd.DataFrame) -> str | None:
     return None if name == "none" else name
 
 
-def _sampled_ids(value) -> list[int] | None:
-    """A row's `token_ids` as a list, or None where it has none (pair rows; frames written before them)."""
-    return None if value is None or isinstance(value, float) else [int(t) for t in value]
-
-
 def encode_eval_rows(tokenizer, frame: pd.DataFrame, prompts_by_id: pd.DataFrame) -> list[Encoded]:
     """What each eval row's log-prob is taken of.
 
@@ -123,7 +119,7 @@ def encode_eval_rows(tokenizer, frame: pd.DataFrame, prompts_by_id: pd.DataFrame
 
     for i, row in enumerate(rows):
         prompt, system = prompt_of(row["prompt_id"])
-        sampled = _sampled_ids(row.get("token_ids"))
+        sampled = token_ids_or_none(row.get("token_ids"))  # None: pair rows, frames written before them
         if row["kind"].startswith("pair_"):
             pair_rows.setdefault(row["prompt_id"], {})[row["kind"]] = i
         elif sampled is not None:

@@ -154,3 +154,15 @@ def test_reading_a_broken_file_is_one_line(tmp_path):
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         read_artifact(path, EVAL)
+
+
+def test_check_stated_reads_the_answer_at_the_end_of_a_sentence():
+    from data.demo_tasks import check, check_stated
+
+    cases = [("The largest number is 44.", "44", True), ("The largest number is 12.", "44", False),
+             ("Sorted: 11, 47, 54.", "11 47 54", True), ("11 54 47", "11 47 54", False),
+             ("The reversed word is etil.", "etil", True), ("Lite", "etil", False), ("95 + 98 = 193", "193", True),
+             ("The letter e appears 12 times.", "2", False), ("Subtract: 10-5", "5", True)]
+    for response, answer, right in cases:
+        assert check_stated("", response, {"answer": answer, "task": "add"}) is right, (response, answer)
+    assert not check("", "The largest number is 44.", {"answer": "44", "task": "extreme"})  # the exact check

@@ -153,20 +153,21 @@ def test_training_tokens_are_the_prompt_generation_saw_plus_the_sample_plus_end_
 
     model, tok = base
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    monkeypatch.setattr("models.loading.load_round_model", lambda *args, **kwargs: model)  # loaded once already
+    monkeypatch.setattr("models.loading.load_policy", lambda *args, **kwargs: model)  # loaded once already
     calls = record_generate(model, monkeypatch)
     recipe = recipe_from_dict({**CI_RECIPE, "algorithm": "spin", "judge": {"name": "ground_truth"},
                                "generation": {**CI_RECIPE["generation"], "num_samples": 2, "max_new_tokens": 24}})
     prompts = load_prompts("demo:heldout", "test", recipe.data, require_reference=True).head(6)
     generations, _ = generate_round(recipe, str(base_dir), prompts, 1, tmp_path / "work")
 
-    # What generation saw and sampled, recorded at model.generate, by the sampled ids.
+    # What generation saw and sampled, recorded at model.generate: the prompt without its left padding,
+    # the new tokens up to and with <|im_end|> (what follows it is padding).
     sampled = {}
     for input_ids, attention_mask, output in calls:
         for row_in, mask, row_out in zip(input_ids.tolist(), attention_mask.tolist(), output[:, input_ids.shape[1]:].tolist()):
-            kept = row_out[: row_out.index(im_end)] if im_end in row_out else row_out
-            sampled[tuple(kept)] = ([t for t, m in zip(row_in, mask) if m], im_end in row_out)  # left padding off
-    assert all(tuple(ids) in sampled for ids in generations.response_token_ids)  # every sample kept its ids
+            new = row_out[: row_out.index(im_end) + 1] if im_end in row_out else row_out
+            sampled[tuple(new)] = [t for t, m in zip(row_in, mask) if m]
+    assert all(tuple(ids) in sampled for ids in generations.token_ids)  # every sample kept the ids it was sampled as
 
     spin_pairs, _ = pair_round(recipe, generations, 1)
     dpo = recipe_from_dict({**recipe.to_dict(), "algorithm": "dpo", "judge": {"name": "verifier"}, "rounds": []})
@@ -180,11 +181,14 @@ def test_training_tokens_are_the_prompt_generation_saw_plus_the_sample_plus_end_
                 if ids is None:  # SPIN's ground truth: the reference as text, then the end of turn
                     assert side == "chosen" and enc.completion_ids == tok(row["chosen"] + "<|im_end|>", add_special_tokens=False).input_ids
                     continue
-                prompt_ids, finished = sampled[tuple(ids)]
-                assert enc.prompt_ids == prompt_ids, f"{row['prompt_id']}: the prompt trained on is not the one generation saw"
-                assert enc.completion_ids == list(ids) + [im_end], (
+                ids = list(ids)
+                assert enc.prompt_ids == sampled[tuple(ids)], f"{row['prompt_id']}: the prompt trained on is not the one generation saw"
+                finished = ids[-1] == im_end
+                assert finished == row[f"{side}_finished"]
+                expected = ids if finished else ids + [im_end]  # a sample cut at the length limit gets the end of turn
+                assert enc.completion_ids == expected, (
                     f"{row['prompt_id']} {side}: trained {tok.convert_ids_to_tokens(enc.completion_ids)}, "
-                    f"sampled {tok.convert_ids_to_tokens(list(ids))} ({'finished' if finished else 'cut at the length limit'})")
+                    f"sampled {tok.convert_ids_to_tokens(ids)} ({'finished' if finished else 'cut at the length limit'})")
                 checked += 1
     assert checked == len(spin_pairs) + 2 * len(dpo_pairs) > 0
 
@@ -296,7 +300,8 @@ def self_judged_run(base_dir, tmp_path_factory):
         data={"train": str(REPO / "data/fixtures/open_instructions.jsonl"),
               "eval": str(REPO / "data/fixtures/open_instructions_heldout.jsonl")},
         generation={"num_samples": 4, "temperature": 1.0},
-        judge={"name": "self", "self_mode": "pointwise", "batch_size": 32, "max_new_tokens": 16},
+        # 16 new tokens cut every sample; `keep` lets cut samples be chosen, or no pair could be made
+        judge={"name": "self", "self_mode": "pointwise", "batch_size": 32, "max_new_tokens": 16, "unfinished": "keep"},
         evaluation={"judge": "self", "num_prompts": 2},
     )
     build(Iterate(recipe=recipe, runs_dir=str(root / "runs"), rounds=1))
