@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.errors import RecipeError
+from common.errors import RecipeError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 

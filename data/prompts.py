@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.errors import DataError
 from configs.recipe import DataConfig
-from pipeline.errors import DataError
 
 log = logging.getLogger("selfplay")
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import ModelError, RecipeError
+from common.errors import ModelError, RecipeError
 
 MODEL_JUDGES = ("pairrm", "reward_model")
 
 
 def _answers(verifier, frame, source: str, purpose: str) -> None:
     """Every row of `frame` has an answer `verifier` can check, or a DataError naming the first that has not."""
-    from pipeline.errors import DataError
+    from common.errors import DataError
 
     if "answer" not in frame.columns:
         raise DataError(
@@ -88,10 +88,9 @@ def _is_local(source: str) -> bool:
 def preflight(recipe, rounds: int) -> None:
     """Check, before anything is scheduled, every requirement the `rounds` rounds of `recipe` have."""
     from data.prompts import load_prompts
+    from models.gguf import check_gguf, is_gguf_spec, resolve_gguf
     from models.loading import check_model_path
     from models.verifiers import load_verifier
-
-    from models.gguf import check_gguf, is_gguf_spec, resolve_gguf
 
     base = recipe.model.base_model
     if is_gguf_spec(base):

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from common.errors import DataError
 from data.schema import EVAL, GENERATIONS, PAIRS, ArtifactSchema, read_artifact
-from pipeline.errors import DataError
 
 ROUND_DIR = re.compile(r"^round_(\d+)$")
 FIGURES = (

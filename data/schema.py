@@ -3,7 +3,7 @@
 The columns below are the contract of ../shared/DESIGN.md that notebooks and external checks rely on:
 add columns freely, never rename these. `write_parquet` validates, then writes to a temporary file and
 renames it into place, so a reader never sees half a file, and a full disk leaves no file and one line
-(pipeline/disk.py); `read_artifact` validates what it reads and
+(common/disk.py); `read_artifact` validates what it reads and
 names the file, row and field of the first problem.
 """
 
@@ -19,8 +19,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.disk import full_disk_guard
-from pipeline.errors import DataError
+from common.disk import full_disk_guard
+from common.errors import DataError
 
 PROB_MATRIX = pa.list_(pa.list_(pa.float64()))
 

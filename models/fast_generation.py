@@ -578,7 +578,7 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
     the base unquantised, so for a QLoRA run its policy is W + BA rather than the trained nf4(W) + BA.
     """
     from data.prompts import clean_response
-    from pipeline.errors import ModelError
+    from common.errors import ModelError
 
     try:
         from vllm import LLM, SamplingParams

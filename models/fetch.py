@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ModelError
+from common.errors import ModelError
 
 CACHE_ENV = "SELFPLAY_CACHE"
 DEFAULT_CACHE = "~/.cache/selfplay"

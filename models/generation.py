@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline import interrupt
-from pipeline.errors import Interrupted
+from common import interrupt
+from common.errors import Interrupted
 
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
     import pandas as pd
@@ -117,7 +117,7 @@ def run_with_oom_backoff(work, items: list, batch_size: int, what: str) -> list:
 def generate_texts(model, tokenizer, prompt_texts: list[str], settings: SamplingSettings, progress: str | None = None) -> list[list[Sample]]:
     """`settings.num_samples` samples for each prompt text, in input order (backends hf and static;
     vLLM takes a model path, not a loaded model: see generate_round)."""
-    from pipeline.progress import bar
+    from common.progress import bar
 
     device = next(model.parameters()).device
     eos_ids = _eos_ids(model, tokenizer)
@@ -167,7 +167,7 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
 
     Work is split into parts of `generation.shard_size` prompts, each written atomically to `work_dir` with its
     own seed, so a killed run resumes at the first missing part and still produces the same samples. A
-    SIGTERM or SIGINT (pipeline/interrupt.py) lets the part being generated finish and be saved, then stops.
+    SIGTERM or SIGINT (common/interrupt.py) lets the part being generated finish and be saved, then stops.
     Returns the generations frame (contract columns plus reference/task/answer/source_row/system) and stats.
     """
     from pathlib import Path

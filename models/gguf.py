@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ModelError
+from common.errors import ModelError
 
 log = logging.getLogger("selfplay")
 

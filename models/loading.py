@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 
+from common.errors import ModelError
 from configs.recipe import ModelConfig, TrainingConfig
-from pipeline.errors import ModelError
 
 log = logging.getLogger("selfplay")
 

@@ -177,7 +177,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 @torch.no_grad()
 def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, device, progress: str | None = None) -> tuple[list[float], list[int]]:
     """`sequence_logps` over many items without gradients, batched by length to waste little padding."""
-    from pipeline.progress import bar
+    from common.progress import bar
 
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
     sums, counts = [0.0] * len(items), [0] * len(items)

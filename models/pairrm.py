@@ -244,8 +244,8 @@ class PairRMJudge:
         """`dtype`: None = bf16 on a GPU that has it, else fp32; or 'bf16'/'fp16'/'fp32' or a torch dtype."""
         from transformers import AutoConfig, AutoTokenizer
 
+        from common.errors import ModelError
         from models.loading import check_model_path, default_device
-        from pipeline.errors import ModelError
 
         check_model_path(path)
         self.device = torch.device(device) if device is not None else default_device()

@@ -53,7 +53,7 @@ def supervised_finetune(
 
     `stop_after` runs only the first steps of the same `steps`-step schedule (a quick check that a
     rebuild retraces a recorded run)."""
-    from pipeline.progress import bar
+    from common.progress import bar
 
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]

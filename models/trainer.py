@@ -13,7 +13,7 @@ against the previous round.
    batch); chosen and rejected go through the model in one concatenated forward.
 4. AdamW, linear warm-up and decay, gradient clipping; checkpoints to work_dir/checkpoint-<step>/
    every `save_steps` (adapter, optimiser, scheduler, RNG, log), and a killed run resumes from the last.
-   A SIGTERM or SIGINT finishes the current step, saves a checkpoint there and stops (pipeline/interrupt.py).
+   A SIGTERM or SIGINT finishes the current step, saves a checkpoint there and stops (common/interrupt.py).
    A NaN or inf loss stops the round with a TrainingError; the last good checkpoint stays.
 5. The adapter (the policy) and a merged export are written to `out_dir` (models/loading.py says how
    the next round loads it).
@@ -40,9 +40,9 @@ from data.prompts import format_completion, format_prompt
 from data.schema import atomic_write_json, token_ids_or_none, write_parquet
 from models.logps import Encoded, batched_logps, collate, encode_pair, sequence_logps
 from models.losses import LOSSES, PreferenceBatch, chosen_nll, implicit_rewards
-from pipeline import interrupt
-from pipeline.disk import full_disk_guard
-from pipeline.errors import Interrupted, TrainingError
+from common import interrupt
+from common.disk import full_disk_guard
+from common.errors import Interrupted, TrainingError
 
 log = logging.getLogger("selfplay")
 KEEP_CHECKPOINTS = 2
@@ -204,7 +204,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         add_lora, checkpoint_info, is_round_checkpoint, load_causal_lm, load_tokenizer, resolve_dtype, round_adapter,
         save_checkpoint,
     )
-    from pipeline.progress import bar
+    from common.progress import bar
 
     cfg = recipe.training
     work_dir, out_dir = Path(work_dir), Path(out_dir)

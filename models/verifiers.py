@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import DataError, RecipeError
+from common.errors import DataError, RecipeError
 
 DEFAULT = "exact"
 

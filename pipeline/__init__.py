@@ -1,7 +1,7 @@
 """selfplay's Luigi entry module: `luigi --module pipeline Iterate --rounds 3`.
 
 Importing it registers every task and sets up logging: the `selfplay` logger prints one line per
-event, and errors a user caused (pipeline.errors.SelfplayError) are logged as one line, not a traceback.
+event, and errors a user caused (common.errors.SelfplayError) are logged as one line, not a traceback.
 It also gives Luigi the package's own settings (LUIGI_DEFAULTS) wherever the user's configuration
 has none, so the command behaves the same from any directory.
 """
@@ -9,7 +9,7 @@ has none, so the command behaves the same from any directory.
 import logging
 import os
 
-from pipeline.errors import SelfplayError
+from common.errors import SelfplayError
 
 # transformers draws a progress bar for every weight load; a round loads several models.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -7,8 +7,8 @@
 - `FileTarget` and `DirTarget` write atomically: into a temporary sibling, then one rename. A
   directory output is complete only once `_SUCCESS` is inside it, and `_SUCCESS` is written last.
 - One writer per run directory: making a task takes the run's lock (pipeline/lock.py), and every
-  task's run() is guarded by it and by the SIGTERM/SIGINT handling of pipeline/interrupt.py.
-- A write that fills the disk leaves no temporary behind and fails in one line (pipeline/disk.py).
+  task's run() is guarded by it and by the SIGTERM/SIGINT handling of common/interrupt.py.
+- A write that fills the disk leaves no temporary behind and fails in one line (common/disk.py).
 - One log line per finished task: its outputs and its wall time.
 """
 
@@ -32,14 +32,13 @@ import luigi.cmdline_parser
 import luigi.worker
 import yaml
 
-import configs
-from pipeline import interrupt, lock
-from pipeline.disk import disk_full_error, is_disk_full
-from pipeline.errors import RecipeError, RunLockedError, SelfplayError
+from common import interrupt
+from common.disk import disk_full_error, is_disk_full
+from common.errors import RecipeError, RunLockedError, SelfplayError
+from configs.recipe import CONFIG_DIR, load_recipe
+from pipeline import lock
 
-# configs.recipe imports pipeline.errors, which runs this package's __init__ (it registers the tasks),
-# so configs.recipe is imported inside functions here, never at module level: that would be a cycle.
-DEFAULT_RECIPE = Path(configs.__file__).resolve().parent / "demo_spin.yaml"
+DEFAULT_RECIPE = CONFIG_DIR / "demo_spin.yaml"
 
 log = logging.getLogger("selfplay")
 SUCCESS = "_SUCCESS"
@@ -232,7 +231,7 @@ class RunTask(luigi.Task):
                 log.error("%s", exc)
                 raise SystemExit(lock.EXIT_CODE) from None
             raise
-        if in_command_line:  # from here on SIGTERM/SIGINT stop at the next saved point (pipeline/interrupt.py)
+        if in_command_line:  # from here on SIGTERM/SIGINT stop at the next saved point (common/interrupt.py)
             interrupt.install()
         return took
 
@@ -250,8 +249,6 @@ class RunTask(luigi.Task):
     @cached_property
     def config(self):
         """The validated recipe (configs.recipe.Recipe)."""
-        from configs.recipe import load_recipe
-
         recipe = load_recipe(self.recipe)
         check_run_dir(self.run_dir_for(recipe), recipe)
         return recipe
@@ -289,7 +286,7 @@ class RunTask(luigi.Task):
 
 def _guarded_run(run):
     """Every task's run(): under its command's lock (taken again if an earlier build in this process gave
-    it back), not started once a stop was asked for, and stopped by a signal as pipeline/interrupt.py says."""
+    it back), not started once a stop was asked for, and stopped by a signal as common/interrupt.py says."""
 
     @functools.wraps(run)
     def guarded(self):

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import RunLockedError
+from common.errors import RunLockedError
 
 log = logging.getLogger("selfplay")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import luigi
 
+from common.errors import DataError
 from pipeline.base import SUCCESS, DirTarget
-from pipeline.errors import DataError
 
 log = logging.getLogger("selfplay")
 ROUND_DIR = re.compile(r"^round_(\d+)$")

@@ -16,9 +16,9 @@ import time
 
 import luigi
 
+from common.errors import RecipeError
 from pipeline import lock
 from pipeline.base import RunTask
-from pipeline.errors import RecipeError
 from pipeline.run_state import check_run_state
 
 

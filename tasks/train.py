@@ -18,9 +18,9 @@ from pathlib import Path
 
 import luigi
 
-from pipeline import interrupt
+from common import interrupt
+from common.errors import Interrupted, TrainingError
 from pipeline.base import DirTarget, GpuTask, prepare_work_dir, set_cpu_threads
-from pipeline.errors import Interrupted, TrainingError
 from tasks.chain import model_task
 
 

@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 import torch
 
+from common.errors import ModelError
 from configs.recipe import recipe_from_dict
 from models import loading
 from models.logps import batched_logps
 from models.tokenizer import build_byte_tokenizer
 from models.trainer import encode_pairs, train_round
-from pipeline.errors import ModelError
 
 TOL = 1e-4
 CPU = torch.device("cpu")

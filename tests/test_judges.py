@@ -7,8 +7,16 @@ import torch
 
 from configs.recipe import recipe_from_dict
 from models.judges import (
-    JudgeGroup, JudgeResult, RewardModelJudge, SelfJudge, VerifierJudge, matrix_from_scores, pair_round, parse_score,
-    parse_verdict, select_pair,
+    JudgeGroup,
+    JudgeResult,
+    RewardModelJudge,
+    SelfJudge,
+    VerifierJudge,
+    matrix_from_scores,
+    pair_round,
+    parse_score,
+    parse_verdict,
+    select_pair,
 )
 
 SPPO = recipe_from_dict({"algorithm": "sppo", "judge": {"name": "verifier"}, "generation": {"num_samples": 3}})

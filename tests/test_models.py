@@ -6,14 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.errors import ModelError
 from configs.recipe import ModelConfig, TrainingConfig
 from models.loading import (
-    ADAPTER_DIR, CHAIN, add_lora, check_model_path, checkpoint_info, load_causal_lm, load_policy, load_tokenizer, save_checkpoint,
+    ADAPTER_DIR,
+    CHAIN,
+    add_lora,
+    check_model_path,
+    checkpoint_info,
+    load_causal_lm,
+    load_policy,
+    load_tokenizer,
+    save_checkpoint,
 )
 from models.logps import _has_plain_head, collate, encode, sequence_logps
 from models.tokenizer import build_byte_tokenizer
 from models.trainer import length_grouped_batches
-from pipeline.errors import ModelError
 
 FP32 = ModelConfig(precision="fp32")
 
@@ -142,9 +150,9 @@ def test_a_pair_shares_one_prompt_cut_once_by_the_longer_side():
 def test_generation_keeps_only_prompts_that_fit_beside_a_full_sample(saved, tmp_path):
     import pandas as pd
 
+    from common.errors import DataError
     from configs.recipe import recipe_from_dict
     from models.generation import generate_round
-    from pipeline.errors import DataError
 
     path, _ = saved
     # 40 tokens of training sequence, 8 of them for the sample: prompts over 32 tokens could not be trained on whole.

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import ALGORITHMS, REPO, TINY, merge
 from luigi.execution_summary import LuigiStatusCode
 
 import pipeline  # noqa: F401 - registers the tasks
-from conftest import ALGORITHMS, REPO, TINY, merge
 from data.runs import Run, run_labels, stack_metrics
 from data.schema import PAIRS, atomic_write_json, write_parquet
 from tasks.iterate import Iterate

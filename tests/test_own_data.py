@@ -12,10 +12,10 @@ import time
 import pytest
 
 import pipeline
+from common.errors import DataError
 from data.runs import Run
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact
 from models.verifiers import load_verifier
-from pipeline.errors import DataError
 from tasks.iterate import Iterate
 from tests.conftest import REPO
 from tests.test_pipeline import build

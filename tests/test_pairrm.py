@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from common.errors import ModelError
 from models.judges import JudgeGroup
 from models.pairrm import (
     CAND1_PREFIX,
@@ -26,7 +27,6 @@ from models.pairrm import (
     scores_from_logits,
     tokenize_pairs,
 )
-from pipeline.errors import ModelError
 
 RESPONSES = ["Paris.", "The capital of France is Paris, of course!", "Lyon", "I do not know, sorry."]
 

@@ -10,9 +10,9 @@ import yaml
 from luigi.execution_summary import LuigiStatusCode
 
 import pipeline  # noqa: F401 - registers the tasks
+from common.errors import RecipeError
 from data.runs import Run
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact
-from pipeline.errors import RecipeError
 from tasks.iterate import Iterate
 
 pytestmark = pytest.mark.slow

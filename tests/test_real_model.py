@@ -215,8 +215,8 @@ def test_merged_checkpoint_reloads_alone_and_gives_the_policys_logps(spin_run, b
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from models.logps import batched_logps
     from models.loading import load_tokenizer
+    from models.logps import batched_logps
     from models.trainer import encode_pairs
 
     run_dir = spin_run[0]

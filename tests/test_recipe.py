@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.errors import RecipeError
 from configs.recipe import CONFIG_DIR, load_recipe, recipe_from_dict
-from pipeline.errors import RecipeError
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 

@@ -16,10 +16,10 @@ import torch
 import yaml
 
 import pipeline  # noqa: F401 - registers the tasks
+from common.errors import ModelError, TrainingError
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact
 from models.generation import run_with_oom_backoff
 from pipeline.base import DirTarget
-from pipeline.errors import ModelError, TrainingError
 from tasks.generate import Generate
 from tasks.iterate import Iterate
 from tests.conftest import REPO

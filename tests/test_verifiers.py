@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from common.errors import DataError, ModelError, RecipeError
 from configs.recipe import DataConfig, recipe_from_dict
 from data.prompts import load_prompts
 from data.requirements import check_eval_data, check_train_data, preflight
 from models.judges import JudgeGroup, VerifierJudge, make_judge, pair_round
 from models.verifiers import choice_letter, last_number, load_verifier
-from pipeline.errors import DataError, ModelError, RecipeError
 from tests.conftest import REPO
 
 FIXTURES = REPO / "data" / "fixtures"

@@ -21,7 +21,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-from pipeline.errors import Interrupted
+from common.errors import Interrupted
 
 log = logging.getLogger("selfplay")
 

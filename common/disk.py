@@ -14,7 +14,7 @@ import errno
 import shutil
 from pathlib import Path
 
-from pipeline.errors import DiskFullError
+from common.errors import DiskFullError
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _FULL_MESSAGES = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
