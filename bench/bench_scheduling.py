@@ -24,7 +24,7 @@ def fake_complete_run(task) -> None:
     import luigi
     import yaml
 
-    from pipeline.base import DirTarget
+    from tasks.base import DirTarget
 
     seen, todo = set(), [task]
     while todo:

@@ -1,6 +1,6 @@
 """Errors a user can cause. Each carries one line that names the file, row, field or key at fault.
 
-pipeline/__init__.py installs a log filter so Luigi prints these as that one line, not a traceback.
+tasks/base.py installs a log filter so Luigi prints these as that one line, not a traceback.
 """
 
 
@@ -25,7 +25,7 @@ class TrainingError(SelfplayError):
 
 
 class RunLockedError(SelfplayError):
-    """Another command is writing the same run directory (see pipeline/lock.py)."""
+    """Another command is writing the same run directory (see tasks/lock.py)."""
 
 
 class Interrupted(SelfplayError):

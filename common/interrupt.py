@@ -1,7 +1,7 @@
 """SIGTERM and SIGINT: stop where the work is saved, exit non-zero, and let the next command resume.
 
 Slurm, Kubernetes and a user's Ctrl-C send one of these before a kill. Once a command holds its run
-directory (pipeline/lock.py) both are handled here instead of killing the process at once:
+directory (tasks/lock.py) both are handled here instead of killing the process at once:
 
 - inside a loop that saves as it goes (`safe_points`: Generate's parts, Train's steps), the loop
   finishes the current part or step, saves it, and raises Interrupted;

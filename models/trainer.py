@@ -46,7 +46,7 @@ from common.errors import Interrupted, TrainingError
 
 log = logging.getLogger("selfplay")
 KEEP_CHECKPOINTS = 2
-INTERRUPTED_EXIT = 3  # the exit status of `python -m models.trainer` stopped by a signal (tasks/train.py)
+INTERRUPTED_EXIT = 3  # the exit status of `python -m models.trainer` stopped by a signal (tasks/rounds.py)
 REFERENCE_FREE = {"simpo"}
 
 

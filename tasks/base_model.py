@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.base import DirTarget, FileTarget, GpuTask, RunTask, git_commit, package_versions, set_cpu_threads
+from tasks.base import DirTarget, FileTarget, GpuTask, RunTask, git_commit, package_versions, set_cpu_threads
 
 DEMO_ROOT = "selfplay-demo"  # root_model of checkpoints descending from the built demo model
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.base import FileTarget, GpuTask, set_cpu_threads
-from tasks.chain import model_task
+from tasks.base import FileTarget, GpuTask, set_cpu_threads
+from tasks.rounds import model_task
 
 
 class Evaluate(GpuTask):

@@ -7,8 +7,8 @@ r+1 from round r's checkpoint. A second identical command runs nothing; deleting
 reruns that round and the ones after it. The recipe, the run directory and what every later stage
 needs of the data and models (data/requirements.py) are checked before anything is scheduled, so a
 misspelled key or a column the verifier needs fails at once, in one line; so does a second command on
-a run directory another command is writing (pipeline/lock.py), and a run directory edited by hand is
-said in one line per edit (pipeline/run_state.py).
+a run directory another command is writing (tasks/lock.py), and a run directory edited by hand is
+said in one line per edit (tasks/run_state.py).
 """
 
 import logging
@@ -17,9 +17,11 @@ import time
 import luigi
 
 from common.errors import RecipeError
-from pipeline import lock
-from pipeline.base import RunTask
-from pipeline.run_state import check_run_state
+from tasks import lock
+from tasks.base import RunTask
+from tasks.evaluate import Evaluate
+from tasks.report import Report
+from tasks.run_state import check_run_state
 
 
 class Iterate(RunTask):
@@ -33,7 +35,8 @@ class Iterate(RunTask):
             from data.requirements import preflight
 
             preflight(self.config, self.rounds)  # fail before anything is scheduled, in one line
-            check_run_state(self)  # a run directory edited by hand (pipeline/run_state.py)
+            # A run directory edited by hand (tasks/run_state.py), every round's tasks walked from its Evaluate.
+            check_run_state(self, lambda round_idx: self.clone(Evaluate, round_idx=round_idx))
         except BaseException:
             if self.took_lock:  # nothing will run: a process that goes on (a notebook) must not keep it
                 lock.release(self.run_dir)
@@ -41,9 +44,6 @@ class Iterate(RunTask):
         self._started = time.time()  # the CLI builds this task first: its age at run() is the command's wall time
 
     def requires(self):
-        from tasks.evaluate import Evaluate
-        from tasks.report import Report
-
         return [self.clone(Evaluate, round_idx=r) for r in range(1, self.rounds + 1)] + [self.clone(Report)]
 
     def output(self):

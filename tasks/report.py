@@ -8,15 +8,14 @@ to runs/<run>/plots/ and are written before report.md, the task's output.
 
 import luigi
 
-from pipeline.base import FileTarget, RunTask
+from tasks.base import FileTarget, RunTask
+from tasks.evaluate import Evaluate
 
 
 class Report(RunTask):
     rounds = luigi.IntParameter(description="Rounds the report covers.")
 
     def requires(self):
-        from tasks.evaluate import Evaluate
-
         return [self.clone(Evaluate, round_idx=r) for r in range(self.rounds + 1)]
 
     def output(self):

@@ -27,7 +27,7 @@ import pipeline  # noqa: F401 - registers the tasks
 from common import interrupt
 from common.errors import DataError, DiskFullError, Interrupted, RecipeError, RunLockedError
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact, write_parquet
-from pipeline import lock
+from tasks import lock
 from tasks.iterate import Iterate
 from tests.conftest import ALGORITHMS, REPO, TINY, merge
 from tests.test_reliability import assert_one_line_failure, run_cli
@@ -109,7 +109,7 @@ def wait_for(proc, condition, timeout=300):
 # stdin (or after `seconds`), as a command does when it ends.
 HOLDER = """
 import select, sys
-from pipeline import lock
+from tasks import lock
 lock.acquire(sys.argv[1])
 print("locked", flush=True)
 select.select([sys.stdin], [], [], float(sys.argv[2]))

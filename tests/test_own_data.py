@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-import pipeline
+import pipeline  # noqa: F401 - registers the tasks
 from common.errors import DataError
 from data.runs import Run
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact
 from models.verifiers import load_verifier
+from tasks.base import LUIGI_DEFAULTS
 from tasks.iterate import Iterate
 from tests.conftest import REPO
 from tests.test_pipeline import build
@@ -140,7 +141,7 @@ def test_shipped_luigi_cfg_holds_the_package_defaults():
     shipped = configparser.ConfigParser()
     shipped.read(REPO / "luigi.cfg")
     as_text = {s: {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in o.items()}
-               for s, o in pipeline.LUIGI_DEFAULTS.items()}
+               for s, o in LUIGI_DEFAULTS.items()}
     assert {s: dict(shipped[s]) for s in shipped.sections()} == as_text
 
 
@@ -169,7 +170,7 @@ def test_command_from_another_directory_uses_the_local_scheduler_and_exit_codes(
     buggy = tiny_recipe("dpo", name="buggy", judge={"name": "verifier", "verifier": f"{checks}:check"}, **QUICK)
     failed, _ = luigi_cli(elsewhere, "Iterate", "--rounds", "1", "--recipe", buggy)
     output = failed.stdout + failed.stderr
-    assert failed.returncode == pipeline.LUIGI_DEFAULTS["retcode"]["task_failed"], output[-3000:]
+    assert failed.returncode == LUIGI_DEFAULTS["retcode"]["task_failed"], output[-3000:]
     assert "bug in my verifier" in output and "Failed connecting to remote scheduler" not in output
 
     # The user's own configuration wins over the package's defaults.

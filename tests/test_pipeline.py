@@ -135,7 +135,7 @@ def test_changed_recipe_into_the_same_run_is_refused(tiny_recipe, tmp_path):
 
 def test_train_under_accelerate_launch_with_two_processes(tiny_recipe, tmp_path):
     # DDP on CPU (gloo): the Train task starts `accelerate launch --num_processes 2` on itself.
-    from tasks.train import Train
+    from tasks.rounds import Train
 
     recipe = tiny_recipe("spin", training={"launcher": "accelerate", "num_processes": 2})
     build(Train(recipe=recipe, runs_dir=str(tmp_path / "runs"), round_idx=1))

@@ -19,9 +19,9 @@ import pipeline  # noqa: F401 - registers the tasks
 from common.errors import ModelError, TrainingError
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact
 from models.generation import run_with_oom_backoff
-from pipeline.base import DirTarget
-from tasks.generate import Generate
+from tasks.base import DirTarget
 from tasks.iterate import Iterate
+from tasks.rounds import Generate
 from tests.conftest import REPO
 
 # Runs the luigi command line in a child, with generation and training slowed down so the test can

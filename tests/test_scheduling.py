@@ -6,7 +6,7 @@ from pathlib import Path
 import luigi
 
 import pipeline  # noqa: F401 - registers the tasks
-from pipeline.base import DirTarget
+from tasks.base import DirTarget
 from tasks.evaluate import Evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

@@ -6,10 +6,14 @@
   deleting one round's outputs reruns that round and every round after it, nothing before.
 - `FileTarget` and `DirTarget` write atomically: into a temporary sibling, then one rename. A
   directory output is complete only once `_SUCCESS` is inside it, and `_SUCCESS` is written last.
-- One writer per run directory: making a task takes the run's lock (pipeline/lock.py), and every
+- One writer per run directory: making a task takes the run's lock (tasks/lock.py), and every
   task's run() is guarded by it and by the SIGTERM/SIGINT handling of common/interrupt.py.
 - A write that fills the disk leaves no temporary behind and fails in one line (common/disk.py).
 - One log line per finished task: its outputs and its wall time.
+- Importing it (every task module does) sets up logging: the `selfplay` logger prints one line per
+  event, and errors a user caused (common.errors.SelfplayError) are logged as one line, not a
+  traceback. It also gives Luigi the package's own settings (LUIGI_DEFAULTS) wherever the user's
+  configuration has none, so the command behaves the same from any directory.
 """
 
 from __future__ import annotations
@@ -36,11 +40,72 @@ from common import interrupt
 from common.disk import disk_full_error, is_disk_full
 from common.errors import RecipeError, RunLockedError, SelfplayError
 from configs.recipe import CONFIG_DIR, load_recipe
-from pipeline import lock
+from tasks import lock
 
 DEFAULT_RECIPE = CONFIG_DIR / "demo_spin.yaml"
 
 log = logging.getLogger("selfplay")
+
+# transformers draws a progress bar for every weight load; a round loads several models.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class _OneLineUserErrors(logging.Filter):
+    """Luigi logs task failures with their traceback; for a user's mistake the message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SelfplayError):
+            record.msg = f"{record.getMessage()}: selfplay: {record.exc_info[1]}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _setup_logging() -> None:
+    logging.getLogger("luigi-interface").addFilter(_OneLineUserErrors())
+    log = logging.getLogger("selfplay")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("selfplay: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+_setup_logging()
+
+# The settings of the shipped luigi.cfg. Luigi reads luigi.cfg from the working directory only (or
+# /etc/luigi, or LUIGI_CONFIG_PATH): run from anywhere else, the command would wait for a remote
+# scheduler and a failed run would exit 0. `luigi` imports --module before it reads [retcode] or
+# builds its scheduler, so values set here at import time apply; an option the user's configuration
+# sets is never overridden. (A central scheduler: set `[core] local_scheduler = false` there.)
+LUIGI_DEFAULTS = {
+    "core": {"local_scheduler": True, "log_level": "INFO"},
+    "worker": {"check_complete_on_run": True, "keep_alive": False},
+    "resources": {"gpu": 1},  # every task that holds the GPU asks for gpu=1: two never share it
+    "retcode": {  # any failure exits non-zero
+        "already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30,
+        "scheduling_error": 35, "unhandled_exception": 40,
+    },
+}
+
+
+def _apply_luigi_defaults() -> None:
+    import luigi.configuration
+    from luigi.configuration import LuigiTomlParser
+
+    config = luigi.configuration.get_config()
+    typed = isinstance(config, LuigiTomlParser)  # TOML keeps values typed; the .cfg parser holds text
+    for section, options in LUIGI_DEFAULTS.items():
+        for option, value in options.items():
+            if not config.has_option(section, option):
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+                config.set(section, option, value if typed else text)
+
+
+_apply_luigi_defaults()
+
 SUCCESS = "_SUCCESS"
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "luigi", "pandas", "pyarrow")
 
@@ -217,7 +282,7 @@ class RunTask(luigi.Task):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # One writer per run directory: the command takes the lock when its first task is made, which
-        # the luigi command line does before it schedules anything (pipeline/lock.py).
+        # the luigi command line does before it schedules anything (tasks/lock.py).
         self.took_lock = self.lock_run_dir()
 
     def lock_run_dir(self) -> bool:

@@ -1,7 +1,7 @@
 """One writer per run directory: `runs/<run>/.lock`, held by the command that writes the run.
 
 A command takes the lock before any of its tasks runs: `luigi` makes the command's task object
-before it schedules anything, and making a task takes its run directory's lock (pipeline/base.py).
+before it schedules anything, and making a task takes its run directory's lock (tasks/base.py).
 A second command on the same run directory is refused in one line naming the holder, and exits
 with EXIT_CODE; with `--wait-for-lock` it waits for the holder to finish instead.
 

@@ -1,6 +1,6 @@
 """A run directory edited by hand, found before any compute and said in one line each.
 
-`check_run_state(iterate)` walks the rounds' tasks (up to `--rounds`, or the last round on disk if
+`check_run_state(iterate, evaluate_task)` walks the rounds' tasks (up to `--rounds`, or the last round on disk if
 that is further) and looks at what is on disk:
 
 - an artifact replaced by a file of another kind (a Parquet file without its columns, JSON that does
@@ -11,7 +11,7 @@ that is further) and looks at what is on disk:
 - a directory output (a checkpoint, base_model) without `_SUCCESS` is said: it is incomplete or was
   edited, and will be remade.
 
-run.yaml itself is checked when the recipe is loaded (pipeline/base.py check_run_dir): an edited
+run.yaml itself is checked when the recipe is loaded (tasks/base.py check_run_dir): an edited
 recipe, YAML that does not parse, or a file without a recipe is refused.
 """
 
@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import luigi
 
 from common.errors import DataError
-from pipeline.base import SUCCESS, DirTarget
+from tasks.base import SUCCESS, DirTarget
 
 log = logging.getLogger("selfplay")
 ROUND_DIR = re.compile(r"^round_(\d+)$")
@@ -68,17 +69,16 @@ def _rounds_text(rounds) -> str:
     return ("round " if len(rounds) == 1 else "rounds ") + ", ".join(map(str, rounds))
 
 
-def check_run_state(iterate) -> list[str]:
+def check_run_state(iterate, evaluate_task: Callable[[int], luigi.Task]) -> list[str]:
     """Log (and return) one line per hand edit that makes rounds run again; raise DataError for one
-    this command cannot repair."""
-    from tasks.evaluate import Evaluate
-
+    this command cannot repair. `evaluate_task(r)` is round r's last task: every task of the rounds is
+    reached from it."""
     run_dir: Path = iterate.run_dir
     if not run_dir.is_dir():
         return []
     on_disk = [int(m.group(1)) for p in run_dir.iterdir() if (m := ROUND_DIR.match(p.name)) and p.is_dir()]
     last = max([iterate.rounds, *on_disk])
-    tasks = _tasks([iterate.clone(Evaluate, round_idx=r) for r in range(last + 1)])
+    tasks = _tasks([evaluate_task(r) for r in range(last + 1)])
 
     for task in tasks:
         for target in _outputs(task):

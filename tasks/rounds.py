@@ -1,0 +1,184 @@
+"""The three tasks of a round, and how rounds link: Generate(r) -> Judge(r) -> Train(r) -> Generate(r + 1).
+
+The model after round r is Train(r)'s checkpoint, and after round 0 the base model (`model_task`).
+Generate(r) samples with the model after round r-1, so Train(r-1) is what Generate(r) requires and
+Train(r) requires Judge(r) requires Generate(r): the round graph is recursive, and the three tasks live
+in this one module so that each names the others directly.
+
+Generate(r): sample responses to round r's prompts with the model after round r-1.
+
+    luigi --module pipeline Generate --round-idx 1
+
+Writes round_NN/generations.parquet (prompt_id, prompt, response, sample_index, round, num_tokens,
+plus reference/task/answer/source_row/system) and round_NN/generate_meta.json. Parts of the work are kept in
+round_NN/generate_work/ so a killed run resumes where it stopped (models/generation.py).
+
+Judge(r): turn round r's samples into preference pairs.
+
+    luigi --module pipeline Judge --round-idx 1
+
+SPIN pairs the ground truth (chosen) with the model's sample (rejected); SPPO and iterative DPO ask
+the recipe's judge for every prompt's K x K win-probability matrix and keep best vs worst
+(models/judges.py). Writes round_NN/pairs.parquet and round_NN/judge_meta.json (pairs made, ties and
+identical pairs skipped, judge answers that could not be parsed).
+
+Train(r): continue the policy's LoRA adapter on round r's preference pairs, with round r-1 as the reference.
+
+    luigi --module pipeline Train --round-idx 1
+
+Loads the root weights plus round r-1's adapter (the policy after round r-1; a fresh adapter in round
+1), trains with the recipe's DPO-family loss (models/trainer.py) on round r's pairs (plus round r-1's
+when `training.mix_previous_round`, SPIN's default), and writes round_NN/checkpoint/: adapter/ (the
+policy), the merged export, tokenizer, training_log.json and, last, _SUCCESS.
+Trainer checkpoints live in round_NN/train_work/; a killed run resumes from the newest one.
+
+With `training.launcher: accelerate` the task starts `accelerate launch --num_processes N` on the
+same code (DDP; see the README for FSDP) and waits for it.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import luigi
+
+from common import interrupt
+from common.errors import Interrupted, TrainingError
+from tasks.base import DirTarget, FileTarget, GpuTask, prepare_work_dir, set_cpu_threads
+from tasks.base_model import BaseModel
+
+
+def model_task(task, round_idx: int):
+    """The task whose output is the model after `round_idx` rounds, with `task`'s run parameters."""
+    return task.clone(BaseModel) if round_idx == 0 else task.clone(Train, round_idx=round_idx)
+
+
+class Generate(GpuTask):
+    round_idx = luigi.IntParameter(description="Round number, from 1.")
+
+    def requires(self):
+        return model_task(self, self.round_idx - 1)
+
+    def output(self):
+        return {
+            "generations": FileTarget(str(self.round_dir(self.round_idx) / "generations.parquet")),
+            "meta": FileTarget(str(self.round_dir(self.round_idx) / "generate_meta.json")),
+        }
+
+    def run(self):
+        set_cpu_threads()
+        from data.prompts import load_prompts, round_prompts
+        from data.requirements import check_train_data
+        from data.schema import GENERATIONS, atomic_write_json, write_parquet
+        from models.generation import generate_round
+
+        recipe = self.config.for_round(self.round_idx)
+        prompts = load_prompts(
+            recipe.data.train, recipe.data.train_split, recipe.data, require_reference=recipe.algorithm == "spin"
+        )
+        check_train_data(recipe, prompts, recipe.data.train)  # a hub dataset was not read before scheduling
+        prompts = round_prompts(prompts, self.round_idx, recipe.data.prompts_per_round)
+        work_dir = prepare_work_dir(self.round_dir(self.round_idx) / "generate_work", luigi.task.flatten(self.input()))
+        frame, stats = generate_round(
+            recipe, self.requires().model_path, prompts, self.round_idx, work_dir, root_path=model_task(self, 0).model_path
+        )
+        with self.output()["generations"].temporary_path() as tmp:
+            write_parquet(frame, tmp, GENERATIONS)
+        with self.output()["meta"].temporary_path() as tmp:
+            atomic_write_json(tmp, stats)
+
+
+class Judge(GpuTask):
+    round_idx = luigi.IntParameter(description="Round number, from 1.")
+
+    def requires(self):
+        return {"generations": self.clone(Generate), "model": model_task(self, self.round_idx - 1)}
+
+    def output(self):
+        return {
+            "pairs": FileTarget(str(self.round_dir(self.round_idx) / "pairs.parquet")),
+            "meta": FileTarget(str(self.round_dir(self.round_idx) / "judge_meta.json")),
+        }
+
+    def run(self):
+        set_cpu_threads()
+        from data.schema import GENERATIONS, PAIRS, atomic_write_json, read_artifact, write_parquet
+        from models.judges import make_judge, pair_round
+
+        recipe = self.config.for_round(self.round_idx)
+        generations = read_artifact(self.input()["generations"]["generations"].path, GENERATIONS)
+        judge = None
+        if recipe.algorithm != "spin":
+            model = tokenizer = None
+            if recipe.judge.name == "self":  # the round's generator judges its own samples
+                from models.loading import load_policy, load_tokenizer
+
+                model_path = self.requires()["model"].model_path
+                tokenizer = load_tokenizer(model_path, recipe.model)
+                model = load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit",
+                                    root=model_task(self, 0).model_path)
+            judge = make_judge(recipe.judge.name, recipe, model, tokenizer)
+        pairs, stats = pair_round(recipe, generations, self.round_idx, judge)
+        with self.output()["pairs"].temporary_path() as tmp:
+            write_parquet(pairs, tmp, PAIRS)
+        with self.output()["meta"].temporary_path() as tmp:
+            atomic_write_json(tmp, stats)
+
+
+class Train(GpuTask):
+    round_idx = luigi.IntParameter(description="Round number, from 1.")
+
+    def requires(self):
+        deps = {"pairs": self.clone(Judge), "parent": model_task(self, self.round_idx - 1), "base": model_task(self, 0)}
+        if self.round_idx > 1 and self.config.for_round(self.round_idx).mix_previous_round:
+            deps["previous_pairs"] = self.clone(Judge, round_idx=self.round_idx - 1)
+        return deps
+
+    def output(self):
+        return DirTarget(str(self.round_dir(self.round_idx) / "checkpoint"))
+
+    @property
+    def model_path(self) -> str:
+        return self.output().path
+
+    def run(self):
+        set_cpu_threads()
+        from models.loading import check_same_root
+
+        recipe = self.config.for_round(self.round_idx)
+        parent = self.requires()["parent"].model_path
+        root_model = self.requires()["base"].root_model
+        root_path = self.requires()["base"].model_path
+        check_same_root(parent, root_model)
+        pair_files = [self.input()["pairs"]["pairs"].path]
+        if "previous_pairs" in self.input():
+            pair_files.append(self.input()["previous_pairs"]["pairs"].path)
+        inputs = [self.input()["pairs"]["pairs"], self.input()["parent"]]
+        work_dir = prepare_work_dir(self.round_dir(self.round_idx) / "train_work", inputs)
+        job = {
+            "recipe": recipe.to_dict(), "parent": parent, "pair_files": pair_files, "work_dir": str(work_dir),
+            "round_idx": self.round_idx, "root_model": root_model, "root_path": root_path,
+        }
+        with self.output().temporary_path() as tmp:
+            job["out_dir"] = tmp
+            if recipe.training.launcher == "accelerate":
+                job_file = work_dir / "job.json"
+                job_file.write_text(json.dumps(job, indent=2))
+                command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(recipe.training.num_processes)]
+                if recipe.training.accelerate_config:
+                    command += ["--config_file", recipe.training.accelerate_config]
+                elif recipe.training.num_processes > 1:
+                    # Without a config accelerate starts one process; --multi_gpu starts N (DDP over NCCL on
+                    # GPUs, over gloo on a machine without them).
+                    command += ["--multi_gpu"]
+                command += ["-m", "models.trainer", str(job_file)]
+                # A SIGTERM/SIGINT is passed on to the training processes, which save a checkpoint and stop.
+                if interrupt.run_forwarding_signals(command, cwd=Path(__file__).resolve().parents[1]) != 0:
+                    if interrupt.received():
+                        raise Interrupted(f"{interrupt.received()}: training of round {self.round_idx} stopped; "
+                                          f"its trainer checkpoints are in {work_dir}; rerun the same command to resume")
+                    raise TrainingError(f"round {self.round_idx}: `{' '.join(command)}` failed; its output is above")
+            else:
+                from models.trainer import run_job
+
+                run_job(job)
