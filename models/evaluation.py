@@ -67,7 +67,7 @@ def implicit_reward_stats(
 
 def judge_pairs(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> list:
     """The judge's result (models.judges.JudgeResult) for each prompt's (ours, theirs)."""
-    from models.judges import JudgeGroup, row_of
+    from models.judge_types import JudgeGroup, row_of
 
     groups = [
         JudgeGroup(prompt=row["prompt"], responses=[a, b], system=row.get("system"), reference=row.get("reference"),
@@ -155,8 +155,10 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
     """Evaluate the model after `round_idx` rounds; `previous`/`base` are eval frames of round r-1 / 0."""
     import torch
 
-    from models.generation import SamplingSettings, generate_texts
-    from models.judges import make_judge, row_of
+    from models.generation import generate_texts
+    from models.sampling import SamplingSettings
+    from models.judge_types import row_of
+    from models.judges import make_judge
     from models.loading import has_adapter, load_policy, load_tokenizer, set_adapter_enabled
     from models.verifiers import can_verify, load_verifier
 

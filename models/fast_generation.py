@@ -80,7 +80,7 @@ from pathlib import Path
 
 import torch
 
-from models.generation import Sample, SamplingSettings
+from models.sampling import Sample, SamplingSettings
 
 log = logging.getLogger("selfplay")
 
@@ -471,10 +471,10 @@ def static_generate(
         return torch.empty((batch, 0), dtype=torch.long, device=device)
     reason = unsupported_reason(model)
     if reason is not None:
-        from models.generation import _hf_generate
+        from models.sampling import hf_generate
 
         log.warning("static generation: %s; using the hf backend", reason)
-        return _hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids)
+        return hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids)
     on_cuda = device.type == "cuda"
     use_graph = on_cuda and (cuda_graph if cuda_graph is not None else _env_flag("SELFPLAY_STATIC_CUDA_GRAPH", True))
     compiled = _compile_mode(compile_step)

@@ -3,7 +3,7 @@
 `generate_texts(model, tokenizer, prompt_texts, settings)` returns, for every prompt text (already
 chat-formatted by data.prompts.format_prompt), `num_samples` `Sample`s in order. Backends:
 
-- `hf`: transformers' `generate` (dynamic cache), the reference behaviour;
+- `hf`: transformers' `generate` (dynamic cache), the reference behaviour (models/sampling.py);
 - `static`: models/fast_generation.py, our static-KV-cache decode loop, CUDA-graph captured on a GPU;
 - `vllm`: vLLM's offline engine when it is installed (optional, never in CI).
 
@@ -15,37 +15,18 @@ out-of-memory the batch size is halved and the batch retried (logged), instead o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from common import interrupt
 from common.errors import Interrupted
+from models.sampling import Sample, SamplingSettings, hf_generate
 
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
     import pandas as pd
 
 log = logging.getLogger("selfplay")
-
-
-@dataclass
-class SamplingSettings:
-    num_samples: int = 1
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 64
-    seed: int = 0
-    backend: str = "hf"
-
-
-@dataclass
-class Sample:
-    text: str  # decoded without special tokens, then data.prompts.clean_response
-    num_tokens: int
-    finished: bool  # ended with an end-of-sequence token rather than the length limit
-    token_ids: list[int] = field(default_factory=list)  # the sampled ids, the ending EOS included when finished
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -54,29 +35,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def _hf_generate(model, tokenizer, input_ids, attention_mask, settings: SamplingSettings, eos_ids) -> torch.Tensor:
-    from transformers import GenerationConfig
-
-    sample = settings.temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=sample,
-        temperature=settings.temperature if sample else None,
-        top_p=settings.top_p if sample else None,
-        top_k=0 if sample else None,  # only top_p truncates, as in the SPPO recipe
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    # generate() merges the model's own generation_config (repetition penalty, top_k, ...) into ours;
-    # only the recipe's settings should apply, so the model's is swapped out for the call.
-    saved, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    finally:
-        model.generation_config = saved
-    return out[:, input_ids.shape[1] :]
 
 
 def _decode(tokenizer, new_tokens: torch.Tensor, eos_ids: list[int]) -> list[Sample]:
@@ -128,7 +86,7 @@ def generate_texts(model, tokenizer, prompt_texts: list[str], settings: Sampling
     if settings.backend == "static":
         from models.fast_generation import static_generate as backend
     else:
-        backend = _hf_generate
+        backend = hf_generate
     model.eval()
     progress_bar = bar(total=len(rows), desc=progress, disable=progress is None)
     batch_counter = [0]

@@ -19,7 +19,6 @@ a rubric score, correctness); iterative DPO pairs by them when present.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -29,49 +28,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.judge_types import JudgeGroup, JudgeResult, matrix_from_scores, row_of
+
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
     import pandas as pd
 
 log = logging.getLogger("selfplay")
-
-
-@dataclass
-class JudgeGroup:
-    """One prompt and its K responses, with what a judge may need beside them."""
-
-    prompt: str
-    responses: list[str]
-    system: str | None = None
-    reference: str | None = None
-    task: str | None = None
-    answer: str | None = None
-    row: dict | None = None  # the dataset row's other scalar columns, for a user's verifier
-
-
-def row_of(source_row) -> dict:
-    """The dataset row a prompt came from, from its `source_row` JSON column (data/prompts.py)."""
-    return json.loads(source_row) if isinstance(source_row, str) else {}
-
-
-@dataclass
-class JudgeResult:
-    prob_matrix: np.ndarray  # (K, K): P(i beats j), 0.5 on the diagonal
-    scores: np.ndarray | None = None  # (K,) pointwise scores where the judge has them
-    unparsed: int = 0  # judge answers that could not be parsed (self-judge), counted as ties
-    reprompted: int = 0  # judge answers that needed the verdict's opening written for them (self-judge)
-
-    @property
-    def win_probs(self) -> np.ndarray:
-        """Mean win probability of each response against all K (itself counted 0.5), as in SPPO."""
-        return self.prob_matrix.mean(axis=1)
-
-
-def matrix_from_scores(scores: np.ndarray) -> np.ndarray:
-    """Bradley-Terry: P[i, j] = sigmoid(s_i - s_j); NaN scores (unparsed) tie with everything."""
-    scores = np.asarray(scores, dtype=np.float64)
-    diff = scores[:, None] - scores[None, :]
-    prob = 1.0 / (1.0 + np.exp(-diff))
-    return np.where(np.isnan(diff), 0.5, prob)
 
 
 class VerifierJudge:
@@ -225,7 +187,8 @@ class SelfJudge:
         return self._generate(texts, REPROMPT_TOKENS)
 
     def _generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
-        from models.generation import SamplingSettings, generate_texts
+        from models.generation import generate_texts
+        from models.sampling import SamplingSettings
 
         settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=self.batch_size)
         return [samples[0].text for samples in generate_texts(self.model, self.tokenizer, texts, settings, "self-judge")]

@@ -47,7 +47,7 @@ from transformers import DebertaV2Config
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Model, DebertaV2PreTrainedModel
 
-from models.judges import JudgeGroup, JudgeResult, matrix_from_scores
+from models.judge_types import JudgeGroup, JudgeResult, matrix_from_scores
 
 log = logging.getLogger("selfplay")
 

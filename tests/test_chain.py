@@ -168,7 +168,8 @@ def test_generation_backends_run_the_unmerged_policy_and_the_root(root):
     # Generate and Evaluate run the policy with its adapter unmerged (bf16, QLoRA, Evaluate always):
     # both backends must see it, and a static-cache session must not outlive switching it off.
     from models.fast_generation import _weights_fingerprint
-    from models.generation import SamplingSettings, generate_texts
+    from models.generation import generate_texts
+    from models.sampling import SamplingSettings
 
     root_path, tok = root
     model_cfg = recipe_from_dict({}).model

@@ -19,7 +19,8 @@ from models.fast_generation import (
     static_sdpa_attention,
     unsupported_reason,
 )
-from models.generation import SamplingSettings, generate_texts
+from models.generation import generate_texts
+from models.sampling import SamplingSettings
 
 VOCAB = 101
 PAD = 0

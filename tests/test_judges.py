@@ -6,13 +6,11 @@ import pytest
 import torch
 
 from configs.recipe import recipe_from_dict
+from models.judge_types import JudgeGroup, JudgeResult, matrix_from_scores
 from models.judges import (
-    JudgeGroup,
-    JudgeResult,
     RewardModelJudge,
     SelfJudge,
     VerifierJudge,
-    matrix_from_scores,
     pair_round,
     parse_score,
     parse_verdict,

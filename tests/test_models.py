@@ -233,7 +233,8 @@ def test_length_grouped_batches_cover_everything_once_and_group_lengths():
 
 def test_fallback_chat_template_ends_completions_with_eos_so_a_base_model_learns_to_stop(tmp_path):
     from data.prompts import format_completion, format_prompt
-    from models.generation import SamplingSettings, generate_texts
+    from models.generation import generate_texts
+    from models.sampling import SamplingSettings
     from models.sft import encode_examples, supervised_finetune
 
     tok = build_byte_tokenizer()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from common.errors import ModelError
-from models.judges import JudgeGroup
+from models.judge_types import JudgeGroup
 from models.pairrm import (
     CAND1_PREFIX,
     CAND2_PREFIX,

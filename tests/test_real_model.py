@@ -93,7 +93,8 @@ def test_spin_round_from_the_gguf_file_through_luigi(spin_run, smollm2_gguf):
 
 def test_generation_stops_at_im_end_and_keeps_no_template_tokens(base, monkeypatch):
     from data.prompts import format_completion, format_prompt
-    from models.generation import SamplingSettings, _eos_ids, generate_texts
+    from models.generation import _eos_ids, generate_texts
+    from models.sampling import SamplingSettings
 
     model, tok = base
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -133,7 +134,7 @@ class LongerIsBetter:
     name = "longer"
 
     def judge(self, groups):
-        from models.judges import JudgeResult, matrix_from_scores
+        from models.judge_types import JudgeResult, matrix_from_scores
 
         results = []
         for group in groups:
@@ -242,7 +243,8 @@ def test_merged_checkpoint_reloads_alone_and_gives_the_policys_logps(spin_run, b
 
 def test_self_judge_reads_verdicts_from_the_real_models_answers(base, monkeypatch):
     from data.prompts import format_prompt
-    from models.judges import POINTWISE_PROMPT, JudgeGroup, SelfJudge, parse_score, parse_verdict
+    from models.judge_types import JudgeGroup
+    from models.judges import POINTWISE_PROMPT, SelfJudge, parse_score, parse_verdict
 
     model, tok = base
     groups = [JudgeGroup("Name three fruits that are yellow.", ["Bananas, lemons and pineapples.", "Apples are red."]),
