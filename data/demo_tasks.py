@@ -19,7 +19,7 @@ import random
 import re
 from pathlib import Path
 
-from models.verifiers import NUMBER_RE, normalize_answer
+from data.answers import NUMBER_RE, normalize_answer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 SPLIT_SIZES = {"train": 3000, "heldout": 300}

@@ -207,7 +207,7 @@ def load_prompts(source: str, split: str, cfg: DataConfig, require_reference: bo
             raise DataError(f"{source}: row {row}: duplicate {cfg.id_field} {frame.prompt_id.iloc[row]!r}")
         log.info("%s: dropped %d repeated prompts", source, int(dup.sum()))
         frame = frame[~dup].reset_index(drop=True)
-    # Which field the answers came from, for messages about them (data/requirements.py).
+    # Which field the answers came from, for messages about them (tasks/requirements.py).
     frame.attrs["answer_from"] = answer_field or (cfg.response_field if layout == "prompt_response" else cfg.messages_field)
     frame.attrs["answer_field"] = cfg.answer_field
     return frame

@@ -38,19 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import DataError, RecipeError
+from data.answers import NUMBER_RE, normalize_answer
 
 DEFAULT = "exact"
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop surrounding punctuation and collapse spaces and commas, so '1 2 3.' matches '1 2 3'."""
-    text = re.sub(r"[\s,]+", " ", text.strip().lower())
-    return text.strip(" .!?\"'")
-
-
-# A number, with a minus sign only where it cannot be a hyphen ("10-5" ends in 5, not -5), and commas
-# only as thousands separators, so "1,234" is one number and "1, 2, 3" three.
-NUMBER_RE = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 GSM8K_MARK = "####"
 
 

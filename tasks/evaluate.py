@@ -34,7 +34,7 @@ class Evaluate(GpuTask):
     def run(self):
         set_cpu_threads()
         from data.prompts import load_prompts
-        from data.requirements import check_eval_data
+        from tasks.requirements import check_eval_data
         from data.schema import EVAL, atomic_write_json, read_artifact, write_parquet
         from models.evaluation import evaluate_round
 

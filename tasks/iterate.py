@@ -5,7 +5,7 @@
 Round r: Generate(r) -> Judge(r) -> Train(r) -> Evaluate(r); round 1 starts from BaseModel and round
 r+1 from round r's checkpoint. A second identical command runs nothing; deleting a round's files
 reruns that round and the ones after it. The recipe, the run directory and what every later stage
-needs of the data and models (data/requirements.py) are checked before anything is scheduled, so a
+needs of the data and models (tasks/requirements.py) are checked before anything is scheduled, so a
 misspelled key or a column the verifier needs fails at once, in one line; so does a second command on
 a run directory another command is writing (tasks/lock.py), and a run directory edited by hand is
 said in one line per edit (tasks/run_state.py).
@@ -32,7 +32,7 @@ class Iterate(RunTask):
         try:
             if self.rounds < 1:
                 raise RecipeError(f"--rounds must be at least 1, got {self.rounds}")
-            from data.requirements import preflight
+            from tasks.requirements import preflight
 
             preflight(self.config, self.rounds)  # fail before anything is scheduled, in one line
             # A run directory edited by hand (tasks/run_state.py), every round's tasks walked from its Evaluate.

@@ -68,7 +68,7 @@ class Generate(GpuTask):
     def run(self):
         set_cpu_threads()
         from data.prompts import load_prompts, round_prompts
-        from data.requirements import check_train_data
+        from tasks.requirements import check_train_data
         from data.schema import GENERATIONS, atomic_write_json, write_parquet
         from models.generation import generate_round
 

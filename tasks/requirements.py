@@ -1,6 +1,6 @@
 """What the later stages of a run need of the data and the recipe, checked before any compute.
 
-    from data.requirements import preflight
+    from tasks.requirements import preflight
     preflight(recipe, rounds)      # Iterate calls it before anything is scheduled
 
 A run samples for hours before its Judge and Evaluate stages read the data again; whatever those
