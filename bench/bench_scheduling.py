@@ -24,6 +24,7 @@ def fake_complete_run(task) -> None:
     import luigi
     import yaml
 
+    from data.layout import RUN_YAML
     from tasks.base import DirTarget
 
     seen, todo = set(), [task]
@@ -37,7 +38,7 @@ def fake_complete_run(task) -> None:
             if isinstance(target, DirTarget):
                 path.mkdir(parents=True, exist_ok=True)
                 (path / "_SUCCESS").write_text("faked\n")
-            elif path.name == "run.yaml":
+            elif path.name == RUN_YAML:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(yaml.safe_dump({"recipe": current.config.to_dict()}))
             else:

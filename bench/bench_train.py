@@ -101,6 +101,7 @@ def run_trl(model_dir: str, tok, pairs, batch: int, steps: int, dtype) -> dict:
 
 def run_ours(model_dir: str, pairs, batch: int, steps: int, precision: str) -> dict:
     from configs.recipe import recipe_from_dict
+    from data.layout import TRAINING_LOG
     from models.trainer import train_round
 
     recipe = recipe_from_dict({
@@ -114,7 +115,7 @@ def run_ours(model_dir: str, pairs, batch: int, steps: int, precision: str) -> d
     start = time.perf_counter()
     stats = train_round(recipe, model_dir, pairs.head(batch * steps), work / "work", work / "out", 1, model_dir)
     total = time.perf_counter() - start
-    log = json.loads((work / "out" / "training_log.json").read_text())["history"]
+    log = json.loads((work / "out" / TRAINING_LOG).read_text())["history"]
     timed = log[1:]
     seconds = sum(h["seconds"] for h in timed)
     tokens = sum(h["tokens"] for h in timed)

@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from data.layout import RunLayout  # noqa: E402
+
 STAGES = [("BaseModel", None), ("Evaluate", 0), ("Generate", 1), ("Judge", 1), ("Train", 1), ("Evaluate", 1), ("Report", None)]
 
 
@@ -67,9 +70,9 @@ def main() -> None:
             for task, round_idx in STAGES:
                 stages.append(run_stage(str(Path(recipe).resolve()), str(Path(args.runs_dir).resolve()), task, round_idx, log))
                 print(Path(recipe).stem, json.dumps(stages[-1]), flush=True)
-        run_dir = Path(args.runs_dir) / Path(recipe).stem
-        metrics = json.loads((run_dir / "round_01" / "metrics.json").read_text())
-        base_metrics = json.loads((run_dir / "round_00" / "metrics.json").read_text())
+        run = RunLayout(Path(args.runs_dir) / Path(recipe).stem)
+        metrics = json.loads(run.metrics(1).read_text())
+        base_metrics = json.loads(run.metrics(0).read_text())
         results["recipes"][Path(recipe).stem] = {
             "stages": stages,
             "total_seconds": round(sum(s["seconds"] for s in stages), 1),

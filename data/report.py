@@ -213,5 +213,5 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
 
 def write_report(run_dir: str | Path, out_md: str | Path, num_prompts: int = 4) -> None:
     run = Run(run_dir)
-    plots = plot_run(run, run.dir / "plots")
+    plots = plot_run(run, run.layout.plots)
     Path(out_md).write_text(render_report(run, plots, num_prompts))

@@ -19,7 +19,6 @@ Files are validated against data/schema.py as they are read.
 from __future__ import annotations
 
 import json
-import re
 from functools import cached_property
 from pathlib import Path
 
@@ -28,9 +27,9 @@ import pandas as pd
 import yaml
 
 from common.errors import DataError
+from data.layout import RunLayout
 from data.schema import EVAL, GENERATIONS, PAIRS, ArtifactSchema, read_artifact
 
-ROUND_DIR = re.compile(r"^round_(\d+)$")
 FIGURES = (
     "accuracy", "win_rate_vs_previous", "win_rate_vs_base", "kl_vs_base", "implicit_reward_accuracy",
     "implicit_reward_margin", "mean_length", "length_p50", "length_p90", "distinct_1", "distinct_2",
@@ -44,6 +43,7 @@ COUNTS = ("prompts", "implicit_reward_pairs")
 class Run:
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
+        self.layout = RunLayout(self.dir)
         if not self.dir.is_dir():
             raise DataError(f"{self.dir}: no such run directory")
 
@@ -53,7 +53,7 @@ class Run:
 
     @cached_property
     def config(self) -> dict:
-        path = self.dir / "run.yaml"
+        path = self.layout.run_yaml
         return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
     @property
@@ -66,14 +66,13 @@ class Run:
         return self.recipe.get("algorithm")
 
     def rounds(self) -> list[int]:
-        found = [int(m.group(1)) for p in self.dir.iterdir() if (m := ROUND_DIR.match(p.name)) and p.is_dir()]
-        return sorted(found)
+        return self.layout.rounds()
 
     def round_dir(self, round_idx: int) -> Path:
-        return self.dir / f"round_{round_idx:02d}"
+        return self.layout.round_dir(round_idx)
 
     def round_metrics(self, round_idx: int) -> dict | None:
-        path = self.round_dir(round_idx) / "metrics.json"
+        path = self.layout.metrics(round_idx)
         return json.loads(path.read_text()) if path.is_file() else None
 
     def metrics(self) -> pd.DataFrame:
@@ -117,19 +116,19 @@ class Run:
                 frames.append(pd.DataFrame(history).assign(round=round_idx))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["round", "step", "loss"])
 
-    def _stack(self, file_name: str, schema: ArtifactSchema) -> pd.DataFrame:
-        frames = [read_artifact(self.round_dir(r) / file_name, schema) for r in self.rounds()
-                  if (self.round_dir(r) / file_name).is_file()]
+    def _stack(self, path_of, schema: ArtifactSchema) -> pd.DataFrame:
+        """Every round's file at `path_of(round_idx)` (a RunLayout method), read and stacked."""
+        frames = [read_artifact(path_of(r), schema) for r in self.rounds() if path_of(r).is_file()]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(schema.columns))
 
     def evals(self) -> pd.DataFrame:
-        return self._stack("eval.parquet", EVAL)
+        return self._stack(self.layout.eval, EVAL)
 
     def pairs(self) -> pd.DataFrame:
-        return self._stack("pairs.parquet", PAIRS)
+        return self._stack(self.layout.pairs, PAIRS)
 
     def generations(self) -> pd.DataFrame:
-        return self._stack("generations.parquet", GENERATIONS)
+        return self._stack(self.layout.generations, GENERATIONS)
 
     def side_by_side(self, num_prompts: int = 4) -> pd.DataFrame:
         """Greedy responses to the first held-out prompts, one column per round."""
@@ -145,7 +144,7 @@ class Run:
         """One row per round with a judge_meta.json: prompts, pairs, skipped_ties, skipped_identical, ..."""
         rows = []
         for round_idx in self.rounds():
-            path = self.round_dir(round_idx) / "judge_meta.json"
+            path = self.layout.judge_meta(round_idx)
             if path.is_file():
                 rows.append({"round": round_idx, **json.loads(path.read_text())})
         return pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(JUDGE_STATS))

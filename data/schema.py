@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from common.disk import full_disk_guard
 from common.errors import DataError
+from data.layout import EVAL_FILE, GENERATIONS_FILE, PAIRS_FILE
 
 PROB_MATRIX = pa.list_(pa.list_(pa.float64()))
 
@@ -213,7 +214,7 @@ def read_artifact(path: str | Path, schema: ArtifactSchema) -> pd.DataFrame:
     return df
 
 
-ARTIFACT_SCHEMAS = {"generations.parquet": GENERATIONS, "pairs.parquet": PAIRS, "eval.parquet": EVAL}
+ARTIFACT_SCHEMAS = {GENERATIONS_FILE: GENERATIONS, PAIRS_FILE: PAIRS, EVAL_FILE: EVAL}
 
 
 def _same_kind(found: pa.DataType, wanted: pa.DataType) -> bool:

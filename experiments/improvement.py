@@ -105,6 +105,7 @@ def build(task) -> None:
 def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path, rounds: int) -> list[dict]:
     """More supervised training instead of self-play, evaluated like a round after each chunk."""
     from configs.recipe import load_recipe
+    from data.layout import RunLayout, round_name
     from data.prompts import load_prompts
     from data.schema import EVAL, read_artifact
     from models.evaluation import evaluate_round
@@ -114,7 +115,7 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
     recipe = load_recipe(recipe_path)
     train = load_prompts(recipe.data.train, recipe.data.train_split, recipe.data, require_reference=True)
     prompts = load_prompts(recipe.data.eval, recipe.data.eval_split, recipe.data).head(recipe.evaluation.num_prompts)
-    base_eval = read_artifact(spin_run / "round_00" / "eval.parquet", EVAL)
+    base_eval = read_artifact(RunLayout(spin_run).eval(0), EVAL)
     tokenizer = load_tokenizer(base_path, recipe.model)
     model = load_causal_lm(base_path, recipe.model)
     device = next(model.parameters()).device
@@ -122,14 +123,14 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
     previous, rows = base_eval, []
     for round_idx in range(1, rounds + 1):
         # Same number of training sequences as SPIN's round (chosen + rejected of every pair, every epoch).
-        log = json.loads((spin_run / f"round_{round_idx:02d}" / "checkpoint" / "training_log.json").read_text())
+        log = json.loads(RunLayout(spin_run).training_log(round_idx).read_text())
         sequences = 2 * log["stats"]["pairs"] * recipe.training.epochs
         steps = max(1, round(sequences / recipe.demo_model.sft_batch_size))
         start = time.time()
         # The warm start's final learning rate was ~0; continue at a tenth of its peak.
         supervised_finetune(model, tokenizer, examples, steps, recipe.demo_model.sft_batch_size,
                             recipe.demo_model.sft_learning_rate / 10, recipe.seed + round_idx, device)
-        ckpt = out_dir / f"round_{round_idx:02d}"
+        ckpt = out_dir / round_name(round_idx)  # the control's checkpoints, named like rounds
         model.save_pretrained(ckpt)
         tokenizer.save_pretrained(ckpt)
         frame, metrics = evaluate_round(recipe, round_idx, str(ckpt), base_path, prompts, previous, base_eval)
@@ -156,6 +157,7 @@ def main() -> None:
 
     import pipeline  # noqa: F401 - registers the tasks
     from data.demo_tasks import make_large_train, write_jsonl
+    from data.layout import RunLayout
     from data.runs import Run
     from tasks.base_model import BaseModel
     from tasks.iterate import Iterate
@@ -178,7 +180,7 @@ def main() -> None:
     else:
         base_recipe = write_recipe(args.out / "recipes" / "base.yaml", merge(merge(common, overrides), {"name": "base"}))
         build(BaseModel(recipe=base_recipe, runs_dir=str(runs)))
-        base_path = str((runs / "base" / "base_model").resolve())
+        base_path = str(RunLayout(runs / "base").base_model.resolve())
     timings["base_model"] = time.time() - start
 
     hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"

@@ -36,6 +36,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from data.layout import TRAINING_LOG
 from data.prompts import format_completion, format_prompt
 from data.schema import atomic_write_json, token_ids_or_none, write_parquet
 from models.logps import Encoded, batched_logps, collate, encode_pair, sequence_logps
@@ -352,7 +353,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                 accelerator.unwrap_model(policy).model, tokenizer, out_dir, parent=parent, root_model=root_model,
                 root_path=root_path, round_idx=round_idx, model_cfg=recipe.model, save_merged=cfg.save_merged, quantized=quantized,
             )
-        atomic_write_json(out_dir / "training_log.json", {"stats": stats, "history": history})
+        atomic_write_json(out_dir / TRAINING_LOG, {"stats": stats, "history": history})
     accelerator.wait_for_everyone()
     return stats
 

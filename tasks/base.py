@@ -40,6 +40,7 @@ from common import interrupt
 from common.disk import disk_full_error, is_disk_full
 from common.errors import RecipeError, RunLockedError, SelfplayError
 from configs.recipe import CONFIG_DIR, load_recipe
+from data.layout import RunLayout
 from tasks import lock
 
 DEFAULT_RECIPE = CONFIG_DIR / "demo_spin.yaml"
@@ -233,7 +234,7 @@ def git_commit() -> str:
 
 def check_run_dir(run_dir: Path, recipe) -> None:
     """A run directory belongs to one recipe: rerunning it with a changed recipe is refused."""
-    run_yaml = run_dir / "run.yaml"
+    run_yaml = RunLayout(run_dir).run_yaml
     if not run_yaml.is_file():
         return
     start_over = "restore it, or delete the run directory to start over"
@@ -325,8 +326,10 @@ class RunTask(luigi.Task):
     def run_dir(self) -> Path:
         return self.run_dir_for(self.config)
 
-    def round_dir(self, round_idx: int) -> Path:
-        return self.run_dir / f"round_{round_idx:02d}"
+    @property
+    def layout(self) -> RunLayout:
+        """Where each file of the run directory lives (data/layout.py)."""
+        return RunLayout(self.run_dir)
 
     def complete(self) -> bool:
         # Outputs alone are not enough: a task whose inputs are being redone is redone too.

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from data.layout import BASE_MODEL_INFO
 from tasks.base import DirTarget, FileTarget, GpuTask, RunTask, git_commit, package_versions, set_cpu_threads
 
 DEMO_ROOT = "selfplay-demo"  # root_model of checkpoints descending from the built demo model
@@ -28,7 +29,7 @@ DEMO_ROOT = "selfplay-demo"  # root_model of checkpoints descending from the bui
 
 class RunSetup(RunTask):
     def output(self):
-        return FileTarget(str(self.run_dir / "run.yaml"))
+        return FileTarget(str(self.layout.run_yaml))
 
     def run(self):
         record = {
@@ -49,7 +50,7 @@ class BaseModel(GpuTask):
         return self.clone(RunSetup)
 
     def output(self):
-        return DirTarget(str(self.run_dir / "base_model"))
+        return DirTarget(str(self.layout.base_model))
 
     @property
     def model_path(self) -> str:
@@ -91,4 +92,4 @@ class BaseModel(GpuTask):
                 load_tokenizer(recipe.model.base_model, recipe.model)
                 info = {"model_type": config.model_type}
             info["root_model"] = self.root_model
-            (Path(tmp) / "base_model.json").write_text(json.dumps(info, indent=2) + "\n")
+            (Path(tmp) / BASE_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")

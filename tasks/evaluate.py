@@ -13,6 +13,7 @@ from pathlib import Path
 
 import luigi
 
+from data.layout import TRAINING_LOG
 from tasks.base import FileTarget, GpuTask, set_cpu_threads
 from tasks.rounds import model_task
 
@@ -28,8 +29,7 @@ class Evaluate(GpuTask):
         return deps
 
     def output(self):
-        out = self.round_dir(self.round_idx)
-        return {"eval": FileTarget(str(out / "eval.parquet")), "metrics": FileTarget(str(out / "metrics.json"))}
+        return {"eval": FileTarget(str(self.layout.eval(self.round_idx))), "metrics": FileTarget(str(self.layout.metrics(self.round_idx)))}
 
     def run(self):
         set_cpu_threads()
@@ -51,9 +51,9 @@ class Evaluate(GpuTask):
         )
         report = {"round": self.round_idx, "eval": metrics}
         if self.round_idx > 0:
-            report["train"] = json.loads((Path(deps["model"].model_path) / "training_log.json").read_text())
-            for stage in ("generate", "judge"):
-                report[stage] = json.loads((self.round_dir(self.round_idx) / f"{stage}_meta.json").read_text())
+            report["train"] = json.loads((Path(deps["model"].model_path) / TRAINING_LOG).read_text())
+            report["generate"] = json.loads(self.layout.generate_meta(self.round_idx).read_text())
+            report["judge"] = json.loads(self.layout.judge_meta(self.round_idx).read_text())
         with self.output()["eval"].temporary_path() as tmp:
             write_parquet(frame, tmp, EVAL)
         with self.output()["metrics"].temporary_path() as tmp:

@@ -50,7 +50,7 @@ class Iterate(RunTask):
         return []
 
     def run(self):
-        report = self.run_dir / "report.md"
+        report = self.layout.report
         logging.getLogger("selfplay").info(
             "%d rounds of run '%s' complete; this command took %.0fs; report: %s",
             self.rounds, self.run_dir.name, time.time() - self._started, report)

@@ -19,7 +19,7 @@ class Report(RunTask):
         return [self.clone(Evaluate, round_idx=r) for r in range(self.rounds + 1)]
 
     def output(self):
-        return FileTarget(str(self.run_dir / "report.md"))
+        return FileTarget(str(self.layout.report))
 
     def run(self):
         from data.report import write_report

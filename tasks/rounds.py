@@ -61,8 +61,8 @@ class Generate(GpuTask):
 
     def output(self):
         return {
-            "generations": FileTarget(str(self.round_dir(self.round_idx) / "generations.parquet")),
-            "meta": FileTarget(str(self.round_dir(self.round_idx) / "generate_meta.json")),
+            "generations": FileTarget(str(self.layout.generations(self.round_idx))),
+            "meta": FileTarget(str(self.layout.generate_meta(self.round_idx))),
         }
 
     def run(self):
@@ -78,7 +78,7 @@ class Generate(GpuTask):
         )
         check_train_data(recipe, prompts, recipe.data.train)  # a hub dataset was not read before scheduling
         prompts = round_prompts(prompts, self.round_idx, recipe.data.prompts_per_round)
-        work_dir = prepare_work_dir(self.round_dir(self.round_idx) / "generate_work", luigi.task.flatten(self.input()))
+        work_dir = prepare_work_dir(self.layout.generate_work(self.round_idx), luigi.task.flatten(self.input()))
         frame, stats = generate_round(
             recipe, self.requires().model_path, prompts, self.round_idx, work_dir, root_path=model_task(self, 0).model_path
         )
@@ -96,8 +96,8 @@ class Judge(GpuTask):
 
     def output(self):
         return {
-            "pairs": FileTarget(str(self.round_dir(self.round_idx) / "pairs.parquet")),
-            "meta": FileTarget(str(self.round_dir(self.round_idx) / "judge_meta.json")),
+            "pairs": FileTarget(str(self.layout.pairs(self.round_idx))),
+            "meta": FileTarget(str(self.layout.judge_meta(self.round_idx))),
         }
 
     def run(self):
@@ -135,7 +135,7 @@ class Train(GpuTask):
         return deps
 
     def output(self):
-        return DirTarget(str(self.round_dir(self.round_idx) / "checkpoint"))
+        return DirTarget(str(self.layout.checkpoint(self.round_idx)))
 
     @property
     def model_path(self) -> str:
@@ -154,7 +154,7 @@ class Train(GpuTask):
         if "previous_pairs" in self.input():
             pair_files.append(self.input()["previous_pairs"]["pairs"].path)
         inputs = [self.input()["pairs"]["pairs"], self.input()["parent"]]
-        work_dir = prepare_work_dir(self.round_dir(self.round_idx) / "train_work", inputs)
+        work_dir = prepare_work_dir(self.layout.train_work(self.round_idx), inputs)
         job = {
             "recipe": recipe.to_dict(), "parent": parent, "pair_files": pair_files, "work_dir": str(work_dir),
             "round_idx": self.round_idx, "root_model": root_model, "root_path": root_path,

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import luigi
 
 from common.errors import DataError
+from data.layout import round_name, rounds_on_disk
 from tasks.base import SUCCESS, DirTarget
 
 log = logging.getLogger("selfplay")
-ROUND_DIR = re.compile(r"^round_(\d+)$")
 
 
 def _tasks(roots) -> list:
@@ -76,8 +75,7 @@ def check_run_state(iterate, evaluate_task: Callable[[int], luigi.Task]) -> list
     run_dir: Path = iterate.run_dir
     if not run_dir.is_dir():
         return []
-    on_disk = [int(m.group(1)) for p in run_dir.iterdir() if (m := ROUND_DIR.match(p.name)) and p.is_dir()]
-    last = max([iterate.rounds, *on_disk])
+    last = max([iterate.rounds, *rounds_on_disk(run_dir)])
     tasks = _tasks([evaluate_task(r) for r in range(last + 1)])
 
     for task in tasks:
@@ -116,7 +114,7 @@ def check_run_state(iterate, evaluate_task: Callable[[int], luigi.Task]) -> list
             raise DataError(
                 f"{what} while files made from it remain in {_rounds_text(kept_rounds)}; {_rounds_text(beyond)} "
                 f"lie beyond --rounds {iterate.rounds} and would be left made from the old files: "
-                f"run with --rounds {max(beyond)}, or delete {', '.join(f'round_{r:02d}' for r in beyond)}"
+                f"run with --rounds {max(beyond)}, or delete {', '.join(round_name(r) for r in beyond)}"
             )
         rerun = {t.round_idx for t in [gap, *downstream] if getattr(t, "round_idx", None)}
         lines.append(f"{what} while files made from it remain in {_rounds_text(kept_rounds)}: "
