@@ -1,17 +1,13 @@
 """Parquet schemas of the round artifacts, with atomic writers and validating readers.
 
 The columns below are the contract of ../shared/DESIGN.md that notebooks and external checks rely on:
-add columns freely, never rename these. `write_parquet` validates, then writes to a temporary file and
-renames it into place, so a reader never sees half a file, and a full disk leaves no file and one line
-(common/disk.py); `read_artifact` validates what it reads and
-names the file, row and field of the first problem.
+add columns freely, never rename these. `write_parquet` validates, then writes atomically
+(common/atomic.py): a reader never sees half a file, and a full disk leaves no file and one line;
+`read_artifact` validates what it reads and names the file, row and field of the first problem.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.disk import full_disk_guard
+from common.atomic import atomic_path
 from common.errors import DataError
 from data.layout import EVAL_FILE, GENERATIONS_FILE, PAIRS_FILE
 
@@ -137,68 +133,15 @@ def _first_bad_row(series: pd.Series, dtype: pa.DataType) -> int:
     return 0
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _temporary(path: Path) -> tuple[int, str]:
-    """A hidden temporary beside `path` named with this process's id; any left there by a process that
-    no longer runs (killed while writing) is removed first, so killed runs leave no debris for long."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = stale.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_running(int(pid)):
-            stale.unlink(missing_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = None
-    try:
-        with full_disk_guard(path, len(data)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = _temporary(path)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
 def write_parquet(df: pd.DataFrame, path: str | Path, schema: ArtifactSchema | None = None) -> None:
     """Validate against `schema` (if given), then write atomically."""
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
     if schema is not None:
         validate(df, schema, path)
         table = table.cast(pa.schema([pa.field(f.name, schema.types.get(f.name, f.type)) for f in table.schema]))
-    path = Path(path)
-    tmp = None
-    try:
-        # The in-memory size of the table is the estimate of the space the file needs.
-        with full_disk_guard(path, table.nbytes):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = _temporary(path)
-            os.close(fd)
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
+    # The in-memory size of the table is the estimate of the space the file needs.
+    with atomic_path(path, needed_bytes=table.nbytes) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_artifact(path: str | Path, schema: ArtifactSchema) -> pd.DataFrame:

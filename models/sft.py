@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
     import tempfile
 
+    from common.atomic import atomic_path
     from configs.recipe import load_recipe
 
     parser = argparse.ArgumentParser(description="Rebuild the shipped demo base model (data/demo/base_model).")
@@ -204,12 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"torch {record['torch']}; shipped with torch {json.loads((demo_base_dir() / BUILD_RECORD).read_text())['torch']})")
             return 0 if same else 1
         target = demo_base_dir()
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(tmp, staging, copy_function=shutil.copyfile)  # plain files, not the temporary dir's modes
-        staging.chmod(0o755)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        with atomic_path(target, directory=True) as staging:
+            # Plain files, not the temporary directory's modes.
+            shutil.copytree(tmp, staging, copy_function=shutil.copyfile, dirs_exist_ok=True)
+            staging.chmod(0o755)
         print(f"wrote {target} (sha256 {record['model_sha256'][:16]}..., SFT loss {record['sft_loss_first']:.3f} -> "
               f"{record['sft_loss_last']:.3f})")
     return 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -38,10 +37,11 @@ import torch
 
 from data.layout import TRAINING_LOG
 from data.prompts import format_completion, format_prompt
-from data.schema import atomic_write_json, token_ids_or_none, write_parquet
+from data.schema import token_ids_or_none, write_parquet
 from models.logps import Encoded, batched_logps, collate, encode_pair, sequence_logps
 from models.losses import LOSSES, PreferenceBatch, chosen_nll, implicit_rewards
 from common import interrupt
+from common.atomic import atomic_path, atomic_write_json
 from common.disk import full_disk_guard
 from common.errors import Interrupted, TrainingError
 
@@ -162,8 +162,6 @@ def _nbytes(obj) -> int:
 
 def _save_trainer_checkpoint(work_dir: Path, step: int, adapter_state, optimizer, scheduler, history) -> Path:
     final = work_dir / f"checkpoint-{step}"
-    tmp = work_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     state = {
         "step": step,
         "adapter": adapter_state,
@@ -172,16 +170,10 @@ def _save_trainer_checkpoint(work_dir: Path, step: int, adapter_state, optimizer
         "history": history,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
     }
-    try:
-        # torch.save reports a full disk as a bare RuntimeError: the guard compares the free space with this estimate.
-        with full_disk_guard(final, _nbytes(state)):
-            tmp.mkdir(parents=True)
-            torch.save(state, tmp / "state.pt")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint must not take space, nor be resumed from
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    # A half-written checkpoint must not take space, nor be resumed from. torch.save reports a full disk
+    # as a bare RuntimeError: the free space is compared with this estimate.
+    with atomic_path(final, directory=True, needed_bytes=_nbytes(state)) as tmp:
+        torch.save(state, tmp / "state.pt")
     for old in sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -4,8 +4,8 @@
   loads the recipe once, and refuses a run directory whose run.yaml was written by another recipe.
 - A task is complete only when its outputs exist *and* everything it requires is complete, so
   deleting one round's outputs reruns that round and every round after it, nothing before.
-- `FileTarget` and `DirTarget` write atomically: into a temporary sibling, then one rename. A
-  directory output is complete only once `_SUCCESS` is inside it, and `_SUCCESS` is written last.
+- `FileTarget` and `DirTarget` write atomically (common/atomic.py): into a temporary sibling, then one
+  rename. A directory output is complete only once `_SUCCESS` is inside it, and `_SUCCESS` is written last.
 - One writer per run directory: making a task takes the run's lock (tasks/lock.py), and every
   task's run() is guarded by it and by the SIGTERM/SIGINT handling of common/interrupt.py.
 - A write that fills the disk leaves no temporary behind and fails in one line (common/disk.py).
@@ -37,7 +37,7 @@ import luigi.worker
 import yaml
 
 from common import interrupt
-from common.disk import disk_full_error, is_disk_full
+from common.atomic import atomic_path, atomic_write_json
 from common.errors import RecipeError, RunLockedError, SelfplayError
 from configs.recipe import CONFIG_DIR, load_recipe
 from data.layout import RunLayout
@@ -111,51 +111,13 @@ SUCCESS = "_SUCCESS"
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "luigi", "pandas", "pyarrow")
 
 
-def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _size_of(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.is_file() else 0
-
-
-@contextlib.contextmanager
-def _written_whole_or_not_at_all(path: Path, tmp: Path):
-    """Remove the temporary on any failure, so nothing partial is left for a rerun to find; a full
-    disk becomes one line naming `path` and the space the write needs."""
-    try:
-        yield
-    except BaseException as exc:
-        written = _size_of(tmp)
-        _remove(tmp)
-        if isinstance(exc, Exception) and is_disk_full(exc):
-            needed = getattr(exc, "needed_bytes", None)
-            # Without the writer's own estimate, what had been written when the disk filled is a lower bound.
-            raise disk_full_error(path, needed or written, at_least=needed is None) from exc
-        raise
-
-
-def _fresh_temporary(path: Path) -> Path:
-    """A hidden sibling of `path` to write into, after removing any left by a killed run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Also the temporaries of the writer that wrote into one (data/schema.py names them after it).
-    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f"..{path.name}.tmp-*")]:
-        _remove(stale)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 class FileTarget(luigi.LocalTarget):
     """A file written through `temporary_path()`: readers see the old file, or the whole new one."""
 
     @contextlib.contextmanager
     def temporary_path(self):
-        path = Path(self.path)
-        tmp = _fresh_temporary(path)
-        with _written_whole_or_not_at_all(path, tmp):
+        with atomic_path(self.path) as tmp:
             yield str(tmp)
-            os.replace(tmp, path)
 
 
 class DirTarget(luigi.LocalTarget):
@@ -166,16 +128,11 @@ class DirTarget(luigi.LocalTarget):
 
     @contextlib.contextmanager
     def temporary_path(self):
-        path = Path(self.path)
-        tmp = _fresh_temporary(path)
-        with _written_whole_or_not_at_all(path, tmp):
-            tmp.mkdir()
+        # An existing copy is replaced whole: it is incomplete (no _SUCCESS) or being redone.
+        with atomic_path(self.path, directory=True) as tmp:
             yield str(tmp)
             # A unique stamp: work directories downstream compare it to notice their inputs were redone.
             (tmp / SUCCESS).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {uuid.uuid4().hex}\n")
-            if path.exists():  # an incomplete or outdated copy: it has no _SUCCESS or is being redone
-                shutil.rmtree(path)
-            os.replace(tmp, path)
 
 
 def input_stamp(target: luigi.LocalTarget) -> str:
@@ -189,8 +146,6 @@ def input_stamp(target: luigi.LocalTarget) -> str:
 def prepare_work_dir(work_dir: Path, inputs: list[luigi.LocalTarget]) -> Path:
     """A task's scratch space for resuming (parts, trainer checkpoints). It is kept across a kill, and
     wiped when the task's inputs were rewritten since it was made, so stale parts are never reused."""
-    from data.schema import atomic_write_json
-
     stamps = {target.path: input_stamp(target) for target in inputs}
     record = work_dir / "inputs.json"
     if work_dir.exists() and _read_json(record) != stamps:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import luigi
 
+from common.atomic import atomic_write_json
 from data.layout import TRAINING_LOG
 from tasks.base import FileTarget, GpuTask, set_cpu_threads
 from tasks.rounds import model_task
@@ -34,9 +35,9 @@ class Evaluate(GpuTask):
     def run(self):
         set_cpu_threads()
         from data.prompts import load_prompts
-        from tasks.requirements import check_eval_data
-        from data.schema import EVAL, atomic_write_json, read_artifact, write_parquet
+        from data.schema import EVAL, read_artifact, write_parquet
         from models.evaluation import evaluate_round
+        from tasks.requirements import check_eval_data
 
         recipe = self.config.for_round(max(1, self.round_idx))
         prompts = load_prompts(recipe.data.eval, recipe.data.eval_split, recipe.data).head(recipe.evaluation.num_prompts)

@@ -43,6 +43,7 @@ from pathlib import Path
 import luigi
 
 from common import interrupt
+from common.atomic import atomic_write_json
 from common.errors import Interrupted, TrainingError
 from tasks.base import DirTarget, FileTarget, GpuTask, prepare_work_dir, set_cpu_threads
 from tasks.base_model import BaseModel
@@ -68,9 +69,9 @@ class Generate(GpuTask):
     def run(self):
         set_cpu_threads()
         from data.prompts import load_prompts, round_prompts
-        from tasks.requirements import check_train_data
-        from data.schema import GENERATIONS, atomic_write_json, write_parquet
+        from data.schema import GENERATIONS, write_parquet
         from models.generation import generate_round
+        from tasks.requirements import check_train_data
 
         recipe = self.config.for_round(self.round_idx)
         prompts = load_prompts(
@@ -102,7 +103,7 @@ class Judge(GpuTask):
 
     def run(self):
         set_cpu_threads()
-        from data.schema import GENERATIONS, PAIRS, atomic_write_json, read_artifact, write_parquet
+        from data.schema import GENERATIONS, PAIRS, read_artifact, write_parquet
         from models.judges import make_judge, pair_round
 
         recipe = self.config.for_round(self.round_idx)

@@ -424,7 +424,7 @@ def enospc(*args, **kwargs):
 def test_a_full_disk_leaves_no_file_and_names_the_path_and_size(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    from data.schema import atomic_write_json
+    from common.atomic import atomic_write_json
 
     frame = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["x" * 1000, "y"], "response": ["r", "s"],
                           "sample_index": [0, 0], "round": [1, 1], "num_tokens": [1, 1]})

@@ -18,8 +18,9 @@ from conftest import ALGORITHMS, REPO, TINY, merge
 from luigi.execution_summary import LuigiStatusCode
 
 import pipeline  # noqa: F401 - registers the tasks
+from common.atomic import atomic_write_json
 from data.runs import Run, run_labels, stack_metrics
-from data.schema import PAIRS, atomic_write_json, write_parquet
+from data.schema import PAIRS, write_parquet
 from tasks.iterate import Iterate
 
 NOTEBOOKS = REPO / "notebooks"
