@@ -291,7 +291,7 @@ class Recipe:
         """The recipe with `rounds[round_idx - 1]` merged over it (rounds past the list use the defaults)."""
         if round_idx < 1 or round_idx > len(self.rounds):
             return self
-        merged = _deep_merge(self.to_dict(), self.rounds[round_idx - 1])
+        merged = deep_merge(self.to_dict(), self.rounds[round_idx - 1])
         merged["rounds"] = []
         where = f"{self.name} rounds[{round_idx - 1}]"
         try:
@@ -309,11 +309,13 @@ ROUND_OVERRIDABLE = {"generation", "judge", "training", "evaluation"}
 LORA_SHAPE = ("lora_r", "lora_alpha", "lora_target_modules")
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` merged over `base`, section by section at every depth, as a new dict: neither input
+    is changed, and the result shares no nested dict or list with them (so changing it changes neither)."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configs.recipe import deep_merge  # noqa: E402
 
 SCALES = {
     # ~11M parameters. Not yet run on a GPU: its settings follow what worked at the cpu scale below.
@@ -80,13 +80,6 @@ ALGORITHMS = {
     "dpo": {"algorithm": "dpo", "judge": {"name": "verifier"}, "generation": {"num_samples": 8, "temperature": 1.0},
             "training": {"loss": "dpo_sigmoid", "beta": 0.1}},
 }
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def write_recipe(path: Path, data: dict) -> str:
@@ -163,22 +156,22 @@ def main() -> None:
     from tasks.iterate import Iterate
 
     runs = args.out / "runs"
-    common = merge(SCALES[args.scale], {"seed": args.seed})
+    common = deep_merge(SCALES[args.scale], {"seed": args.seed})
     train_size = TRAIN_SIZES[args.scale] if args.train_size is None else args.train_size
     if train_size:
         train_path = write_jsonl(make_large_train(train_size), args.out / "data" / "train.jsonl")
-        common = merge(common, {"data": {"train": str(train_path.resolve())}})
+        common = deep_merge(common, {"data": {"train": str(train_path.resolve())}})
     overrides: dict = {}  # applied last, over the scale's and the algorithm's own settings
     for assignment in args.set:
         key, value = assignment.split("=", 1)
         section, name = key.split(".", 1)
-        overrides = merge(overrides, {section: {name: yaml.safe_load(value)}})
+        overrides = deep_merge(overrides, {section: {name: yaml.safe_load(value)}})
     timings = {}
     start = time.time()
     if args.base_model:
         base_path = str(Path(args.base_model).resolve())
     else:
-        base_recipe = write_recipe(args.out / "recipes" / "base.yaml", merge(merge(common, overrides), {"name": "base"}))
+        base_recipe = write_recipe(args.out / "recipes" / "base.yaml", deep_merge(deep_merge(common, overrides), {"name": "base"}))
         build(BaseModel(recipe=base_recipe, runs_dir=str(runs)))
         base_path = str(RunLayout(runs / "base").base_model.resolve())
     timings["base_model"] = time.time() - start
@@ -189,7 +182,7 @@ def main() -> None:
               "overrides": args.set, "timings_seconds": timings, "results": {}, "date": time.strftime("%Y-%m-%d")}
     results = record["results"]
     for name in args.algorithms.split(","):
-        recipe = merge(merge(merge(common, ALGORITHMS[name]), overrides), {"name": name, "model": {"base_model": base_path}})
+        recipe = deep_merge(deep_merge(deep_merge(common, ALGORITHMS[name]), overrides), {"name": name, "model": {"base_model": base_path}})
         recipe_path = write_recipe(args.out / "recipes" / f"{name}.yaml", recipe)
         start = time.time()
         build(Iterate(recipe=recipe_path, runs_dir=str(runs), rounds=args.rounds))

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from configs.recipe import deep_merge
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,19 +33,12 @@ ALGORITHMS = {
 }
 
 
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 @pytest.fixture
 def tiny_recipe(tmp_path):
     """Write a tiny recipe for `algorithm` (plus overrides) and return its path."""
 
     def make(algorithm: str = "spin", name: str | None = None, **overrides) -> str:
-        recipe = merge(merge(TINY, ALGORITHMS[algorithm]), overrides)
+        recipe = deep_merge(deep_merge(TINY, ALGORITHMS[algorithm]), overrides)
         recipe["name"] = name or f"tiny_{algorithm}"
         path = tmp_path / f"{recipe['name']}.yaml"
         path.write_text(yaml.safe_dump(recipe))

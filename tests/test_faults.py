@@ -26,17 +26,18 @@ import yaml
 import pipeline  # noqa: F401 - registers the tasks
 from common import interrupt
 from common.errors import DataError, DiskFullError, Interrupted, RecipeError, RunLockedError
+from configs.recipe import deep_merge
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact, write_parquet
 from tasks import lock
 from tasks.iterate import Iterate
-from tests.conftest import ALGORITHMS, REPO, TINY, merge
+from tests.conftest import ALGORITHMS, REPO, TINY
 from tests.test_reliability import assert_one_line_failure, run_cli
 
 NAME = "faults"
 # The tiny SPIN recipe with four generation parts per round and twelve training steps, trainer
 # checkpoints only at the end (so a checkpoint in between can only come from a signal), and a short
 # warm start: SPIN pairs the ground truth with any sample, so the base need not be any good.
-FAULTS = merge(merge(TINY, ALGORITHMS["spin"]), {
+FAULTS = deep_merge(deep_merge(TINY, ALGORITHMS["spin"]), {
     "name": NAME, "demo_model": {"sft_steps": 10}, "generation": {"shard_size": 8},
     "training": {"epochs": 3, "save_steps": 100},
 })

@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ALGORITHMS, REPO, TINY, merge
+from conftest import ALGORITHMS, REPO, TINY
 from luigi.execution_summary import LuigiStatusCode
 
 import pipeline  # noqa: F401 - registers the tasks
 from common.atomic import atomic_write_json
+from configs.recipe import deep_merge
 from data.runs import Run, run_labels, stack_metrics
 from data.schema import PAIRS, write_parquet
 from tasks.iterate import Iterate
@@ -133,9 +134,9 @@ def tiny_runs(tmp_path_factory):
     """Two-round SPIN and SPPO runs, plus a run whose base model alone is evaluated (round 1 in progress)."""
     root = tmp_path_factory.mktemp("notebook_runs")
     runs_dir = root / "runs"
-    spin = _build({**merge(TINY, ALGORITHMS["spin"]), "name": "nb_spin"}, root, runs_dir)
+    spin = _build({**deep_merge(TINY, ALGORITHMS["spin"]), "name": "nb_spin"}, root, runs_dir)
     # The same demo base as SPIN's (same demo_model and seed), used by path: the base is trained once.
-    sppo = _build({**merge(TINY, merge(ALGORITHMS["sppo"], {"model": {"base_model": str(spin / "base_model")}})),
+    sppo = _build({**deep_merge(TINY, deep_merge(ALGORITHMS["sppo"], {"model": {"base_model": str(spin / "base_model")}})),
                    "name": "nb_sppo"}, root, runs_dir)
     base_only = runs_dir / "nb_base_only"
     base_only.mkdir()

@@ -40,11 +40,11 @@ CI_RECIPE = {
 
 
 def write_recipe(path: Path, **sections) -> str:
-    from tests.conftest import merge
+    from configs.recipe import deep_merge
 
     recipe = CI_RECIPE
     for key, value in sections.items():
-        recipe = merge(recipe, {key: value})
+        recipe = deep_merge(recipe, {key: value})
     import yaml
 
     path.write_text(yaml.safe_dump(recipe))

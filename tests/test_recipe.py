@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from common.errors import RecipeError
-from configs.recipe import CONFIG_DIR, load_recipe, recipe_from_dict
+from configs.recipe import CONFIG_DIR, deep_merge, load_recipe, recipe_from_dict
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -66,6 +66,20 @@ def test_per_round_overrides_merge_over_defaults(tmp_path):
     assert recipe.for_round(2).training.learning_rate == 1e-7
     assert recipe.for_round(3).training.beta == 5.0 and recipe.for_round(3).training.learning_rate == 5e-7
     assert recipe.for_round(4).training.beta == 0.1  # past the list: defaults
+
+
+def test_deep_merge_merges_every_depth_and_shares_nothing_with_its_inputs():
+    base = {"seed": 0, "training": {"beta": 0.1, "lora": {"r": 4, "alpha": 8}}, "rounds": [{"training": {}}]}
+    override = {"training": {"lora": {"r": 8}, "loss": "ipo"}, "judge": {"name": "verifier"}}
+    merged = deep_merge(base, override)
+    assert merged == {"seed": 0, "training": {"beta": 0.1, "lora": {"r": 8, "alpha": 8}, "loss": "ipo"},
+                      "rounds": [{"training": {}}], "judge": {"name": "verifier"}}
+    # Changing the result at any depth changes neither input (tests build recipes from shared templates).
+    merged["training"]["lora"]["alpha"] = 16
+    merged["rounds"][0]["training"]["beta"] = 5.0
+    merged["judge"]["name"] = "self"
+    assert base == {"seed": 0, "training": {"beta": 0.1, "lora": {"r": 4, "alpha": 8}}, "rounds": [{"training": {}}]}
+    assert override == {"training": {"lora": {"r": 8}, "loss": "ipo"}, "judge": {"name": "verifier"}}
 
 
 def test_per_round_overrides_are_validated_at_load(tmp_path):
