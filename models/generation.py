@@ -21,6 +21,7 @@ import torch
 
 from common import interrupt
 from common.errors import Interrupted
+from models.padding import pad_rows
 from models.sampling import Sample, SamplingSettings, hf_generate
 
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
@@ -92,12 +93,8 @@ def generate_texts(model, tokenizer, prompt_texts: list[str], settings: Sampling
     batch_counter = [0]
 
     def work(chunk):
-        width = max(len(encoded[p]) for p, _ in chunk)
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, (p, _) in enumerate(chunk):  # left padding: every row's last prompt token is at the end
-            input_ids[i, width - len(encoded[p]) :] = torch.tensor(encoded[p])
-            attention_mask[i, width - len(encoded[p]) :] = 1
+        # Left padding: every row's last prompt token is at the end.
+        input_ids, attention_mask = pad_rows([encoded[p] for p, _ in chunk], tokenizer.pad_token_id, side="left")
         torch.manual_seed(settings.seed * 1_000_003 + batch_counter[0])
         new_tokens = backend(model, tokenizer, input_ids.to(device), attention_mask.to(device), settings, eos_ids)
         batch_counter[0] += 1

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models.padding import pad_rows
+
 HEAD_CHUNK = 4096  # completion positions per LM-head chunk
 
 
@@ -93,16 +95,11 @@ def encode_group(tokenizer, prompt_text: str, completion_texts: list[str], max_l
 
 def collate(items: list[Encoded], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask and completion_mask (1 on completion tokens)."""
-    width = max(len(item) for item in items)
-    width = -(-width // pad_to_multiple) * pad_to_multiple
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(items), width), dtype=torch.bool)
+    input_ids, attention_mask = pad_rows([item.prompt_ids + item.completion_ids for item in items], pad_id,
+                                         multiple=pad_to_multiple)
+    completion_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
     for row, item in enumerate(items):
-        ids = item.prompt_ids + item.completion_ids
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        completion_mask[row, len(item.prompt_ids) : len(ids)] = True
+        completion_mask[row, len(item.prompt_ids) : len(item)] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 

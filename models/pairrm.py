@@ -48,6 +48,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Model, DebertaV2PreTrainedModel
 
 from models.judge_types import JudgeGroup, JudgeResult, matrix_from_scores
+from models.padding import pad_rows
 
 log = logging.getLogger("selfplay")
 
@@ -178,14 +179,9 @@ def pair_input_ids(
     return [s + a + b for s, a, b in zip(source_ids, c1, c2)]
 
 
-def pad_rows(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row: input_ids and attention_mask, (len(rows), longest)."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for n, row in enumerate(rows):
-        input_ids[n, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[n, : len(row)] = 1
+def padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded to the longest row: input_ids and attention_mask, (len(rows), longest)."""
+    input_ids, attention_mask = pad_rows(rows, pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -199,7 +195,7 @@ def tokenize_pairs(
 ) -> dict[str, torch.Tensor]:
     """The model card's tokenize_pair, padded to the batch's longest row instead of to max_length."""
     rows = pair_input_ids(tokenizer, sources, cand1s, cand2s, source_max_length, max_length)
-    return pad_rows(rows, tokenizer.pad_token_id)
+    return padded(rows, tokenizer.pad_token_id)
 
 
 # --- the judge ----------------------------------------------------------------------------------
@@ -304,7 +300,7 @@ class PairRMJudge:
         order = sorted(range(len(rows)), key=lambda n: -len(rows[n]))
 
         def work(chunk: list[int]) -> list[float]:
-            batch = pad_rows([rows[n] for n in chunk], self.tokenizer.pad_token_id)
+            batch = padded([rows[n] for n in chunk], self.tokenizer.pad_token_id)
             with torch.inference_mode():
                 out = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits
             return out.float().cpu().tolist()

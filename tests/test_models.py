@@ -103,6 +103,26 @@ def test_sequence_logps_match_full_logits(family):
     assert counts.tolist() == [len(items[0].completion_ids), len(items[1].completion_ids)]
 
 
+def test_pad_rows_right_left_and_to_a_multiple():
+    from models.padding import pad_rows
+
+    ids, mask = pad_rows([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_rows([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_rows([[5, 6, 7], [8]], pad_id=9, multiple=4)
+    assert ids.tolist() == [[5, 6, 7, 9], [8, 9, 9, 9]] and mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_collate_marks_the_completion_tokens():
+    from models.logps import Encoded
+
+    batch = collate([Encoded([1, 2], [3]), Encoded([4], [5, 6, 7])], pad_id=0, pad_to_multiple=1)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 6, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch["completion_mask"].tolist() == [[False, False, True, False], [False, True, True, True]]
+
+
 def test_only_known_plain_heads_take_the_chunked_path():
     from transformers import LlamaConfig
 
