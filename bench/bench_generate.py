@@ -1,7 +1,7 @@
 """Throughput of our `static` backend (static KV cache + CUDA graph) against plain `model.generate`.
 
-One process, one randomly initialised model with Qwen2.5-0.5B's exact config (bf16, sdpa), the
-setting of /work/shared/anchors/hf_generate_baseline.py: prompts of --prompt-len random tokens,
+One process, one randomly initialised model with Qwen2.5-0.5B's exact config (bf16, sdpa):
+prompts of --prompt-len random tokens,
 --new-tokens new tokens per row, sampling (temperature 1, top_p 1). For every batch size it times
   - hf:     model.generate (eager, dynamic cache), min_new_tokens = max_new_tokens so rows are equally
             long, top_k=0 as in models.generation's hf backend;
@@ -11,7 +11,7 @@ setting of /work/shared/anchors/hf_generate_baseline.py: prompts of --prompt-len
 and prints new tokens/s and the ratio to hf, plus sampling sanity (same seed repeats, another seed
 differs). Each timing is the best of --reps runs after a warm-up. --profile prints the costliest
 kernels of three eager decode steps at the largest batch. Then a greedy-equality check: the same config in fp32 (random weights; bf16 random weights
-have near-tied logits, see /work/shared/anchors/README.md), HF greedy vs static greedy on
+have near-tied logits, so bf16 greedy tokens flip between equally likely ones), HF greedy vs static greedy on
 left-padded prompts of mixed lengths, reporting the fraction of equal tokens and of equal rows.
 
 Run on a GPU (from the repository root):

@@ -4,13 +4,13 @@
     python bench/bench_train.py --tiny --batch 2 --steps 4                 # CPU smoke run
 
 Same model (a randomly initialised model of Qwen2.5-0.5B's config, bf16, sdpa), same data (random
-word sequences, 128 prompt + 384 response tokens, as ../shared/anchors/trl_dpo_baseline.py), same
+word sequences, 128 prompt + 384 response tokens), same
 LoRA (r 16, alpha 32, all linear layers), same batch size, DPO sigmoid loss, beta 0.1.
 
 Prints for each: ms per optimizer step and tokens/s (chosen + rejected tokens through the policy,
 steps after the first 10 for TRL and after the first for ours), peak GPU memory, model FLOPs
-utilisation (6 N per token, N = parameters, against 989 TFLOP/s bf16 dense on an H100; the same
-formula the anchor prints), and the ratio ours / TRL. Ours is reported twice: training steps alone
+utilisation (6 N per token, N = parameters, against 989 TFLOP/s bf16 dense on an H100), and the
+ratio ours / TRL. Ours is reported twice: training steps alone
 (the reference log-probs are precomputed once per round) and end to end with that reference pass
 counted, for one epoch. Finally both implementations compute the loss of the same batch with the
 same (perturbed) adapter weights, and the two values are printed side by side.

@@ -1,6 +1,6 @@
 """Parquet schemas of the round artifacts, with atomic writers and validating readers.
 
-The columns below are the contract of ../shared/DESIGN.md that notebooks and external checks rely on:
+The columns below are the contract (README: Run the demo) that notebooks and external checks rely on:
 add columns freely, never rename these. `write_parquet` validates, then writes atomically
 (common/atomic.py): a reader never sees half a file, and a full disk leaves no file and one line;
 `read_artifact` validates what it reads and names the file, row and field of the first problem.

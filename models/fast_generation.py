@@ -3,8 +3,8 @@
 Why not `model.generate`
 ------------------------
 Plain `generate` with a dynamic cache is bound by the host: each new token costs a Python walk through
-every layer, the logits processors, stopping criteria and a device sync, so a 0.5B model on an H100
-runs at ~5k new tokens/s at batch 128 with the GPU mostly idle. The fix is the gpt-fast recipe: make
+every layer, the logits processors, stopping criteria and a device sync, so a small model leaves the
+GPU mostly idle (bench/README.md has the measured figures). The fix is the gpt-fast recipe: make
 one decode step a fixed-shape computation and replay it as a CUDA graph, so a step costs one launch.
 
 `static_generate` (the `static` backend of models.generation.generate_texts)
@@ -24,8 +24,8 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   AttentionInterface and swapped in for `sdpa` models only while we run them): some transformers
   versions copy the whole key/value cache for grouped-query attention each step when a mask is given
   (`repeat_kv`); for the one-token step we fold each key/value head's query heads into the query axis
-  instead, so the cache is read once, never copied. On the H100 this alone took batch 128 from 12.4k
-  to 29.8k new tok/s. SELFPLAY_STATIC_ATTENTION=0 keeps the model's own `sdpa`.
+  instead, so the cache is read once, never copied: the largest single gain (bench/README.md).
+  SELFPLAY_STATIC_ATTENTION=0 keeps the model's own `sdpa`.
 - **Prefill** runs the whole left-padded batch in one forward (`logits_to_keep=1`, so the
   `[batch, prompt, vocab]` logits are never built), and samples the first token.
 - **Decode step** = one-token forward + sampling + bookkeeping, all on device with fixed shapes and
@@ -41,11 +41,10 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   Optionally (`compile_step=True` or SELFPLAY_STATIC_COMPILE=1) the step is first compiled with
   `torch.compile` (mode "default"; another mode by name, e.g. SELFPLAY_STATIC_COMPILE=
   max-autotune-no-cudagraphs) and the compiled step is what gets captured: inductor fuses the norms,
-  rotary embedding, activation and sampling, so a step launches far fewer kernels. Measured on an
-  H100 (Qwen2.5-0.5B config, bf16, batch 128, 128 + 256 tokens): plain generate 4.6k new tok/s,
-  graph 29.8k (6.5x), graph + compile 55.9k (12.3x); max-autotune-no-cudagraphs gave 45k after a
-  162 s compile, so "default" (~30 s per new session shape) is what True means. Compiling pays off
-  for long generation stages with few distinct (batch, cache length) shapes; it is off by default.
+  rotary embedding, activation and sampling, so a step launches far fewer kernels. "default" is what
+  True means: max-autotune-no-cudagraphs was slower after a longer compile (bench/README.md has both).
+  Compiling costs time for every new session shape, so it pays off for long generation stages with
+  few distinct (batch, cache length) shapes; it is off by default.
 - **Early stop** when every row has produced an eos, checked every `check_every` steps (16 on CUDA)
   so the loop does not sync each step. Rows that ended are filled with the pad id.
 - **Reuse.** The cache, buffers and captured graph (a "session") are kept per model (weakly: they go

@@ -1,8 +1,9 @@
 """Judges: for each prompt and its K responses, the K x K matrix of P(response i beats response j).
 
-One interface for all: `judge.judge(groups) -> list[JudgeResult]`, batched across prompts. The matrix
-has 0.5 on the diagonal and P[i, j] + P[j, i] = 1. A judge may also give pointwise `scores` (a reward,
-a rubric score, correctness); iterative DPO pairs by them when present.
+One interface for all: `judge.judge(groups) -> list[JudgeResult]`, batched across prompts (the types
+are in models/judge_types.py). The matrix has 0.5 on the diagonal and P[i, j] + P[j, i] = 1. A judge
+may also give pointwise `scores` (a reward, a rubric score, correctness); iterative DPO pairs by them
+when present.
 
 - VerifierJudge: programmatic correctness by a verifier, built in or the user's (models/verifiers.py).
 - RewardModelJudge: any AutoModelForSequenceClassification reward model; P = sigmoid(r_i - r_j).
@@ -14,7 +15,8 @@ a rubric score, correctness); iterative DPO pairs by them when present.
   never fail a round.
 - PairRMJudge (models/pairrm.py): llm-blender/PairRM-hf loaded by our own code.
 
-`make_judge(recipe, model_path)` builds the one a recipe names.
+`make_judge(name, recipe, policy_model, tokenizer)` builds the judge `name` for a recipe; the self-judge
+asks `policy_model` (the round's generator), the others load what the recipe names.
 """
 
 from __future__ import annotations

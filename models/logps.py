@@ -1,7 +1,7 @@
 """Summed log-probabilities of responses given prompts: the one quantity every loss is built from.
 
-`tokenize_pairs` turns (prompt text, completion text) into token ids; `collate` right-pads a list of
-them into a batch with a mask of the completion tokens; `sequence_logps` runs the model and returns,
+`encode` and `encode_pair` turn (prompt text, completion text) into token ids (`Encoded`); `collate`
+right-pads a list of them into a batch with a mask of the completion tokens; `sequence_logps` runs the model and returns,
 per row, the sum of log pi(token) over completion tokens and their count.
 
 Speed: the LM head runs only on completion positions, in chunks, and the log-softmax is taken in fp32
