@@ -23,10 +23,10 @@ from models.pairrm import (
     PairRMJudge,
     encode_segments,
     pair_input_ids,
-    save_random_pairrm,
     scores_from_logits,
     tokenize_pairs,
 )
+from tests.tiny_pairrm import save_random_pairrm
 
 RESPONSES = ["Paris.", "The capital of France is Paris, of course!", "Lyon", "I do not know, sorry."]
 
