@@ -100,7 +100,7 @@ def test_segments_match_the_model_cards_encode_and_truncate_from_the_right(saved
     assert row.count(cand2_prefix) == 1
 
 
-def test_matrix_is_antisymmetric_and_scores_follow_sppo(saved, judge):
+def test_matrix_is_antisymmetric_and_made_of_the_models_logits_for_every_ordered_pair(saved, judge):
     _path, model, tokenizer = saved
     prompt = "What is the capital of France?"
     (result,) = judge.judge([JudgeGroup(prompt, RESPONSES)])
@@ -109,20 +109,33 @@ def test_matrix_is_antisymmetric_and_scores_follow_sppo(saved, judge):
     np.testing.assert_allclose(np.diag(prob), 0.5)
     assert np.abs(prob - 0.5).max() > 0.01  # not all ties
 
-    # Closed form from the in-memory model: s_i = (1/K) sum_{j != i} (L_ij - L_ji), P_ij = sigmoid(s_i - s_j).
-    pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
-    firsts, seconds = [RESPONSES[i] for i, _ in pairs], [RESPONSES[j] for _, j in pairs]
-    batch = tokenize_pairs(tokenizer, [prompt] * len(pairs), firsts, seconds)
-    with torch.no_grad():
-        flat = model(**batch).logits.tolist()
-    logits = np.zeros((k, k))
-    for (i, j), value in zip(pairs, flat):
-        logits[i, j] = value
-    scores = np.array([sum(logits[i, j] - logits[j, i] for j in range(k) if j != i) / k for i in range(k)])
-    np.testing.assert_allclose(result.scores, scores, atol=1e-5)
-    np.testing.assert_allclose(prob, 1 / (1 + np.exp(scores[None, :] - scores[:, None])), atol=1e-5)
-    assert abs(result.scores.sum()) < 1e-9
-    np.testing.assert_allclose(scores_from_logits(logits), scores, atol=1e-12)
+    # L[i, j] is the model's own logit with response i as candidate 1 and j as candidate 2, each pair
+    # run through the model alone.
+    (logits,) = judge.logit_matrices([JudgeGroup(prompt, RESPONSES)])
+    for i in range(k):
+        for j in range(k):
+            if i != j:
+                with torch.no_grad():
+                    alone = model(**tokenize_pairs(tokenizer, [prompt], [RESPONSES[i]], [RESPONSES[j]])).logits.item()
+                assert logits[i, j] == pytest.approx(alone, abs=1e-5), (i, j)
+    assert np.all(np.diag(logits) == 0)
+
+
+def test_scores_and_win_probabilities_of_a_hand_computed_logit_matrix(judge, monkeypatch):
+    # SPPO / llm-blender: s_i = (1/K) sum_{j != i} (L[i, j] - L[j, i]), the sum divided by K (the zero
+    # diagonal counted), and P[i, j] = sigmoid(s_i - s_j). Worked by hand for this L:
+    #   s_0 = ((2 + 1) + (1 - 0)) / 3 = 4/3,  s_1 = ((-1 - 2) + (0.5 - 1)) / 3 = -7/6,  s_2 = ((0 - 1) + (1 - 0.5)) / 3 = -1/6
+    #   P[0, 1] = sigmoid(2.5) = 0.924142,  P[0, 2] = sigmoid(1.5) = 0.817574,  P[1, 2] = sigmoid(-1) = 0.268941
+    logits = np.array([[0.0, 2.0, 1.0], [-1.0, 0.0, 0.5], [0.0, 1.0, 0.0]])
+    monkeypatch.setattr(judge, "logit_matrices", lambda groups: [logits for _ in groups])
+    (result,) = judge.judge([JudgeGroup("q", ["a", "b", "c"])])
+    np.testing.assert_allclose(result.scores, [4 / 3, -7 / 6, -1 / 6], atol=1e-12)
+    np.testing.assert_allclose(result.prob_matrix, [[0.5, 0.924142, 0.817574],
+                                                    [0.075858, 0.5, 0.268941],
+                                                    [0.182426, 0.731059, 0.5]], atol=1e-6)
+    np.testing.assert_allclose(result.win_probs, [(0.5 + 0.924142 + 0.817574) / 3, (0.075858 + 0.5 + 0.268941) / 3,
+                                                  (0.182426 + 0.731059 + 0.5) / 3], atol=1e-6)
+    np.testing.assert_allclose(scores_from_logits(logits), [4 / 3, -7 / 6, -1 / 6], atol=1e-12)
 
 
 class SegmentLengthBackbone(nn.Module):
