@@ -10,6 +10,11 @@ Per-round settings: the SPIN scripts change the learning rate and beta between i
     from configs.recipe import load_recipe
     recipe = load_recipe("configs/demo_spin.yaml")
     round_2 = recipe.for_round(2)
+
+Every key has a type, a default and a help text; one command lists them (with a recipe's own values
+beside the defaults when one is given):
+
+    python -m configs.recipe --fields [configs/demo_dpo.yaml]
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo"]
 @dataclass
 class ModelConfig:
     base_model: str | None = field(
-        default=None, metadata={"help": "HF path or hub id of the causal LM; null builds the demo model."}
+        default=None, metadata={"help": "HF path or hub id of the causal LM, or a GGUF file (a path or cache:NAME); null: the demo model."}
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of base_model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model (off: safer)."})
@@ -54,13 +59,21 @@ class ModelConfig:
 class DemoModelConfig:
     """The small Llama-style model the pipeline builds when `model.base_model` is null."""
 
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 384
-    sft_steps: int = 800
-    sft_batch_size: int = 32
-    sft_learning_rate: float = 1e-3
+    hidden_size: int = field(default=128, metadata={"help": "Width of the demo model (Llama-style, byte-level tokenizer)."})
+    num_layers: int = field(default=4, metadata={"help": "Decoder layers of the demo model."})
+    num_heads: int = field(
+        default=4, metadata={"help": "Attention heads of the demo model; hidden_size must be a multiple of it."}
+    )
+    intermediate_size: int = field(default=384, metadata={"help": "MLP width of the demo model."})
+    sft_steps: int = field(
+        default=800, metadata={"help": "Supervised warm-start steps on data.train's ground truth before round 1."}
+    )
+    sft_batch_size: int = field(default=32, metadata={"help": "Sequences per warm-start step."})
+    sft_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Peak AdamW learning rate of the warm start (warm-up over the first "
+                          "tenth of the steps, linear decay to 0)."},
+    )
     sft_examples: int | None = field(default=None, metadata={"help": "Train rows used for the warm start; null = all."})
 
 
@@ -72,18 +85,32 @@ class DataConfig:
     eval: str = field(default="demo:heldout", metadata={"help": "Held-out prompts, never trained on."})
     train_split: str = field(default="train", metadata={"help": "Split name when `train` is a hub dataset."})
     eval_split: str = field(default="test", metadata={"help": "Split name when `eval` is a hub dataset."})
-    layout: Literal["auto", "prompt_response", "messages"] = "auto"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str = "messages"
-    id_field: str = "prompt_id"
+    layout: Literal["auto", "prompt_response", "messages"] = field(
+        default="auto",
+        metadata={"help": "prompt_response: prompt and response columns; messages: chat turns; auto: "
+                          "messages when that column is there and no prompt column."},
+    )
+    prompt_field: str = field(default="prompt", metadata={"help": "Column of the prompt (layout prompt_response)."})
+    response_field: str = field(
+        default="response",
+        metadata={"help": "Column of the ground-truth response (layout "
+                          "prompt_response); SPIN needs it in every row."},
+    )
+    messages_field: str = field(
+        default="messages",
+        metadata={"help": "Column of the {role, content} turns (layout messages): first user "
+                          "turn = prompt, the assistant turn after it = ground truth."},
+    )
+    id_field: str = field(
+        default="prompt_id", metadata={"help": "Column of prompt ids; when absent, an id is made from the prompt's text."}
+    )
     answer_field: str = field(
         default="answer", metadata={"help": "Column the verifier checks against; when absent, the ground-truth response."}
     )
     task_field: str | None = field(
         default=None, metadata={"help": "Column of task kinds, for figures per kind; null: 'task' when the data has one."}
     )
-    system_prompt: str | None = None
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt for rows that carry none; null: none."})
     prompts_per_round: int | None = field(
         default=None, metadata={"help": "Prompts each round samples (rotating through the set); null = all."}
     )
@@ -91,16 +118,26 @@ class DataConfig:
         default=512,
         metadata={"help": "Longer prompts are filtered or an error; capped at training.max_length - generation.max_new_tokens."},
     )
-    overlong_prompts: Literal["filter", "error"] = "filter"
+    overlong_prompts: Literal["filter", "error"] = field(
+        default="filter",
+        metadata={"help": "Prompts over the token limit: filter = skipped (and "
+                          "counted), error = the run stops naming the row."},
+    )
 
 
 @dataclass
 class GenerationConfig:
     num_samples: int = field(default=1, metadata={"help": "Samples per prompt (K); SPPO uses 5."})
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 64
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the round's samples; 0 = greedy."})
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling: keep the most likely tokens up to this probability mass; 1 = off."}
+    )
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest sample in tokens; a sample cut here is unfinished (see judge.unfinished)."}
+    )
+    batch_size: int = field(
+        default=64, metadata={"help": "Sequences generated together; halved by itself on CUDA out-of-memory."}
+    )
     shard_size: int = field(default=256, metadata={"help": "Prompts per resumable part of a round's generation."})
     backend: Literal["hf", "static", "vllm"] = field(
         default="hf", metadata={"help": "hf = transformers generate; static = our static-cache CUDA-graph loop."}
@@ -109,15 +146,23 @@ class GenerationConfig:
 
 @dataclass
 class JudgeConfig:
-    name: JudgeName = "ground_truth"
+    name: JudgeName = field(
+        default="ground_truth",
+        metadata={"help": "Who makes pairs: ground_truth (SPIN), verifier, pairrm, reward_model, "
+                          "or self (the model judges its own samples)."},
+    )
     model: str | None = field(default=None, metadata={"help": "PairRM or reward model path/hub id."})
     verifier: str | None = field(
         default=None,
         metadata={"help": "exact, number, choice, contains, regex, or 'pkg.module:fn' / 'file.py:fn'; null: exact. "
                           "Pairs for judge verifier; the evaluation's accuracy for every judge."},
     )
-    self_mode: Literal["pointwise", "pairwise"] = "pointwise"
-    batch_size: int = 16
+    self_mode: Literal["pointwise", "pairwise"] = field(
+        default="pointwise",
+        metadata={"help": "Self-judge: pointwise = a 5-point rubric score per sample; "
+                          "pairwise = every ordered pair, asked in both orders."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Sequences the judge model scores or writes together."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens the self-judge may write."})
     unfinished: Literal["keep", "drop", "penalize"] = field(
         default="penalize",
@@ -129,20 +174,43 @@ class JudgeConfig:
 @dataclass
 class TrainingConfig:
     loss: LossName | None = field(default=None, metadata={"help": "null: sppo for SPPO, dpo_sigmoid otherwise."})
-    beta: float = 0.1
-    learning_rate: float = 5e-5
-    epochs: float = 2.0
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_length: int = 1024
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "Scale of the implicit reward beta * log(pi / pi_ref): larger keeps the policy "
+                          "nearer the reference; IPO's tau; SPPO's eta = 1/beta."},
+    )
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "Peak AdamW learning rate of the LoRA adapter (linear warm-up, then linear decay to 0)."}
+    )
+    epochs: float = field(default=2.0, metadata={"help": "Passes over the round's pairs; fractions allowed."})
+    batch_size: int = field(
+        default=8, metadata={"help": "Pairs per micro-batch (chosen and rejected go through the model together)."}
+    )
+    grad_accum_steps: int = field(
+        default=1,
+        metadata={"help": "Micro-batches per optimizer step: the effective "
+                          "batch is batch_size * grad_accum_steps * num_processes."},
+    )
+    max_length: int = field(
+        default=1024,
+        metadata={"help": "Longest prompt + response in tokens; a longer pair keeps its prompt and has its responses cut."},
+    )
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Fraction of the round's optimizer steps spent warming the learning rate up from 0."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the adapter's weights."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradients are clipped to this global norm before each optimizer step."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank; fixed for the run, since every round continues one adapter."})
+    lora_alpha: int = field(
+        default=32, metadata={"help": "LoRA scaling: the update is (lora_alpha / lora_r) * B A; fixed for the run."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input during training, in [0, 1)."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "'all-linear' or comma-separated names."})
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, more time."}
+    )
     mix_previous_round: bool | None = field(
         default=None, metadata={"help": "Train on this round's pairs plus the previous round's; null: on for SPIN."}
     )
@@ -158,7 +226,9 @@ class TrainingConfig:
     launcher: Literal["none", "accelerate"] = field(
         default="none", metadata={"help": "accelerate: Train runs under `accelerate launch` (DDP, or FSDP via a config)."}
     )
-    num_processes: int = 1
+    num_processes: int = field(
+        default=1, metadata={"help": "Processes `accelerate launch` starts (launcher: accelerate), one per GPU."}
+    )
     accelerate_config: str | None = field(default=None, metadata={"help": "An `accelerate config` file (e.g. FSDP)."})
 
 
@@ -167,17 +237,27 @@ class EvalConfig:
     judge: Literal["auto", "none", "pairrm", "self", "reward_model", "verifier"] = field(
         default="auto", metadata={"help": "auto: the recipe's judge, or the verifier when it pairs by ground truth."}
     )
-    num_prompts: int = 100
-    max_new_tokens: int = 64
+    num_prompts: int = field(default=100, metadata={"help": "Held-out prompts evaluated each round: the first N of data.eval."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest greedy and sampled held-out response in tokens."})
     kl_samples: int = field(default=2, metadata={"help": "Samples per prompt for the KL(pi_r || pi_base) estimate."})
     report_prompts: int = field(default=4, metadata={"help": "Fixed prompts shown side by side in report.md."})
 
 
 @dataclass
 class Recipe:
-    name: str = "demo_spin"
-    algorithm: Algorithm = "spin"
-    seed: int = 0
+    name: str = field(
+        default="demo_spin",
+        metadata={"help": "Run directory name under --runs-dir (unless "
+                          "--run-name); default: the recipe file's name."},
+    )
+    algorithm: Algorithm = field(
+        default="spin",
+        metadata={"help": "spin: ground truth vs the model's sample; sppo: "
+                          "soft win probabilities; dpo: best vs worst sample."},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seeds the demo model's warm start, sampling, training's batch order and the adapter's initialisation."}
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     demo_model: DemoModelConfig = field(default_factory=DemoModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -398,3 +478,56 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     data.setdefault("name", path.stem)
     return recipe_from_dict(data, str(path))
+
+
+def recipe_fields(recipe: Recipe | None = None) -> list[dict]:
+    """Every key of a recipe, dotted ('training.beta'), in the order of the dataclasses: its type, default
+    and help, and `recipe`'s value when one is given."""
+    values = recipe.to_dict() if recipe is not None else None
+    rows = []
+
+    def walk(cls: type, prefix: str, section_values: dict | None) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            annotation = hints[f.name]
+            value = None if section_values is None else section_values.get(f.name)
+            if dataclasses.is_dataclass(annotation):
+                walk(annotation, f"{prefix}{f.name}.", value)
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            row = {"key": prefix + f.name, "type": _describe(annotation), "default": default, "help": f.metadata.get("help", "")}
+            if section_values is not None:
+                row["value"] = value
+            rows.append(row)
+
+    walk(Recipe, "", values)
+    return rows
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m configs.recipe", description="What each key of a recipe means.")
+    parser.add_argument("--fields", action="store_true", required=True,
+                        help="list every key with its type, default and help")
+    parser.add_argument("recipe", nargs="?", help="a recipe YAML whose values are shown beside the defaults")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    for row in recipe_fields(recipe):
+        line = f"{row['key']}: {row['type']} = {_yaml_value(row['default'])}"
+        if "value" in row and row["value"] != row["default"]:
+            line += f"  ({Path(args.recipe).name}: {_yaml_value(row['value'])})"
+        print(line)
+        print(f"    {row['help']}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except RecipeError as exc:
+        raise SystemExit(f"selfplay: {exc}") from None

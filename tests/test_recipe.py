@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from common.errors import RecipeError
-from configs.recipe import CONFIG_DIR, deep_merge, load_recipe, recipe_from_dict
+from configs.recipe import CONFIG_DIR, deep_merge, load_recipe, main, recipe_fields, recipe_from_dict
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -164,3 +164,23 @@ def test_spin_recipes_follow_the_official_schedule(name):
     assert [t.learning_rate / scale for t in rounds] == pytest.approx([5e-7, 5e-7, 1e-7, 1e-7])
     assert [t.beta for t in rounds] == [0.1, 0.1, 0.1, 5.0]
     assert [t.epochs for t in rounds] == [6, 6, 6, 6]
+
+
+def test_every_recipe_key_has_a_help_text():
+    fields = recipe_fields()
+    assert len(fields) > 70 and len({f["key"] for f in fields}) == len(fields)
+    missing = [f["key"] for f in fields if len(f["help"].split()) < 3]
+    assert missing == []
+
+
+def test_one_command_lists_every_key_with_its_type_default_help_and_a_recipes_value(capsys):
+    assert main(["--fields", str(CONFIG_DIR / "demo_dpo.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line for line in lines if not line.startswith("    ")]
+    fields = {f["key"]: f for f in recipe_fields()}
+    assert [line.split(":")[0] for line in listed] == list(fields)
+    beta = lines.index(next(line for line in listed if line.startswith("training.beta:")))
+    assert lines[beta].startswith("training.beta: float = 0.1")
+    assert lines[beta + 1].strip() == fields["training.beta"]["help"]
+    # A value the recipe changes is shown beside the default.
+    assert "algorithm: one of 'spin', 'sppo', 'dpo' = spin  (demo_dpo.yaml: dpo)" in lines
