@@ -1,0 +1,138 @@
+"""The evaluation's figures (models/evaluation.py) on inputs whose answers are worked out by hand.
+
+evaluate_round is run with its model calls replaced by tables: generation returns chosen answers and
+samples, and the log-prob of a response is looked up by its text, under the policy and under the base.
+Every figure the run reports (accuracy, win rates, KL from the base, implicit reward) then has a value
+worked out below from those tables alone.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import models.evaluation as evaluation
+import models.generation as generation
+import models.loading as loading
+from configs.recipe import recipe_from_dict
+from models.judges import VerifierJudge
+from models.sampling import Sample
+from models.tokenizer import build_byte_tokenizer
+from models.verifiers import load_verifier
+
+BETA = 0.1
+ANSWERS = ["4", "7", "9", "2"]
+GREEDY = ["4", "7", "0", "2"]  # right, right, wrong, right
+PREVIOUS_GREEDY = ["4", "0", "0", "0"]  # right, wrong, wrong, wrong
+BASE_GREEDY = ["0", "0", "0", "0"]  # all wrong
+# Two samples per prompt; a sample's log-ratio log pi_r(y) - log pi_base(y) is its length in tokens times 2 below.
+SAMPLES = [["a", "bbb"], ["cc", "dd"], ["e", "f"], ["gggg", "hh"]]
+# Held-out pairs (fixed at round 0): (chosen, rejected), log-prob now, log-prob under the previous round.
+PAIRS = {"p0": (("four", -2.0, -3.0), ("zero", -5.0, -4.0)), "p1": (("seven", -6.0, -5.0), ("nil", -1.5, -2.0))}
+
+
+def policy_logp(text: str) -> float:
+    pair_logps = {text: now for sides in PAIRS.values() for text, now, _prev in sides}
+    return pair_logps.get(text, -1.0 * len(text))
+
+
+def base_logp(text: str) -> float:
+    return -3.0 * len(text)
+
+
+def prompts_frame() -> pd.DataFrame:
+    return pd.DataFrame({"prompt_id": ["p0", "p1", "p2", "p3"], "prompt": [f"What is {a}?" for a in ANSWERS],
+                         "reference": ANSWERS, "answer": ANSWERS, "system": [None] * 4, "source_row": ["{}"] * 4})
+
+
+def round_0_frame(greedy: list[str], pair_logp_index: int) -> pd.DataFrame:
+    """A round-0 eval frame: greedy answers and the held-out pairs with their log-probs then."""
+    rows = [{"prompt_id": f"p{i}", "prompt": f"What is {ANSWERS[i]}?", "kind": "greedy", "sample_index": 0, "response": text,
+             "round": 0, "num_tokens": len(text), "finished": True, "token_ids": None, "logp": 0.0} for i, text in enumerate(greedy)]
+    for pid, sides in PAIRS.items():
+        for kind, side in zip(("pair_chosen", "pair_rejected"), sides):
+            rows.append({"prompt_id": pid, "prompt": f"What is {ANSWERS[int(pid[1])]}?", "kind": kind, "sample_index": 0,
+                         "response": side[0], "round": 0, "num_tokens": len(side[0]), "finished": True, "token_ids": None,
+                         "logp": side[pair_logp_index]})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    tokenizer = build_byte_tokenizer()
+    model = torch.nn.Linear(1, 1)  # stands in for the policy: only its device is read
+    monkeypatch.setattr(loading, "load_tokenizer", lambda path, cfg: tokenizer)
+    monkeypatch.setattr(loading, "load_policy", lambda *args, **kwargs: model)
+
+    def generate_texts(model, tokenizer_, texts, settings, progress=None):
+        assert len(texts) == 4
+        if settings.temperature == 0:
+            return [[Sample(text, len(text), True, tokenizer.encode(text, add_special_tokens=False))] for text in GREEDY]
+        assert settings.num_samples == 2
+        return [[Sample(text, len(text), True, tokenizer.encode(text, add_special_tokens=False)) for text in samples]
+                for samples in SAMPLES]
+
+    calls = []
+
+    def batched_logps(model_, tokenizer_, items, batch_size, device, progress=None):
+        score = policy_logp if not calls else base_logp  # the first call scores every row under the policy
+        calls.append(len(items))
+        texts = [tokenizer.decode(item.completion_ids, skip_special_tokens=True).strip() for item in items]
+        return [score(text) for text in texts], [len(item.completion_ids) for item in items]
+
+    monkeypatch.setattr(generation, "generate_texts", generate_texts)
+    monkeypatch.setattr(evaluation, "batched_logps", batched_logps)
+    recipe = recipe_from_dict({"training": {"beta": BETA}, "evaluation": {"num_prompts": 4, "kl_samples": 2}})
+    previous, base = round_0_frame(PREVIOUS_GREEDY, 2), round_0_frame(BASE_GREEDY, 1)
+    frame, metrics = evaluation.evaluate_round(recipe, 1, "round_01/checkpoint", "base_model", prompts_frame(), previous, base)
+    assert calls == [4 + 8 + 4, 8]  # every row under the policy, then the 8 samples under the base
+    return frame, metrics
+
+
+def test_accuracy_is_the_share_of_right_greedy_answers(figures):
+    _frame, metrics = figures
+    assert metrics["verifier"] == "exact" and metrics["prompts"] == 4
+    # 3 of 4 right; standard error: sample std of (1, 1, 0, 1) = 0.5, over sqrt(4).
+    assert metrics["accuracy"] == pytest.approx(0.75) and metrics["accuracy_se"] == pytest.approx(0.25)
+
+
+def test_win_rates_against_the_previous_round_and_the_base(figures):
+    _frame, metrics = figures
+    assert metrics["eval_judge"] == "verifier"
+    # By the verifier, P(ours beats theirs) = 1/2 + (s_ours - s_theirs) / 2: against the previous round's
+    # (right, wrong, wrong, wrong): 1/2, 1, 1/2, 1; against the base's (all wrong): 1, 1, 1/2, 1.
+    assert metrics["win_rate_vs_previous"] == pytest.approx(0.75)
+    assert metrics["win_rate_vs_previous_se"] == pytest.approx(np.std([0.5, 1, 0.5, 1], ddof=1) / 2)
+    assert metrics["win_rate_vs_base"] == pytest.approx(0.875)
+    assert metrics["win_rate_vs_base_se"] == pytest.approx(0.125)  # std of (1, 1, 0.5, 1) = 0.25, over 2
+
+
+def test_kl_from_the_base_averages_each_prompts_samples_first(figures):
+    frame, metrics = figures
+    # log pi_r(y) - log pi_base(y) = -len + 3 len = 2 len: per prompt (2 + 6)/2, (4 + 4)/2, (2 + 2)/2, (8 + 4)/2
+    # = 4, 4, 2, 6; their mean 4, and the standard error over those four per-prompt means.
+    assert metrics["kl_vs_base"] == pytest.approx(4.0)
+    assert metrics["kl_vs_base_se"] == pytest.approx(np.std([4, 4, 2, 6], ddof=1) / 2)
+    samples = frame[frame.kind == "sample"]
+    assert (samples.logp - samples.base_logp).tolist() == [2.0 * len(t) for group in SAMPLES for t in group]
+
+
+def test_implicit_reward_of_the_held_out_pairs(figures):
+    _frame, metrics = figures
+    # r = beta (log pi_r - log pi_{r-1}): pair p0 chosen 0.1 * 1, rejected 0.1 * -1 (right, margin 0.2);
+    # p1 chosen 0.1 * -1, rejected 0.1 * 0.5 (wrong, margin -0.15).
+    assert metrics["implicit_reward_pairs"] == 2
+    assert metrics["implicit_reward_accuracy"] == pytest.approx(0.5)
+    assert metrics["implicit_reward_margin"] == pytest.approx(0.025)
+    assert metrics["implicit_reward_margin_se"] == pytest.approx(0.35 / math.sqrt(2) / math.sqrt(2))
+
+
+def test_verifier_win_rate_and_mean_se_by_hand():
+    prompts = prompts_frame()
+    rate, se = evaluation.win_rate(VerifierJudge(load_verifier(None)), prompts, GREEDY, BASE_GREEDY)
+    assert rate == pytest.approx(0.875) and se == pytest.approx(0.125)
+    assert evaluation.mean_se([2.0]) == (2.0, pytest.approx(float("nan"), nan_ok=True))
+    assert evaluation.distinct_n(["a b a", "a b"], 1) == pytest.approx(2 / 5)
+    assert evaluation.distinct_n(["a b a", "a b"], 2) == pytest.approx(2 / 3)
