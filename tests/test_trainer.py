@@ -2,6 +2,7 @@
 the way its pairs ask, gradient accumulation equals one larger batch, the reference log-probs are
 cached and recomputed exactly when the pairs change, and stale work directories are cleared."""
 
+import json
 
 import numpy as np
 import pandas as pd
@@ -92,3 +93,23 @@ def test_every_loss_moves_the_adapter_towards_the_chosen_responses(root, tmp_pat
     before, after = side_logps(root, recipe, pairs, root), side_logps(str(tmp_path / "out"), recipe, pairs, root)
     margin = (after[:, 0] - before[:, 0]) - (after[:, 1] - before[:, 1])
     assert margin.mean() > 0.5 and (margin > 0).all(), margin
+
+
+def test_gradient_accumulation_equals_one_larger_batch(root, tmp_path):
+    pairs = make_pairs()
+    # One optimizer step over the 8 pairs: two micro-batches of 4 accumulated, or one batch of 8.
+    runs = {}
+    for name, batch_size, accum in (("accumulated", 4, 2), ("one_batch", 8, 1), ("two_steps", 4, 1)):
+        recipe = make_recipe(root, "dpo", epochs=1, batch_size=batch_size, grad_accum_steps=accum, learning_rate=1e-2)
+        stats = trainer.train_round(recipe, root, pairs, tmp_path / f"work_{name}", tmp_path / name, 1, "root", root)
+        log = json.loads((tmp_path / name / "training_log.json").read_text())["history"]
+        runs[name] = (stats, log, adapter(tmp_path / name))
+    (acc_stats, acc_log, acc_w), (one_stats, one_log, one_w) = runs["accumulated"], runs["one_batch"]
+    assert acc_stats["steps"] == one_stats["steps"] == 1
+    # The same loss and gradient (its norm before clipping): the micro-batches' losses are averaged, not summed.
+    assert acc_log[0]["loss"] == pytest.approx(one_log[0]["loss"], rel=1e-5)
+    assert acc_log[0]["grad_norm"] == pytest.approx(one_log[0]["grad_norm"], rel=1e-4)
+    assert all(torch.allclose(acc_w[k], one_w[k], rtol=0, atol=1e-6) for k in one_w)
+    # Two optimizer steps of 4 pairs land elsewhere: the comparison above can fail.
+    two_w = runs["two_steps"][2]
+    assert max((two_w[k] - one_w[k]).abs().max().item() for k in one_w) > 1e-4
