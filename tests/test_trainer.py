@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 
 import models.trainer as trainer
 from configs.recipe import recipe_from_dict
+from data.schema import PAIRS, write_parquet
 from models import loading
 from models.logps import batched_logps
 from models.tokenizer import build_byte_tokenizer
+from tasks.base import FileTarget, prepare_work_dir
 
 CPU = torch.device("cpu")
 
@@ -113,3 +115,46 @@ def test_gradient_accumulation_equals_one_larger_batch(root, tmp_path):
     # Two optimizer steps of 4 pairs land elsewhere: the comparison above can fail.
     two_w = runs["two_steps"][2]
     assert max((two_w[k] - one_w[k]).abs().max().item() for k in one_w) > 1e-4
+
+
+def test_reference_logps_are_cached_and_recomputed_when_the_pairs_change(root, tmp_path, monkeypatch):
+    passes = []
+    original = trainer.batched_logps
+
+    def counted(model, tokenizer, items, *args, **kwargs):
+        passes.append(len(items))
+        return original(model, tokenizer, items, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "batched_logps", counted)  # train_round's only use: the reference pass
+    recipe = make_recipe(root, "dpo")
+    pairs_file = tmp_path / "pairs.parquet"
+    work_dir = tmp_path / "train_work"
+
+    def train(pairs: pd.DataFrame, out: str):
+        if not pairs_file.is_file() or not pd.read_parquet(pairs_file).equals(pairs):
+            write_parquet(pairs, pairs_file, PAIRS)
+        work = prepare_work_dir(work_dir, [FileTarget(str(pairs_file))])
+        trainer.train_round(recipe, root, pd.read_parquet(pairs_file), work, tmp_path / out, 1, "root", root)
+        return pd.read_parquet(work / "ref_logps.parquet")
+
+    first = train(make_pairs(8), "first")
+    assert passes == [16]  # chosen and rejected of 8 pairs, under the policy as the round starts
+    # The cache holds the reference: the round-1 policy before any update is the root.
+    np.testing.assert_allclose(first[["chosen", "rejected"]].to_numpy(), side_logps(root, recipe, make_pairs(8), root), atol=1e-5)
+
+    # Same pairs, trainer checkpoints removed (a rerun from scratch): the cached reference is reused, and
+    # training from it gives the same adapter.
+    for checkpoint in work_dir.glob("checkpoint-*"):
+        for file in checkpoint.iterdir():
+            file.unlink()
+        checkpoint.rmdir()
+    again = train(make_pairs(8), "again")
+    assert passes == [16]
+    pd.testing.assert_frame_equal(again, first)
+    assert all(torch.equal(adapter(tmp_path / "again")[k], w) for k, w in adapter(tmp_path / "first").items())
+
+    # The Judge redone with other pairs: the work directory, cache included, is cleared and the reference recomputed.
+    changed = train(make_pairs(6, offset=100), "changed")
+    assert passes == [16, 12]
+    np.testing.assert_allclose(changed[["chosen", "rejected"]].to_numpy(),
+                               side_logps(root, recipe, make_pairs(6, offset=100), root), atol=1e-5)
