@@ -16,7 +16,7 @@ from data.schema import PAIRS, write_parquet
 from models import loading
 from models.logps import batched_logps
 from models.tokenizer import build_byte_tokenizer
-from tasks.base import FileTarget, prepare_work_dir
+from tasks.base import DirTarget, FileTarget, prepare_work_dir
 
 CPU = torch.device("cpu")
 
@@ -158,3 +158,40 @@ def test_reference_logps_are_cached_and_recomputed_when_the_pairs_change(root, t
     assert passes == [16, 12]
     np.testing.assert_allclose(changed[["chosen", "rejected"]].to_numpy(),
                                side_logps(root, recipe, make_pairs(6, offset=100), root), atol=1e-5)
+
+
+def test_a_work_directory_is_cleared_exactly_when_its_inputs_were_redone(tmp_path):
+    file_input = FileTarget(str(tmp_path / "pairs.parquet"))
+    dir_input = DirTarget(str(tmp_path / "checkpoint"))
+
+    def redo_file(text):
+        with file_input.temporary_path() as tmp:
+            open(tmp, "w").write(text)
+
+    def redo_dir():
+        with dir_input.temporary_path() as tmp:
+            open(f"{tmp}/weights", "w").write("w")
+
+    redo_file("pairs v1")
+    redo_dir()
+    work = tmp_path / "train_work"
+
+    def prepare_with_a_part() -> bool:
+        """Prepare the work directory; whether the part left in it last time is still there. Leaves a part."""
+        prepare_work_dir(work, [file_input, dir_input])
+        kept = (work / "part-00000").is_file()
+        (work / "part-00000").write_text("saved work")
+        return kept
+
+    assert prepare_with_a_part() is False  # new
+    assert prepare_with_a_part() is True  # same inputs: resumable parts kept
+    redo_dir()  # the checkpoint made again (a new _SUCCESS stamp), even with the same files in it
+    assert prepare_with_a_part() is False
+    assert prepare_with_a_part() is True
+    redo_file("pairs v2")
+    assert prepare_with_a_part() is False
+    (work / "inputs.json").write_text("{not json")  # damaged: the parts cannot be trusted
+    assert prepare_with_a_part() is False
+    (work / "inputs.json").unlink()  # a work directory that records no inputs
+    assert prepare_with_a_part() is False
+    assert prepare_with_a_part() is True
