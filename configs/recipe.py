@@ -34,9 +34,9 @@ from common.errors import RecipeError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
-Algorithm = Literal["spin", "sppo", "dpo"]
+Algorithm = Literal["spin", "sppo", "dpo", "inpo"]
 JudgeName = Literal["ground_truth", "pairrm", "self", "reward_model", "verifier"]
-LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo"]
+LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo", "inpo"]
 
 
 @dataclass
@@ -173,11 +173,13 @@ class JudgeConfig:
 
 @dataclass
 class TrainingConfig:
-    loss: LossName | None = field(default=None, metadata={"help": "null: sppo for SPPO, dpo_sigmoid otherwise."})
+    loss: LossName | None = field(
+        default=None, metadata={"help": "null: sppo for SPPO, inpo for INPO, dpo_sigmoid otherwise."}
+    )
     beta: float = field(
         default=0.1,
         metadata={"help": "Scale of the implicit reward beta * log(pi / pi_ref): larger keeps the policy "
-                          "nearer the reference; IPO's tau; SPPO's eta = 1/beta."},
+                          "nearer the reference; IPO's tau; SPPO's eta = 1/beta (and INPO's, unless inpo_eta is set)."},
     )
     learning_rate: float = field(
         default=5e-5, metadata={"help": "Peak AdamW learning rate of the LoRA adapter (linear warm-up, then linear decay to 0)."}
@@ -218,6 +220,16 @@ class TrainingConfig:
         default=0.0, metadata={"help": "Weight of the chosen response's per-token NLL added to the loss (Iterative RPO)."}
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin (gamma)."})
+    inpo_eta: float | None = field(
+        default=None,
+        metadata={"help": "INPO's eta, the step size of its mirror descent: the loss pulls the pair's log-ratio "
+                          "combination to eta/2 (models/losses.py, inpo); null: 1 / beta."},
+    )
+    inpo_tau: float | None = field(
+        default=None,
+        metadata={"help": "INPO's tau, the weight of the KL toward the base model; eta * tau must be in [0, 1] "
+                          "(0: only the previous round is the reference); null: eta * tau = 1/3, as the authors ran it."},
+    )
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Assumed label-flip rate in [0, 0.5): cDPO for dpo_sigmoid, robust DPO's epsilon."}
     )
@@ -348,6 +360,33 @@ class Recipe:
             raise RecipeError(
                 f"{where}: generation.max_new_tokens ({g.max_new_tokens}) leaves no room for a prompt in training.max_length ({t.max_length})"
             )
+        self._check_inpo(where)
+
+    def _check_inpo(self, where: str) -> None:
+        t = self.training
+        if self.loss != "inpo":
+            for key in ("inpo_eta", "inpo_tau"):
+                if getattr(t, key) is not None:
+                    raise RecipeError(f"{where}: training.{key} applies to loss inpo only; loss {self.loss} would ignore it")
+            return
+        if t.inpo_eta is not None and t.inpo_eta <= 0:
+            raise RecipeError(f"{where}: training.inpo_eta must be positive, got {t.inpo_eta}")
+        if t.inpo_tau is not None and t.inpo_tau < 0:
+            raise RecipeError(f"{where}: training.inpo_tau must be >= 0, got {t.inpo_tau}")
+        # The mirror-descent step mixes pi_{r-1}^(1 - eta tau) pi_0^(eta tau): outside [0, 1] it is no mixture.
+        eta, tau = self.inpo_eta_tau
+        if eta * tau > 1:
+            raise RecipeError(f"{where}: INPO needs eta * tau in [0, 1]; training.inpo_eta {eta:g} * training.inpo_tau "
+                              f"{tau:g} = {eta * tau:g}")
+
+    @property
+    def inpo_eta_tau(self) -> tuple[float, float]:
+        """INPO's (eta, tau) with their defaults: eta = 1 / beta, since the authors' released trainer passes
+        its 1/eta as the DPO trainer's beta (the convention SPPO's eta = 1/beta follows here too); tau such
+        that eta * tau = 1/3, the `ratio` of their released run script."""
+        eta = self.training.inpo_eta if self.training.inpo_eta is not None else 1.0 / self.training.beta
+        tau = self.training.inpo_tau if self.training.inpo_tau is not None else INPO_DEFAULT_ETA_TAU / eta
+        return eta, tau
 
     @property
     def prompt_token_limit(self) -> int:
@@ -359,7 +398,7 @@ class Recipe:
 
     @property
     def loss(self) -> str:
-        return self.training.loss or ("sppo" if self.algorithm == "sppo" else "dpo_sigmoid")
+        return self.training.loss or {"sppo": "sppo", "inpo": "inpo"}.get(self.algorithm, "dpo_sigmoid")
 
     @property
     def mix_previous_round(self) -> bool:
@@ -384,6 +423,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+INPO_DEFAULT_ETA_TAU = 1 / 3
 ROUND_OVERRIDABLE = {"generation", "judge", "training", "evaluation"}
 # Every round continues one LoRA adapter (models/loading.py), so its shape is fixed for the run.
 LORA_SHAPE = ("lora_r", "lora_alpha", "lora_target_modules")

@@ -408,9 +408,17 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
             penalize = policy == "penalize" and not all(finished)
             if penalize:
                 result = penalize_unfinished(result, finished)
-            picked = select_pair(result, recipe.algorithm, group.response.tolist(), finished if penalize else None)
+            # An empty response is never chosen, whatever its score: the pair would teach the model to stop
+            # at once (and pairs.parquet refuses an empty chosen side). It can still be rejected.
+            choosable = [bool(r.strip()) and (done or not penalize) for r, done in zip(group.response, finished)]
+            picked = select_pair(result, recipe.algorithm, group.response.tolist(), None if all(choosable) else choosable)
             if picked is None:
-                stats["skipped_unfinished" if penalize and not any(finished) else "skipped_ties"] += 1
+                if penalize and not any(finished):
+                    stats["skipped_unfinished"] += 1
+                elif not any(choosable):  # the samples it could choose from were empty
+                    stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
+                else:
+                    stats["skipped_ties"] += 1
                 continue
             best, worst = picked
             chosen, rejected = group.iloc[best], group.iloc[worst]

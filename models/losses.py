@@ -28,6 +28,12 @@ class PreferenceBatch:
     rejected_lengths: torch.Tensor | None = None
     label_smoothing: float = 0.0  # cDPO / robust DPO: assumed probability that a label is flipped
     simpo_gamma: float = 0.5
+    # INPO: log-probs under the base model pi_0 (the ref_* fields hold the previous round's pi_{r-1}),
+    # and its eta and tau (configs/recipe.py, Recipe.inpo_eta_tau, says where their defaults come from).
+    base_chosen_logps: torch.Tensor | None = None
+    base_rejected_logps: torch.Tensor | None = None
+    inpo_eta: float | None = None
+    inpo_tau: float | None = None
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -106,6 +112,31 @@ def simpo(batch: PreferenceBatch) -> torch.Tensor:
     return -F.logsigmoid(chosen_reward - rejected_reward - batch.simpo_gamma)
 
 
+def inpo(batch: PreferenceBatch) -> torch.Tensor:
+    # INPO, Zhang et al. 2024, arXiv:2407.00617, Sec. 4: the loss L_t(pi) that each iteration of its
+    # Algorithm 1 minimises instead of estimating win rates (the equation number was not checked
+    # against the paper's text; the formula is checked against its derivation below and against the
+    # authors' released trainer):
+    #   h_t(pi, y, y') = log pi(y)/pi(y') - eta*tau log pi_0(y)/pi_0(y') - (1 - eta*tau) log pi_t(y)/pi_t(y')
+    #   L_t(pi) = E[(h_t(pi, y_w, y_l) - eta/2)^2]
+    # Why eta/2: online mirror descent with KL to pi_0 steps to
+    #   pi_{t+1} ∝ pi_t^{1 - eta tau} pi_0^{eta tau} exp(eta P(y > pi_t)),
+    # so h_t(pi_{t+1}, y, y') = eta (P(y > pi_t) - P(y' > pi_t)); replacing those win rates by the
+    # sampled preference and folding the two orders of a pair together (as IPO does) leaves the target
+    # eta/2 for the winner's side. pi_t is the previous round (ref_*), pi_0 the base (base_*); log-probs
+    # are sums over the response's tokens, as in the authors' trainer.
+    if batch.base_chosen_logps is None or batch.base_rejected_logps is None:
+        raise ValueError("inpo needs base_chosen_logps and base_rejected_logps (log-probs under the base model)")
+    if batch.inpo_eta is None or batch.inpo_tau is None:
+        raise ValueError("inpo needs inpo_eta and inpo_tau")
+    eta, eta_tau = batch.inpo_eta, batch.inpo_eta * batch.inpo_tau
+    policy = batch.policy_chosen_logps - batch.policy_rejected_logps
+    base = batch.base_chosen_logps - batch.base_rejected_logps
+    previous = batch.ref_chosen_logps - batch.ref_rejected_logps
+    h = policy - eta_tau * base - (1 - eta_tau) * previous
+    return (h - eta / 2) ** 2
+
+
 LOSSES = {
     "dpo_sigmoid": dpo_sigmoid,
     "ipo": ipo,
@@ -113,7 +144,11 @@ LOSSES = {
     "robust": robust,
     "sppo": sppo,
     "simpo": simpo,
+    "inpo": inpo,
 }
+# Losses that need log-probs under the base model pi_0 besides the previous round's (the trainer
+# computes them only for these).
+NEEDS_BASE_LOGPS = frozenset({"inpo"})
 
 
 def chosen_nll(batch: PreferenceBatch) -> torch.Tensor:

@@ -39,7 +39,7 @@ from data.layout import TRAINING_LOG
 from data.prompts import format_completion, format_prompt
 from data.schema import token_ids_or_none, write_parquet
 from models.logps import Encoded, batched_logps, collate, encode_pair, sequence_logps
-from models.losses import LOSSES, PreferenceBatch, chosen_nll, implicit_rewards
+from models.losses import LOSSES, NEEDS_BASE_LOGPS, PreferenceBatch, chosen_nll, implicit_rewards
 from common import interrupt
 from common.atomic import atomic_path, atomic_write_json
 from common.disk import full_disk_guard
@@ -129,6 +129,32 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
             write_parquet(frame, path)
         accelerator.wait_for_everyone()
     return pd.read_parquet(path)
+
+
+def _base_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator, continued: bool,
+                ref: pd.DataFrame) -> pd.DataFrame:
+    """Log-probs under the base model pi_0, for losses that need them beside pi_{r-1}'s (INPO).
+
+    The same load with the LoRA adapter switched off computes with the root weights alone, as Evaluate
+    takes pi_base, so no second model is held. In round 1 the adapter is fresh (B = 0) and pi_{r-1} is
+    pi_0: the reference log-probs are reused. Cached like the reference pass, in work_dir/base_logps/.
+    """
+    if not continued:
+        return ref
+    from models.loading import root_weights
+
+    base_dir = work_dir / "base_logps"
+    base_dir.mkdir(exist_ok=True)
+    with root_weights(model):
+        return _reference_logps(model, tokenizer, chosen, rejected, base_dir, batch_size, accelerator)
+
+
+def _base_batch(base: pd.DataFrame | None, idx: list[int], like: torch.Tensor) -> dict:
+    """The micro-batch's base log-probs as PreferenceBatch fields (none when the loss needs none)."""
+    if base is None:
+        return {}
+    rows = lambda side: torch.tensor(base[side].to_numpy()[idx], device=like.device, dtype=like.dtype)  # noqa: E731
+    return {"base_chosen_logps": rows("chosen"), "base_rejected_logps": rows("rejected")}
 
 
 FIGURES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected")
@@ -225,6 +251,9 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
     else:
         ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size * 2, accelerator)
+    base = None
+    if loss_name in NEEDS_BASE_LOGPS:
+        base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size * 2, accelerator, continued, ref)
     reference_seconds = time.perf_counter() - reference_start
     chosen_win = torch.tensor(pairs["chosen_win_prob"].to_numpy(float)) if "chosen_win_prob" in pairs else None
     rejected_win = torch.tensor(pairs["rejected_win_prob"].to_numpy(float)) if "rejected_win_prob" in pairs else None
@@ -285,6 +314,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                     rejected_win_prob=rejected_win[idx].to(sums.device) if rejected_win is not None else None,
                     chosen_lengths=counts[:n].float(), rejected_lengths=counts[n:].float(),
                     label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                    inpo_eta=recipe.inpo_eta_tau[0], inpo_tau=recipe.inpo_eta_tau[1], **_base_batch(base, idx, sums),
                 )
                 loss = LOSSES[loss_name](pref)
                 if cfg.nll_weight:

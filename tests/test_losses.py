@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.losses import LOSSES, PreferenceBatch, chosen_nll, dpo_sigmoid, hinge, implicit_rewards, robust, simpo, sppo
+from models.losses import (
+    LOSSES, PreferenceBatch, chosen_nll, dpo_sigmoid, hinge, implicit_rewards, inpo, robust, simpo, sppo,
+)
 
 
 def batch(pc, pr, rc=0.0, rr=0.0, beta=0.1, **kw):
@@ -19,7 +21,9 @@ def batch(pc, pr, rc=0.0, rr=0.0, beta=0.1, **kw):
 
 def extras():
     return dict(chosen_win_prob=torch.tensor([0.8], dtype=torch.float64), rejected_win_prob=torch.tensor([0.3], dtype=torch.float64),
-                chosen_lengths=torch.tensor([4.0], dtype=torch.float64), rejected_lengths=torch.tensor([5.0], dtype=torch.float64))
+                chosen_lengths=torch.tensor([4.0], dtype=torch.float64), rejected_lengths=torch.tensor([5.0], dtype=torch.float64),
+                base_chosen_logps=torch.tensor([-5.0], dtype=torch.float64),
+                base_rejected_logps=torch.tensor([-5.0], dtype=torch.float64), inpo_eta=10.0, inpo_tau=0.02)
 
 
 def test_dpo_sigmoid_equal_logratios_is_ln2():
@@ -143,6 +147,42 @@ def test_simpo_is_reference_free_and_closed_form():
     assert simpo(b).item() == pytest.approx(math.log1p(math.exp(-z)))
 
 
+def inpo_batch(pc, pr, rc, rr, bc, br, eta, tau):
+    return batch(pc, pr, rc, rr, beta=0.1, base_chosen_logps=torch.tensor([bc], dtype=torch.float64),
+                 base_rejected_logps=torch.tensor([br], dtype=torch.float64), inpo_eta=eta, inpo_tau=tau)
+
+
+def test_inpo_closed_form():
+    # h = (pc - pr) - eta*tau (bc - br) - (1 - eta*tau)(rc - rr); loss = (h - eta/2)^2.
+    eta, tau = 4.0, 0.125  # eta * tau = 1/2
+    b = inpo_batch(-2.0, -6.0, -3.0, -4.0, -1.0, -7.0, eta, tau)
+    h = 4.0 - 0.5 * 6.0 - 0.5 * 1.0  # 0.5
+    assert inpo(b).item() == pytest.approx((h - eta / 2) ** 2)  # 2.25
+    # d loss / d log pi(y_w) = 2 (h - eta/2) = -3: the chosen side is pushed up, the rejected one down.
+    inpo(b).sum().backward()
+    assert b.policy_chosen_logps.grad.item() == pytest.approx(-3.0) and b.policy_rejected_logps.grad.item() == pytest.approx(3.0)
+
+
+def test_inpo_minimum_and_its_two_references():
+    # Zero exactly where the policy's log-ratio margin is eta/2 above the mixture of pi_{r-1}'s and pi_0's.
+    eta, tau = 2.0, 0.25  # eta * tau = 1/2
+    mix = 0.5 * (-1.0 - -7.0) + 0.5 * (-3.0 - -4.0)  # 3.5
+    assert inpo(inpo_batch(mix + eta / 2, 0.0, -3.0, -4.0, -1.0, -7.0, eta, tau)).item() == pytest.approx(0.0, abs=1e-12)
+    # tau = 0: the base drops out and only the previous round is the reference.
+    assert inpo(inpo_batch(-2.0, -6.0, -3.0, -4.0, -1.0, -7.0, eta, 0.0)).item() == pytest.approx(
+        inpo(inpo_batch(-2.0, -6.0, -3.0, -4.0, 50.0, -50.0, eta, 0.0)).item())
+    assert inpo(inpo_batch(-2.0, -6.0, -3.0, -4.0, 0.0, 0.0, eta, 0.0)).item() == pytest.approx((4.0 - 1.0 - 1.0) ** 2)
+    # eta * tau = 1: the previous round drops out and the base is the only reference.
+    assert inpo(inpo_batch(-2.0, -6.0, 9.0, -9.0, -1.0, -7.0, eta, 0.5)).item() == pytest.approx((4.0 - 6.0 - 1.0) ** 2)
+
+
+def test_inpo_without_base_logps_or_coefficients_is_an_error():
+    with pytest.raises(ValueError, match="base_chosen_logps"):
+        inpo(batch(-1.0, -2.0, inpo_eta=1.0, inpo_tau=0.1))
+    with pytest.raises(ValueError, match="inpo_eta"):
+        inpo(batch(-1.0, -2.0, base_chosen_logps=torch.tensor([0.0]), base_rejected_logps=torch.tensor([0.0])))
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_gradients_raise_chosen_and_lower_rejected(name):
     # From a point where the model does not yet prefer the chosen response, every loss pushes the
@@ -159,7 +199,8 @@ def test_losses_are_per_example_and_finite(name):
     n = 6
     b = PreferenceBatch(torch.randn(n), torch.randn(n), torch.randn(n), torch.randn(n), 0.1,
                         chosen_win_prob=torch.rand(n), rejected_win_prob=torch.rand(n),
-                        chosen_lengths=torch.full((n,), 3.0), rejected_lengths=torch.full((n,), 4.0))
+                        chosen_lengths=torch.full((n,), 3.0), rejected_lengths=torch.full((n,), 4.0),
+                        base_chosen_logps=torch.randn(n), base_rejected_logps=torch.randn(n), inpo_eta=10.0, inpo_tau=0.02)
     out = LOSSES[name](b)
     assert out.shape == (n,) and torch.isfinite(out).all()
 

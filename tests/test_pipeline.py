@@ -145,3 +145,32 @@ def test_train_under_accelerate_launch_with_two_processes(tiny_recipe, tmp_path)
     pairs = len(read_artifact(ckpt.parent / "pairs.parquet", PAIRS))
     batches = -(-pairs // 8)
     assert log["stats"]["steps"] == -(-batches // 2)  # each optimizer step took one batch from each of 2 processes
+
+
+def shipped_demo(tmp_path, name: str, **overrides) -> str:
+    """The shipped demo recipe `name` shrunk to the TINY sizes (K capped at 4), plus `overrides`: the
+    method's own settings as shipped, run in seconds."""
+    from configs.recipe import CONFIG_DIR, deep_merge as merge
+    from tests.conftest import TINY
+
+    shipped = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    recipe = merge(shipped, TINY)
+    recipe["generation"]["num_samples"] = min(4, shipped["generation"]["num_samples"])
+    recipe = merge(recipe, overrides)
+    recipe["name"] = name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_inpo_demo_two_rounds(tmp_path):
+    runs = tmp_path / "runs"
+    build(Iterate(recipe=shipped_demo(tmp_path, "demo_inpo"), runs_dir=str(runs), rounds=2))
+    run_dir = runs / "demo_inpo"
+    check_contract(run_dir, 2, "inpo")
+    for r in (1, 2):
+        stats = json.loads((run_dir / f"round_{r:02d}" / "checkpoint" / "training_log.json").read_text())["stats"]
+        assert stats["loss"] == "inpo"
+    # Round 2's second reference, the base model, was taken with the adapter off; round 1's is round 0 itself.
+    assert (run_dir / "round_02" / "train_work" / "base_logps" / "ref_logps.parquet").is_file()
+    assert not (run_dir / "round_01" / "train_work" / "base_logps").exists()

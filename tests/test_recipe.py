@@ -183,4 +183,23 @@ def test_one_command_lists_every_key_with_its_type_default_help_and_a_recipes_va
     assert lines[beta].startswith("training.beta: float = 0.1")
     assert lines[beta + 1].strip() == fields["training.beta"]["help"]
     # A value the recipe changes is shown beside the default.
-    assert "algorithm: one of 'spin', 'sppo', 'dpo' = spin  (demo_dpo.yaml: dpo)" in lines
+    assert "algorithm: one of 'spin', 'sppo', 'dpo', 'inpo' = spin  (demo_dpo.yaml: dpo)" in lines
+
+
+def test_inpo_defaults_and_its_eta_and_tau(tmp_path):
+    inpo = {"algorithm": "inpo", "judge": {"name": "verifier"}, "generation": {"num_samples": 4}}
+    recipe = recipe_from_dict(inpo)
+    assert recipe.loss == "inpo" and not recipe.mix_previous_round
+    # eta = 1 / beta and eta * tau = 1/3 unless set (the authors' released settings, see Recipe.inpo_eta_tau).
+    eta, tau = recipe.inpo_eta_tau
+    assert eta == pytest.approx(1 / recipe.training.beta) and eta * tau == pytest.approx(1 / 3)
+    set_both = recipe_from_dict({**inpo, "training": {"inpo_eta": 4.0, "inpo_tau": 0.05}})
+    assert set_both.inpo_eta_tau == (4.0, 0.05)
+    with pytest.raises(RecipeError, match=r"INPO needs eta \* tau in \[0, 1\]; training.inpo_eta 4 \* training.inpo_tau 0.5 = 2"):
+        recipe_from_dict({**inpo, "training": {"inpo_eta": 4.0, "inpo_tau": 0.5}})
+    with pytest.raises(RecipeError, match="training.inpo_eta must be positive"):
+        recipe_from_dict({**inpo, "training": {"inpo_eta": 0.0}})
+    with pytest.raises(RecipeError, match="training.inpo_tau applies to loss inpo only; loss dpo_sigmoid would ignore it"):
+        load_recipe(write(tmp_path, {"training": {"inpo_tau": 0.1}}))
+    # The loss works on any pairs: iterative DPO's pairs with INPO's loss.
+    assert recipe_from_dict({**inpo, "algorithm": "dpo", "training": {"loss": "inpo"}}).loss == "inpo"

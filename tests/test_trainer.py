@@ -74,6 +74,7 @@ LOSS_RECIPES = {
     "robust": ("dpo", {"label_smoothing": 0.1}),
     "simpo": ("dpo", {"beta": 2.0}),
     "sppo": ("sppo", {}),
+    "inpo": ("inpo", {"inpo_eta": 2.0}),  # round 1: pi_{r-1} is the base, so it asks a margin of eta/2 = 1
 }
 
 

@@ -1,0 +1,93 @@
+"""INPO, DNO, SPaR-style refinement pairs and the self-judge: what each adds to pairing and training.
+
+The losses are tested against their closed forms in test_losses.py and the two-round runs through
+Luigi in test_pipeline.py; here: INPO's base-model log-probs in the trainer, the pairs DNO's options
+and refinement make, and which model the self-judge is.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from configs.recipe import recipe_from_dict
+from models import loading
+from models.logps import batched_logps
+from models.tokenizer import build_byte_tokenizer
+from models.trainer import encode_pairs, train_round
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def root(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = build_byte_tokenizer()
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "root")
+    tok.save_pretrained(tmp_path / "root")
+    return str(tmp_path / "root"), tok
+
+
+def tiny_pairs(offset: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "prompt": [f"q{i} {i * 7}" for i in range(offset, offset + 8)],
+        "chosen": [f"a{i * 3}" for i in range(offset, offset + 8)],
+        "rejected": [f"b{i}" for i in range(offset, offset + 8)],
+    })
+
+
+def test_inpo_takes_the_base_models_log_probs_with_the_adapter_off(root, tmp_path):
+    root_path, tok = root
+    recipe = recipe_from_dict({
+        "algorithm": "inpo", "judge": {"name": "verifier"}, "generation": {"num_samples": 2, "max_new_tokens": 16},
+        "model": {"base_model": root_path, "precision": "fp32"},
+        "training": {"epochs": 2, "batch_size": 4, "max_length": 64, "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8,
+                     "save_steps": 100, "inpo_eta": 2.0, "inpo_tau": 0.25},
+    })
+    first, second = tmp_path / "round_01", tmp_path / "round_02"
+    train_round(recipe, root_path, tiny_pairs(0), tmp_path / "work_01", first, 1, "root", root_path)
+    # Round 1: the fresh adapter leaves pi_{r-1} = pi_0, so no second pass is made.
+    assert not (tmp_path / "work_01" / "base_logps").exists()
+    pairs_2 = tiny_pairs(100)
+    train_round(recipe, str(first), pairs_2, tmp_path / "work_02", second, 2, "root", root_path)
+    chosen, rejected = encode_pairs(tok, pairs_2, 64)
+    root_model = loading.load_causal_lm(root_path, recipe.model, CPU)
+    expected = np.array(batched_logps(root_model, tok, chosen + rejected, 8, CPU)[0])
+    base = pd.read_parquet(tmp_path / "work_02" / "base_logps" / "ref_logps.parquet")
+    reference = pd.read_parquet(tmp_path / "work_02" / "ref_logps.parquet")
+    assert np.abs(np.concatenate([base.chosen, base.rejected]) - expected).max() <= 1e-4
+    # ... and they are not round 1's policy, which is the round's other reference.
+    assert np.abs(base.to_numpy() - reference.to_numpy()).max() > 1e-2
+    log = pd.read_json(second / "training_log.json", typ="series")
+    assert log["stats"]["loss"] == "inpo" and np.isfinite(log["stats"]["final_loss"])
+
+
+def generations(responses_by_prompt, answers, finished=None):
+    rows = []
+    for p, (responses, answer) in enumerate(zip(responses_by_prompt, answers)):
+        rows += [{"prompt_id": f"p{p}", "prompt": f"q{p}", "response": r, "sample_index": k, "round": 1, "num_tokens": 1,
+                  "reference": answer, "task": "add", "answer": answer, "system": None, "token_ids": [k + 1]}
+                 for k, r in enumerate(responses)]
+    frame = pd.DataFrame(rows)
+    return frame if finished is None else frame.assign(finished=finished)
+
+
+def dpo_recipe(**judge):
+    return recipe_from_dict({"algorithm": "dpo", "judge": {"name": "verifier", **judge}, "generation": {"num_samples": 3}})
+
+
+def test_an_empty_response_is_never_chosen():
+    from models.judges import VerifierJudge, pair_round
+
+    # The only finished sample is empty and the others were cut: before, the empty one was chosen (and the
+    # pairs file refused it). Now it can only be rejected; prompt p1 with every sample wrong and one
+    # empty pairs a wrong answer over the empty one.
+    gens = generations([["", "12 3", "4 5"], ["7", "", "8"]], ["9", "5"], finished=[True, False, False, True, True, True])
+    pairs, stats = pair_round(dpo_recipe(), gens, 1, VerifierJudge())
+    assert (pairs.chosen.str.strip() != "").all()
+    assert list(zip(pairs.prompt_id, pairs.rejected)) == [("p1", "")]
+    assert stats["skipped_empty"] == 1 and stats["skipped_unfinished"] == 0
