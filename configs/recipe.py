@@ -34,7 +34,7 @@ from common.errors import RecipeError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
-Algorithm = Literal["spin", "sppo", "dpo", "inpo"]
+Algorithm = Literal["spin", "sppo", "dpo", "inpo", "dno"]
 JudgeName = Literal["ground_truth", "pairrm", "self", "reward_model", "verifier"]
 LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo", "inpo"]
 
@@ -164,6 +164,16 @@ class JudgeConfig:
     )
     batch_size: int = field(default=16, metadata={"help": "Sequences the judge model scores or writes together."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens the self-judge may write."})
+    add_reference: bool = field(
+        default=False,
+        metadata={"help": "Judge the dataset's response as one more candidate beside the K samples, so it can be "
+                          "chosen (or rejected) like them (DNO's gold answer); needs a response in every data row."},
+    )
+    min_margin: float = field(
+        default=0.0,
+        metadata={"help": "Keep a pair only when chosen's score exceeds rejected's by more than this (DNO's "
+                          "large-margin filter): win rates in [0, 1] for sppo and dno, the judge's scores otherwise."},
+    )
     unfinished: Literal["keep", "drop", "penalize"] = field(
         default="penalize",
         metadata={"help": "Samples cut at max_new_tokens: penalize = lose to every finished one (never chosen); "
@@ -289,6 +299,9 @@ class Recipe:
             raise RecipeError(f"{where}: algorithm {self.algorithm} needs a judge (pairrm, self, reward_model, verifier)")
         if self.algorithm != "spin" and self.generation.num_samples < 2:
             raise RecipeError(f"{where}: generation.num_samples must be >= 2 for {self.algorithm} (it ranks samples)")
+        if self.algorithm == "spin" and (self.judge.add_reference or self.judge.min_margin):
+            raise RecipeError(f"{where}: judge.add_reference and judge.min_margin rank a judge's candidates; "
+                              "algorithm spin has none (its chosen side is always the dataset's response)")
         if self.judge.name in ("pairrm", "reward_model") and not self.judge.model:
             raise RecipeError(f"{where}: judge.model is required for judge {self.judge.name}")
         if self.training.loss == "sppo" and self.algorithm != "sppo":
@@ -332,6 +345,7 @@ class Recipe:
             if value is not None and value <= 0:
                 raise RecipeError(f"{where}: {key} must be positive, got {value}")
         non_negative = {
+            "judge.min_margin": self.judge.min_margin,
             "training.weight_decay": t.weight_decay,
             "training.nll_weight": t.nll_weight,
             "evaluation.report_prompts": ev.report_prompts,
@@ -395,6 +409,12 @@ class Recipe:
         full-length sample and training never has to cut a prompt (models/logps.py, encode_pair).
         Longer prompts are dropped or refused by data.overlong_prompts."""
         return min(self.data.max_prompt_tokens, self.training.max_length - self.generation.max_new_tokens)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether every training prompt needs the dataset's response: SPIN's chosen side, or a candidate
+        the judge ranks (judge.add_reference)."""
+        return self.algorithm == "spin" or self.judge.add_reference
 
     @property
     def loss(self) -> str:

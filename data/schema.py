@@ -68,7 +68,9 @@ PAIRS = ArtifactSchema(
     optional=(("chosen_index", pa.int64()), ("rejected_index", pa.int64()), ("prob_matrix", PROB_MATRIX),
               ("chosen_finished", pa.bool_()), ("rejected_finished", pa.bool_()),
               # the ids a sampled side was generated as (null for ground truth): training scores these
-              ("chosen_token_ids", pa.list_(pa.int64())), ("rejected_token_ids", pa.list_(pa.int64()))),
+              ("chosen_token_ids", pa.list_(pa.int64())), ("rejected_token_ids", pa.list_(pa.int64())),
+              # where each side came from: sample (this round's), dataset (the data's response), refinement
+              ("chosen_source", pa.string()), ("rejected_source", pa.string())),
 )
 
 EVAL = ArtifactSchema(

@@ -270,10 +270,14 @@ def make_judge(name: str, recipe, policy_model=None, tokenizer=None):
 # --- the Judge stage: from samples to preference pairs ------------------------------------------
 
 
+WIN_RATE_RANKED = ("sppo", "dno")
+
+
 def ranking_scores(result: JudgeResult, algorithm: str) -> np.ndarray:
-    """What responses are ranked by: mean win probability (SPPO), or the judge's pointwise scores when
-    it has them (iterative DPO)."""
-    return result.win_probs if algorithm == "sppo" or result.scores is None else result.scores
+    """What responses are ranked by: mean win probability (SPPO; DNO, whose Algorithm 2 ranks the
+    candidates by their pairwise win rate), or the judge's pointwise scores when it has them (iterative
+    DPO, INPO)."""
+    return result.win_probs if algorithm in WIN_RATE_RANKED or result.scores is None else result.scores
 
 
 def select_pair(result: JudgeResult, algorithm: str, responses: list[str] | None = None,
@@ -339,13 +343,40 @@ def _first(group, column: str):
     return group[column].iloc[0] if column in group.columns else None
 
 
+# Where a side of a pair came from (pairs.parquet `chosen_source` / `rejected_source`).
+SAMPLE, DATASET = "sample", "dataset"
+DATASET_INDEX = -1  # `chosen_index` / `rejected_index` of a side that is no sample: the dataset's response
+
+
+def _with_dataset_response(group):
+    """The prompt's samples plus the dataset's response as one more candidate (judge.add_reference; DNO's
+    gold answer, Rosset et al. 2024, Algorithm 2): finished, no sampled ids, sample index -1."""
+    import pandas as pd
+
+    from data.prompts import clean_response
+
+    reference = _first(group, "reference")
+    if not isinstance(reference, str) or not reference.strip():
+        return group  # the data has none for this prompt (the preflight refuses such data for these recipes)
+    extra = group.iloc[[0]].copy()
+    extra["response"] = clean_response(reference)  # the same normalisation as the samples had
+    extra["sample_index"], extra["finished"], extra["source"] = DATASET_INDEX, True, DATASET
+    if "token_ids" in extra.columns:
+        extra["token_ids"] = pd.Series([None], index=extra.index, dtype=object)
+    return pd.concat([group, extra], ignore_index=True)
+
+
 def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.DataFrame", dict]:
     """Preference pairs of one round, with stats of what was skipped and why.
 
     SPIN: chosen = the dataset's ground truth, rejected = the model's own sample (Chen et al. 2024).
-    SPPO / DPO: the judge's K x K matrix per prompt; chosen = best, rejected = worst (see
-    select_pair); the scores are the mean win probabilities (SPPO) or the judge's scores (DPO); the
-    full matrix is kept in `prob_matrix` for the drift analysis.
+    SPPO / DPO / INPO / DNO: the judge's K x K matrix per prompt; chosen = best, rejected = worst (see
+    select_pair); the scores are the mean win probabilities (SPPO, DNO) or the judge's scores (DPO,
+    INPO); the full matrix is kept in `prob_matrix` for the drift analysis. With `judge.add_reference`
+    the dataset's response is judged as one more candidate (DNO's gold answer; its index is -1), and
+    with `judge.min_margin` > 0 a pair is kept only when chosen's score exceeds rejected's by more
+    than that (DNO's large-margin filter; counted in `skipped_small_margin`). `chosen_source` and
+    `rejected_source` say where each side came from: `sample` or `dataset`.
 
     Samples cut at max_new_tokens (`finished` false in the generations) follow `judge.unfinished`:
     keep = pair them like any other; drop = never pair them (a prompt left with fewer than two, or for
@@ -386,12 +417,20 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
                 "chosen_index": -1, "rejected_index": int(first.sample_index),
                 "chosen_win_prob": math.nan, "rejected_win_prob": math.nan, "prob_matrix": None,
                 "chosen_finished": True, "rejected_finished": bool(first.finished),
+                "chosen_source": DATASET, "rejected_source": SAMPLE,
             })
     else:
+        min_margin, add_reference = recipe.judge.min_margin, recipe.judge.add_reference
+        if min_margin:
+            stats["skipped_small_margin"] = 0
+        grouped = [(pid, g.assign(source=SAMPLE)) for pid, g in grouped]
         if policy == "drop":
-            kept = [(pid, g[g.finished]) for pid, g in grouped]
-            stats["skipped_unfinished"] += sum(len(g) < 2 for _pid, g in kept)
-            grouped = [(pid, g) for pid, g in kept if len(g) >= 2]
+            grouped = [(pid, g[g.finished]) for pid, g in grouped]
+        if add_reference:
+            grouped = [(pid, _with_dataset_response(g)) for pid, g in grouped]
+        if policy == "drop":
+            stats["skipped_unfinished"] += sum(len(g) < 2 for _pid, g in grouped)
+            grouped = [(pid, g) for pid, g in grouped if len(g) >= 2]
         groups = [
             JudgeGroup(
                 prompt=g.prompt.iloc[0], responses=g.response.tolist(), system=_first(g, "system"),
@@ -426,6 +465,12 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
                 stats["skipped_identical"] += 1
                 continue
             win, score = result.win_probs, ranking_scores(result, recipe.algorithm)
+            # DNO's large-margin filter (Rosset et al. 2024, Algorithm 2, "filter and construct preference
+            # pairs"): a pair whose judge barely prefers one side teaches noise. The margin is taken on what
+            # the pair was ranked by (win rates for SPPO and DNO, the judge's scores otherwise).
+            if min_margin and not score[best] - score[worst] > min_margin:
+                stats["skipped_small_margin"] += 1
+                continue
             rows.append({
                 **{k: chosen.get(k) for k in keep if k in group.columns},
                 "chosen": chosen.response, "rejected": rejected.response,
@@ -435,12 +480,16 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
                 "chosen_win_prob": float(win[best]), "rejected_win_prob": float(win[worst]),
                 "prob_matrix": result.prob_matrix.tolist(),
                 "chosen_finished": bool(chosen.finished), "rejected_finished": bool(rejected.finished),
+                "chosen_source": chosen.source, "rejected_source": rejected.source,
             })
+        if add_reference:
+            stats["pairs_chosen_dataset"] = sum(row["chosen_source"] == DATASET for row in rows)
+            stats["pairs_rejected_dataset"] = sum(row["rejected_source"] == DATASET for row in rows)
     stats["pairs"] = len(rows)
     stats["pairs_rejected_unfinished"] = sum(not row["rejected_finished"] for row in rows)
     columns = [*keep, "chosen", "rejected", "chosen_score", "rejected_score", "chosen_index", "rejected_index",
                "chosen_win_prob", "rejected_win_prob", "prob_matrix", "chosen_finished", "rejected_finished",
-               "chosen_token_ids", "rejected_token_ids"]
+               "chosen_token_ids", "rejected_token_ids", "chosen_source", "rejected_source"]
     frame = pd.DataFrame(rows, columns=columns)
     frame = frame.assign(round=round_idx, judge=recipe.judge.name)
     return frame, stats

@@ -104,7 +104,7 @@ def preflight(recipe, rounds: int) -> None:
             check_model_judge(round_recipe, round_recipe.judge.name, "judge.name")
     data = recipe.data
     if _is_local(data.train):
-        train = load_prompts(data.train, data.train_split, data, require_reference=recipe.algorithm == "spin")
+        train = load_prompts(data.train, data.train_split, data, require_reference=any(r.needs_reference for r in round_recipes))
         for round_recipe in round_recipes:
             check_train_data(round_recipe, train, data.train)
     if _is_local(data.eval):

@@ -75,7 +75,7 @@ class Generate(GpuTask):
 
         recipe = self.config.for_round(self.round_idx)
         prompts = load_prompts(
-            recipe.data.train, recipe.data.train_split, recipe.data, require_reference=recipe.algorithm == "spin"
+            recipe.data.train, recipe.data.train_split, recipe.data, require_reference=recipe.needs_reference
         )
         check_train_data(recipe, prompts, recipe.data.train)  # a hub dataset was not read before scheduling
         prompts = round_prompts(prompts, self.round_idx, recipe.data.prompts_per_round)

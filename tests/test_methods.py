@@ -91,3 +91,79 @@ def test_an_empty_response_is_never_chosen():
     assert (pairs.chosen.str.strip() != "").all()
     assert list(zip(pairs.prompt_id, pairs.rejected)) == [("p1", "")]
     assert stats["skipped_empty"] == 1 and stats["skipped_unfinished"] == 0
+
+
+class ScoredJudge:
+    """Gives each response the score written in the table (pointwise, like a reward model)."""
+
+    name = "reward_model"
+
+    def __init__(self, table):
+        self.table = table
+
+    def judge(self, groups):
+        from models.judges import JudgeResult, matrix_from_scores
+
+        out = []
+        for group in groups:
+            scores = np.array([self.table[r] for r in group.responses], dtype=float)
+            out.append(JudgeResult(matrix_from_scores(scores), scores=scores))
+        return out
+
+
+def dno_recipe(**judge):
+    return recipe_from_dict({"algorithm": "dno", "judge": {"name": "verifier", **judge}, "generation": {"num_samples": 3}})
+
+
+def test_dno_judges_the_dataset_response_beside_the_samples_and_ranks_by_win_rate():
+    from models.judges import VerifierJudge, pair_round
+
+    # p0: no sample is right, so the dataset's answer is chosen against the model's modal wrong answer;
+    # p1: a sample is right and says what the dataset says: the model's own sample is chosen (its ids kept).
+    gens = generations([["4", "6", "4"], ["3", "8", "8"]], ["5", "3"])
+    pairs, stats = pair_round(dno_recipe(add_reference=True), gens, 1, VerifierJudge())
+    first, second = pairs.iloc[0], pairs.iloc[1]
+    assert (first.chosen, first.rejected, first.chosen_source, first.rejected_source) == ("5", "4", "dataset", "sample")
+    assert first.chosen_index == -1 and first.chosen_token_ids is None and first.rejected_index == 0
+    assert (second.chosen, second.rejected, second.chosen_source, second.chosen_index) == ("3", "8", "sample", 0)
+    assert list(second.chosen_token_ids) == [1]
+    # Ranked by win rate over the K + 1 candidates: a right answer beats the 3 wrong ones and ties itself.
+    assert first.chosen_score == pytest.approx((3 * 1.0 + 0.5) / 4) and first.chosen_score == first.chosen_win_prob
+    assert np.array(first.prob_matrix).shape == (4, 4)
+    assert (stats["pairs_chosen_dataset"], stats["pairs_rejected_dataset"]) == (1, 0)
+    # Without the option the dataset's answer is no candidate: p0 has no right answer and no pair.
+    pairs, stats = pair_round(dno_recipe(), gens, 1, VerifierJudge())
+    assert list(pairs.prompt_id) == ["p1"] and stats["skipped_ties"] == 1 and "pairs_chosen_dataset" not in stats
+
+
+def test_the_margin_filter_drops_pairs_the_judge_barely_separates():
+    from models.judges import pair_round
+
+    gens = generations([["a", "b", "c"], ["d", "e", "f"]], ["x", "y"])
+    judge = ScoredJudge({"a": 3.0, "b": 2.9, "c": 2.8, "d": 5.0, "e": 1.0, "f": 2.0})
+    dpo = dpo_recipe(min_margin=0.5)  # on the judge's scores: 0.2 apart is dropped, 4.0 apart kept
+    pairs, stats = pair_round(dpo, gens, 1, judge)
+    assert list(zip(pairs.chosen, pairs.rejected)) == [("d", "e")] and stats["skipped_small_margin"] == 1
+    assert "skipped_small_margin" not in pair_round(dpo_recipe(), gens, 1, judge)[1]
+    # DNO takes the margin on win rates (Bradley-Terry on these scores): a's and c's are 0.525 and 0.475,
+    # d's and e's 0.81 and 0.26.
+    pairs, stats = pair_round(dno_recipe(min_margin=0.3), gens, 1, judge)
+    assert list(pairs.chosen) == ["d"] and stats["skipped_small_margin"] == 1
+    assert pairs.chosen_score.iloc[0] - pairs.rejected_score.iloc[0] > 0.3
+
+
+def test_spin_pairs_say_where_each_side_came_from():
+    from models.judges import pair_round
+
+    pairs, _ = pair_round(recipe_from_dict({}), generations([["4"]], ["5"]), 1)
+    assert (pairs.chosen_source.iloc[0], pairs.rejected_source.iloc[0]) == ("dataset", "sample")
+
+
+def test_dno_options_are_checked_at_load():
+    from common.errors import RecipeError
+
+    assert dno_recipe().loss == "dpo_sigmoid" and dno_recipe(add_reference=True).needs_reference
+    with pytest.raises(RecipeError, match="algorithm spin has none"):
+        recipe_from_dict({"judge": {"add_reference": True}})
+    with pytest.raises(RecipeError, match="judge.min_margin must be >= 0"):
+        dno_recipe(min_margin=-0.1)

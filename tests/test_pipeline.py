@@ -174,3 +174,22 @@ def test_inpo_demo_two_rounds(tmp_path):
     # Round 2's second reference, the base model, was taken with the adapter off; round 1's is round 0 itself.
     assert (run_dir / "round_02" / "train_work" / "base_logps" / "ref_logps.parquet").is_file()
     assert not (run_dir / "round_01" / "train_work" / "base_logps").exists()
+
+
+def test_dno_demo_two_rounds(tmp_path):
+    runs = tmp_path / "runs"
+    build(Iterate(recipe=shipped_demo(tmp_path, "demo_dno"), runs_dir=str(runs), rounds=2))
+    run_dir = runs / "demo_dno"
+    check_contract(run_dir, 2, "dno")
+    for r in (1, 2):
+        rd = run_dir / f"round_{r:02d}"
+        meta = json.loads((rd / "judge_meta.json").read_text())
+        pairs = read_artifact(rd / "pairs.parquet", PAIRS)
+        assert meta["pairs"] == len(pairs) and "skipped_small_margin" in meta
+        # The dataset's answer was a candidate: where it is chosen, the pair says so and carries no sampled ids.
+        from_dataset = pairs[pairs.chosen_source == "dataset"]
+        assert len(from_dataset) == meta["pairs_chosen_dataset"]
+        assert (from_dataset.chosen_index == -1).all() and from_dataset.chosen_token_ids.isna().all()
+        assert (pairs.chosen_score - pairs.rejected_score > 0.1).all()  # the margin filter held
+    assert sum(json.loads((run_dir / f"round_{r:02d}" / "judge_meta.json").read_text())["pairs_chosen_dataset"]
+               for r in (1, 2)) > 0
