@@ -174,6 +174,21 @@ class JudgeConfig:
         metadata={"help": "Keep a pair only when chosen's score exceeds rejected's by more than this (DNO's "
                           "large-margin filter): win rates in [0, 1] for sppo and dno, the judge's scores otherwise."},
     )
+    refine: bool = field(
+        default=False,
+        metadata={"help": "SPaR-style refinement pairs: where even the best sample fails the judge, the round's "
+                          "model rewrites it with refine_prompt, and a rewrite that passes is chosen against it."},
+    )
+    refine_prompt: str | None = field(
+        default=None,
+        metadata={"help": "The refinement request, with {prompt} and {response} in it; null: models.judges.REFINE_PROMPT."},
+    )
+    refine_samples: int = field(default=4, metadata={"help": "Rewrites sampled per failing answer (judge.refine)."})
+    pass_score: float | None = field(
+        default=None,
+        metadata={"help": "A response passes the judge when its score is at least this (judge.refine); "
+                          "null: 0.5 for the verifier (a right answer), required for other judges."},
+    )
     unfinished: Literal["keep", "drop", "penalize"] = field(
         default="penalize",
         metadata={"help": "Samples cut at max_new_tokens: penalize = lose to every finished one (never chosen); "
@@ -302,6 +317,7 @@ class Recipe:
         if self.algorithm == "spin" and (self.judge.add_reference or self.judge.min_margin):
             raise RecipeError(f"{where}: judge.add_reference and judge.min_margin rank a judge's candidates; "
                               "algorithm spin has none (its chosen side is always the dataset's response)")
+        self._check_refine(where)
         if self.judge.name in ("pairrm", "reward_model") and not self.judge.model:
             raise RecipeError(f"{where}: judge.model is required for judge {self.judge.name}")
         if self.training.loss == "sppo" and self.algorithm != "sppo":
@@ -326,6 +342,7 @@ class Recipe:
             "generation.shard_size": g.shard_size,
             "judge.batch_size": self.judge.batch_size,
             "judge.max_new_tokens": self.judge.max_new_tokens,
+            "judge.refine_samples": self.judge.refine_samples,
             "training.batch_size": t.batch_size,
             "training.grad_accum_steps": t.grad_accum_steps,
             "training.beta": t.beta,
@@ -375,6 +392,40 @@ class Recipe:
                 f"{where}: generation.max_new_tokens ({g.max_new_tokens}) leaves no room for a prompt in training.max_length ({t.max_length})"
             )
         self._check_inpo(where)
+
+    def _check_refine(self, where: str) -> None:
+        j = self.judge
+        if not j.refine:
+            for key in ("refine_prompt", "pass_score"):
+                if getattr(j, key) is not None:
+                    raise RecipeError(f"{where}: judge.{key} applies with judge.refine: true only")
+            return
+        # A refined answer is scored alone, so the judge must score responses one by one; and its pair is
+        # ranked by those scores, which SPPO's and DNO's win rates over the K samples are not.
+        if self.algorithm not in ("dpo", "inpo"):
+            raise RecipeError(f"{where}: judge.refine makes pairs ranked by the judge's scores: algorithm dpo or inpo, "
+                              f"not {self.algorithm}")
+        if j.name == "pairrm" or (j.name == "self" and j.self_mode == "pairwise"):
+            raise RecipeError(f"{where}: judge.refine needs a judge that scores each response (verifier, reward_model, "
+                              "or self with self_mode pointwise)")
+        if j.pass_score is None and j.name != "verifier":
+            raise RecipeError(f"{where}: judge.refine with judge {j.name} needs judge.pass_score (the score that passes)")
+        template = j.refine_prompt
+        if template is not None:
+            if "{prompt}" not in template or "{response}" not in template:
+                raise RecipeError(f"{where}: judge.refine_prompt must contain {{prompt}} and {{response}}")
+            try:
+                template.format(prompt="", response="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise RecipeError(f"{where}: judge.refine_prompt: {exc!r}; write other braces as {{{{ and }}}}") from None
+
+    @property
+    def pass_score(self) -> float | None:
+        """The score at which a response passes the judge (judge.refine): judge.pass_score, or 0.5 for the
+        verifier (a right answer, as the evaluation's accuracy counts it)."""
+        if self.judge.pass_score is not None:
+            return self.judge.pass_score
+        return 0.5 if self.judge.name == "verifier" else None
 
     def _check_inpo(self, where: str) -> None:
         t = self.training

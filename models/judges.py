@@ -344,8 +344,9 @@ def _first(group, column: str):
 
 
 # Where a side of a pair came from (pairs.parquet `chosen_source` / `rejected_source`).
-SAMPLE, DATASET = "sample", "dataset"
-DATASET_INDEX = -1  # `chosen_index` / `rejected_index` of a side that is no sample: the dataset's response
+SAMPLE, DATASET, REFINEMENT = "sample", "dataset", "refinement"
+NOT_A_SAMPLE = -1  # `chosen_index` / `rejected_index` of a side that is none of the round's samples
+DATASET_INDEX = NOT_A_SAMPLE
 
 
 def _with_dataset_response(group):
@@ -366,7 +367,7 @@ def _with_dataset_response(group):
     return pd.concat([group, extra], ignore_index=True)
 
 
-def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.DataFrame", dict]:
+def pair_round(recipe, generations, round_idx: int, judge=None, refiner=None) -> tuple["pd.DataFrame", dict]:
     """Preference pairs of one round, with stats of what was skipped and why.
 
     SPIN: chosen = the dataset's ground truth, rejected = the model's own sample (Chen et al. 2024).
@@ -375,8 +376,10 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
     INPO); the full matrix is kept in `prob_matrix` for the drift analysis. With `judge.add_reference`
     the dataset's response is judged as one more candidate (DNO's gold answer; its index is -1), and
     with `judge.min_margin` > 0 a pair is kept only when chosen's score exceeds rejected's by more
-    than that (DNO's large-margin filter; counted in `skipped_small_margin`). `chosen_source` and
-    `rejected_source` say where each side came from: `sample` or `dataset`.
+    than that (DNO's large-margin filter; counted in `skipped_small_margin`). With a `refiner`
+    (judge.refine), a prompt whose best sample fails the judge gets SPaR-style refinement pairs
+    (refinement_pairs). `chosen_source` and `rejected_source` say where each side came from: `sample`,
+    `dataset` or `refinement`.
 
     Samples cut at max_new_tokens (`finished` false in the generations) follow `judge.unfinished`:
     keep = pair them like any other; drop = never pair them (a prompt left with fewer than two, or for
@@ -440,10 +443,16 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
             for _pid, g in grouped
         ]
         results = judge.judge(groups) if groups else []
-        for (_pid, group), result in zip(grouped, results):
+        by_prompt: dict = {}  # prompt_id -> its pair, in prompt order
+        to_refine = []  # (prompt_id, group, index of the sample to refine, its score)
+        for (pid, group), result in zip(grouped, results):
             stats["unparsed_judgements"] += result.unparsed
             stats["reprompted_judgements"] += result.reprompted
             finished = group.finished.tolist()
+            if refiner is not None:
+                failing = failing_best(result, group.response.tolist(), recipe.pass_score)
+                if failing is not None:
+                    to_refine.append((pid, group, failing, float(result.scores[failing])))
             penalize = policy == "penalize" and not all(finished)
             if penalize:
                 result = penalize_unfinished(result, finished)
@@ -471,7 +480,7 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
             if min_margin and not score[best] - score[worst] > min_margin:
                 stats["skipped_small_margin"] += 1
                 continue
-            rows.append({
+            by_prompt[pid] = {
                 **{k: chosen.get(k) for k in keep if k in group.columns},
                 "chosen": chosen.response, "rejected": rejected.response,
                 "chosen_token_ids": _token_ids(chosen), "rejected_token_ids": _token_ids(rejected),
@@ -481,7 +490,11 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
                 "prob_matrix": result.prob_matrix.tolist(),
                 "chosen_finished": bool(chosen.finished), "rejected_finished": bool(rejected.finished),
                 "chosen_source": chosen.source, "rejected_source": rejected.source,
-            })
+            }
+        if refiner is not None:
+            refined = refinement_pairs(recipe, to_refine, judge, refiner, stats, keep)
+            by_prompt.update(refined)  # a refinement pair replaces the pair of two failing samples
+        rows = [by_prompt[pid] for pid, _group in grouped if pid in by_prompt]
         if add_reference:
             stats["pairs_chosen_dataset"] = sum(row["chosen_source"] == DATASET for row in rows)
             stats["pairs_rejected_dataset"] = sum(row["rejected_source"] == DATASET for row in rows)
@@ -493,3 +506,124 @@ def pair_round(recipe, generations, round_idx: int, judge=None) -> tuple["pd.Dat
     frame = pd.DataFrame(rows, columns=columns)
     frame = frame.assign(round=round_idx, judge=recipe.judge.name)
     return frame, stats
+
+
+# --- SPaR-style refinement pairs ------------------------------------------------------------------
+
+# The refinement prompt when the recipe names none (judge.refine_prompt): SPaR refines a response "while
+# minimizing unnecessary variations", so the pair differs where the instruction was missed and little else.
+REFINE_PROMPT = """Here is a question and an answer to it that is wrong or does not do what the question asks.
+
+Question: {prompt}
+
+Answer: {response}
+
+Write the corrected answer. Change only what is needed to make it right and keep the rest as it is. Reply with the corrected answer alone."""
+
+
+def failing_best(result: JudgeResult, responses: list[str], pass_score: float) -> int | None:
+    """Index of the prompt's best non-empty sample when even it fails the judge (its score is below
+    `pass_score`), the most sampled one among equals; None when some sample passes or none was scored."""
+    scores = result.scores
+    usable = [i for i, r in enumerate(responses) if r.strip() and not math.isnan(scores[i])]
+    if not usable:
+        return None
+    top = max(scores[i] for i in usable)
+    if top >= pass_score:
+        return None
+    counts = Counter(_normalized(r) for r in responses)
+    return max((i for i in usable if scores[i] == top), key=lambda i: counts[_normalized(responses[i])])
+
+
+@dataclass
+class Refiner:
+    """The round's generator (pi_{r-1}) rewriting its own failed answers with the recipe's refinement
+    prompt: `samples` refinements of each, sampled like the round's generations."""
+
+    model: object
+    tokenizer: object
+    template: str
+    samples: int
+    settings: object  # models.generation.SamplingSettings, num_samples aside
+
+    def refine(self, requests: list[tuple[str, str | None, str]]) -> list[list]:
+        """For each (prompt, system, response), `samples` models.generation.Sample's."""
+        import dataclasses
+
+        from data.prompts import format_prompt
+        from models.generation import generate_texts
+
+        texts = [format_prompt(self.tokenizer, self.template.format(prompt=p, response=r), system) for p, system, r in requests]
+        settings = dataclasses.replace(self.settings, num_samples=self.samples)
+        return generate_texts(self.model, self.tokenizer, texts, settings, "refine")
+
+
+def make_refiner(recipe, model, tokenizer, round_idx: int) -> Refiner:
+    """The refiner of a round: `model` is the round's generator, sampling as generation.* says (vLLM
+    serves paths, not loaded models: refinements use transformers' generate then)."""
+    from models.generation import SamplingSettings, shard_seed
+
+    gen = recipe.generation
+    settings = SamplingSettings(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
+                                batch_size=gen.batch_size, seed=shard_seed(recipe.seed, round_idx, 99_991),
+                                backend="hf" if gen.backend == "vllm" else gen.backend)
+    return Refiner(model, tokenizer, recipe.judge.refine_prompt or REFINE_PROMPT, recipe.judge.refine_samples, settings)
+
+
+def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep: tuple) -> dict:
+    """SPaR-style pairs (Cheng et al. 2024, arXiv:2412.11605, Sec. 3: the refiner rewrites a response
+    that fails the judge; (refined > original) is a preference pair whose sides differ where the
+    instruction was missed, not in wording that does not matter).
+
+    For each (prompt_id, samples, index of its best failing sample, its score): `refiner` writes
+    judge.refine_samples refinements of that sample, `judge` scores them, and the best passing one
+    (score >= pass_score; finished, unless judge.unfinished is keep; not the same text) becomes chosen
+    against the original, ties going to the refinement closest to the original (fewest changes). Our
+    reading of the paper, simplified: one level of refinements sampled in parallel stands in for its tree
+    search (a failed refinement is not refined again), the refiner is the round's generator itself (the
+    paper also trains a separate refiner), and the refinement prompt holds no judge's critique (a
+    verifier has none to give). Counts refinements_tried (prompts refined), refinements_passed (pairs
+    made) and refinement_samples into `stats`; returns {prompt_id: pair row}.
+    """
+    import difflib
+
+    stats.update(refinements_tried=len(to_refine), refinements_passed=0, refinement_samples=0)
+    if not to_refine:
+        return {}
+    requests = [(g.prompt.iloc[0], _first(g, "system"), g.response.iloc[i]) for _pid, g, i, _score in to_refine]
+    refinements = refiner.refine(requests)
+    stats["refinement_samples"] = sum(len(r) for r in refinements)
+    groups = [
+        JudgeGroup(prompt=g.prompt.iloc[0], responses=[sample.text for sample in samples], system=_first(g, "system"),
+                   reference=_first(g, "reference"), task=_first(g, "task"), answer=_first(g, "answer"),
+                   row=row_of(_first(g, "source_row")))
+        for (_pid, g, _i, _score), samples in zip(to_refine, refinements)
+    ]
+    results = judge.judge(groups)
+    pairs = {}
+    for (pid, group, index, original_score), samples, result in zip(to_refine, refinements, results):
+        stats["unparsed_judgements"] += result.unparsed
+        stats["reprompted_judgements"] += result.reprompted
+        original = group.iloc[index]
+        passing = [
+            k for k, sample in enumerate(samples)
+            if sample.text.strip() and not math.isnan(result.scores[k]) and result.scores[k] >= recipe.pass_score
+            and (sample.finished or recipe.judge.unfinished == "keep") and not _same_text(sample.text, original.response)
+        ]
+        if not passing:
+            continue
+        closeness = lambda k: difflib.SequenceMatcher(None, samples[k].text, original.response).ratio()  # noqa: E731
+        best = max(passing, key=lambda k: (result.scores[k], closeness(k)))
+        refined = samples[best]
+        pairs[pid] = {
+            **{k: original.get(k) for k in keep if k in group.columns},
+            "chosen": refined.text, "rejected": original.response,
+            "chosen_token_ids": list(refined.token_ids), "rejected_token_ids": _token_ids(original),
+            "chosen_score": float(result.scores[best]), "rejected_score": original_score,
+            "chosen_index": NOT_A_SAMPLE, "rejected_index": int(original.sample_index),
+            "chosen_win_prob": math.nan, "rejected_win_prob": math.nan, "prob_matrix": None,
+            "chosen_finished": bool(refined.finished), "rejected_finished": bool(original.finished),
+            "chosen_source": REFINEMENT, "rejected_source": original.source,
+        }
+    stats["refinements_passed"] = len(pairs)
+    return pairs

@@ -19,8 +19,10 @@ Judge(r): turn round r's samples into preference pairs.
 
 SPIN pairs the ground truth (chosen) with the model's sample (rejected); SPPO and iterative DPO ask
 the recipe's judge for every prompt's K x K win-probability matrix and keep best vs worst
-(models/judges.py). Writes round_NN/pairs.parquet and round_NN/judge_meta.json (pairs made, ties and
-identical pairs skipped, judge answers that could not be parsed).
+(models/judges.py). With judge.refine, the round's generator also rewrites answers that fail the
+judge (SPaR-style refinement pairs). Writes round_NN/pairs.parquet and round_NN/judge_meta.json (pairs
+made, ties and identical pairs skipped, judge answers that could not be parsed, refinements tried and
+passed).
 
 Train(r): continue the policy's LoRA adapter on round r's preference pairs, with round r-1 as the reference.
 
@@ -108,10 +110,12 @@ class Judge(GpuTask):
 
         recipe = self.config.for_round(self.round_idx)
         generations = read_artifact(self.input()["generations"]["generations"].path, GENERATIONS)
-        judge = None
+        judge = refiner = None
         if recipe.algorithm != "spin":
             model = tokenizer = None
-            if recipe.judge.name == "self":  # the round's generator judges its own samples
+            # The round's generator (the model after round r-1) judges its own samples (self-judge) and
+            # rewrites its failed answers (judge.refine).
+            if recipe.judge.name == "self" or recipe.judge.refine:
                 from models.loading import load_policy, load_tokenizer
 
                 model_path = self.requires()["model"].model_path
@@ -119,7 +123,11 @@ class Judge(GpuTask):
                 model = load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit",
                                     root=model_task(self, 0).model_path)
             judge = make_judge(recipe.judge.name, recipe, model, tokenizer)
-        pairs, stats = pair_round(recipe, generations, self.round_idx, judge)
+            if recipe.judge.refine:
+                from models.judges import make_refiner
+
+                refiner = make_refiner(recipe, model, tokenizer, self.round_idx)
+        pairs, stats = pair_round(recipe, generations, self.round_idx, judge, refiner)
         with self.output()["pairs"].temporary_path() as tmp:
             write_parquet(pairs, tmp, PAIRS)
         with self.output()["meta"].temporary_path() as tmp:

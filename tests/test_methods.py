@@ -167,3 +167,100 @@ def test_dno_options_are_checked_at_load():
         recipe_from_dict({"judge": {"add_reference": True}})
     with pytest.raises(RecipeError, match="judge.min_margin must be >= 0"):
         dno_recipe(min_margin=-0.1)
+
+
+class ScriptedRefiner:
+    """Rewrites each failed answer into the texts its script gives (finished, sampled ids [9, 9])."""
+
+    def __init__(self, rewrites):
+        self.rewrites, self.asked = rewrites, []
+
+    def refine(self, requests):
+        from models.generation import Sample
+
+        self.asked.extend(requests)
+        return [[Sample(text=t, num_tokens=2, finished=True, token_ids=[9, 9]) for t in self.rewrites[response]]
+                for _prompt, _system, response in requests]
+
+
+def test_refinement_pairs_a_passing_rewrite_against_the_failed_answer():
+    from models.judges import VerifierJudge, pair_round
+
+    # p0: every sample wrong; its modal answer "4" is rewritten, and the rewrite "5" passes.
+    # p1: a sample is right: nothing is refined, the usual pair. p2: no rewrite passes: no pair.
+    gens = generations([["4", "6", "4"], ["3", "8", "8"], ["1", "2", "2"]], ["5", "3", "7"])
+    refiner = ScriptedRefiner({"4": ["4", "five", "5"], "2": ["2", "0"]})
+    pairs, stats = pair_round(dpo_recipe(refine=True), gens, 1, VerifierJudge(), refiner)
+    assert [request[2] for request in refiner.asked] == ["4", "2"]
+    refined = pairs.set_index("prompt_id").loc["p0"]
+    assert (refined.chosen, refined.rejected, refined.chosen_source, refined.rejected_source) == ("5", "4", "refinement", "sample")
+    assert (refined.chosen_index, refined.rejected_index) == (-1, 0)
+    assert list(refined.chosen_token_ids) == [9, 9] and list(refined.rejected_token_ids) == [1]
+    assert (refined.chosen_score, refined.rejected_score) == (1.0, 0.0) and refined.prob_matrix is None
+    assert pairs.set_index("prompt_id").loc["p1"].chosen_source == "sample"
+    assert list(pairs.prompt_id) == ["p0", "p1"]
+    assert (stats["refinements_tried"], stats["refinements_passed"], stats["refinement_samples"]) == (2, 1, 5)
+    assert stats["pairs"] == 2
+    # Without judge.refine nothing is rewritten and the prompts where all samples fail make no pair.
+    pairs, stats = pair_round(dpo_recipe(), gens, 1, VerifierJudge())
+    assert list(pairs.prompt_id) == ["p1"] and "refinements_tried" not in stats
+
+
+def test_a_refinement_replaces_a_pair_of_two_failing_answers_and_changes_least():
+    from models.judges import pair_round
+
+    # A graded judge: "a" and "b" both fail (pass_score 0.5); their pair would be a > b. Two rewrites pass
+    # with the same score; the one that changes "a so" least is chosen.
+    gens = generations([["a so", "b"]], ["x"])
+    judge = ScoredJudge({"a so": 0.3, "b": 0.1, "a so!": 0.9, "something else": 0.9, "no": 0.2})
+    recipe = recipe_from_dict({"algorithm": "inpo", "judge": {"name": "reward_model", "model": "rm", "refine": True,
+                                                              "pass_score": 0.5}, "generation": {"num_samples": 2}})
+    refiner = ScriptedRefiner({"a so": ["something else", "no", "a so!"]})
+    pairs, stats = pair_round(recipe, gens, 1, judge, refiner)
+    assert list(zip(pairs.chosen, pairs.rejected, pairs.chosen_source)) == [("a so!", "a so", "refinement")]
+    assert pairs.chosen_score.iloc[0] == 0.9 and pairs.rejected_score.iloc[0] == pytest.approx(0.3)
+    assert stats["refinements_passed"] == 1 and stats["pairs"] == 1
+
+
+def test_refinement_options_are_checked_at_load():
+    from models.judges import REFINE_PROMPT
+    from common.errors import RecipeError
+
+    assert dpo_recipe(refine=True).pass_score == 0.5  # the verifier: a right answer passes
+    assert "{prompt}" in REFINE_PROMPT and "{response}" in REFINE_PROMPT
+    with pytest.raises(RecipeError, match="algorithm dpo or inpo, not dno"):
+        dno_recipe(refine=True)
+    with pytest.raises(RecipeError, match="needs a judge that scores each response"):
+        dpo_recipe(name="self", self_mode="pairwise", refine=True, pass_score=3.0)
+    with pytest.raises(RecipeError, match="judge reward_model needs judge.pass_score"):
+        dpo_recipe(name="reward_model", model="rm", refine=True)
+    with pytest.raises(RecipeError, match=r"refine_prompt must contain \{prompt\} and \{response\}"):
+        dpo_recipe(refine=True, refine_prompt="Fix: {response}")
+    with pytest.raises(RecipeError, match="refine_prompt: KeyError"):
+        dpo_recipe(refine=True, refine_prompt="{prompt} {response} {oops}")
+    with pytest.raises(RecipeError, match="judge.pass_score applies with judge.refine: true only"):
+        dpo_recipe(pass_score=0.5)
+
+
+def test_the_refiner_samples_rewrites_from_the_refinement_prompt(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.judges import make_refiner
+
+    tok = build_byte_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id))
+    recipe = dpo_recipe(refine=True, refine_samples=3, refine_prompt="Fix {response} for: {prompt}")
+    refiner = make_refiner(recipe, model, tok, round_idx=1)
+    seen, encode = [], type(tok).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.append(text)
+        return encode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    [rewrites] = refiner.refine([("What is 1 + 1?", None, "3")])
+    assert len(rewrites) == 3 and all(isinstance(r.text, str) and r.token_ids for r in rewrites)
+    assert any("Fix 3 for: What is 1 + 1?" in text for text in seen)  # the recipe's prompt, chat-formatted

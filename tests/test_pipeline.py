@@ -193,3 +193,22 @@ def test_dno_demo_two_rounds(tmp_path):
         assert (pairs.chosen_score - pairs.rejected_score > 0.1).all()  # the margin filter held
     assert sum(json.loads((run_dir / f"round_{r:02d}" / "judge_meta.json").read_text())["pairs_chosen_dataset"]
                for r in (1, 2)) > 0
+
+
+def test_spar_refinement_demo_two_rounds(tmp_path):
+    runs = tmp_path / "runs"
+    build(Iterate(recipe=shipped_demo(tmp_path, "demo_spar"), runs_dir=str(runs), rounds=2))
+    run_dir = runs / "demo_spar"
+    check_contract(run_dir, 2, "dpo")
+    for r in (1, 2):
+        rd = run_dir / f"round_{r:02d}"
+        meta = json.loads((rd / "judge_meta.json").read_text())
+        pairs = read_artifact(rd / "pairs.parquet", PAIRS)
+        refined = pairs[pairs.chosen_source == "refinement"]
+        # The tiny model gets most prompts wrong, so rewrites were tried; each one that passed is one pair.
+        assert meta["refinements_tried"] > 0 and meta["refinement_samples"] == 4 * meta["refinements_tried"]
+        assert len(refined) == meta["refinements_passed"] <= meta["refinements_tried"]
+        assert (refined.chosen_score == 1.0).all() and (refined.rejected_score == 0.0).all()
+        # The round's figures carry the counts (metrics.json, from judge_meta.json).
+        judge_figures = json.loads((rd / "metrics.json").read_text())["judge"]
+        assert judge_figures["refinements_tried"] == meta["refinements_tried"]
