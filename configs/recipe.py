@@ -159,8 +159,14 @@ class JudgeConfig:
     )
     self_mode: Literal["pointwise", "pairwise"] = field(
         default="pointwise",
-        metadata={"help": "Self-judge: pointwise = a 5-point rubric score per sample; "
-                          "pairwise = every ordered pair, asked in both orders."},
+        metadata={"help": "Self-judge: pointwise = the additive 5-point rubric of Self-Rewarding LMs, 'Score: N' per sample; "
+                          "pairwise = every ordered pair, 'Better: A/B', asked in both orders."},
+    )
+    self_model: Literal["policy", "base"] = field(
+        default="policy",
+        metadata={"help": "Which model the self-judge is: policy = the current policy, the model after round r-1 "
+                          "that generated round r's samples (Self-Rewarding LMs: the judge improves with the "
+                          "policy); base = the base model, a fixed judge."},
     )
     batch_size: int = field(default=16, metadata={"help": "Sequences the judge model scores or writes together."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens the self-judge may write."})

@@ -171,6 +171,54 @@ def _judge_source(sources: pd.DataFrame) -> str:
     return text or "not measured (no evaluation judge)"
 
 
+# What each round's judge_meta.json counts, as the pairing table shows it (a column appears when some
+# round recorded it: the options that add them are off in most runs).
+PAIRING = [
+    ("prompts", "prompts"), ("pairs", "pairs"), ("skipped_ties", "all tied"), ("skipped_small_margin", "margin too small"),
+    ("unparsed_judgements", "unreadable verdicts"), ("pairs_chosen_dataset", "dataset's answer chosen"),
+    ("refinements_tried", "refinements tried"), ("refinements_passed", "refinements passed"),
+]
+
+
+def judge_description(judge: dict) -> str | None:
+    """Who judged the pairs, in one sentence, where the recipe's judge is the model itself."""
+    if judge.get("name") != "self":
+        return None
+    how = ("the additive 5-point rubric, pointwise" if judge.get("self_mode", "pointwise") == "pointwise"
+           else "pairwise, both orders")
+    if judge.get("self_model", "policy") == "policy":
+        return ("Pairs are judged by **the current policy**: round r's samples are scored by the model after "
+                f"round r-1, the model that generated them (Self-Rewarding LMs, Yuan et al. 2024; {how}).")
+    return f"Pairs are judged by **the base model**, the same fixed judge every round (`judge.self_model: base`; {how})."
+
+
+def pairing_section(run: Run) -> list[str]:
+    """How each round's pairs were made: who judged them, and what pairing made and skipped."""
+    if run.algorithm == "spin":
+        return []
+    lines = ["## Pairing", ""]
+    described = judge_description(run.recipe.get("judge") or {})
+    if described:
+        lines += [described, ""]
+    stats = run.judge_stats()
+    if stats.empty:
+        return lines
+    columns = [(key, title) for key, title in PAIRING if key in stats and stats[key].notna().any()]
+    if "judge_is_generator" in stats:
+        columns.append(("judge_is_generator", "judge"))
+    lines += ["| round | " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for row in stats.to_dict("records"):
+        cells = []
+        for key, _ in columns:
+            value = row.get(key)
+            if key == "judge_is_generator":
+                cells.append("-" if _missing(value) else ("the generator (round r-1)" if value else "the base model"))
+            else:
+                cells.append(_cell(value, "{:.0f}"))
+        lines.append(f"| {int(row['round'])} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
     metrics = run.metrics()
     config = run.config.get("recipe", {})
@@ -201,6 +249,7 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
             lines += [f"| {int(r['round'])} | " + " | ".join(_cell(r[c], "{:.2f}") for c in by_task) + " |"
                       for r in metrics.to_dict("records")]
             lines.append("")
+    lines += pairing_section(run)
     lines += [f"![{p.stem}]({p.relative_to(run.dir).as_posix()})" for p in plots]
     table = run.side_by_side(num_prompts)
     if not table.empty:

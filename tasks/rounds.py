@@ -111,23 +111,36 @@ class Judge(GpuTask):
         recipe = self.config.for_round(self.round_idx)
         generations = read_artifact(self.input()["generations"]["generations"].path, GENERATIONS)
         judge = refiner = None
+        who = {}
         if recipe.algorithm != "spin":
-            model = tokenizer = None
-            # The round's generator (the model after round r-1) judges its own samples (self-judge) and
-            # rewrites its failed answers (judge.refine).
-            if recipe.judge.name == "self" or recipe.judge.refine:
-                from models.loading import load_policy, load_tokenizer
+            from models.loading import load_policy, load_tokenizer
 
-                model_path = self.requires()["model"].model_path
-                tokenizer = load_tokenizer(model_path, recipe.model)
-                model = load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit",
-                                    root=model_task(self, 0).model_path)
+            generator_path, base_path = self.requires()["model"].model_path, model_task(self, 0).model_path
+            loaded = {}
+
+            def model_at(path: str):
+                """(tokenizer, model) at `path`, loaded once however many roles it plays."""
+                if path not in loaded:
+                    loaded[path] = (load_tokenizer(path, recipe.model),
+                                    load_policy(path, recipe.model, quantize=recipe.model.quantization == "4bit", root=base_path))
+                return loaded[path]
+
+            model = tokenizer = None
+            if recipe.judge.name == "self":
+                # judge.self_model: policy = the round's generator (the model after round r-1) judges its own
+                # samples, as in Self-Rewarding LMs; base = the base model judges every round.
+                judge_path = generator_path if recipe.judge.self_model == "policy" else base_path
+                tokenizer, model = model_at(judge_path)
+                who = {"judge_model": str(judge_path), "generator_model": str(generator_path),
+                       "judge_is_generator": judge_path == generator_path}
             judge = make_judge(recipe.judge.name, recipe, model, tokenizer)
-            if recipe.judge.refine:
+            if recipe.judge.refine:  # the generator rewrites its own failed answers
                 from models.judges import make_refiner
 
-                refiner = make_refiner(recipe, model, tokenizer, self.round_idx)
+                refiner_tokenizer, refiner_model = model_at(generator_path)
+                refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx)
         pairs, stats = pair_round(recipe, generations, self.round_idx, judge, refiner)
+        stats.update(who)
         with self.output()["pairs"].temporary_path() as tmp:
             write_parquet(pairs, tmp, PAIRS)
         with self.output()["meta"].temporary_path() as tmp:

@@ -264,3 +264,30 @@ def test_the_refiner_samples_rewrites_from_the_refinement_prompt(monkeypatch):
     [rewrites] = refiner.refine([("What is 1 + 1?", None, "3")])
     assert len(rewrites) == 3 and all(isinstance(r.text, str) and r.token_ids for r in rewrites)
     assert any("Fix 3 for: What is 1 + 1?" in text for text in seen)  # the recipe's prompt, chat-formatted
+
+
+def test_the_report_says_who_judged_and_what_pairing_counted(tmp_path):
+    import json
+
+    import yaml
+
+    from data.report import render_report
+    from data.runs import Run
+
+    run_dir = tmp_path / "run"
+    for round_idx, meta in ((1, {"prompts": 8, "pairs": 3, "skipped_ties": 5, "unparsed_judgements": 7,
+                                 "judge_is_generator": True}),
+                            (2, {"prompts": 8, "pairs": 4, "skipped_ties": 4, "unparsed_judgements": 2,
+                                 "judge_is_generator": False})):
+        (run_dir / f"round_{round_idx:02d}").mkdir(parents=True)
+        (run_dir / f"round_{round_idx:02d}" / "judge_meta.json").write_text(json.dumps(meta))
+    recipe = {"algorithm": "dpo", "judge": {"name": "self", "self_mode": "pointwise", "self_model": "policy"}}
+    (run_dir / "run.yaml").write_text(yaml.safe_dump({"recipe": recipe}))
+    text = render_report(Run(run_dir), plots=[])
+    assert "judged by **the current policy**: round r's samples are scored by the model after round r-1" in text
+    assert "| round | prompts | pairs | all tied | unreadable verdicts | judge |" in text
+    assert "| 1 | 8 | 3 | 5 | 7 | the generator (round r-1) |" in text and "| 2 | 8 | 4 | 4 | 2 | the base model |" in text
+    assert "refinements tried" not in text  # no round recorded any
+    recipe["judge"]["self_model"] = "base"
+    (run_dir / "run.yaml").write_text(yaml.safe_dump({"recipe": recipe}))
+    assert "judged by **the base model**" in render_report(Run(run_dir), plots=[])

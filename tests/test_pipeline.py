@@ -212,3 +212,21 @@ def test_spar_refinement_demo_two_rounds(tmp_path):
         # The round's figures carry the counts (metrics.json, from judge_meta.json).
         judge_figures = json.loads((rd / "metrics.json").read_text())["judge"]
         assert judge_figures["refinements_tried"] == meta["refinements_tried"]
+
+
+def test_self_rewarding_two_rounds_the_judge_is_the_current_policy(tiny_recipe, tmp_path):
+    # Self-Rewarding LMs: round r's samples are judged by the model that generated them, the policy after
+    # round r-1 (the tiny model writes few readable verdicts; what is checked is who judged).
+    recipe = tiny_recipe("dpo", name="tiny_self", judge={"name": "self", "self_model": "policy", "max_new_tokens": 8},
+                         evaluation={"judge": "verifier"})
+    runs = tmp_path / "runs"
+    build(Iterate(recipe=recipe, runs_dir=str(runs), rounds=2))
+    run_dir = runs / "tiny_self"
+    for r, generator in ((1, run_dir / "base_model"), (2, run_dir / "round_01" / "checkpoint")):
+        meta = json.loads((run_dir / f"round_{r:02d}" / "judge_meta.json").read_text())
+        assert Path(meta["judge_model"]) == Path(meta["generator_model"]) == generator and meta["judge_is_generator"]
+        assert meta["prompts"] == 32
+        read_artifact(run_dir / f"round_{r:02d}" / "pairs.parquet", PAIRS)
+        assert (run_dir / f"round_{r:02d}" / "checkpoint" / "_SUCCESS").is_file()
+    report = (run_dir / "report.md").read_text()
+    assert "judged by **the current policy**" in report and "| 2 |" in report.split("## Pairing")[1]
