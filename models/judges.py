@@ -571,9 +571,9 @@ def make_refiner(recipe, model, tokenizer, round_idx: int) -> Refiner:
 
 
 def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep: tuple) -> dict:
-    """SPaR-style pairs (Cheng et al. 2024, arXiv:2412.11605, Sec. 3: the refiner rewrites a response
-    that fails the judge; (refined > original) is a preference pair whose sides differ where the
-    instruction was missed, not in wording that does not matter).
+    """SPaR-style pairs (Cheng et al. 2024, arXiv:2412.11605, Fig. 2 and its method: the refiner rewrites
+    a response that fails the judge, and (x, y_refined > y_negative) trains the actor with DPO; the sides
+    differ where the instruction was missed, not in wording that does not matter).
 
     For each (prompt_id, samples, index of its best failing sample, its score): `refiner` writes
     judge.refine_samples refinements of that sample, `judge` scores them, and the best passing one
@@ -581,8 +581,9 @@ def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep:
     against the original, ties going to the refinement closest to the original (fewest changes). Our
     reading of the paper, simplified: one level of refinements sampled in parallel stands in for its tree
     search (a failed refinement is not refined again), the refiner is the round's generator itself (the
-    paper also trains a separate refiner), and the refinement prompt holds no judge's critique (a
-    verifier has none to give). Counts refinements_tried (prompts refined), refinements_passed (pairs
+    paper also trains a separate refiner), the refinement prompt holds no judge's critique (a verifier
+    has none to give), and only prompts where no sample passes are refined (the paper refines its
+    negative responses; where a sample passes, best vs worst already makes a pair). Counts refinements_tried (prompts refined), refinements_passed (pairs
     made) and refinement_samples into `stats`; returns {prompt_id: pair row}.
     """
     import difflib
