@@ -1,21 +1,26 @@
-"""Throughput of our `static` backend (static KV cache + CUDA graph) against plain `model.generate`.
+"""Throughput of our `static` backend (static KV cache; a CUDA graph on a GPU) against plain `model.generate`.
 
-One process, one randomly initialised model with Qwen2.5-0.5B's exact config (bf16, sdpa):
-prompts of --prompt-len random tokens,
---new-tokens new tokens per row, sampling (temperature 1, top_p 1). For every batch size it times
+One process, one model: `--model` (a directory, a .gguf file or `cache:<name>`, bench/common.py;
+fp32 on a CPU, bf16 on a GPU), or random weights of Qwen2.5-0.5B's exact config (a GPU bench).
+Prompts of --prompt-len random tokens, --new-tokens new tokens per row, sampling (temperature 1,
+top_p 1 unless given). For every batch size it times
   - hf:     model.generate (eager, dynamic cache), min_new_tokens = max_new_tokens so rows are equally
             long, top_k=0 as in models.generation's hf backend;
   - static: models.fast_generation.static_generate with eos_ids=[] so it also makes every token;
-            the first call (cache allocation + graph capture) is timed apart from the steady state;
+            the first call (cache allocation, graph capture on a GPU) is timed apart from the steady state;
   - compiled (with --compile): the same with the decode step torch.compile'd before capture;
 and prints new tokens/s and the ratio to hf, plus sampling sanity (same seed repeats, another seed
-differs). Each timing is the best of --reps runs after a warm-up. --profile prints the costliest
-kernels of three eager decode steps at the largest batch. Then a greedy-equality check: the same config in fp32 (random weights; bf16 random weights
-have near-tied logits, so bf16 greedy tokens flip between equally likely ones), HF greedy vs static greedy on
-left-padded prompts of mixed lengths, reporting the fraction of equal tokens and of equal rows.
+differs). Each timing is the best of --reps runs after a warm-up. MFU counts 2 N FLOPs per new token
+(N = parameters; attention over the cache left out) against the GPU's datasheet peak, or on a CPU
+against the fp32 matmul rate measured in this run on the model's layer shapes at that batch size (a
+decode step multiplies a few rows by every weight, so reading the weights bounds it, and the matmul
+rate of so few rows is its ceiling). --profile prints the costliest operators of three eager decode
+steps at the largest batch. Then a greedy-equality check in fp32, HF greedy vs static greedy on
+left-padded prompts of mixed lengths (the model's own weights with --model, random weights
+otherwise), reporting the fraction of equal tokens and of equal rows.
 
-Run on a GPU (from the repository root):
-    python bench/bench_generate.py --batches 32,128,512 --new-tokens 256 --prompt-len 128 --json bench.json
+    python bench/bench_generate.py --model cache:smollm2-135m-instruct --batches 16,64 --new-tokens 64 --prompt-len 64
+    python bench/bench_generate.py --batches 32,128,512 --new-tokens 256 --prompt-len 128 --json bench.json   # GPU
     python bench/bench_generate.py --batches 32,128 --compile           # adds the torch.compile'd step (~30 s compile per batch)
     python bench/bench_generate.py --batches 128 --top-p 0.9 --skip-equality   # top-p (sorting the vocabulary each step)
 Seen on one H100 (2026-11-22, torch 2.11, transformers 5.17), new tok/s, hf / graph / graph+compile:
@@ -30,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import GPU_PEAK_FLOPS, layer_shapes, machine, matmul_probe, model_directory  # noqa: E402
 from models.fast_generation import _SESSIONS, release_sessions, static_generate  # noqa: E402
 from models.generation import SamplingSettings  # noqa: E402
 
@@ -68,9 +73,12 @@ class _Tok:
     pad_token_id = 0
 
 
-def build_model(config: dict, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def build_model(config: dict | str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Random weights of `config`, or the model in directory `config`."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    if isinstance(config, str):
+        return AutoModelForCausalLM.from_pretrained(config, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(Qwen2Config(**config), dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()
@@ -182,11 +190,12 @@ def profile_steps(args, model, device, vocab: int, steps: int = 3) -> None:
 
 
 @torch.no_grad()
-def greedy_equality(args, config: dict, device: torch.device, dtype: torch.dtype, label: str, compile_mode: str = "") -> dict:
+def greedy_equality(args, config: dict | str, device: torch.device, dtype: torch.dtype, label: str, compile_mode: str = "") -> dict:
     """HF greedy vs static greedy on left-padded prompts of mixed lengths."""
     from transformers import GenerationConfig
 
     model = build_model(config, dtype, device, seed=1)
+    vocab = model.config.vocab_size
     batch, new = args.eq_batch, args.eq_new_tokens
     gen = torch.Generator().manual_seed(7)
     lengths = torch.randint(max(1, args.prompt_len // 8), args.prompt_len + 1, (batch,), generator=gen).tolist()
@@ -194,7 +203,7 @@ def greedy_equality(args, config: dict, device: torch.device, dtype: torch.dtype
     input_ids = torch.zeros((batch, width), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for i, length in enumerate(lengths):
-        input_ids[i, width - length :] = torch.randint(1, min(config["vocab_size"], 32000), (length,), generator=gen)
+        input_ids[i, width - length :] = torch.randint(1, min(vocab, 32000), (length,), generator=gen)
         attention_mask[i, width - length :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     config_hf = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
@@ -220,6 +229,7 @@ def greedy_equality(args, config: dict, device: torch.device, dtype: torch.dtype
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a model directory, a .gguf file or cache:<name>; default: random Qwen2.5-0.5B weights (GPU)")
     parser.add_argument("--batches", default="32,128", help="comma-separated batch sizes (default 32,128)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -234,27 +244,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--eq-batch", type=int, default=32)
     parser.add_argument("--eq-new-tokens", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="small config and few tokens: a CPU smoke test")
-    parser.add_argument("--profile", action="store_true", help="print the costliest kernels of a few eager decode steps")
+    parser.add_argument("--profile", action="store_true", help="print the costliest operators of a few eager decode steps")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",") if b]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = QWEN25_05B
-    if args.tiny:
+    config: dict | str = QWEN25_05B
+    if args.model:
+        config = model_directory(args.model)
+    elif args.tiny:
         config = TINY
         args.new_tokens, args.prompt_len = min(args.new_tokens, 16), min(args.prompt_len, 16)
         args.batches = sorted({min(b, 8) for b in args.batches})
         args.eq_batch, args.eq_new_tokens, args.reps = min(args.eq_batch, 4), min(args.eq_new_tokens, 8), 1
     elif device.type != "cuda":
-        parser.error("the full-size bench needs a CUDA GPU; use --tiny for a CPU smoke test")
+        parser.error("random Qwen2.5-0.5B weights need a CUDA GPU; give --model for a CPU run, or --tiny for a smoke test")
     import transformers
 
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(config, dtype, device)
+    n_params = sum(p.numel() for p in model.parameters())
     env = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
+        **machine(),
         "transformers": transformers.__version__,
-        "config": "tiny" if args.tiny else "Qwen2.5-0.5B (random weights)",
-        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "model": args.model or ("tiny" if args.tiny else "Qwen2.5-0.5B (random weights)"),
+        "parameters": n_params,
+        "dtype": str(dtype).removeprefix("torch."),
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
@@ -263,35 +278,42 @@ def main(argv=None) -> dict:
         "cuda_graph_env": os.environ.get("SELFPLAY_STATIC_CUDA_GRAPH", "1"),
     }
     print(json.dumps(env), flush=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(config, dtype, device)
+    vocab = model.config.vocab_size
     if args.profile:
-        profile_steps(args, model, device, config["vocab_size"])
-    rows = throughput(args, model, device, config["vocab_size"])
+        profile_steps(args, model, device, vocab)
+    rows = throughput(args, model, device, vocab)
+    for row in rows:
+        if device.type == "cuda":
+            peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in env["gpu"]), None)
+        else:  # the ceiling of a decode step: a matmul of `batch` rows by the model's weights, measured now
+            row["matmul_probe"] = matmul_probe(layer_shapes(model.config, row["batch"]))
+            peak = row["matmul_probe"]["best_gflops_per_s"] * 1e9
+        for variant in ("hf", "static", "compiled"):
+            if f"{variant}_tok_s" in row and peak:
+                row[f"{variant}_mfu_percent"] = round(2 * n_params * row[f"{variant}_tok_s"] / peak * 100, 1)
     del model
     release_sessions()
     checks = []
     if not args.skip_equality:
-        checks.append(greedy_equality(args, config, device, torch.float32, "greedy fp32, random weights"))
+        checks.append(greedy_equality(args, config, device, torch.float32, "greedy fp32"))
         if args.compile:
-            label = f"greedy fp32, random weights, compiled ({args.compile})"
-            checks.append(greedy_equality(args, config, device, torch.float32, label, args.compile))
+            checks.append(greedy_equality(args, config, device, torch.float32, f"greedy fp32, compiled ({args.compile})", args.compile))
         if device.type == "cuda":
-            checks.append(greedy_equality(args, config, device, torch.bfloat16, "greedy bf16, random weights (near ties: informative only)"))
+            checks.append(greedy_equality(args, config, device, torch.bfloat16, "greedy bf16 (near ties: informative only)"))
     print()
     variants = ["static"] + (["compiled"] if args.compile else [])
-    print(f"{'batch':>6} {'hf tok/s':>10}" + "".join(f" {v + ' tok/s':>15} {'x hf':>6} {'1st call s':>10}" for v in variants))
+    print(f"{'batch':>6} {'hf tok/s':>10} {'MFU':>6}" + "".join(f" {v + ' tok/s':>15} {'x hf':>6} {'MFU':>6} {'1st call s':>10}" for v in variants))
     for row in rows:
-        line = f"{row['batch']:>6} " + (f"{row['hf_tok_s']:10.0f}" if "hf_tok_s" in row else f"{'-':>10}")
+        line = f"{row['batch']:>6} " + (f"{row['hf_tok_s']:10.0f} {row.get('hf_mfu_percent', 0):5.1f}%" if "hf_tok_s" in row else f"{'-':>10} {'-':>6}")
         for v in variants:
-            speedup = f"{row[v + '_speedup']:5.1f}x" if v + "_speedup" in row else f"{'-':>6}"
-            line += f" {row[v + '_tok_s']:15.0f} {speedup} {row[v + '_first_call_s']:10.2f}"
+            speedup = f"{row[v + '_speedup']:5.2f}x" if v + "_speedup" in row else f"{'-':>6}"
+            line += f" {row[v + '_tok_s']:15.0f} {speedup} {row.get(v + '_mfu_percent', 0):5.1f}% {row[v + '_first_call_s']:10.2f}"
         print(line)
     for check in checks:
         print(f"{check['check']}: {check['token_match']:.4f} of tokens, {check['rows_equal']:.3f} of rows equal")
     results = {"env": env, "throughput": rows, "greedy_equality": checks}
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
