@@ -103,6 +103,31 @@ def collate(items: list[Encoded], pad_id: int, pad_to_multiple: int = 8) -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def collate_pairs(chosen: list[Encoded], rejected: list[Encoded], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Preference pairs laid out for `sequence_logps`'s shared-prompt forward: each pair's prompt once
+    (right-padded `prompt_ids`, `prompt_mask`), then its two completions in rows 2i (chosen) and 2i + 1
+    (rejected) of right-padded `completion_ids` / `completion_mask`. Both sides of a pair must have the
+    same prompt tokens (encode_pair guarantees it) and a non-empty prompt."""
+    for i, (good, bad) in enumerate(zip(chosen, rejected)):
+        if good.prompt_ids != bad.prompt_ids or not good.prompt_ids:
+            raise ValueError(f"pair {i}: chosen and rejected need the same non-empty prompt tokens to share its forward")
+    prompt_ids, prompt_mask = pad_rows([item.prompt_ids for item in chosen], pad_id, multiple=pad_to_multiple)
+    completions = [side.completion_ids for pair in zip(chosen, rejected) for side in pair]
+    completion_ids, completion_mask = pad_rows(completions, pad_id, multiple=pad_to_multiple)
+    completion_mask = completion_mask.bool()
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids, "completion_mask": completion_mask}
+
+
+def pair_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(tokens of the pairs as separate sequences, tokens the forward runs): the same for a flat batch;
+    a shared-prompt batch runs each prompt once instead of twice."""
+    if "prompt_ids" not in batch:
+        tokens = int(batch["attention_mask"].sum())
+        return tokens, tokens
+    prompt, completion = int(batch["prompt_mask"].sum()), int(batch["completion_mask"].sum())
+    return 2 * prompt + completion, prompt + completion
+
+
 # Causal-LM families whose forward is exactly `logits = lm_head(decoder(...).last_hidden_state)`, read
 # in transformers 5.x's modeling files: nothing rescales, soft-caps or masks the logits after the head.
 # Only these take the chunked-head path; every other family (Gemma 2/3 soft-capping, Cohere's
@@ -146,22 +171,42 @@ def _has_plain_head(model) -> bool:
     return not any(getattr(c, name, None) is not None for c in _all_configs(config) for name in LOGIT_TRANSFORM_FIELDS)
 
 
+# Families whose decoder continues from a KV cache at given positions exactly as it runs a whole
+# sequence, every layer attending to all earlier tokens (no sliding window): the shared-prompt forward
+# is used for these (and only with the plain head above); anything else runs each pair as two sequences.
+SHARED_PROMPT_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "olmo2", "smollm3"})
+
+
+def shares_prompt(model) -> bool:
+    """Whether a pair's two sides can share one forward of its prompt (collate_pairs) on `model`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    if config.model_type not in SHARED_PROMPT_MODEL_TYPES or not _has_plain_head(model):
+        return False
+    if getattr(inner, "is_gradient_checkpointing", False):
+        return False  # checkpointed layers do not return a cache
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    return not sliding and all(kind == "full_attention" for kind in layer_types)
+
+
+def pairs_share_prompt(model, chosen: list[Encoded], rejected: list[Encoded]) -> bool:
+    """Whether these pairs can go through the shared-prompt forward on `model` (collate_pairs)."""
+    return shares_prompt(model) and all(c.prompt_ids and c.prompt_ids == r.prompt_ids for c, r in zip(chosen, rejected))
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of completion-token log-probs, number of completion tokens), one of each per row."""
+    """(sum of completion-token log-probs, number of completion tokens), one of each per row; for a
+    shared-prompt batch (collate_pairs), rows are the chosen sides, then the rejected sides."""
+    if "prompt_ids" in batch:
+        return _shared_prompt_logps(model, batch)
     input_ids = batch["input_ids"]
     targets_mask = batch["completion_mask"][:, 1:]
     targets = input_ids[:, 1:][targets_mask]
     row_of_target = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(targets_mask)[targets_mask]
     if _has_plain_head(model):
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state
-        picked = hidden[:, :-1][targets_mask]
-        head = model.get_output_embeddings()
-        token_logps = torch.cat(
-            [
-                -F.cross_entropy(head(picked[i : i + HEAD_CHUNK]).float(), targets[i : i + HEAD_CHUNK], reduction="none")
-                for i in range(0, picked.shape[0], HEAD_CHUNK)
-            ]
-        ) if picked.shape[0] else picked.new_zeros(0, dtype=torch.float32)
+        token_logps = _head_logps(model, hidden[:, :-1][targets_mask], targets)
     else:
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits[:, :-1][targets_mask]
         token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
@@ -169,6 +214,50 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     sums = sums.index_add(0, row_of_target, token_logps)
     counts = targets_mask.sum(dim=1)
     return sums, counts
+
+
+def _head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(lm_head(hidden))[target] for rows of hidden states, the head run in chunks."""
+    if not hidden.shape[0]:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    return torch.cat([
+        -F.cross_entropy(head(hidden[i : i + HEAD_CHUNK]).float(), targets[i : i + HEAD_CHUNK], reduction="none")
+        for i in range(0, hidden.shape[0], HEAD_CHUNK)
+    ])
+
+
+def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sums as two separate sequences per pair, with the prompt run once.
+
+    The prompts run first and leave their keys and values in a cache (right padding: the padded slots
+    are masked from every later query); the cache is repeated for the two sides of each pair, and the
+    completions run on it from position len(prompt). The first completion token is predicted by the
+    prompt's last hidden state, the others by the completion's own. Gradients flow through the cache
+    into the prompt's forward, so the LoRA weights get the same gradient as from two full sequences.
+    DPO pairs share the prompt by construction, and prompts are often longer than responses (the SmolLM2
+    recipes: about 60 prompt and 30 response tokens), so this runs about a third fewer tokens.
+    """
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    decoder = model.get_decoder()
+    prompt_lengths = prompt_mask.sum(dim=1)
+    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(2)  # rows 2i and 2i + 1: chosen and rejected of pair i
+    last_prompt_hidden = out.last_hidden_state[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1]
+    positions = prompt_lengths.repeat_interleave(2)[:, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), completion_mask.long()], dim=1)
+    hidden = decoder(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                     use_cache=True).last_hidden_state
+    # what predicts completion token j: the prompt's last state for j = 0, the completion's state j - 1 after
+    predictors = torch.cat([last_prompt_hidden.repeat_interleave(2, dim=0)[:, None], hidden[:, :-1]], dim=1)
+    token_logps = _head_logps(model, predictors[completion_mask], completion_ids[completion_mask])
+    rows = torch.arange(completion_ids.shape[0], device=prompt_ids.device)[:, None].expand_as(completion_mask)[completion_mask]
+    sums = torch.zeros(completion_ids.shape[0], dtype=torch.float32, device=prompt_ids.device).index_add(0, rows, token_logps)
+    counts = completion_mask.sum(dim=1)
+    order = torch.cat([torch.arange(0, completion_ids.shape[0], 2), torch.arange(1, completion_ids.shape[0], 2)]).to(sums.device)
+    return sums[order], counts[order]
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ import torch
 from data.layout import TRAINING_LOG
 from data.prompts import format_completion, format_prompt
 from data.schema import token_ids_or_none, write_parquet
-from models.logps import Encoded, batched_logps, collate, encode_pair, sequence_logps
+from models.logps import Encoded, batched_logps, collate, collate_pairs, encode_pair, pair_tokens, pairs_share_prompt, sequence_logps
 from models.losses import LOSSES, NEEDS_BASE_LOGPS, PreferenceBatch, chosen_nll, implicit_rewards
 from common import interrupt
 from common.atomic import atomic_path, atomic_write_json
@@ -52,14 +52,14 @@ REFERENCE_FREE = {"simpo"}
 
 
 class PolicyLogps(torch.nn.Module):
-    """Wraps the policy so DDP/FSDP see one forward: batch in, (summed log-probs, token counts) out."""
+    """Wraps the policy so DDP/FSDP see one forward: a batch (collate or collate_pairs) in, (summed
+    log-probs, token counts) out."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, completion_mask):
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    def forward(self, **batch):
         return sequence_logps(self.model, batch)
 
 
@@ -114,9 +114,8 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
     path = work_dir / "ref_logps.parquet"
     if not path.is_file():
         rank, world = accelerator.process_index, accelerator.num_processes
-        items = chosen + rejected
-        mine = list(range(rank, len(items), world))
-        sums, _ = batched_logps(model, tokenizer, [items[i] for i in mine], batch_size, accelerator.device, "reference logps")
+        mine = list(range(rank, len(chosen), world))
+        sums = pair_logps(model, tokenizer, [chosen[i] for i in mine], [rejected[i] for i in mine], batch_size, accelerator.device)
         part = work_dir / f"ref_logps.rank{rank}.json"
         atomic_write_json(part, dict(zip(mine, sums)))
         accelerator.wait_for_everyone()
@@ -124,8 +123,7 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
             merged = {}
             for r in range(world):
                 merged.update({int(k): v for k, v in json.loads((work_dir / f"ref_logps.rank{r}.json").read_text()).items()})
-            n = len(chosen)
-            frame = pd.DataFrame({"chosen": [merged[i] for i in range(n)], "rejected": [merged[n + i] for i in range(n)]})
+            frame = pd.DataFrame({"chosen": [merged[i][0] for i in range(len(chosen))], "rejected": [merged[i][1] for i in range(len(chosen))]})
             write_parquet(frame, path)
         accelerator.wait_for_everyone()
     return pd.read_parquet(path)
@@ -155,6 +153,29 @@ def _base_batch(base: pd.DataFrame | None, idx: list[int], like: torch.Tensor) -
         return {}
     rows = lambda side: torch.tensor(base[side].to_numpy()[idx], device=like.device, dtype=like.dtype)  # noqa: E731
     return {"base_chosen_logps": rows("chosen"), "base_rejected_logps": rows("rejected")}
+
+
+@torch.no_grad()
+def pair_logps(model, tokenizer, chosen: list[Encoded], rejected: list[Encoded], pairs_per_batch: int, device) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed log-probs of every pair, without gradients: each pair's prompt run once
+    where the model allows it (models.logps.shares_prompt), else the sides as separate sequences."""
+    if not pairs_share_prompt(model, chosen, rejected):
+        sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps")
+        return list(zip(sums[: len(chosen)], sums[len(chosen) :]))
+    from common.progress import bar
+
+    order = sorted(range(len(chosen)), key=lambda i: len(chosen[i]) + len(rejected[i].completion_ids))
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(chosen)
+    was_training = model.training
+    model.eval()
+    for start in bar(range(0, len(order), pairs_per_batch), desc="reference logps"):
+        idx = order[start : start + pairs_per_batch]
+        batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], tokenizer.pad_token_id)
+        sums, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
+        for i, good, bad in zip(idx, sums[: len(idx)].tolist(), sums[len(idx) :].tolist()):
+            out[i] = (good, bad)
+    model.train(was_training)
+    return out
 
 
 FIGURES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected")
@@ -250,10 +271,10 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     if loss_name in REFERENCE_FREE:
         ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
     else:
-        ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size * 2, accelerator)
+        ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator)
     base = None
     if loss_name in NEEDS_BASE_LOGPS:
-        base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size * 2, accelerator, continued, ref)
+        base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, continued, ref)
     reference_seconds = time.perf_counter() - reference_start
     chosen_win = torch.tensor(pairs["chosen_win_prob"].to_numpy(float)) if "chosen_win_prob" in pairs else None
     rejected_win = torch.tensor(pairs["rejected_win_prob"].to_numpy(float)) if "rejected_win_prob" in pairs else None
@@ -290,6 +311,8 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     while len(micro_batches) < total_steps * per_step:
         micro_batches += length_grouped_batches(lengths, cfg.batch_size, seed=recipe.seed * 997 + round_idx * 31 + epoch)
         epoch += 1
+    # Each pair's prompt runs once for both sides where the model allows (models.logps.shares_prompt).
+    shared_prompt = pairs_share_prompt(model, chosen, rejected)
     policy.train()
     progress = bar(total=total_steps, initial=step, desc=f"train round {round_idx}", disable=not accelerator.is_main_process)
     # From here a SIGTERM/SIGINT lets the current step finish, saves a trainer checkpoint and stops (below).
@@ -298,11 +321,15 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         step_batches = micro_batches[step * per_step : (step + 1) * per_step]
         mine = step_batches[accelerator.process_index :: accelerator.num_processes]
         figures = []
-        step_start, tokens = time.perf_counter(), 0
+        step_start, tokens, tokens_run = time.perf_counter(), 0, 0
         for idx in mine:
             with accelerator.accumulate(policy):
-                batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
-                tokens += int(batch["attention_mask"].sum())
+                if shared_prompt:
+                    batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], tokenizer.pad_token_id)
+                else:
+                    batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
+                batch_tokens, batch_run = pair_tokens(batch)
+                tokens, tokens_run = tokens + batch_tokens, tokens_run + batch_run
                 sums, counts = policy(**{k: v.to(accelerator.device) for k, v in batch.items()})
                 n = len(idx)
                 pref = PreferenceBatch(
@@ -337,7 +364,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         step += 1
         entry = {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
         entry.update(step=step, epoch=step * per_step / batches_per_epoch, learning_rate=scheduler.get_last_lr()[0],
-                     grad_norm=float(grad_norm), seconds=time.perf_counter() - step_start, tokens=tokens)
+                     grad_norm=float(grad_norm), seconds=time.perf_counter() - step_start, tokens=tokens, tokens_run=tokens_run)
         history.append(entry)
         progress.update(1)
         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
@@ -360,6 +387,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         "pairs": len(pairs),
         "steps": total_steps,
         "reference_seconds": reference_seconds,
+        "shared_prompt": shared_prompt,
         "train_tokens_per_second": sum(h["tokens"] for h in timed) / max(1e-9, sum(h["seconds"] for h in timed)) if timed else None,
         "loss": loss_name,
         "beta": cfg.beta,

@@ -26,7 +26,7 @@ from configs.recipe import recipe_from_dict
 from models import loading
 from models.logps import batched_logps
 from models.tokenizer import build_byte_tokenizer
-from models.trainer import encode_pairs, train_round
+from models.trainer import encode_pairs, pair_logps, train_round
 
 TOL = 1e-4
 CPU = torch.device("cpu")
@@ -75,17 +75,28 @@ def logps(model, tokenizer, items=None) -> np.ndarray:
     return np.array(batched_logps(model, tokenizer, items, 8, next(model.parameters()).device)[0])
 
 
+class Recorded(list):
+    """Log-probs of each trained policy on the probes; `as_reference`: on round 2's pairs, as a reference pass."""
+
+    as_reference: list
+
+
 @pytest.fixture
 def trained_policies(monkeypatch):
     """Records the log-probs of every trained policy as train_round hands it to save_checkpoint."""
-    seen = []
+    seen, seen_as_reference = Recorded(), []
     original = loading.save_checkpoint
 
     def spy(peft_model, tokenizer, out_dir, **kwargs):
         seen.append(logps(peft_model, tokenizer))
+        # Round 2's pairs scored as Train(2)'s reference pass scores them (pairs sharing their prompt's
+        # forward, models.trainer.pair_logps): in bf16 another batch layout rounds differently.
+        chosen, rejected = encode_pairs(tokenizer, make_pairs(100), 96)
+        seen_as_reference.append(np.array(pair_logps(peft_model, tokenizer, chosen, rejected, 4, CPU)).T.ravel())
         return original(peft_model, tokenizer, out_dir, **kwargs)
 
     monkeypatch.setattr(loading, "save_checkpoint", spy)
+    seen.as_reference = seen_as_reference
     return seen
 
 
@@ -127,8 +138,9 @@ def test_each_round_loads_the_policy_that_was_trained_and_the_next_reference_is_
     second = train(recipe, first, pairs_2, tmp_path, 2, root_path)
     round_2 = trained_policies[1]
     reference = pd.read_parquet(tmp_path / "work_02" / "ref_logps.parquet")
-    in_process = np.concatenate([round_1[8:16], round_1[32:40]])  # round 2's pairs among the probes
+    in_process = trained_policies.as_reference[0]  # round 2's pairs (chosen, then rejected) scored by round 1's policy
     assert np.abs(np.concatenate([reference.chosen, reference.rejected]) - in_process).max() <= TOL
+    assert np.abs(in_process - np.concatenate([round_1[8:16], round_1[32:40]])).max() <= (TOL if precision == "fp32" else 1e-2)
     assert np.abs(round_2 - round_1).max() > 10 * TOL  # round 2 trained on
     info = loading.checkpoint_info(second)
     assert (info["parent"], info["root_path"], info["chain"]) == (first, root_path, loading.CHAIN)

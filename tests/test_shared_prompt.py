@@ -1,0 +1,81 @@
+"""The shared-prompt forward (a pair's prompt run once) gives the log-probs and gradients of two full sequences."""
+
+import pytest
+import torch
+
+from models.logps import Encoded, collate, collate_pairs, pair_tokens, sequence_logps, shares_prompt
+
+
+def tiny_lora_llama(**config_overrides):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, **config_overrides)
+    model = LlamaForCausalLM(config).float()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # a moved adapter: B = 0 would leave the LoRA path out of the comparison
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model
+
+
+def pairs(seed: int = 0, n: int = 5):
+    """Pairs with prompts and completions of different lengths, one completion a single token."""
+    g = torch.Generator().manual_seed(seed)
+    chosen, rejected = [], []
+    for i in range(n):
+        prompt = torch.randint(3, 97, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        good = torch.randint(3, 97, (1 if i == 0 else int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        bad = torch.randint(3, 97, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        chosen.append(Encoded(prompt, good))
+        rejected.append(Encoded(prompt, bad))
+    return chosen, rejected
+
+
+def lora_grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_shared_prompt_gives_the_log_probs_and_gradients_of_two_full_sequences():
+    model = tiny_lora_llama()
+    assert shares_prompt(model)
+    chosen, rejected = pairs()
+    flat_sums, flat_counts = sequence_logps(model, collate(chosen + rejected, pad_id=0))
+    flat_sums.pow(2).sum().backward()  # a loss that weighs every row differently
+    flat_grads = lora_grads(model)
+    model.zero_grad()
+    shared_sums, shared_counts = sequence_logps(model, collate_pairs(chosen, rejected, pad_id=0))
+    shared_sums.pow(2).sum().backward()
+    shared_grads = lora_grads(model)
+
+    assert torch.equal(shared_counts, flat_counts)
+    torch.testing.assert_close(shared_sums, flat_sums, atol=1e-4, rtol=0)
+    assert flat_grads.keys() == shared_grads.keys() and len(flat_grads) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    for name in flat_grads:
+        assert flat_grads[name].abs().max() > 0, name
+        torch.testing.assert_close(shared_grads[name], flat_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_pair_tokens_counts_each_prompt_twice_as_a_pair_and_once_as_run():
+    chosen, rejected = pairs()
+    prompts = sum(len(c.prompt_ids) for c in chosen)
+    completions = sum(len(c.completion_ids) + len(r.completion_ids) for c, r in zip(chosen, rejected))
+    assert pair_tokens(collate_pairs(chosen, rejected, 0)) == (2 * prompts + completions, prompts + completions)
+    assert pair_tokens(collate(chosen + rejected, 0)) == (2 * prompts + completions,) * 2
+
+
+def test_pairs_must_share_their_prompt():
+    chosen, rejected = pairs()
+    rejected[2] = Encoded(rejected[2].prompt_ids + [5], rejected[2].completion_ids)
+    with pytest.raises(ValueError, match="pair 2"):
+        collate_pairs(chosen, rejected, 0)
+
+
+def test_models_that_cannot_share_a_prompt_run_pairs_as_two_sequences():
+    assert not shares_prompt(tiny_lora_llama(layer_types=["sliding_attention", "full_attention"], sliding_window=4))
+    model = tiny_lora_llama()
+    model.get_base_model().gradient_checkpointing_enable()
+    assert not shares_prompt(model)
