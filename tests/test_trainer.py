@@ -120,13 +120,13 @@ def test_gradient_accumulation_equals_one_larger_batch(root, tmp_path):
 
 def test_reference_logps_are_cached_and_recomputed_when_the_pairs_change(root, tmp_path, monkeypatch):
     passes = []
-    original = trainer.batched_logps
+    original = trainer.pair_logps
 
-    def counted(model, tokenizer, items, *args, **kwargs):
-        passes.append(len(items))
-        return original(model, tokenizer, items, *args, **kwargs)
+    def counted(model, tokenizer, chosen, rejected, *args, **kwargs):
+        passes.append(len(chosen) + len(rejected))
+        return original(model, tokenizer, chosen, rejected, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "batched_logps", counted)  # train_round's only use: the reference pass
+    monkeypatch.setattr(trainer, "pair_logps", counted)  # the reference pass
     recipe = make_recipe(root, "dpo")
     pairs_file = tmp_path / "pairs.parquet"
     work_dir = tmp_path / "train_work"
