@@ -10,8 +10,10 @@ and --response-len response tokens through a word-level tokenizer whose ids lie 
 vocabulary, so both see identical token ids and lengths), the same LoRA (r 16, alpha 32, all linear
 layers), the same batch, DPO sigmoid loss, beta 0.1, gradient checkpointing off.
 
-Printed for each: ms per optimizer step and tokens/s (chosen + rejected tokens, prompt included,
-after the first step, which allocates and warms up). TRL computes the reference log-probs inside
+Printed for each: ms per optimizer step and tokens/s (chosen + rejected tokens, each with its prompt,
+after the first step, which allocates and warms up). Ours runs a pair's prompt once for both sides
+where the model allows (models/logps.py, shares_prompt): its tokens/s counts the pair tokens as TRL's
+does, its MFU only the tokens it ran. TRL computes the reference log-probs inside
 every step (the adapter disabled); ours precomputes them once per round, so ours is reported end to
 end (every step plus that reference pass) as well as steps alone, and the ratio that counts is end
 to end against TRL. Model FLOPs per token: 6 N (N = parameters): the policy's forward 2 N and
@@ -155,11 +157,13 @@ def run_ours(model_dir: str, pairs, args, precision: str, profile: bool = False)
     timed = log[1:]
     seconds = sum(h["seconds"] for h in timed)
     tokens = sum(h["tokens"] for h in timed)
+    tokens_run = sum(h["tokens_run"] for h in timed)  # fewer where each prompt runs once for both sides
     # The reference pass once per round, charged to the timed steps by their share of the tokens.
     reference = stats["reference_seconds"] * tokens / sum(h["tokens"] for h in log)
     return {
         "ms_per_step": 1000 * seconds / len(timed), "timed_steps": len(timed), "steps_tokens_per_s": tokens / seconds,
         "reference_seconds": stats["reference_seconds"], "tokens_per_s": tokens / (seconds + reference),
+        "shared_prompt": stats["shared_prompt"], "tokens_run_per_s": tokens_run / (seconds + reference),
         "peak_gib": peak_gib(), "wall_seconds_incl_load_save": total,
     }
 
@@ -278,7 +282,8 @@ def main():
         "batch": args.batch, "steps": args.steps, "prompt_len": args.prompt_len, "response_len": args.response_len,
         "peak_flops": peak, "matmul_probe": probe,
         "trl": {**trl, "mfu_percent": mfu(trl["tokens_per_s"])},
-        "ours": {**ours, "mfu_percent": mfu(ours["tokens_per_s"])},
+        # MFU counts the FLOPs run: a prompt shared by both sides of a pair is run, and counted, once.
+        "ours": {**ours, "mfu_percent": mfu(ours["tokens_run_per_s"])},
         "ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
         "ratio_steps_alone": ours["steps_tokens_per_s"] / trl["tokens_per_s"],
         "loss_agreement": agreement,
