@@ -244,6 +244,10 @@ class TrainingConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass: less memory, more time."}
     )
+    shared_prompt: bool = field(
+        default=True, metadata={"help": "Run each pair's prompt once for both sides (Llama/Qwen/Mistral-style models without "
+                                "gradient checkpointing; same log-probs, fewer tokens); false runs two full sequences per pair."}
+    )
     mix_previous_round: bool | None = field(
         default=None, metadata={"help": "Train on this round's pairs plus the previous round's; null: on for SPIN."}
     )

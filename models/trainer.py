@@ -106,7 +106,8 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
-def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator) -> pd.DataFrame:
+def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator,
+                     shared_prompt: bool = True) -> pd.DataFrame:
     """Reference log-probs: the policy before this round's first update (pi_{r-1}, the root in round 1).
 
     Cached in work_dir/ref_logps.parquet; computed before a resumed run restores its trained adapter.
@@ -115,7 +116,8 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
     if not path.is_file():
         rank, world = accelerator.process_index, accelerator.num_processes
         mine = list(range(rank, len(chosen), world))
-        sums = pair_logps(model, tokenizer, [chosen[i] for i in mine], [rejected[i] for i in mine], batch_size, accelerator.device)
+        sums = pair_logps(model, tokenizer, [chosen[i] for i in mine], [rejected[i] for i in mine], batch_size, accelerator.device,
+                          shared_prompt)
         part = work_dir / f"ref_logps.rank{rank}.json"
         atomic_write_json(part, dict(zip(mine, sums)))
         accelerator.wait_for_everyone()
@@ -130,7 +132,7 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
 
 
 def _base_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator, continued: bool,
-                ref: pd.DataFrame) -> pd.DataFrame:
+                ref: pd.DataFrame, shared_prompt: bool = True) -> pd.DataFrame:
     """Log-probs under the base model pi_0, for losses that need them beside pi_{r-1}'s (INPO).
 
     The same load with the LoRA adapter switched off computes with the root weights alone, as Evaluate
@@ -144,7 +146,7 @@ def _base_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: 
     base_dir = work_dir / "base_logps"
     base_dir.mkdir(exist_ok=True)
     with root_weights(model):
-        return _reference_logps(model, tokenizer, chosen, rejected, base_dir, batch_size, accelerator)
+        return _reference_logps(model, tokenizer, chosen, rejected, base_dir, batch_size, accelerator, shared_prompt)
 
 
 def _base_batch(base: pd.DataFrame | None, idx: list[int], like: torch.Tensor) -> dict:
@@ -156,10 +158,11 @@ def _base_batch(base: pd.DataFrame | None, idx: list[int], like: torch.Tensor) -
 
 
 @torch.no_grad()
-def pair_logps(model, tokenizer, chosen: list[Encoded], rejected: list[Encoded], pairs_per_batch: int, device) -> list[tuple[float, float]]:
+def pair_logps(model, tokenizer, chosen: list[Encoded], rejected: list[Encoded], pairs_per_batch: int, device,
+               shared_prompt: bool = True) -> list[tuple[float, float]]:
     """(chosen, rejected) summed log-probs of every pair, without gradients: each pair's prompt run once
     where the model allows it (models.logps.shares_prompt), else the sides as separate sequences."""
-    if not pairs_share_prompt(model, chosen, rejected):
+    if not (shared_prompt and pairs_share_prompt(model, chosen, rejected)):
         sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps")
         return list(zip(sums[: len(chosen)], sums[len(chosen) :]))
     from common.progress import bar
@@ -271,10 +274,10 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     if loss_name in REFERENCE_FREE:
         ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
     else:
-        ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator)
+        ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, cfg.shared_prompt)
     base = None
     if loss_name in NEEDS_BASE_LOGPS:
-        base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, continued, ref)
+        base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, continued, ref, cfg.shared_prompt)
     reference_seconds = time.perf_counter() - reference_start
     chosen_win = torch.tensor(pairs["chosen_win_prob"].to_numpy(float)) if "chosen_win_prob" in pairs else None
     rejected_win = torch.tensor(pairs["rejected_win_prob"].to_numpy(float)) if "rejected_win_prob" in pairs else None
@@ -312,7 +315,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         micro_batches += length_grouped_batches(lengths, cfg.batch_size, seed=recipe.seed * 997 + round_idx * 31 + epoch)
         epoch += 1
     # Each pair's prompt runs once for both sides where the model allows (models.logps.shares_prompt).
-    shared_prompt = pairs_share_prompt(model, chosen, rejected)
+    shared_prompt = cfg.shared_prompt and pairs_share_prompt(model, chosen, rejected)
     policy.train()
     progress = bar(total=total_steps, initial=step, desc=f"train round {round_idx}", disable=not accelerator.is_main_process)
     # From here a SIGTERM/SIGINT lets the current step finish, saves a trainer checkpoint and stops (below).
