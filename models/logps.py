@@ -278,3 +278,27 @@ def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, devic
             sums[i], counts[i] = s, c
     model.train(was_training)
     return sums, counts
+
+
+@torch.no_grad()
+def pair_logps(model, tokenizer, chosen: list[Encoded], rejected: list[Encoded], pairs_per_batch: int, device,
+               shared_prompt: bool = True) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed log-probs of every pair, without gradients: each pair's prompt run once
+    where the model allows it (shares_prompt), else the sides as separate sequences."""
+    if not (shared_prompt and pairs_share_prompt(model, chosen, rejected)):
+        sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps")
+        return list(zip(sums[: len(chosen)], sums[len(chosen) :]))
+    from common.progress import bar
+
+    order = sorted(range(len(chosen)), key=lambda i: len(chosen[i]) + len(rejected[i].completion_ids))
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(chosen)
+    was_training = model.training
+    model.eval()
+    for start in bar(range(0, len(order), pairs_per_batch), desc="reference logps"):
+        idx = order[start : start + pairs_per_batch]
+        batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], tokenizer.pad_token_id)
+        sums, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
+        for i, good, bad in zip(idx, sums[: len(idx)].tolist(), sums[len(idx) :].tolist()):
+            out[i] = (good, bad)
+    model.train(was_training)
+    return out

@@ -38,7 +38,7 @@ import torch
 from data.layout import TRAINING_LOG
 from data.prompts import format_completion, format_prompt
 from data.schema import token_ids_or_none, write_parquet
-from models.logps import Encoded, batched_logps, collate, collate_pairs, encode_pair, pair_tokens, pairs_share_prompt, sequence_logps
+from models.logps import Encoded, collate, collate_pairs, encode_pair, pair_logps, pair_tokens, pairs_share_prompt, sequence_logps
 from models.losses import LOSSES, NEEDS_BASE_LOGPS, PreferenceBatch, chosen_nll, implicit_rewards
 from common import interrupt
 from common.atomic import atomic_path, atomic_write_json
@@ -155,30 +155,6 @@ def _base_batch(base: pd.DataFrame | None, idx: list[int], like: torch.Tensor) -
         return {}
     rows = lambda side: torch.tensor(base[side].to_numpy()[idx], device=like.device, dtype=like.dtype)  # noqa: E731
     return {"base_chosen_logps": rows("chosen"), "base_rejected_logps": rows("rejected")}
-
-
-@torch.no_grad()
-def pair_logps(model, tokenizer, chosen: list[Encoded], rejected: list[Encoded], pairs_per_batch: int, device,
-               shared_prompt: bool = True) -> list[tuple[float, float]]:
-    """(chosen, rejected) summed log-probs of every pair, without gradients: each pair's prompt run once
-    where the model allows it (models.logps.shares_prompt), else the sides as separate sequences."""
-    if not (shared_prompt and pairs_share_prompt(model, chosen, rejected)):
-        sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps")
-        return list(zip(sums[: len(chosen)], sums[len(chosen) :]))
-    from common.progress import bar
-
-    order = sorted(range(len(chosen)), key=lambda i: len(chosen[i]) + len(rejected[i].completion_ids))
-    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(chosen)
-    was_training = model.training
-    model.eval()
-    for start in bar(range(0, len(order), pairs_per_batch), desc="reference logps"):
-        idx = order[start : start + pairs_per_batch]
-        batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], tokenizer.pad_token_id)
-        sums, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
-        for i, good, bad in zip(idx, sums[: len(idx)].tolist(), sums[len(idx) :].tolist()):
-            out[i] = (good, bad)
-    model.train(was_training)
-    return out
 
 
 FIGURES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected")

@@ -24,9 +24,9 @@ import torch
 from common.errors import ModelError
 from configs.recipe import recipe_from_dict
 from models import loading
-from models.logps import batched_logps
+from models.logps import batched_logps, pair_logps
 from models.tokenizer import build_byte_tokenizer
-from models.trainer import encode_pairs, pair_logps, train_round
+from models.trainer import encode_pairs, train_round
 
 TOL = 1e-4
 CPU = torch.device("cpu")

@@ -242,7 +242,7 @@ class ScoredJudge:
     def judge(self, groups):
         out = []
         for group in groups:
-            scores = np.array([self.table[r] for r in group.responses])
+            scores = np.array([self.table[r] for r in group.responses], dtype=float)
             out.append(JudgeResult(matrix_from_scores(scores), scores=scores))
         return out
 

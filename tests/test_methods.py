@@ -15,6 +15,7 @@ from models import loading
 from models.logps import batched_logps
 from models.tokenizer import build_byte_tokenizer
 from models.trainer import encode_pairs, train_round
+from tests.test_judges import ScoredJudge
 
 CPU = torch.device("cpu")
 
@@ -91,24 +92,6 @@ def test_an_empty_response_is_never_chosen():
     assert (pairs.chosen.str.strip() != "").all()
     assert list(zip(pairs.prompt_id, pairs.rejected)) == [("p1", "")]
     assert stats["skipped_empty"] == 1 and stats["skipped_unfinished"] == 0
-
-
-class ScoredJudge:
-    """Gives each response the score written in the table (pointwise, like a reward model)."""
-
-    name = "reward_model"
-
-    def __init__(self, table):
-        self.table = table
-
-    def judge(self, groups):
-        from models.judges import JudgeResult, matrix_from_scores
-
-        out = []
-        for group in groups:
-            scores = np.array([self.table[r] for r in group.responses], dtype=float)
-            out.append(JudgeResult(matrix_from_scores(scores), scores=scores))
-        return out
 
 
 def dno_recipe(**judge):
