@@ -9,7 +9,7 @@ import pytest
 
 from data.layout import RunLayout
 from data.schema import EVAL, read_artifact
-from tests.conftest import REPO
+from conftest import REPO
 
 
 @pytest.mark.slow

@@ -30,8 +30,8 @@ from configs.recipe import deep_merge
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact, write_parquet
 from tasks import lock
 from tasks.iterate import Iterate
-from tests.conftest import ALGORITHMS, REPO, TINY
-from tests.test_reliability import assert_one_line_failure, run_cli
+from conftest import ALGORITHMS, REPO, TINY
+from test_reliability import assert_one_line_failure, run_cli
 
 NAME = "faults"
 # The tiny SPIN recipe with four generation parts per round and twelve training steps, trainer

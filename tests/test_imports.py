@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from conftest import REPO
 
 LAYERS = ["common", "configs", "data", "models", "tasks", "pipeline"]
 WITHOUT_LUIGI = ("common", "configs", "data", "models")

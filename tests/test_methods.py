@@ -15,7 +15,7 @@ from models import loading
 from models.logps import batched_logps
 from models.tokenizer import build_byte_tokenizer
 from models.trainer import encode_pairs, train_round
-from tests.test_judges import ScoredJudge
+from test_judges import ScoredJudge
 
 CPU = torch.device("cpu")
 

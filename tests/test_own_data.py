@@ -18,8 +18,8 @@ from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact
 from models.verifiers import load_verifier
 from tasks.base import LUIGI_DEFAULTS
 from tasks.iterate import Iterate
-from tests.conftest import REPO
-from tests.test_pipeline import build
+from conftest import REPO
+from test_pipeline import build
 
 FIXTURES = REPO / "data" / "fixtures"
 GSM8K = str(FIXTURES / "gsm8k_style.jsonl")

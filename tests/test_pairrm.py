@@ -26,7 +26,7 @@ from models.pairrm import (
     scores_from_logits,
     tokenize_pairs,
 )
-from tests.tiny_pairrm import save_random_pairrm
+from tiny_pairrm import save_random_pairrm
 
 RESPONSES = ["Paris.", "The capital of France is Paris, of course!", "Lyon", "I do not know, sorry."]
 

@@ -19,7 +19,7 @@ import pipeline  # noqa: F401 - registers the tasks
 from configs.recipe import ModelConfig
 from data.schema import PAIRS, read_artifact
 from tasks.iterate import Iterate
-from tests.test_pipeline import build
+from test_pipeline import build
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 

@@ -22,7 +22,7 @@ from models.generation import run_with_oom_backoff
 from tasks.base import DirTarget
 from tasks.iterate import Iterate
 from tasks.rounds import Generate
-from tests.conftest import REPO
+from conftest import REPO
 
 # Runs the luigi command line in a child, with generation and training slowed down so the test can
 # kill it in the middle of either. The slowing is done here, by wrapping two functions; no test hook

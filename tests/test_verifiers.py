@@ -13,7 +13,7 @@ from tasks.requirements import check_eval_data, check_train_data, preflight
 from models.judge_types import JudgeGroup
 from models.judges import VerifierJudge, make_judge, pair_round
 from models.verifiers import choice_letter, last_number, load_verifier
-from tests.conftest import REPO
+from conftest import REPO
 
 FIXTURES = REPO / "data" / "fixtures"
 
