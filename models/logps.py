@@ -6,7 +6,10 @@ per row, the sum of log pi(token) over completion tokens and their count.
 
 Speed: the LM head runs only on completion positions, in chunks, and the log-softmax is taken in fp32
 one chunk at a time, so a 150k-token vocabulary never materialises a (batch, length, vocab) fp32
-tensor (TRL's DPOTrainer does, and that dominates its step time on small models).
+tensor (TRL's DPOTrainer does, and that dominates its step time on small models). A preference pair's
+two sides share their prompt: `collate_pairs` lays a batch out so the prompt runs once and both
+completions continue from its cached keys and values (`_shared_prompt_logps`; `pair_logps` does the
+same without gradients for reference passes).
 """
 
 from __future__ import annotations

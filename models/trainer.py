@@ -10,7 +10,8 @@ against the previous round.
    is at the round's start and stored in work_dir/ref_logps.parquet, so training holds one model and
    skips the reference forward.
 3. Length-grouped batches (shuffled groups of similar length, then padded to the longest in the
-   batch); chosen and rejected go through the model in one concatenated forward.
+   batch); chosen and rejected go through the model in one forward, each pair's prompt run once for both
+   sides where the model allows it (training.shared_prompt, models/logps.py).
 4. AdamW, linear warm-up and decay, gradient clipping; checkpoints to work_dir/checkpoint-<step>/
    every `save_steps` (adapter, optimiser, scheduler, RNG, log), and a killed run resumes from the last.
    A SIGTERM or SIGINT finishes the current step, saves a checkpoint there and stops (common/interrupt.py).
