@@ -54,3 +54,20 @@ def smollm2_gguf():
     from models.fetch import fetch
 
     return fetch("smollm2-135m-instruct")
+
+
+def save_tiny_llama_root(path, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, max_positions: int = 256):
+    """A randomly initialised tiny Llama (seed 0) and the byte tokenizer saved in `path`: a root model to
+    train rounds on. Returns (path, tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.tokenizer import build_byte_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_byte_tokenizer()
+    config = LlamaConfig(vocab_size=300, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=2, max_position_embeddings=max_positions)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), tok

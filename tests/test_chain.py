@@ -25,8 +25,8 @@ from common.errors import ModelError
 from configs.recipe import recipe_from_dict
 from models import loading
 from models.logps import batched_logps, pair_logps
-from models.tokenizer import build_byte_tokenizer
 from models.trainer import encode_pairs, train_round
+from conftest import save_tiny_llama_root
 
 TOL = 1e-4
 CPU = torch.device("cpu")
@@ -34,15 +34,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def root(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = build_byte_tokenizer()
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "root")
-    tok.save_pretrained(tmp_path / "root")
-    return str(tmp_path / "root"), tok
+    return save_tiny_llama_root(tmp_path / "root")
 
 
 def make_recipe(root_path: str, precision: str, learning_rate: float, quantization: str = "none", **training):

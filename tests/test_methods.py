@@ -15,6 +15,7 @@ from models import loading
 from models.logps import batched_logps
 from models.tokenizer import build_byte_tokenizer
 from models.trainer import encode_pairs, train_round
+from conftest import save_tiny_llama_root
 from test_judges import ScoredJudge
 
 CPU = torch.device("cpu")
@@ -22,15 +23,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def root(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = build_byte_tokenizer()
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "root")
-    tok.save_pretrained(tmp_path / "root")
-    return str(tmp_path / "root"), tok
+    return save_tiny_llama_root(tmp_path / "root", hidden_size=32, num_layers=1, num_heads=2, max_positions=128)
 
 
 def tiny_pairs(offset: int) -> pd.DataFrame:

@@ -15,23 +15,15 @@ from configs.recipe import recipe_from_dict
 from data.schema import PAIRS, write_parquet
 from models import loading
 from models.logps import batched_logps
-from models.tokenizer import build_byte_tokenizer
 from tasks.base import DirTarget, FileTarget, prepare_work_dir
+from conftest import save_tiny_llama_root
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("root")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(path)
-    build_byte_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_llama_root(tmp_path_factory.mktemp("root"))[0]
 
 
 def make_recipe(root_path: str, algorithm: str = "dpo", **training) -> object:
