@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import GPU_PEAK_FLOPS, layer_shapes, machine, matmul_probe, model_directory  # noqa: E402
+from bench.common import gpu_peak_flops, layer_shapes, machine, matmul_probe, model_directory  # noqa: E402
 from models.fast_generation import _SESSIONS, release_sessions, static_generate  # noqa: E402
 from models.generation import SamplingSettings  # noqa: E402
 
@@ -284,7 +284,7 @@ def main(argv=None) -> dict:
     rows = throughput(args, model, device, vocab)
     for row in rows:
         if device.type == "cuda":
-            peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in env["gpu"]), None)
+            peak = gpu_peak_flops(env["gpu"])
         else:  # the ceiling of a decode step: a matmul of `batch` rows by the model's weights, measured now
             row["matmul_probe"] = matmul_probe(layer_shapes(model.config, row["batch"]))
             peak = row["matmul_probe"]["best_gflops_per_s"] * 1e9

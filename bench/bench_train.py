@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import GPU_PEAK_FLOPS, layer_shapes, machine, matmul_probe, model_directory  # noqa: E402
+from bench.common import gpu_peak_flops, layer_shapes, machine, matmul_probe, model_directory  # noqa: E402
 
 
 
@@ -264,7 +264,7 @@ def main():
     where = machine()
     device_name = where["gpu"] or "cpu"
     if on_gpu:
-        peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in device_name), None)
+        peak = gpu_peak_flops(device_name)
         probe = None
     else:  # the CPU's ceiling, measured now on the layer shapes of one micro-batch
         probe = matmul_probe(layer_shapes(config, 2 * args.batch * (args.prompt_len + args.response_len)))

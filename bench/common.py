@@ -27,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, from the datasheets
 
 
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The datasheet bf16 dense peak of the GPU `device_name` names, or None for one not listed."""
+    return next((flops for model, flops in GPU_PEAK_FLOPS.items() if model in device_name), None)
+
+
 def model_directory(spec: str) -> str:
     """A directory holding the model `spec` names: itself, or a GGUF file converted once."""
     from models.gguf import convert_gguf, is_gguf_spec, resolve_gguf
