@@ -98,6 +98,7 @@ def timed(fn, device: torch.device):
 
 
 def hf_sample(model, input_ids, attention_mask, args):
+    """Plain generate as a user writes it: `--samples-per-prompt` samples of each prompt by num_return_sequences."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -108,6 +109,7 @@ def hf_sample(model, input_ids, attention_mask, args):
         max_new_tokens=args.new_tokens,
         min_new_tokens=args.new_tokens,
         pad_token_id=0,
+        num_return_sequences=args.samples_per_prompt,
     )
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     return out[:, input_ids.shape[1] :]
@@ -119,14 +121,18 @@ def throughput(args, model, device, vocab: int) -> list[dict]:
     settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens)
     for batch in args.batches:
         gen = torch.Generator().manual_seed(batch)
-        input_ids = torch.randint(0, min(vocab, 32000), (batch, args.prompt_len), generator=gen).to(device)
+        if batch % args.samples_per_prompt:
+            raise SystemExit(f"--batches: {batch} is not a multiple of --samples-per-prompt {args.samples_per_prompt}")
+        prompt_ids = torch.randint(0, min(vocab, 32000), (batch // args.samples_per_prompt, args.prompt_len), generator=gen).to(device)
+        # The rows of one batch as models.generation.generate_texts makes them: each prompt's samples adjacent.
+        input_ids = prompt_ids.repeat_interleave(args.samples_per_prompt, dim=0)
         attention_mask = torch.ones_like(input_ids)
         new_tokens = batch * args.new_tokens
-        row = {"batch": batch, "new_tokens": new_tokens}
+        row = {"batch": batch, "samples_per_prompt": args.samples_per_prompt, "new_tokens": new_tokens}
         if not args.skip_hf:
             hf_times = []
             for _ in range(args.reps + 1):  # the first is a warm-up
-                out, dt = timed(lambda: hf_sample(model, input_ids, attention_mask, args), device)
+                out, dt = timed(lambda: hf_sample(model, prompt_ids, torch.ones_like(prompt_ids), args), device)
                 hf_times.append(dt)
             assert out.shape == (batch, args.new_tokens)
             row["hf_s"] = min(hf_times[1:])
@@ -198,13 +204,16 @@ def greedy_equality(args, config: dict | str, device: torch.device, dtype: torch
     vocab = model.config.vocab_size
     batch, new = args.eq_batch, args.eq_new_tokens
     gen = torch.Generator().manual_seed(7)
-    lengths = torch.randint(max(1, args.prompt_len // 8), args.prompt_len + 1, (batch,), generator=gen).tolist()
+    copies = args.samples_per_prompt if batch % args.samples_per_prompt == 0 else 1
+    lengths = torch.randint(max(1, args.prompt_len // 8), args.prompt_len + 1, (batch // copies,), generator=gen).tolist()
     width = max(lengths)
-    input_ids = torch.zeros((batch, width), dtype=torch.long)
+    input_ids = torch.zeros((len(lengths), width), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for i, length in enumerate(lengths):
         input_ids[i, width - length :] = torch.randint(1, min(vocab, 32000), (length,), generator=gen)
         attention_mask[i, width - length :] = 1
+    if copies > 1:  # repeated prompts take the shared prefill; greedy copies of a prompt are equal rows
+        input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     config_hf = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
     ref = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config_hf)[:, width:]
@@ -233,6 +242,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batches", default="32,128", help="comma-separated batch sizes (default 32,128)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--samples-per-prompt", type=int, default=1,
+                        help="rows per distinct prompt in a batch (a recipe's generation.num_samples); plain generate "
+                             "gets them by num_return_sequences, ours prefills each prompt once")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=2, help="timed runs after the warm-up; the best counts")
@@ -271,6 +283,7 @@ def main(argv=None) -> dict:
         "parameters": n_params,
         "dtype": str(dtype).removeprefix("torch."),
         "prompt_len": args.prompt_len,
+        "samples_per_prompt": args.samples_per_prompt,
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,

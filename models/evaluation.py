@@ -159,7 +159,7 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
     from models.sampling import SamplingSettings
     from models.judge_types import row_of
     from models.judges import make_judge
-    from models.loading import has_adapter, load_policy, load_tokenizer, set_adapter_enabled
+    from models.loading import adapter_merged, has_adapter, load_policy, load_tokenizer, set_adapter_enabled
     from models.verifiers import can_verify, load_verifier
 
     ev = recipe.evaluation
@@ -170,12 +170,17 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
     model = load_policy(model_path, recipe.model, quantize=quantize, root=base_path, merge=False)
     device = next(model.parameters()).device
     texts = [format_prompt(tokenizer, p, s) for p, s in zip(prompts.prompt, prompts.system)]
-    batch = recipe.generation.batch_size
-    greedy = generate_texts(model, tokenizer, texts, SamplingSettings(
-        temperature=0.0, max_new_tokens=ev.max_new_tokens, batch_size=batch, seed=recipe.seed), f"eval r{round_idx} greedy")
-    sampled = generate_texts(model, tokenizer, texts, SamplingSettings(
-        num_samples=ev.kl_samples, temperature=1.0, max_new_tokens=ev.max_new_tokens, batch_size=batch,
-        seed=recipe.seed + 7919 * (round_idx + 1)), f"eval r{round_idx} samples")
+    gen = recipe.generation
+    batch = gen.batch_size
+    # Generation with the adapter folded in (fp32 only): an unmerged LoRA layer runs three matmuls, which at
+    # decoding's small batches made Evaluate slower per token than Generate (bench/README.md).
+    with adapter_merged(model):
+        greedy = generate_texts(model, tokenizer, texts, SamplingSettings(
+            temperature=0.0, max_new_tokens=ev.max_new_tokens, batch_size=batch, seed=recipe.seed, backend=gen.backend),
+            f"eval r{round_idx} greedy")
+        sampled = generate_texts(model, tokenizer, texts, SamplingSettings(
+            num_samples=ev.kl_samples, temperature=1.0, max_new_tokens=ev.max_new_tokens, batch_size=batch,
+            seed=recipe.seed + 7919 * (round_idx + 1), backend=gen.backend), f"eval r{round_idx} samples")
 
     meta_cols = [c for c in ("task", "answer") if c in prompts.columns]
     records = []

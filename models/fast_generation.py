@@ -295,14 +295,18 @@ class _Session:
         extra = {k: v for k, v in self.extra_kwargs.items() if k != "cache_position"}
         if "cache_position" in self.extra_kwargs:
             extra["cache_position"] = torch.arange(width, device=device)
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=self.to_attention_mask(visible),
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            **extra,
-        ).logits[:, -1, :]
+        unique_rows, row_of = _unique_prompts(input_ids, attention_mask)
+        if unique_rows is None:
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=self.to_attention_mask(visible),
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                **extra,
+            ).logits[:, -1, :]
+        else:
+            logits = self.shared_prefill(model, input_ids, visible, position_ids, extra, unique_rows, row_of)
         first = sample_next_tokens(logits, self.key.temperature, self.key.top_p)
         self.tokens.copy_(first[:, None])
         self.positions.copy_(position_ids[:, -1:] + 1)
@@ -311,6 +315,27 @@ class _Session:
         self.out.fill_(self.key.pad_id)
         self.out[:, 0] = first
         self.done.copy_(torch.isin(first, self.eos))
+
+    def shared_prefill(self, model, input_ids, visible, position_ids, extra, unique_rows, row_of) -> torch.Tensor:
+        """The prefill of a batch whose rows repeat prompts (K samples of each): each distinct prompt runs
+        once into a dynamic cache, whose keys and values are then written into every row of the static
+        cache that holds that prompt. Same keys, values and last logits per row as the full prefill, for
+        1/K of its FLOPs. Returns the last position's logits, one row per batch row."""
+        from transformers import DynamicCache
+
+        width = input_ids.shape[1]
+        prompt_cache = DynamicCache(config=model.config)
+        logits = model(
+            input_ids=input_ids[unique_rows],
+            attention_mask=self.to_attention_mask(visible[unique_rows, ..., :width]),
+            position_ids=position_ids[unique_rows],
+            past_key_values=prompt_cache,
+            use_cache=True,
+            **extra,
+        ).logits[:, -1, :]
+        for layer_idx, layer in enumerate(prompt_cache.layers):
+            self.cache.update(layer.keys[row_of], layer.values[row_of], layer_idx)
+        return logits[row_of]
 
     # one decode step (captured on CUDA) ---------------------------------------------------------
     def step(self) -> None:
@@ -363,6 +388,21 @@ class _Session:
             if check_every and (t % check_every == 0 or t == 1) and bool(self.done.all()):
                 break
         return self.out.clone()
+
+
+def _unique_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """(rows to run, index of each batch row among them) when some rows repeat a prompt, else (None, None).
+
+    Rows count as the same prompt when their ids and padding are equal, as the K samples of a prompt are
+    (models.generation.generate_texts keeps them adjacent in a batch)."""
+    keys = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
+    unique, row_of = torch.unique(keys, dim=0, return_inverse=True)
+    if unique.shape[0] == keys.shape[0]:
+        return None, None
+    first_row = torch.full((unique.shape[0],), keys.shape[0], dtype=torch.long, device=keys.device)
+    first_row.scatter_reduce_(0, row_of, torch.arange(keys.shape[0], device=keys.device), reduce="amin")
+    first_row, order = first_row.sort()  # distinct prompts in batch order
+    return first_row, order.argsort()[row_of]
 
 
 def _cache_lengths(cache) -> list:

@@ -8,9 +8,12 @@ the self-judge and Evaluate(r) load (models.loading.load_policy) and with Train(
 
 Tolerance, on summed log-probs of whole responses: TOL = 1e-4. Unmerged (bf16, fp16, QLoRA, and every
 Evaluate load) the loaded policy computes the same operations on the same weights: measured difference
-0. Merged in fp32 (load_policy's default for fp32 inference) the fold costs fp32 rounding: measured
-about 4e-6. The merged copy in bf16, which the previous chain loaded, is off by about 3e-3 here, as
-large as the round's whole update at a small learning rate: the test shows it fails TOL.
+0. Evaluate folds the adapter in for its generation (fp32 only, models.loading.adapter_merged) and out
+again for pi_base, which leaves the root weights off by the rounding of one add and one subtract
+(measured: 4e-6 on the folded policy and on the root afterwards). Merged in fp32 (load_policy's
+default for fp32 inference) the fold costs fp32 rounding: measured about 4e-6. The merged copy in
+bf16, which the previous chain loaded, is off by about 3e-3 here, as large as the round's whole
+update at a small learning rate: the test shows it fails TOL.
 """
 
 import json
@@ -115,6 +118,14 @@ def test_each_round_loads_the_policy_that_was_trained_and_the_next_reference_is_
     with loading.root_weights(evaluator):  # Evaluate's pi_base: the same load with the adapter off
         assert np.array_equal(logps(evaluator, tok), root_logps)
     assert np.array_equal(logps(evaluator, tok), round_1)
+    # Evaluate generates with the adapter folded in (fp32 only) and unfolds it for pi_base.
+    with loading.adapter_merged(evaluator):
+        folded_in_place = logps(evaluator, tok)
+    assert np.abs(folded_in_place - round_1).max() <= TOL
+    assert not np.array_equal(folded_in_place, round_1) if precision == "fp32" else np.array_equal(folded_in_place, round_1)
+    with loading.root_weights(evaluator):  # unfolded: the root again, up to the rounding of the add and subtract
+        assert np.abs(logps(evaluator, tok) - root_logps).max() <= TOL
+    assert np.abs(logps(evaluator, tok) - round_1).max() <= TOL
     if precision == "bf16":
         # The previous chain loaded the merged copy; in bf16 the fold rounds the small update away,
         # and the same check fails it.

@@ -33,9 +33,10 @@ class _Tok:
     pad_token_id = PAD
 
 
-def tiny_model(family: str, attn: str = "sdpa", vocab: int = VOCAB, layers: int = 2, seed: int = 0):
+def tiny_model(family: str, attn: str = "sdpa", vocab: int = VOCAB, layers: int = 2, seed: int = 0, init_std: float = 0.02):
     torch.manual_seed(seed)
     common = dict(
+        initializer_range=init_std,
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
@@ -132,6 +133,51 @@ def test_generate_texts_static_equals_hf_backend():
         outs[backend] = generate_texts(model, tokenizer, prompts, settings)
     assert outs["static"] == outs["hf"]
     assert any(s.text for samples in outs["static"] for s in samples)
+
+
+def repeated_prompts(lengths: list[int], copies: int):
+    """Each prompt `copies` times in a row, as generate_texts batches the K samples of a prompt."""
+    input_ids, attention_mask = left_padded(lengths)
+    return input_ids.repeat_interleave(copies, dim=0), attention_mask.repeat_interleave(copies, dim=0)
+
+
+def count_forward_rows(model, monkeypatch) -> list[int]:
+    """The batch size of every forward call the model makes from now on."""
+    rows, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: rows.append(kw["input_ids"].shape[0]) or forward(*a, **kw))
+    return rows
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_repeated_prompts_prefill_once_with_the_same_greedy_tokens(attn, monkeypatch):
+    from models.fast_generation import _unique_prompts
+
+    model = tiny_model("qwen2", attn, init_std=0.3)  # sharp attention: a wrong prompt cache changes the tokens
+    input_ids, attention_mask = repeated_prompts([3, 9, 6], copies=3)
+    rows, row_of = _unique_prompts(input_ids, attention_mask)
+    assert rows.tolist() == [0, 3, 6] and row_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    ref = hf_greedy(model, input_ids, attention_mask, 16, [])
+    forward_rows = count_forward_rows(model, monkeypatch)
+    ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=16), [])
+    assert forward_rows[0] == 3 and set(forward_rows[1:]) == {9}  # prefill of 3 prompts, then 9-row steps
+    assert_same_greedy(ours, ref, [])
+
+
+def test_shared_prefill_samples_what_the_full_prefill_samples(monkeypatch):
+    import models.fast_generation as fast
+
+    model = tiny_model("llama", init_std=0.3)
+    input_ids, attention_mask = repeated_prompts([4, 10], copies=4)
+    settings = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=16)
+    forward_rows = count_forward_rows(model, monkeypatch)
+    torch.manual_seed(5)
+    shared = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    assert forward_rows[0] == 2  # the prefill ran two distinct prompts, not eight rows
+    assert len({tuple(row) for row in shared.tolist()}) > 2  # the copies still sample apart
+    release_sessions()
+    monkeypatch.setattr(fast, "_unique_prompts", lambda ids, mask: (None, None))
+    torch.manual_seed(5)
+    assert torch.equal(static_generate(model, _Tok, input_ids, attention_mask, settings, []), shared)
 
 
 def test_only_settings_decide_not_generation_config():
