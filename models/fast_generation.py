@@ -1,4 +1,5 @@
-"""Fast sampling backends: our static-KV-cache decode loop (CUDA-graph captured) and optional vLLM.
+"""Fast sampling backends: our static-KV-cache decode loop (CUDA-graph captured, prompts shared by
+their samples prefilled once) and optional vLLM.
 
 Why not `model.generate`
 ------------------------
@@ -27,7 +28,12 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   instead, so the cache is read once, never copied: the largest single gain (bench/README.md).
   SELFPLAY_STATIC_ATTENTION=0 keeps the model's own `sdpa`.
 - **Prefill** runs the whole left-padded batch in one forward (`logits_to_keep=1`, so the
-  `[batch, prompt, vocab]` logits are never built), and samples the first token.
+  `[batch, prompt, vocab]` logits are never built), and samples the first token. When rows repeat a
+  prompt (the K samples of each prompt, which generate_texts keeps adjacent), each distinct prompt runs
+  once into a dynamic cache whose keys and values are copied into all its rows of the static cache:
+  1/K of the prefill's FLOPs for the same cache and logits (`generate(num_return_sequences=K)` expands
+  the prompts before its prefill). On a CPU, where a step cannot be replayed as a graph, this is the
+  backend's main gain when K > 1 (bench/README.md).
 - **Decode step** = one-token forward + sampling + bookkeeping, all on device with fixed shapes and
   static buffers: mark the new key slot valid, run the model, sample (greedy when temperature is 0,
   else temperature and top-p with the same rule as transformers' TopPLogitsWarper, then the
