@@ -139,8 +139,16 @@ class GenerationConfig:
         default=64, metadata={"help": "Sequences generated together; halved by itself on CUDA out-of-memory."}
     )
     shard_size: int = field(default=256, metadata={"help": "Prompts per resumable part of a round's generation."})
+    shards: int = field(
+        default=1, metadata={"help": "Luigi tasks a round's generation is split into, each on one GPU (the parts of "
+                                     "shard_size prompts dealt out in order); samples do not depend on it."}
+    )
     backend: Literal["hf", "static", "vllm"] = field(
         default="hf", metadata={"help": "hf = transformers generate; static = our static-cache CUDA-graph loop."}
+    )
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "GPUs one vLLM engine spans (backend vllm), for a model that does not fit one; "
+                                     "each generation shard then holds that many."}
     )
 
 
@@ -170,6 +178,10 @@ class JudgeConfig:
     )
     batch_size: int = field(default=16, metadata={"help": "Sequences the judge model scores or writes together."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens the self-judge may write."})
+    shards: int = field(
+        default=1, metadata={"help": "Luigi tasks a round's judging is split into, each on one GPU (its prompts dealt "
+                                     "out in order); pairs are the same whatever the number of workers."}
+    )
     add_reference: bool = field(
         default=False,
         metadata={"help": "Judge the dataset's response as one more candidate beside the K samples, so it can be "
@@ -350,6 +362,9 @@ class Recipe:
             "generation.max_new_tokens": g.max_new_tokens,
             "generation.batch_size": g.batch_size,
             "generation.shard_size": g.shard_size,
+            "generation.shards": g.shards,
+            "generation.tensor_parallel_size": g.tensor_parallel_size,
+            "judge.shards": self.judge.shards,
             "judge.batch_size": self.judge.batch_size,
             "judge.max_new_tokens": self.judge.max_new_tokens,
             "judge.refine_samples": self.judge.refine_samples,
@@ -386,6 +401,8 @@ class Recipe:
                 raise RecipeError(f"{where}: {key} must be in [0, 1), got {value}")
         if not 0 < g.top_p <= 1:
             raise RecipeError(f"{where}: generation.top_p must be in (0, 1], got {g.top_p}")
+        if g.tensor_parallel_size > 1 and g.backend != "vllm":
+            raise RecipeError(f"{where}: generation.tensor_parallel_size {g.tensor_parallel_size} needs generation.backend: vllm")
         if demo.hidden_size % demo.num_heads:
             raise RecipeError(f"{where}: demo_model.hidden_size ({demo.hidden_size}) must be a multiple of demo_model.num_heads ({demo.num_heads})")
         # label_smoothing: the flip rate of cDPO (dpo_sigmoid) and robust DPO; at 0.5 or more the labels

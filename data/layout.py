@@ -8,6 +8,8 @@
         checkpoint/                                CHECKPOINT (training_log.json inside: TRAINING_LOG)
         eval.parquet, metrics.json                 EVAL_FILE, METRICS
         generate_work/, train_work/                GENERATE_WORK, TRAIN_WORK (resumable parts; not artifacts)
+        generations.shards/, pairs.shards/         GENERATIONS_SHARDS, PAIRS_SHARDS: shard-NNNNN.parquet and
+                                                   shard-NNNNN.json per shard task (merged into the files above)
     runs/<run_name>/report.md, plots/              REPORT, PLOTS
 
 These names are the contract that notebooks and external checks rely on (the README's "Run the demo"):
@@ -27,6 +29,8 @@ GENERATE_META = "generate_meta.json"
 GENERATE_WORK = "generate_work"
 PAIRS_FILE = "pairs.parquet"
 JUDGE_META = "judge_meta.json"
+GENERATIONS_SHARDS = "generations.shards"
+PAIRS_SHARDS = "pairs.shards"
 CHECKPOINT = "checkpoint"
 TRAINING_LOG = "training_log.json"
 TRAIN_WORK = "train_work"
@@ -35,6 +39,16 @@ METRICS = "metrics.json"
 REPORT = "report.md"
 PLOTS = "plots"
 ROUND_DIR = re.compile(r"^round_(\d+)$")
+
+
+def shard_range(count: int, shard_idx: int, shards: int) -> range:
+    """Which of `count` items (parts, prompts) shard `shard_idx` of `shards` takes: a contiguous block, the
+    blocks in order and as even as can be. Fixed by the counts alone, never by who runs the shard."""
+    return range(shard_idx * count // shards, (shard_idx + 1) * count // shards)
+
+
+def shard_name(shard_idx: int) -> str:
+    return f"shard-{shard_idx:05d}"
 
 
 def round_name(round_idx: int) -> str:
@@ -90,6 +104,16 @@ class RunLayout:
 
     def generate_work(self, round_idx: int) -> Path:
         return self.round_dir(round_idx) / GENERATE_WORK
+
+    def generation_shard(self, round_idx: int, shard_idx: int) -> tuple[Path, Path]:
+        """(Parquet part, stats JSON) written by generation shard `shard_idx` of round `round_idx`."""
+        base = self.round_dir(round_idx) / GENERATIONS_SHARDS / shard_name(shard_idx)
+        return base.with_suffix(".parquet"), base.with_suffix(".json")
+
+    def pairs_shard(self, round_idx: int, shard_idx: int) -> tuple[Path, Path]:
+        """(Parquet part, stats JSON) written by judging shard `shard_idx` of round `round_idx`."""
+        base = self.round_dir(round_idx) / PAIRS_SHARDS / shard_name(shard_idx)
+        return base.with_suffix(".parquet"), base.with_suffix(".json")
 
     def pairs(self, round_idx: int) -> Path:
         return self.round_dir(round_idx) / PAIRS_FILE

@@ -609,7 +609,7 @@ def _vllm_eos_ids(model_path: str, tokenizer) -> list[int]:
 
 
 def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSettings, model_cfg=None,
-                  adapter=None) -> list[list[Sample]]:
+                  adapter=None, tensor_parallel_size: int = 1) -> list[list[Sample]]:
     """`settings.num_samples` samples per already chat-formatted prompt text, with vLLM's offline engine.
 
     UNTESTED here (vLLM is not installed in CI). The engine is built once per (model_path, dtype, LoRA rank) and
@@ -621,6 +621,7 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
     for its `name_or_path` (in-memory weights are ignored). `adapter` (a PEFT LoRA directory, a round
     checkpoint's adapter/) is applied to every request as a vLLM LoRA request, unmerged; vLLM loads
     the base unquantised, so for a QLoRA run its policy is W + BA rather than the trained nf4(W) + BA.
+    `tensor_parallel_size` > 1 splits the engine over that many GPUs (generation.tensor_parallel_size).
     """
     from data.prompts import clean_response
     from common.errors import ModelError
@@ -644,11 +645,13 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
         rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
         # vLLM accepts only some max_lora_rank values; the smallest of them that holds the adapter.
         lora_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
-    key = (model_path, dtype, lora_rank)
+    key = (model_path, dtype, lora_rank, int(tensor_parallel_size))
     engine = _VLLM_ENGINES.get(key)
     if engine is None:
         release_vllm()
         kwargs = dict(model=model_path, dtype=dtype, seed=int(settings.seed))
+        if tensor_parallel_size > 1:
+            kwargs["tensor_parallel_size"] = int(tensor_parallel_size)
         if lora_rank is not None:
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
         if model_cfg is not None:

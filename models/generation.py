@@ -116,14 +116,19 @@ def shard_seed(seed: int, round_idx: int, shard_idx: int) -> int:
 
 
 @interrupt.safe_points("generation part")  # a signal stops the loop below between parts, once one is saved
-def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, root_path: str | None = None) -> tuple["pd.DataFrame", dict]:
+def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, root_path: str | None = None,
+                   shard: tuple[int, int] = (0, 1)) -> tuple["pd.DataFrame", dict]:
     """Sample `generation.num_samples` responses per prompt with the model at `model_path` (a base model, or
     a round checkpoint loaded as `root_path` + its adapter: models.loading.load_policy).
 
     Work is split into parts of `generation.shard_size` prompts, each written atomically to `work_dir` with its
     own seed, so a killed run resumes at the first missing part and still produces the same samples. A
     SIGTERM or SIGINT (common/interrupt.py) lets the part being generated finish and be saved, then stops.
-    Returns the generations frame (contract columns plus reference/task/answer/source_row/system) and stats.
+    `shard` = (shard_idx, shards): generate only that shard's block of the parts (data.layout.shard_range),
+    for the Luigi shard tasks; a part's samples depend on its index alone, so the shards' frames, put
+    together in order, are the frame of one unsharded call.
+    Returns the generations frame (contract columns plus reference/task/answer/source_row/system) and stats
+    (generation_stats: of the shard's rows, with the round's prompt counts).
     """
     from pathlib import Path
 
@@ -142,16 +147,20 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
     prompts, dropped = filter_overlong(prompts, tokenizer, limit, recipe.data.overlong_prompts, recipe.data.train, limit_name)
     if dropped:
         log.info("generation: skipped %d prompts longer than %s=%d", dropped, limit_name, limit)
+    from data.layout import shard_range
+
     model, parts = None, []
     starts = range(0, len(prompts), gen.shard_size)
-    for shard_idx, start in enumerate(starts):
+    mine = shard_range(len(starts), *shard)
+    for shard_idx in mine:  # shard_idx: the part's index in the round, which seeds it
+        start = starts[shard_idx]
         part_path = work_dir / f"part-{shard_idx:05d}.parquet"
         if part_path.is_file():
             parts.append(pd.read_parquet(part_path))
             continue
         if interrupt.received():  # a SIGTERM/SIGINT came while the previous part was generated; it is saved
             raise Interrupted(
-                f"{interrupt.received()}: generation of round {round_idx} stopped with {len(parts)} of {len(starts)} "
+                f"{interrupt.received()}: generation of round {round_idx} stopped with {len(parts)} of {len(mine)} "
                 f"parts saved in {work_dir}; rerun the same command to resume"
             )
         shard = prompts.iloc[start : start + gen.shard_size]
@@ -171,9 +180,10 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
             if is_round_checkpoint(model_path):  # the root weights and the round's adapter as a LoRA request
                 root = root_path or checkpoint_info(model_path)["root_path"]
                 samples = vllm_generate(root, tokenizer, texts, settings, recipe.model,
-                                        adapter=round_adapter(model_path))
+                                        adapter=round_adapter(model_path), tensor_parallel_size=gen.tensor_parallel_size)
             else:
-                samples = vllm_generate(model_path, tokenizer, texts, settings, recipe.model)
+                samples = vllm_generate(model_path, tokenizer, texts, settings, recipe.model,
+                                        tensor_parallel_size=gen.tensor_parallel_size)
         else:
             model = model or load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit", root=root_path)
             samples = generate_texts(model, tokenizer, texts, settings, progress=f"generate r{round_idx} part {shard_idx}")
@@ -194,12 +204,16 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
         part = pd.DataFrame(rows)
         write_parquet(part, part_path)
         parts.append(part)
-    frame = pd.concat(parts, ignore_index=True)
-    stats = {
-        "prompts": int(len(prompts)),
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()  # a shard with no parts: more shards than parts
+    return frame, generation_stats(frame, len(prompts), dropped)
+
+
+def generation_stats(frame: "pd.DataFrame", prompts: int, dropped: int) -> dict:
+    """generate_meta.json: the round's prompt counts, and figures of the samples in `frame`."""
+    return {
+        "prompts": int(prompts),
         "prompts_too_long": int(dropped),
         "samples": int(len(frame)),
-        "mean_new_tokens": float(frame.num_tokens.mean()),
-        "unfinished_fraction": float(1 - frame.finished.mean()),
+        "mean_new_tokens": float(frame.num_tokens.mean()) if len(frame) else None,
+        "unfinished_fraction": float(1 - frame.finished.mean()) if len(frame) else None,
     }
-    return frame, stats

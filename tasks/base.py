@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -155,6 +156,20 @@ def prepare_work_dir(work_dir: Path, inputs: list[luigi.LocalTarget]) -> Path:
     return work_dir
 
 
+def prepare_shared_work_dir(work_dir: Path, inputs: list[luigi.LocalTarget]) -> Path:
+    """prepare_work_dir for a work directory several shard tasks share (each writes parts of its own in
+    it): under an flock of the directory that holds it, so two shards starting together never both
+    wipe a stale one, nor one wipe the parts the other has begun."""
+    parent = Path(work_dir).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(parent, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return prepare_work_dir(work_dir, inputs)
+    finally:
+        os.close(fd)  # closing the last descriptor drops the lock
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -264,8 +279,9 @@ class RunTask(luigi.Task):
 
     @property
     def short_name(self) -> str:
-        round_idx = getattr(self, "round_idx", None)
-        return self.task_family + (f" of round {round_idx}" if round_idx is not None else "")
+        round_idx, shard_idx = getattr(self, "round_idx", None), getattr(self, "shard_idx", None)
+        return (self.task_family + (f" {shard_idx}" if shard_idx is not None else "")
+                + (f" of round {round_idx}" if round_idx is not None else ""))
 
     @cached_property
     def config(self):
@@ -347,9 +363,16 @@ _give_back_when_the_worker_stops()
 
 
 class GpuTask(RunTask):
-    """A task that holds the GPU; `[resources] gpu=1` in luigi.cfg keeps two from sharing it."""
+    """A task that holds a GPU: it asks Luigi for `gpu: 1` (`[resources] gpu=N` in luigi.cfg caps how many
+    run at once), and its run() holds its own GPU(s) with `hold_gpus` (common/gpu_slot.py), so two tasks
+    running side by side never share one."""
 
     resources = {"gpu": 1}
+
+    def hold_gpus(self, count: int):
+        from common.gpu_slot import gpu_slot
+
+        return gpu_slot(count, what=self.short_name)
 
 
 @RunTask.event_handler(luigi.Event.PROCESSING_TIME)

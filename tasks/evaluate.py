@@ -47,9 +47,10 @@ class Evaluate(GpuTask):
         if self.round_idx > 0:
             previous = read_artifact(self.input()["previous"]["eval"].path, EVAL)
             base = read_artifact(self.input()["first"]["eval"].path, EVAL)
-        frame, metrics = evaluate_round(
-            recipe, self.round_idx, deps["model"].model_path, deps["base"].model_path, prompts, previous, base
-        )
+        with self.hold_gpus(1):
+            frame, metrics = evaluate_round(
+                recipe, self.round_idx, deps["model"].model_path, deps["base"].model_path, prompts, previous, base
+            )
         report = {"round": self.round_idx, "eval": metrics}
         if self.round_idx > 0:
             report["train"] = json.loads((Path(deps["model"].model_path) / TRAINING_LOG).read_text())

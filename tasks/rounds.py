@@ -41,14 +41,18 @@ same code (DDP; see the README for FSDP) and waits for it.
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import luigi
 
 from common import interrupt
 from common.atomic import atomic_write_json
 from common.errors import Interrupted, TrainingError
-from tasks.base import DirTarget, FileTarget, GpuTask, prepare_work_dir, set_cpu_threads
+from tasks.base import DirTarget, FileTarget, GpuTask, RunTask, prepare_shared_work_dir, prepare_work_dir, set_cpu_threads
 from tasks.base_model import BaseModel
+
+if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
+    import pandas as pd
 
 
 def model_task(task, round_idx: int):
@@ -56,11 +60,62 @@ def model_task(task, round_idx: int):
     return task.clone(BaseModel) if round_idx == 0 else task.clone(Train, round_idx=round_idx)
 
 
-class Generate(GpuTask):
+class GenerateShard(GpuTask):
+    """One shard of Generate(r): its block of the round's parts (generation.shards), on GPUs of its own."""
+
     round_idx = luigi.IntParameter(description="Round number, from 1.")
+    shard_idx = luigi.IntParameter(description="Shard number, from 0 (of generation.shards).")
+
+    @property
+    def resources(self):
+        gen = self.config.for_round(self.round_idx).generation
+        return {"gpu": gen.tensor_parallel_size if gen.backend == "vllm" else 1}
 
     def requires(self):
         return model_task(self, self.round_idx - 1)
+
+    def output(self):
+        part, meta = self.layout.generation_shard(self.round_idx, self.shard_idx)
+        return {"part": FileTarget(str(part)), "meta": FileTarget(str(meta))}
+
+    def run(self):
+        set_cpu_threads()
+        from data.prompts import load_prompts, round_prompts
+        from data.schema import write_parquet
+        from models.generation import generate_round
+        from tasks.requirements import check_train_data
+
+        recipe = self.config.for_round(self.round_idx)
+        with self.hold_gpus(self.resources["gpu"]):
+            prompts = load_prompts(
+                recipe.data.train, recipe.data.train_split, recipe.data, require_reference=recipe.needs_reference
+            )
+            check_train_data(recipe, prompts, recipe.data.train)  # a hub dataset was not read before scheduling
+            prompts = round_prompts(prompts, self.round_idx, recipe.data.prompts_per_round)
+            work_dir = prepare_shared_work_dir(self.layout.generate_work(self.round_idx), luigi.task.flatten(self.input()))
+            try:
+                frame, stats = generate_round(
+                    recipe, self.requires().model_path, prompts, self.round_idx, work_dir,
+                    root_path=model_task(self, 0).model_path, shard=(self.shard_idx, recipe.generation.shards),
+                )
+            finally:
+                if recipe.generation.backend == "vllm":  # one engine per shard: its GPUs are free for what runs next
+                    from models.fast_generation import release_vllm
+
+                    release_vllm()
+        write_parquet(frame, self.output()["part"].path)
+        with self.output()["meta"].temporary_path() as tmp:
+            atomic_write_json(tmp, stats)
+
+
+class Generate(RunTask):
+    """Round r's generations: its shards' parts put together in order (no GPU; the shards did the work)."""
+
+    round_idx = luigi.IntParameter(description="Round number, from 1.")
+
+    def requires(self):
+        shards = self.config.for_round(self.round_idx).generation.shards
+        return [self.clone(GenerateShard, shard_idx=i) for i in range(shards)]
 
     def output(self):
         return {
@@ -69,33 +124,86 @@ class Generate(GpuTask):
         }
 
     def run(self):
-        set_cpu_threads()
-        from data.prompts import load_prompts, round_prompts
         from data.schema import GENERATIONS, write_parquet
-        from models.generation import generate_round
-        from tasks.requirements import check_train_data
+        from models.generation import generation_stats
 
-        recipe = self.config.for_round(self.round_idx)
-        prompts = load_prompts(
-            recipe.data.train, recipe.data.train_split, recipe.data, require_reference=recipe.needs_reference
-        )
-        check_train_data(recipe, prompts, recipe.data.train)  # a hub dataset was not read before scheduling
-        prompts = round_prompts(prompts, self.round_idx, recipe.data.prompts_per_round)
-        work_dir = prepare_work_dir(self.layout.generate_work(self.round_idx), luigi.task.flatten(self.input()))
-        frame, stats = generate_round(
-            recipe, self.requires().model_path, prompts, self.round_idx, work_dir, root_path=model_task(self, 0).model_path
-        )
+        frame, metas = merge_shards(self.input())
+        stats = generation_stats(frame, metas[0]["prompts"], metas[0]["prompts_too_long"])
         with self.output()["generations"].temporary_path() as tmp:
             write_parquet(frame, tmp, GENERATIONS)
         with self.output()["meta"].temporary_path() as tmp:
             atomic_write_json(tmp, stats)
 
 
-class Judge(GpuTask):
+class JudgeShard(GpuTask):
+    """One shard of Judge(r): its block of the round's prompts (judge.shards), on a GPU of its own."""
+
     round_idx = luigi.IntParameter(description="Round number, from 1.")
+    shard_idx = luigi.IntParameter(description="Shard number, from 0 (of judge.shards).")
 
     def requires(self):
         return {"generations": self.clone(Generate), "model": model_task(self, self.round_idx - 1)}
+
+    def output(self):
+        part, meta = self.layout.pairs_shard(self.round_idx, self.shard_idx)
+        return {"part": FileTarget(str(part)), "meta": FileTarget(str(meta))}
+
+    def run(self):
+        set_cpu_threads()
+        from data.layout import shard_range
+        from data.schema import GENERATIONS, read_artifact, write_parquet
+        from models.judges import make_judge, pair_round
+
+        recipe = self.config.for_round(self.round_idx)
+        generations = read_artifact(self.input()["generations"]["generations"].path, GENERATIONS)
+        prompt_ids = generations.prompt_id.drop_duplicates()
+        mine = prompt_ids.iloc[list(shard_range(len(prompt_ids), self.shard_idx, recipe.judge.shards))]
+        generations = generations[generations.prompt_id.isin(mine)]
+        judge = refiner = None
+        who = {}
+        with self.hold_gpus(1):
+            if recipe.algorithm != "spin":
+                from models.loading import load_policy, load_tokenizer
+
+                generator_path, base_path = self.requires()["model"].model_path, model_task(self, 0).model_path
+                loaded = {}
+
+                def model_at(path: str):
+                    """(tokenizer, model) at `path`, loaded once however many roles it plays."""
+                    if path not in loaded:
+                        loaded[path] = (load_tokenizer(path, recipe.model),
+                                        load_policy(path, recipe.model, quantize=recipe.model.quantization == "4bit", root=base_path))
+                    return loaded[path]
+
+                model = tokenizer = None
+                if recipe.judge.name == "self":
+                    # judge.self_model: policy = the round's generator (the model after round r-1) judges its own
+                    # samples, as in Self-Rewarding LMs; base = the base model judges every round.
+                    judge_path = generator_path if recipe.judge.self_model == "policy" else base_path
+                    tokenizer, model = model_at(judge_path)
+                    who = {"judge_model": str(judge_path), "generator_model": str(generator_path),
+                           "judge_is_generator": judge_path == generator_path}
+                judge = make_judge(recipe.judge.name, recipe, model, tokenizer)
+                if recipe.judge.refine:  # the generator rewrites its own failed answers
+                    from models.judges import make_refiner
+
+                    refiner_tokenizer, refiner_model = model_at(generator_path)
+                    refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx)
+            pairs, stats = pair_round(recipe, generations, self.round_idx, judge, refiner)
+        stats.update(who)
+        write_parquet(pairs, self.output()["part"].path)
+        with self.output()["meta"].temporary_path() as tmp:
+            atomic_write_json(tmp, stats)
+
+
+class Judge(RunTask):
+    """Round r's pairs: its shards' parts put together in order, their counts added up."""
+
+    round_idx = luigi.IntParameter(description="Round number, from 1.")
+
+    def requires(self):
+        shards = self.config.for_round(self.round_idx).judge.shards
+        return [self.clone(JudgeShard, shard_idx=i) for i in range(shards)]
 
     def output(self):
         return {
@@ -104,47 +212,37 @@ class Judge(GpuTask):
         }
 
     def run(self):
-        set_cpu_threads()
-        from data.schema import GENERATIONS, PAIRS, read_artifact, write_parquet
-        from models.judges import make_judge, pair_round
+        from data.schema import PAIRS, write_parquet
 
-        recipe = self.config.for_round(self.round_idx)
-        generations = read_artifact(self.input()["generations"]["generations"].path, GENERATIONS)
-        judge = refiner = None
-        who = {}
-        if recipe.algorithm != "spin":
-            from models.loading import load_policy, load_tokenizer
-
-            generator_path, base_path = self.requires()["model"].model_path, model_task(self, 0).model_path
-            loaded = {}
-
-            def model_at(path: str):
-                """(tokenizer, model) at `path`, loaded once however many roles it plays."""
-                if path not in loaded:
-                    loaded[path] = (load_tokenizer(path, recipe.model),
-                                    load_policy(path, recipe.model, quantize=recipe.model.quantization == "4bit", root=base_path))
-                return loaded[path]
-
-            model = tokenizer = None
-            if recipe.judge.name == "self":
-                # judge.self_model: policy = the round's generator (the model after round r-1) judges its own
-                # samples, as in Self-Rewarding LMs; base = the base model judges every round.
-                judge_path = generator_path if recipe.judge.self_model == "policy" else base_path
-                tokenizer, model = model_at(judge_path)
-                who = {"judge_model": str(judge_path), "generator_model": str(generator_path),
-                       "judge_is_generator": judge_path == generator_path}
-            judge = make_judge(recipe.judge.name, recipe, model, tokenizer)
-            if recipe.judge.refine:  # the generator rewrites its own failed answers
-                from models.judges import make_refiner
-
-                refiner_tokenizer, refiner_model = model_at(generator_path)
-                refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx)
-        pairs, stats = pair_round(recipe, generations, self.round_idx, judge, refiner)
-        stats.update(who)
+        pairs, metas = merge_shards(self.input())
         with self.output()["pairs"].temporary_path() as tmp:
             write_parquet(pairs, tmp, PAIRS)
         with self.output()["meta"].temporary_path() as tmp:
-            atomic_write_json(tmp, stats)
+            atomic_write_json(tmp, add_counts(metas))
+
+
+def merge_shards(shard_outputs: list[dict]) -> tuple["pd.DataFrame", list[dict]]:
+    """The shards' parts concatenated in shard order (empty parts skipped: a shard with nothing to do), and
+    their stats."""
+    import pandas as pd
+
+    frames = [pd.read_parquet(out["part"].path) for out in shard_outputs]
+    metas = [json.loads(Path(out["meta"].path).read_text()) for out in shard_outputs]
+    kept = [frame for frame in frames if len(frame)] or frames[:1]
+    return pd.concat(kept, ignore_index=True) if len(kept) > 1 else kept[0], metas
+
+
+def add_counts(metas: list[dict]) -> dict:
+    """The stats of several shards as one: counts added up, anything else (who judged) from the first shard
+    that has it; keys in the order they first appear."""
+    merged: dict = {}
+    for meta in metas:
+        for key, value in meta.items():
+            if key not in merged:
+                merged[key] = value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                merged[key] += value
+    return merged
 
 
 class Train(GpuTask):
@@ -203,4 +301,5 @@ class Train(GpuTask):
             else:
                 from models.trainer import run_job
 
-                run_job(job)
+                with self.hold_gpus(1):
+                    run_job(job)
