@@ -300,6 +300,10 @@ class EvalConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "Longest greedy and sampled held-out response in tokens."})
     kl_samples: int = field(default=2, metadata={"help": "Samples per prompt for the KL(pi_r || pi_base) estimate."})
     report_prompts: int = field(default=4, metadata={"help": "Fixed prompts shown side by side in report.md."})
+    shards: int = field(
+        default=1, metadata={"help": "Luigi tasks a round's evaluation is split into, each on one GPU (the held-out "
+                                     "prompts dealt out in order); figures are the same whatever the number of workers."}
+    )
 
 
 @dataclass
@@ -382,6 +386,7 @@ class Recipe:
             "evaluation.num_prompts": ev.num_prompts,
             "evaluation.max_new_tokens": ev.max_new_tokens,
             "evaluation.kl_samples": ev.kl_samples,
+            "evaluation.shards": ev.shards,
         }
         for key, value in positive.items():
             if value is not None and value <= 0:

@@ -8,8 +8,8 @@
         checkpoint/                                CHECKPOINT (training_log.json inside: TRAINING_LOG)
         eval.parquet, metrics.json                 EVAL_FILE, METRICS
         generate_work/, train_work/                GENERATE_WORK, TRAIN_WORK (resumable parts; not artifacts)
-        generations.shards/, pairs.shards/         GENERATIONS_SHARDS, PAIRS_SHARDS: shard-NNNNN.parquet and
-                                                   shard-NNNNN.json per shard task (merged into the files above)
+        generations.shards/, pairs.shards/,        GENERATIONS_SHARDS, PAIRS_SHARDS, EVAL_SHARDS: shard-NNNNN.parquet
+        eval.shards/                               and shard-NNNNN.json per shard task (merged into the files above)
     runs/<run_name>/report.md, plots/              REPORT, PLOTS
 
 These names are the contract that notebooks and external checks rely on (the README's "Run the demo"):
@@ -31,6 +31,7 @@ PAIRS_FILE = "pairs.parquet"
 JUDGE_META = "judge_meta.json"
 GENERATIONS_SHARDS = "generations.shards"
 PAIRS_SHARDS = "pairs.shards"
+EVAL_SHARDS = "eval.shards"
 CHECKPOINT = "checkpoint"
 TRAINING_LOG = "training_log.json"
 TRAIN_WORK = "train_work"
@@ -113,6 +114,11 @@ class RunLayout:
     def pairs_shard(self, round_idx: int, shard_idx: int) -> tuple[Path, Path]:
         """(Parquet part, stats JSON) written by judging shard `shard_idx` of round `round_idx`."""
         base = self.round_dir(round_idx) / PAIRS_SHARDS / shard_name(shard_idx)
+        return base.with_suffix(".parquet"), base.with_suffix(".json")
+
+    def eval_shard(self, round_idx: int, shard_idx: int) -> tuple[Path, Path]:
+        """(Parquet part, judgements JSON) written by evaluation shard `shard_idx` of round `round_idx`."""
+        base = self.round_dir(round_idx) / EVAL_SHARDS / shard_name(shard_idx)
         return base.with_suffix(".parquet"), base.with_suffix(".json")
 
     def pairs(self, round_idx: int) -> Path:

@@ -153,6 +153,17 @@ def eval_judge_detail(recipe, judge_name: str | None) -> str | None:
 def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prompts: pd.DataFrame,
                    previous: pd.DataFrame | None, base: pd.DataFrame | None) -> tuple[pd.DataFrame, dict]:
     """Evaluate the model after `round_idx` rounds; `previous`/`base` are eval frames of round r-1 / 0."""
+    frame, judged = evaluate_rows(recipe, round_idx, model_path, base_path, prompts, previous, base)
+    return frame, eval_metrics(recipe, round_idx, frame, prompts, previous, judged)
+
+
+def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, prompts: pd.DataFrame,
+                  previous: pd.DataFrame | None, base: pd.DataFrame | None,
+                  all_prompts: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
+    """The eval frame of `prompts` (responses, log-probs, verifier scores) and what the evaluation judge said
+    of their greedy responses: {"judge": name, "previous"/"base": P(ours wins) per prompt, "unparsed": n}.
+    `all_prompts`: the round's whole held-out set when `prompts` is one shard of it (the Evaluate shard
+    tasks), so that what is measured is decided on the whole set, as one unsharded call decides it."""
     import torch
 
     from models.generation import generate_texts
@@ -201,7 +212,7 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
                                 "finished": True, "token_ids": None})
                 records.append({**rec, "kind": "pair_rejected", "token_ids": None})
     else:
-        pair_rows = base[base.kind.isin(["pair_chosen", "pair_rejected"])]
+        pair_rows = base[base.kind.isin(["pair_chosen", "pair_rejected"]) & base.prompt_id.isin(prompts.prompt_id)]
         measured = ["logp", "base_logp", "correct", "verifier_score"]  # rescored every round
         records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=measured, errors="ignore").to_dict("records")]
     frame = pd.DataFrame(records)
@@ -210,17 +221,57 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
     items = encode_eval_rows(tokenizer, frame, by_prompt)
     frame["logp"] = batched_logps(model, tokenizer, items, batch, device, "eval logps")[0]
     verifier = load_verifier(recipe.judge.verifier)
-    metrics: dict = {"round": round_idx, "prompts": int(len(prompts))}
-    if can_verify(verifier, prompts):
+    whole = prompts if all_prompts is None else all_prompts
+    if can_verify(verifier, whole):
         frame["verifier_score"] = [
             verifier.score(row["prompt"], response, row_of(row.get("source_row")), row.get("answer"))
             for row, response in zip(row_prompts.to_dict("records"), frame.response)
         ]
         frame["correct"] = frame.verifier_score >= 0.5
+
+    greedy_rows = frame[frame.kind == "greedy"].reset_index(drop=True)
+    sample_rows = frame[frame.kind == "sample"]
+    judge_name = eval_judge_name(recipe, whole)
+    judged: dict = {"judge": judge_name}
+    if round_idx > 0:
+        if has_adapter(model):
+            # From here on the same load is pi_base: the KL estimate, and the base as the fixed referee.
+            set_adapter_enabled(model, False)
+            base_model = model
+        else:  # a model saved whole (the experiment's supervised control): load the base instead
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            base_model = load_policy(base_path, recipe.model, quantize=quantize)
+        base_tokenizer = load_tokenizer(base_path, recipe.model)
+        # The very token sequences pi_r sampled, scored under the base: one Monte-Carlo term each.
+        sample_items = [items[i] for i in sample_rows.index]
+        frame.loc[sample_rows.index, "base_logp"] = batched_logps(base_model, base_tokenizer, sample_items, batch, device, "eval base logps")[0]
+        if judge_name:
+            judge = make_judge(judge_name, recipe, base_model, base_tokenizer)
+            ours = greedy_rows.response.tolist()
+            greedy_prompts = by_prompt.loc[greedy_rows.prompt_id].reset_index()
+            judged["unparsed"] = 0  # self-judge answers with no verdict (ties), both comparisons
+            for label, other in (("previous", previous), ("base", base)):
+                theirs = other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
+                results = judge_pairs(judge, greedy_prompts, ours, theirs)
+                judged[label] = [float(result.prob_matrix[0, 1]) for result in results]
+                judged["unparsed"] += sum(result.unparsed for result in results)
+    return frame, judged
+
+
+def eval_metrics(recipe, round_idx: int, frame: pd.DataFrame, prompts: pd.DataFrame, previous: pd.DataFrame | None,
+                 judged: dict) -> dict:
+    """The figures of metrics.json from the eval frame of every held-out prompt and what the judge said
+    (evaluate_rows; the shards' frames and judgements put together in order, when sharded)."""
+    from models.verifiers import load_verifier
+
+    verifier = load_verifier(recipe.judge.verifier)
+    metrics: dict = {"round": round_idx, "prompts": int(len(prompts))}
+    if "verifier_score" in frame:
         metrics["verifier"] = verifier.spec
         if verifier.needs_answer:
             metrics["verifier_answers"] = prompts.attrs.get("answer_from", "answer")
-
     greedy_rows = frame[frame.kind == "greedy"].reset_index(drop=True)
     sample_rows = frame[frame.kind == "sample"]
     if "verifier_score" in frame:
@@ -236,23 +287,10 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
         distinct_2=distinct_n(sample_rows.response.tolist(), 2),
     )
 
-    judge_name = eval_judge_name(recipe, prompts)
+    judge_name = judged["judge"]
     metrics["eval_judge"] = judge_name
     metrics["eval_judge_detail"] = eval_judge_detail(recipe, judge_name)
     if round_idx > 0:
-        if has_adapter(model):
-            # From here on the same load is pi_base: the KL estimate, and the base as the fixed referee.
-            set_adapter_enabled(model, False)
-            base_model = model
-        else:  # a model saved whole (the experiment's supervised control): load the base instead
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            base_model = load_policy(base_path, recipe.model, quantize=quantize)
-        base_tokenizer = load_tokenizer(base_path, recipe.model)
-        # The very token sequences pi_r sampled, scored under the base: one Monte-Carlo term each.
-        sample_items = [items[i] for i in sample_rows.index]
-        frame.loc[sample_rows.index, "base_logp"] = batched_logps(base_model, base_tokenizer, sample_items, batch, device, "eval base logps")[0]
         log_ratio = frame.loc[sample_rows.index, "logp"] - frame.loc[sample_rows.index, "base_logp"]
         metrics["kl_vs_base"], metrics["kl_vs_base_se"] = mean_se(log_ratio.groupby(sample_rows.prompt_id).mean())
         pairs_now = frame[frame.kind.str.startswith("pair_")].set_index(["prompt_id", "kind"]).logp
@@ -267,19 +305,14 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
                 recipe.training.beta,
             )
         if judge_name:
-            judge = make_judge(judge_name, recipe, base_model, base_tokenizer)
-            ours = greedy_rows.response.tolist()
-            greedy_prompts = by_prompt.loc[greedy_rows.prompt_id].reset_index()
-            metrics["eval_judge_unparsed"] = 0  # self-judge answers with no verdict (ties), both comparisons
-            for label, other in (("previous", previous), ("base", base)):
-                theirs = other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
-                results = judge_pairs(judge, greedy_prompts, ours, theirs)
-                probs = np.array([result.prob_matrix[0, 1] for result in results])
-                metrics["eval_judge_unparsed"] += sum(result.unparsed for result in results)
+            greedy_prompts = prompts.set_index("prompt_id").loc[greedy_rows.prompt_id].reset_index()
+            metrics["eval_judge_unparsed"] = judged["unparsed"]
+            for label in ("previous", "base"):
+                probs = np.array(judged[label])
                 metrics[f"win_rate_vs_{label}"], metrics[f"win_rate_vs_{label}_se"] = mean_se(probs)
                 if "task" in greedy_prompts:
                     by_task = pd.Series(probs).groupby(greedy_prompts["task"].to_numpy()).mean()
                     metrics[f"win_rate_vs_{label}_by_task"] = {k: float(v) for k, v in by_task.items()}
     else:
         metrics["kl_vs_base"] = 0.0
-    return frame, metrics
+    return metrics

@@ -100,22 +100,39 @@ def run_round(recipe: str, runs: Path, workers: int) -> Path:
     return next(runs.iterdir()) / "round_01"
 
 
+def eval_figures(round_dir: Path) -> dict:
+    return json.loads((round_dir / "metrics.json").read_text())["eval"]  # the rest holds training's wall times
+
+
 @pytest.mark.slow
-def test_artifacts_do_not_depend_on_workers_or_shards(tiny_recipe, tmp_path):
-    """One round of DPO with a verifier judge, 4 parts of 8 prompts: one shard on one worker, then three
-    shards of generation and judging on one, two and three workers give byte-identical files."""
+def test_artifacts_do_not_depend_on_workers(tiny_recipe, tmp_path):
+    """One round of DPO with a verifier judge, 4 parts of 8 prompts, every stage in 3 shards: one, two and
+    three workers give byte-identical files. Generation and judging match one shard's too (a part's samples
+    depend on its index alone); evaluation samples per shard, so its files match for a fixed layout."""
     one = tiny_recipe("dpo", name="one", generation={"shard_size": 8})
-    sharded = tiny_recipe("dpo", name="sharded", generation={"shard_size": 8, "shards": 3}, judge={"shards": 3})
+    sharded = tiny_recipe("dpo", name="sharded", generation={"shard_size": 8, "shards": 3}, judge={"shards": 3},
+                          evaluation={"shards": 3})
     reference = run_round(one, tmp_path / "one", workers=1)
+    first = None
     for workers in (1, 2, 3):
         round_dir = run_round(sharded, tmp_path / f"w{workers}", workers=workers)
-        assert sorted(p.name for p in (round_dir / "generations.shards").iterdir()) == [
-            f"shard-0000{i}.{ext}" for i in range(3) for ext in ("json", "parquet")]
-        for name in ROUND_FILES:
+        for stage in ("generations", "pairs", "eval"):
+            assert sorted(p.name for p in (round_dir / f"{stage}.shards").iterdir()) == [
+                f"shard-0000{i}.{ext}" for i in range(3) for ext in ("json", "parquet")]
+        for name in ROUND_FILES[:4]:
             assert (round_dir / name).read_bytes() == (reference / name).read_bytes(), f"{name}, {workers} workers"
+        first = first or round_dir
+        assert (round_dir / "eval.parquet").read_bytes() == (first / "eval.parquet").read_bytes(), f"{workers} workers"
+        assert eval_figures(round_dir) == eval_figures(first)
     # The parts of shard_size prompts were dealt out as blocks: 4 parts over 3 shards.
     metas = [json.loads((round_dir / "generations.shards" / f"shard-0000{i}.json").read_text()) for i in range(3)]
     assert [m["samples"] for m in metas] == [32, 32, 64]
+    # Evaluation's 12 held-out prompts, 4 per shard: every prompt's rows once, in the unsharded order.
+    import pandas as pd
+
+    sharded_eval, one_eval = (pd.read_parquet(d / "eval.parquet") for d in (first, reference))
+    assert sharded_eval[["prompt_id", "kind", "sample_index"]].equals(one_eval[["prompt_id", "kind", "sample_index"]])
+    assert sharded_eval[sharded_eval.kind == "greedy"].response.tolist() == one_eval[one_eval.kind == "greedy"].response.tolist()
 
 
 # Runs the luigi command line in a child with every part's generation slowed down, so the test can kill it
