@@ -275,3 +275,81 @@ def test_vllm_engine_spans_tensor_parallel_gpus(monkeypatch):
         ["len 2 seed 3000009 k 0", "len 2 seed 3000009 k 1"], ["len 4 seed 3000010 k 0", "len 4 seed 3000010 k 1"],
         ["len 3 seed 3000009 k 0", "len 3 seed 3000009 k 1"]]
     fast_generation.release_vllm()
+
+
+def start_luigid(tmp_path: Path, config: str) -> tuple[subprocess.Popen, int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "luigid.cfg").write_text(config)
+    luigid = subprocess.Popen([sys.executable, "-c", "from luigi.cmdline import luigid; luigid()", "--port", str(port),
+                               "--address", "127.0.0.1", "--state-path", str(tmp_path / "state.pickle"),
+                               "--logdir", str(tmp_path)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "LUIGI_CONFIG_PATH": str(tmp_path / "luigid.cfg")})
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return luigid, port
+        time.sleep(0.2)
+    luigid.kill()
+    pytest.fail("luigid did not start")
+
+
+@pytest.mark.slow
+def test_a_box_dies_mid_shard_and_another_box_finishes_the_run(tiny_recipe, tmp_path):
+    """Two boxes (two commands, each with its own GPU locks) share one run directory under one luigid with
+    --shared-run. Box A is SIGKILLed while it generates a shard; luigid fails its shard once A stops
+    answering, retries it, and box B runs it, resuming from A's saved parts: the run ends with the files of
+    one command on one box."""
+    luigid, port = start_luigid(tmp_path, "[scheduler]\nworker_disconnect_delay = 3\nretry_delay = 1\n"
+                                          "[resources]\ngpu = 2\n")
+    recipe = tiny_recipe("spin", generation={"shard_size": 8, "shards": 2})
+    runs = tmp_path / "runs"
+    round_dir = runs / "tiny_spin" / "round_01"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    box_cfg = tmp_path / "box.cfg"  # read after the repository's luigi.cfg, so it wins
+    box_cfg.write_text(f"[core]\nlocal_scheduler = false\nscheduler_host = 127.0.0.1\nscheduler_port = {port}\n"
+                       "[worker]\nkeep_alive = true\nwait_interval = 0.2\nwait_jitter = 0.2\n"
+                       "[retcode]\nalready_running = 0\n")  # another box running some of the tasks is the point
+
+    def box(name: str, delay: float):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "LUIGI_CONFIG_PATH": str(box_cfg),
+               gpu_slot.LOCK_DIR_ENV: str(tmp_path / f"gpus-{name}")}
+        log = open(tmp_path / f"box-{name}.log", "w")
+        args = [sys.executable, str(driver), str(delay), "--module", "pipeline", "Iterate", "--rounds", "1",
+                "--recipe", recipe, "--runs-dir", str(runs), "--shared-run", "--workers", "1"]
+        return subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log.name
+
+    try:
+        box_a, _ = box("a", delay=3.0)
+        work = round_dir / "generate_work"
+        deadline = time.time() + 300
+        while not any(work.glob("part-*.parquet")):  # box A is generating its shard
+            assert box_a.poll() is None and time.time() < deadline, "box A ended before it could be killed"
+            time.sleep(0.05)
+        box_b, log_b = box("b", delay=0.0)
+        time.sleep(1.0)
+        os.killpg(box_a.pid, signal.SIGKILL)
+        box_a.wait()
+        assert box_b.wait(timeout=600) == 0, Path(log_b).read_text()[-3000:]
+    finally:
+        for proc in ("box_a", "box_b"):
+            if proc in locals() and locals()[proc].poll() is None:
+                os.killpg(locals()[proc].pid, signal.SIGKILL)
+        luigid.terminate()
+        luigid.wait()
+    import re
+
+    killed_in = re.findall(r"running\s+(GenerateShard\(.*?\))$", (tmp_path / "box-a.log").read_text(), re.M)[-1]
+    assert re.search(rf"done\s+{re.escape(killed_in)}$", Path(log_b).read_text(), re.M)  # box B ran it again
+
+    clean = tiny_recipe("spin", name="clean", generation={"shard_size": 8})
+    assert luigi.build([Iterate(recipe=clean, runs_dir=str(tmp_path / "clean"), rounds=1)], local_scheduler=True,
+                       log_level="WARNING")
+    clean_dir = tmp_path / "clean" / "clean" / "round_01"
+    for name in ROUND_FILES:
+        assert (round_dir / name).read_bytes() == (clean_dir / name).read_bytes(), name
