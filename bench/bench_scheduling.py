@@ -1,6 +1,7 @@
 """How long Luigi takes to decide that nothing is left to do, for an N-round run that is already complete.
 
     python bench/bench_scheduling.py --rounds 10
+    python bench/bench_scheduling.py --rounds 3 --shards 8   # Generate, Judge, Evaluate in 8 shard tasks each
 
 Every output of an N-round run is faked (empty files, `_SUCCESS` in directory outputs, a real run.yaml),
 then `Iterate(rounds=N).complete()` is timed and the completeness checks of outputs are counted: with
@@ -24,7 +25,11 @@ def fake_complete_run(task) -> None:
     import luigi
     import yaml
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from data.layout import RUN_YAML
+    from data.schema import ARTIFACT_SCHEMAS
     from tasks.base import DirTarget
 
     seen, todo = set(), [task]
@@ -41,13 +46,38 @@ def fake_complete_run(task) -> None:
             elif path.name == RUN_YAML:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(yaml.safe_dump({"recipe": current.config.to_dict()}))
+            elif path.name in ARTIFACT_SCHEMAS:  # the preflight reads artifacts' footers: an empty table of its columns
+                path.parent.mkdir(parents=True, exist_ok=True)
+                columns = ARTIFACT_SCHEMAS[path.name].columns
+                pq.write_table(pa.table({name: pa.array([], type=kind) for name, kind in columns.items()}), path)
+            elif path.suffix == ".json":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}")
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
         todo.extend(luigi.task.flatten(current.requires()))
 
 
-def measure(rounds: int, runs_dir: Path) -> tuple[float, int]:
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo_spin.yaml"
+
+
+def sharded_recipe(shards: int, directory: Path) -> str:
+    """The demo recipe with its three sharded stages split into `shards` tasks each (the demo's own: 1)."""
+    import yaml
+
+    if shards == 1:
+        return str(DEMO_RECIPE)
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
+    for section in ("generation", "judge", "evaluation"):
+        recipe.setdefault(section, {})["shards"] = shards
+    recipe["name"] = "demo_spin"
+    path = directory / f"demo_spin_{shards}_shards.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def measure(rounds: int, runs_dir: Path, recipe: str = str(DEMO_RECIPE)) -> tuple[float, int]:
     """(seconds, output-existence checks) of one Iterate(rounds).complete() on a complete run."""
     import luigi
 
@@ -55,7 +85,6 @@ def measure(rounds: int, runs_dir: Path) -> tuple[float, int]:
     from tasks.evaluate import Evaluate
     from tasks.report import Report
 
-    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "demo_spin.yaml")
     tasks = [Evaluate(recipe=recipe, runs_dir=str(runs_dir), round_idx=r) for r in range(1, rounds + 1)]
     tasks.append(Report(recipe=recipe, runs_dir=str(runs_dir), rounds=rounds))
     for task in tasks:
@@ -76,13 +105,12 @@ def measure(rounds: int, runs_dir: Path) -> tuple[float, int]:
         luigi.LocalTarget.exists = original
 
 
-def build_seconds(rounds: int, runs_dir: Path) -> float:
+def build_seconds(rounds: int, runs_dir: Path, recipe: str = str(DEMO_RECIPE)) -> float:
     """Wall time of luigi.build([Iterate(rounds)]) on the faked complete run: scheduling alone."""
     import luigi
 
     from tasks.iterate import Iterate
 
-    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "demo_spin.yaml")
     start = time.perf_counter()
     assert luigi.build([Iterate(recipe=recipe, runs_dir=str(runs_dir), rounds=rounds)], local_scheduler=True, log_level="ERROR")
     return time.perf_counter() - start
@@ -91,13 +119,15 @@ def build_seconds(rounds: int, runs_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--shards", type=int, default=1, help="shard tasks of Generate, Judge and Evaluate (default 1)")
     args = parser.parse_args()
     for rounds in range(1, args.rounds + 1):
         with tempfile.TemporaryDirectory() as tmp:
-            seconds, checks = measure(rounds, Path(tmp))
+            recipe = sharded_recipe(args.shards, Path(tmp))
+            seconds, checks = measure(rounds, Path(tmp), recipe)
             line = f"rounds {rounds:2d}: Evaluate(1..N) and Report complete(): {checks:8d} output checks, {seconds:8.3f} s"
             if rounds == args.rounds:
-                line += f"; luigi.build(Iterate) with nothing to run: {build_seconds(rounds, Path(tmp)):.2f} s"
+                line += f"; luigi.build(Iterate) with nothing to run: {build_seconds(rounds, Path(tmp), recipe):.2f} s"
         print(line, flush=True)
 
 

@@ -23,5 +23,6 @@ def test_completeness_checks_each_output_once(tmp_path, monkeypatch, tiny_recipe
     assert task.complete()
     # re-walking each dependency path (Train(r) reaches Train(r-1) three ways) checked ~3^6 times as many
     assert len(checked) == len(set(checked))
-    # run.yaml, base_model/; per round generations + meta, pairs + meta, checkpoint/; eval + metrics of rounds 0..6
-    assert len(checked) == 2 + 6 * (2 + 2 + 1) + 7 * 2
+    # run.yaml, base_model/; per round generations + meta, pairs + meta (and each of their one shard's part +
+    # meta), checkpoint/; eval + metrics of rounds 0..6 (and their one shard's part + judgements)
+    assert len(checked) == 2 + 6 * (2 + 2 + 2 + 2 + 1) + 7 * (2 + 2)
