@@ -279,7 +279,9 @@ class Train(GpuTask):
             "recipe": recipe.to_dict(), "parent": parent, "pair_files": pair_files, "work_dir": str(work_dir),
             "round_idx": self.round_idx, "root_model": root_model, "root_path": root_path,
         }
-        with self.output().temporary_path() as tmp:
+        # Under accelerate its processes use the GPUs held here (CUDA_VISIBLE_DEVICES is handed down to them).
+        gpus = recipe.training.num_processes if recipe.training.launcher == "accelerate" else 1
+        with self.output().temporary_path() as tmp, self.hold_gpus(gpus):
             job["out_dir"] = tmp
             if recipe.training.launcher == "accelerate":
                 job_file = work_dir / "job.json"
@@ -301,5 +303,4 @@ class Train(GpuTask):
             else:
                 from models.trainer import run_job
 
-                with self.hold_gpus(1):
-                    run_job(job)
+                run_job(job)
