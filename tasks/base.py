@@ -319,12 +319,15 @@ class RunTask(luigi.Task):
         """complete(), with every task in the graph checked once per call: Train(r) reaches Train(r-1) by
         three paths, and walking each path anew made one check cost about 3^r."""
         if self.task_id not in known:
-            outputs_exist = all(target.exists() for target in luigi.task.flatten(self.output()))
-            known[self.task_id] = outputs_exist and all(
+            known[self.task_id] = self.outputs_present() and all(
                 dep._complete(known) if isinstance(dep, RunTask) else dep.complete()
                 for dep in luigi.task.flatten(self.requires())
             )
         return known[self.task_id]
+
+    def outputs_present(self) -> bool:
+        """Whether this task's own outputs are there (its inputs aside)."""
+        return all(target.exists() for target in luigi.task.flatten(self.output()))
 
     def on_failure(self, exception):
         if isinstance(exception, SelfplayError):
@@ -369,6 +372,17 @@ def _give_back_when_the_worker_stops() -> None:
 
 
 _give_back_when_the_worker_stops()
+
+
+class ShardTask(RunTask):
+    """One shard of a stage whose `merge_family` task puts the shards' parts together. Once that merged
+    artifact is written the parts are not needed: a shard counts as done while the merge's outputs are
+    there, so deleting `*.shards/` (or a run directory from before shards) reruns nothing."""
+
+    merge_family: type
+
+    def outputs_present(self) -> bool:
+        return super().outputs_present() or self.clone(self.merge_family).outputs_present()
 
 
 class GpuTask(RunTask):

@@ -19,7 +19,7 @@ import luigi
 
 from common.atomic import atomic_write_json
 from data.layout import TRAINING_LOG
-from tasks.base import FileTarget, GpuTask, RunTask, set_cpu_threads
+from tasks.base import FileTarget, GpuTask, RunTask, ShardTask, set_cpu_threads
 from tasks.rounds import model_task
 
 PAIR_KINDS = ("pair_chosen", "pair_rejected")
@@ -35,7 +35,7 @@ def eval_prompts(recipe):
     return prompts
 
 
-class EvaluateShard(GpuTask):
+class EvaluateShard(ShardTask, GpuTask):
     """One shard of Evaluate(r): its block of the held-out prompts, on a GPU of its own."""
 
     round_idx = luigi.IntParameter(description="Round number; 0 evaluates the base model.")
@@ -110,6 +110,9 @@ class Evaluate(RunTask):
             write_parquet(frame, tmp, EVAL)
         with self.output()["metrics"].temporary_path() as tmp:
             atomic_write_json(tmp, report)
+
+
+EvaluateShard.merge_family = Evaluate
 
 
 def merge_eval_shards(shard_outputs: list[dict]):

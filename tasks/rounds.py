@@ -48,7 +48,8 @@ import luigi
 from common import interrupt
 from common.atomic import atomic_write_json
 from common.errors import Interrupted, TrainingError
-from tasks.base import DirTarget, FileTarget, GpuTask, RunTask, prepare_shared_work_dir, prepare_work_dir, set_cpu_threads
+from tasks.base import (DirTarget, FileTarget, GpuTask, RunTask, ShardTask, prepare_shared_work_dir, prepare_work_dir,
+                        set_cpu_threads)
 from tasks.base_model import BaseModel
 
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
@@ -60,7 +61,7 @@ def model_task(task, round_idx: int):
     return task.clone(BaseModel) if round_idx == 0 else task.clone(Train, round_idx=round_idx)
 
 
-class GenerateShard(GpuTask):
+class GenerateShard(ShardTask, GpuTask):
     """One shard of Generate(r): its block of the round's parts (generation.shards), on GPUs of its own."""
 
     round_idx = luigi.IntParameter(description="Round number, from 1.")
@@ -135,7 +136,7 @@ class Generate(RunTask):
             atomic_write_json(tmp, stats)
 
 
-class JudgeShard(GpuTask):
+class JudgeShard(ShardTask, GpuTask):
     """One shard of Judge(r): its block of the round's prompts (judge.shards), on a GPU of its own."""
 
     round_idx = luigi.IntParameter(description="Round number, from 1.")
@@ -219,6 +220,9 @@ class Judge(RunTask):
             write_parquet(pairs, tmp, PAIRS)
         with self.output()["meta"].temporary_path() as tmp:
             atomic_write_json(tmp, add_counts(metas))
+
+
+GenerateShard.merge_family, JudgeShard.merge_family = Generate, Judge
 
 
 def merge_shards(shard_outputs: list[dict]) -> tuple["pd.DataFrame", list[dict]]:

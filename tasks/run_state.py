@@ -26,7 +26,7 @@ import luigi
 
 from common.errors import DataError
 from data.layout import round_name, rounds_on_disk
-from tasks.base import SUCCESS, DirTarget
+from tasks.base import SUCCESS, DirTarget, ShardTask
 
 log = logging.getLogger("selfplay")
 
@@ -48,7 +48,7 @@ def _outputs(task) -> list:
 
 
 def _present(task) -> bool:
-    return all(target.exists() for target in _outputs(task))
+    return task.outputs_present()
 
 
 def _check_kind(path: Path) -> None:
@@ -99,14 +99,16 @@ def check_run_state(iterate, evaluate_task: Callable[[int], luigi.Task]) -> list
     for gap in sorted(gaps, key=lambda t: (getattr(t, "round_idx", 0), t.task_family)):
         downstream = [by_id[i] for i in by_id if gap.task_id in made_from(by_id[i])]
         kept = [t for t in downstream if _outputs(t) and present[t.task_id]]
-        first = next(Path(t.path) for t in _outputs(gap) if not t.exists())
+        # A missing shard is said as its stage's artifact: the file a user knows, and one line for all shards.
+        named = gap.clone(gap.merge_family) if isinstance(gap, ShardTask) else gap
+        first = next(Path(t.path) for t in _outputs(named) if not t.exists())
         unfinished = [Path(t.path) for t in _outputs(gap) if isinstance(t, DirTarget) and Path(t.path).is_dir()]
         if not kept and not unfinished:
             continue  # an ordinary unfinished run: resuming it is what the command does anyway
         what = (f"{unfinished[0]} has no {SUCCESS} (incomplete, or edited by hand)" if unfinished
                 else f"{first} is missing")
         if not kept:
-            lines.append(f"{what}: {gap.short_name} will run again and replace it")
+            lines.append(f"{what}: {named.short_name} will run again and replace it")
             continue
         beyond = sorted({t.round_idx for t in kept if getattr(t, "round_idx", 0) > iterate.rounds})
         kept_rounds = sorted({t.round_idx for t in kept if getattr(t, "round_idx", None) is not None})
@@ -119,6 +121,7 @@ def check_run_state(iterate, evaluate_task: Callable[[int], luigi.Task]) -> list
         rerun = {t.round_idx for t in [gap, *downstream] if getattr(t, "round_idx", None)}
         lines.append(f"{what} while files made from it remain in {_rounds_text(kept_rounds)}: "
                      f"{_rounds_text(rerun)} will run again and replace them")
+    lines = list(dict.fromkeys(lines))
     for line in lines:
         log.warning("%s", line)
     return lines

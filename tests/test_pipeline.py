@@ -105,7 +105,7 @@ def test_spin_two_rounds_resume_and_rerun_from_a_deleted_round(tiny_recipe, tmp_
     # Deleting round 2's checkpoint marker reruns round 2's training and what follows it only.
     (run_dir / "round_02" / "checkpoint" / "_SUCCESS").unlink()
     ran = build(Iterate(recipe=recipe, runs_dir=str(runs), rounds=2))
-    assert sorted(ran) == sorted([("Train", 2), ("Evaluate", 2), ("Report", None), ("Iterate", None)])
+    assert sorted(ran) == sorted([("Train", 2), ("EvaluateShard", 2), ("Evaluate", 2), ("Report", None), ("Iterate", None)])
 
     # Deleting round 1 entirely reruns round 1 and round 2, and nothing of round 0.
     shutil.rmtree(run_dir / "round_01")

@@ -198,6 +198,17 @@ def test_killed_mid_shard_resumes_to_the_same_artifacts(tiny_recipe, tmp_path):
     for name in ROUND_FILES:
         assert (round_dir / name).read_bytes() == (clean_dir / name).read_bytes(), name
 
+    # Once merged, the parts are not needed: without them the run is still complete and nothing reruns.
+    import shutil
+
+    written = {name: (clean_dir / name).stat().st_mtime_ns for name in ROUND_FILES}
+    for stage in ("generations", "pairs", "eval"):
+        shutil.rmtree(clean_dir / f"{stage}.shards")
+    assert luigi.build([Iterate(recipe=clean, runs_dir=str(tmp_path / "clean"), rounds=1)], local_scheduler=True,
+                       log_level="WARNING")
+    assert {name: (clean_dir / name).stat().st_mtime_ns for name in ROUND_FILES} == written
+    assert not (clean_dir / "generations.shards").exists()
+
 
 class FakeVllm:
     """A stand-in for the `vllm` package: records every engine built and answers each request with a text
