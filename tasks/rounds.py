@@ -13,6 +13,11 @@ Writes round_NN/generations.parquet (prompt_id, prompt, response, sample_index, 
 plus reference/task/answer/source_row/system) and round_NN/generate_meta.json. Parts of the work are kept in
 round_NN/generate_work/ so a killed run resumes where it stopped (models/generation.py).
 
+The sampling is done by `generation.shards` GenerateShard(r, i) tasks, each with its block of the round's
+parts on GPUs of its own (round_NN/generations.shards/shard-NNNNN.parquet and .json); Generate(r) puts
+them together in order. A part's samples depend on its index alone, so the artifact is the same whatever
+the number of shards or workers (README: Several GPUs and several boxes).
+
 Judge(r): turn round r's samples into preference pairs.
 
     luigi --module pipeline Judge --round-idx 1
@@ -22,7 +27,9 @@ the recipe's judge for every prompt's K x K win-probability matrix and keep best
 (models/judges.py). With judge.refine, the round's generator also rewrites answers that fail the
 judge (SPaR-style refinement pairs). Writes round_NN/pairs.parquet and round_NN/judge_meta.json (pairs
 made, ties and identical pairs skipped, judge answers that could not be parsed, refinements tried and
-passed).
+passed). The judging is done by `judge.shards` JudgeShard(r, i) tasks, each with its block of the
+round's prompts (round_NN/pairs.shards/); Judge(r) puts their pairs together in order and adds up their
+counts.
 
 Train(r): continue the policy's LoRA adapter on round r's preference pairs, with round r-1 as the reference.
 
