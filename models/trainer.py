@@ -425,8 +425,8 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         progress.update(1)
         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
         stop = step < total_steps and _stop_requested(accelerator)
-        if stop or step % cfg.save_steps == 0 or step == total_steps:
-            trainer_state = _trainer_state(model, policy, optimizer, fsdp)
+        if (stop or step % cfg.save_steps == 0 or step == total_steps) and (fsdp or accelerator.is_main_process):
+            trainer_state = _trainer_state(model, policy, optimizer, fsdp)  # under FSDP every process gathers
             if accelerator.is_main_process:
                 _save_trainer_checkpoint(work_dir, step, trainer_state, scheduler, history)
         if stop:

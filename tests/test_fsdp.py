@@ -1,9 +1,11 @@
 """FSDP with LoRA (models/fsdp.py) on the CPU: `accelerate launch` with the shipped FSDP config starts two
 processes (gloo) that shard a tiny random Llama and train one round; the adapter, the reference
 log-probs and every step's logged figures equal one process accumulating the same micro-batches.
+With 7 pairs the processes take 4 and 3 in the reference pass (the shorter share padded), and each
+epoch ends with a short micro-batch.
 
-Tolerance: 1e-5 absolute on fp32 (the two runs add the same gradients in a different order; the
-differences seen are float rounding, about 1e-7 to 1e-8 here).
+Tolerance: 1e-5 absolute on fp32 (the two runs add the same gradients in a different order). Measured:
+0 for the adapter, the losses and the reference log-probs, at most 6e-8 for a step's gradient norm.
 """
 
 import json
@@ -38,7 +40,7 @@ def recipe_dict(root_path: str, grad_accum_steps: int, **training) -> dict:
     }
 
 
-def make_pairs(n: int = 8) -> pd.DataFrame:
+def make_pairs(n: int = 7) -> pd.DataFrame:
     return pd.DataFrame({
         "prompt_id": [str(i) for i in range(n)], "prompt": [f"q{i} {i * 7}" + " x" * i for i in range(n)],
         "chosen": [f"a{i * 3}" for i in range(n)], "rejected": [f"b{i}x" + "y" * i for i in range(n)],
