@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import models.trainer as trainer
@@ -138,3 +139,27 @@ def test_fsdp_run_resumed_from_a_trainer_checkpoint_ends_as_the_uninterrupted_ru
     history = json.loads((resumed / "out" / "training_log.json").read_text())["history"]
     want = json.loads((one / "out" / "training_log.json").read_text())["history"]
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in want], rel=0, abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"quantized": True}, r"model.quantization: 4bit cannot be trained under FSDP"),
+    ({"FSDP_VERSION": "1"}, r"fsdp_version is 1; the trainer shards with FSDP2: set fsdp_version: 2"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, r"fsdp_offload_params is true"),
+    ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, r"fsdp_cpu_ram_efficient_loading is true"),
+])
+def test_fsdp_settings_it_does_not_implement_are_one_line_errors(monkeypatch, setting, message):
+    from common.errors import RecipeError
+    from models.fsdp import check_fsdp
+
+    for key in ("FSDP_VERSION", "FSDP_OFFLOAD_PARAMS", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        monkeypatch.delenv(key, raising=False)
+    shipped = yaml.safe_load((REPO / FSDP_CONFIG).read_text())
+    assert shipped["distributed_type"] == "FSDP" and shipped["fsdp_config"]["fsdp_version"] == 2
+    assert not shipped["fsdp_config"]["fsdp_offload_params"] and not shipped["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]
+    check_fsdp(quantized=False)  # the shipped config's settings pass
+    setting = dict(setting)
+    quantized = setting.pop("quantized", False)
+    for key, value in setting.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RecipeError, match=message):
+        check_fsdp(quantized=quantized)
