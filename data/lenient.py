@@ -16,6 +16,11 @@ response states, so that the two together tell format from skill:
   reversal ("ilokab" for "kaboli") is such a word, an echo of the prompt's word or an English word
   around the answer is not.
 
+A response cut off mid-sentence states nothing: it counts only when it ends a sentence (its last
+character is `.`, `!`, `?`, a closing quote or bracket) or ends on the answer it states. Without this
+rule a response cut at the length limit while restating the prompt ("To find the smallest of 15, 17
+and 73, we first compare 15 t") would score its echo of the prompt's numbers.
+
 Every rule takes the last candidate, so a response that hedges ("193, or maybe 194") is scored by what
 it ends on, and a response that states the right answer and then a wrong one is wrong. Like any
 last-answer rule it misreads "44 is the largest of 12, 44 and 7" (last number 7): it errs towards
@@ -67,9 +72,28 @@ def stated_reversal(response: str, answer: str) -> str | None:
     return candidates[-1] if candidates else None
 
 
+SENTENCE_END = tuple(".!?\"')]*")
+
+
+def ends_a_statement(response: str, stated: str) -> bool:
+    """Whether `response` ends a sentence, or ends on its stated answer (the last piece of `stated`)."""
+    text = response.rstrip()
+    if text.endswith(SENTENCE_END):
+        return True
+    tokens = re.findall(r"[a-z]+|\d+", text.lower())
+    if not tokens:
+        return False
+    last = tokens[-1]
+    return last == stated.split()[-1] or str(NUMBER_WORDS.get(last, "")) == stated
+
+
 def lenient_answer(task: str, answer: str, response: str) -> str | None:
-    """What the response states as its answer to a demo task of kind `task` (None: nothing readable)."""
-    answer = normalize_answer(answer)
+    """What the response states as its answer to a demo task of kind `task` (None: nothing stated)."""
+    stated = _candidate(task, normalize_answer(answer), response)
+    return stated if stated is not None and ends_a_statement(response, stated) else None
+
+
+def _candidate(task: str, answer: str, response: str) -> str | None:
     if task in ("add", "subtract", "extreme"):
         numbers = stated_numbers(response)
         return numbers[-1] if numbers else None

@@ -71,9 +71,9 @@ SCALES = {
     # estimate_minutes. Each method about an hour on 2 idle cores.
     "cpu": {"data": {"prompts_per_round": 160}, "evaluation": {"num_prompts": 150}},
     # For the test that keeps this script working: a tiny random Llama, seconds per round.
-    "tiny": {"data": {"prompts_per_round": 8, "max_prompt_tokens": 64},
+    "tiny": {"data": {"prompts_per_round": 8},
              "generation": {"max_new_tokens": 6, "batch_size": 32},
-             "training": {"epochs": 1, "batch_size": 4, "max_length": 96, "lora_r": 4, "lora_alpha": 8,
+             "training": {"epochs": 1, "batch_size": 4, "lora_r": 4, "lora_alpha": 8,
                           "lora_target_modules": "all-linear", "save_steps": 2},
              "evaluation": {"num_prompts": 6, "max_new_tokens": 6}},
 }
@@ -142,8 +142,6 @@ def base_prompts(per_task: int, tasks: list[str] | None = None) -> list[dict]:
 
 def measure_base(base_path: str, recipe, rows: list[dict], samples: int) -> dict:
     """Greedy answers and `samples` samples per prompt from the base; strict and lenient pass@k per task."""
-    import pandas as pd
-
     from data.prompts import format_prompt
     from models.generation import generate_texts
     from models.loading import load_policy, load_tokenizer
@@ -171,12 +169,37 @@ def measure_base(base_path: str, recipe, rows: list[dict], samples: int) -> dict
         records.append({**base, "kind": "greedy", "sample_index": 0, "response": g[0].text, "finished": g[0].finished})
         records += [{**base, "kind": "sample", "sample_index": k, "response": s.text, "finished": s.finished}
                     for k, s in enumerate(group)]
+    return {"table": passk_table(records), "timings": timings, "records": score_rows(records)}
+
+
+def chance_level(task: str, rows: list[dict]) -> float | None:
+    """What guessing gets on these prompts: a uniform pick among the prompt's numbers for `extreme`,
+    the training split's most frequent answer for `count` (most words hold a letter once); None for
+    tasks where a guess is almost never right."""
+    import numpy as np
+
+    from data.answers import NUMBER_RE
+
+    if task == "extreme":
+        return float(np.mean([1 / len(NUMBER_RE.findall(row["prompt"])) for row in rows]))
+    if task == "count":
+        answers = [json.loads(line)["answer"] for line in DEMO_TRAIN.read_text().splitlines() if '"task": "count"' in line]
+        modal = max(set(answers), key=answers.count)
+        return float(np.mean([row["answer"] == modal for row in rows]))
+    return None
+
+
+def passk_table(records: list[dict]) -> dict:
+    """Greedy accuracy and pass@k of the samples, strict and lenient, over all prompts and per task."""
+    import pandas as pd
+
     scored = pd.DataFrame(score_rows(records))
     table = {}
     for task, group in [("all", scored), *sorted(scored.groupby("task"))]:
-        entry = {"prompts": int(group.prompt_id.nunique())}
         greedy_rows = group[group.kind == "greedy"]
         sample_rows = group[group.kind == "sample"]
+        entry = {"prompts": int(group.prompt_id.nunique()), "samples_cut": float((~sample_rows.finished.astype(bool)).mean()),
+                 "chance": None if task == "all" else chance_level(task, greedy_rows.to_dict("records"))}
         for measure in ("strict", "lenient"):
             entry[f"greedy_{measure}"], entry[f"greedy_{measure}_se"] = mean_se(greedy_rows[measure])
             right = sample_rows.groupby("prompt_id")[measure].agg(["size", "sum"])
@@ -184,22 +207,26 @@ def measure_base(base_path: str, recipe, rows: list[dict], samples: int) -> dict
                 per_prompt = [pass_at_k(int(n), int(c), k) for n, c in zip(right["size"], right["sum"])]
                 entry[f"pass@{k}_{measure}"], entry[f"pass@{k}_{measure}_se"] = mean_se(per_prompt)
         table[task] = entry
-    return {"table": table, "timings": timings, "records": scored.to_dict("records")}
+    return table
 
 
 def render_base(record: dict) -> str:
     lines = [f"Base pass@k of {record['model']}, {record['prompts_per_task']} training prompts per task, "
              f"{record['samples']} samples each at temperature {record['temperature']} (top-p {record['top_p']}), "
              f"{record['max_new_tokens']} new tokens; {record['hardware']}, {record['date']}.", "",
-             "| task | greedy strict | greedy lenient | pass@1 strict | pass@8 strict | pass@1 lenient | pass@8 lenient |",
-             "|---|---|---|---|---|---|---|"]
+             "| task | greedy strict | greedy lenient | pass@1 strict | pass@8 strict | pass@1 lenient | pass@8 lenient "
+             "| chance | samples cut |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for task, entry in record["table"].items():
         cells = [f"{entry[key]:.2f} ± {entry[key + '_se']:.2f}" for key in (
             "greedy_strict", "greedy_lenient", "pass@1_strict", "pass@8_strict", "pass@1_lenient", "pass@8_lenient")]
-        lines.append(f"| {task} (n = {entry['prompts']}) | " + " | ".join(cells) + " |")
+        chance = "-" if entry["chance"] is None else f"{entry['chance']:.2f}"
+        lines.append(f"| {task} (n = {entry['prompts']}) | " + " | ".join(cells) + f" | {chance} | {entry['samples_cut']:.2f} |")
     t = record["timings"]
     lines += ["", f"Generation: {t['greedy_tokens']} greedy tokens in {t['greedy_seconds']:.0f} s, "
-              f"{t['sample_tokens']} sampled tokens in {t['sample_seconds']:.0f} s (a shared machine: rough)."]
+              f"{t['sample_tokens']} sampled tokens in {t['sample_seconds']:.0f} s (a shared machine: rough). "
+              "Chance: a uniform guess among the prompt's numbers (extreme), the most frequent training answer (count). "
+              f"Samples cut: the share that reached the {record['max_new_tokens']}-token limit."]
     return "\n".join(lines) + "\n"
 
 
@@ -351,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-only", action="store_true", help="measure the base's pass@k on training prompts and stop")
     parser.add_argument("--base-prompts", type=int, default=16, help="training prompts per task for --base-only")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt for --base-only")
+    parser.add_argument("--rescore-base", action="store_true",
+                        help="recompute base_passk.md/json from the saved base_samples.jsonl (after a change of a check)")
     parser.add_argument("--tasks", default="add,count,extreme,subtract",
                         help="task kinds of the experiment (those where the base has partial skill)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -361,6 +390,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="override a recipe value for every method, e.g. --set data.prompts_per_round=64")
     args = parser.parse_args(argv)
 
+    if args.rescore_base:
+        from common.atomic import atomic_write_bytes
+
+        record = json.loads((args.out / "base_passk.json").read_text())
+        records = [json.loads(line) for line in (args.out / "base_samples.jsonl").read_text().splitlines()]
+        record["table"] = passk_table(records)
+        atomic_write_bytes(args.out / "base_samples.jsonl", "".join(json.dumps(row, default=float) + "\n" for row in score_rows(records)).encode())
+        save(record, args.out, "base_passk", render_base(record))
+        print(render_base(record))
+        return
     common = deep_merge(deep_merge(COMMON, SCALES[args.scale]), {"seed": args.seed})
     if args.base_model:
         common = deep_merge(common, {"model": {"base_model": args.base_model}})

@@ -57,6 +57,14 @@ def lenient(task, answer, response):
         ("reverse", "ilobak", "The word kaboli written backwards is kaboli.", False),  # an echo is no reversal
         ("reverse", "ilobak", "Sure! Here it is.", False),
         ("reverse", "abba", "abba backwards is abba.", True),  # a palindrome is its own reversal
+        # Cut at the length limit: a response that has not finished its sentence states nothing.
+        ("extreme", "15", "To find the smallest number that is the smallest multiple of 15, we need 15 t", False),
+        ("extreme", "15", "In this case, 15 is the s", False),
+        ("add", "193", "193", True),  # the bare answer ends on itself
+        ("add", "193", "The answer is 193", True),
+        ("count", "2", "The letter o appears twice", True),
+        ("reverse", "ilobak", "The reverse is ilobak", True),
+        ("reverse", "ilobak", "The reverse is ilobak and then some more wor", False),
     ],
 )
 def test_lenient_reads_the_answer_a_sentence_arrives_at(task, answer, response, right):
@@ -118,10 +126,11 @@ def test_smollm2_experiment_runs_at_tiny_scale_with_strict_and_lenient_figures(t
             # Held-out prompts of the chosen tasks only; both accuracies are the greedy answers' own.
             assert set(greedy.task) <= {"add", "count"} and greedy.prompt_id.str.startswith("heldout-").all()
             assert row["all"]["n"] == len(greedy)
-            assert row["all"]["strict"] == pytest.approx(
-                sum(strict_check(p, r, {"task": t, "answer": a}) for p, r, t, a in greedy[["prompt", "response", "task", "answer"]].itertuples(index=False)) / len(greedy))
-            assert row["all"]["lenient"] == pytest.approx(
-                sum(lenient_check(p, r, {"task": t, "answer": a}) for p, r, t, a in greedy[["prompt", "response", "task", "answer"]].itertuples(index=False)) / len(greedy))
+            answers = greedy[["prompt", "response", "task", "answer"]].itertuples(index=False)
+            strict, lenient_ = zip(*[(strict_check(p, r, {"task": t, "answer": a}), lenient_check(p, r, {"task": t, "answer": a}))
+                                     for p, r, t, a in answers])
+            assert row["all"]["strict"] == pytest.approx(sum(strict) / len(greedy))
+            assert row["all"]["lenient"] == pytest.approx(sum(lenient_) / len(greedy))
     # The pipeline's own accuracy is the lenient one (the recipes' verifier).
     assert record["pipeline_metrics"]["dpo"][0]["accuracy"] == pytest.approx(record["results"]["dpo"][0]["all"]["lenient"])
     control = record["results"]["sft_control"]
