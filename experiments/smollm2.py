@@ -67,8 +67,15 @@ COMMON = {
     "evaluation": {"max_new_tokens": 32, "kl_samples": 1, "report_prompts": 4},
 }
 SCALES = {
-    # Sized from rates measured on a shared 2-core machine (README, "A real model on a CPU"): see
-    # estimate_minutes. Each method about an hour on 2 idle cores.
+    # Sized for at most an hour per method on 2 idle cores, from the stage times of one round of the
+    # smollm2 recipes at a load of about 1 (bench/results/smollm2_cpu_2026-11-23.json): sampling
+    # ~0.3 s per sequence of <= 32 tokens at batch 64 (DPO's Generate: 512 in 153 s), training ~1.5 s
+    # per pair and epoch (SPIN: 64 pairs in 124 s with the reference pass), evaluation ~1 s per
+    # held-out prompt at round 0 and ~2 s after (greedy, one sample, log-probs, the KL pass).
+    # DPO / SPPO: 3 x (160 x 8 x 0.3 s + <= 160 pairs x 2 epochs x 1.5 s) <= 3 x 14 min, plus
+    # 150 s + 3 x 300 s of evaluation: <= 60 min (pairs are fewer: only prompts with a right and a
+    # wrong sample make one). SPIN: 3 x (48 s + 240 s) + 17.5 min = ~32 min. The control: 3 x
+    # (320 sequences of full fine-tuning + 300 s) = ~25 min.
     "cpu": {"data": {"prompts_per_round": 160}, "evaluation": {"num_prompts": 150}},
     # For the test that keeps this script working: a tiny random Llama, seconds per round.
     "tiny": {"data": {"prompts_per_round": 8},
@@ -380,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt for --base-only")
     parser.add_argument("--rescore-base", action="store_true",
                         help="recompute base_passk.md/json from the saved base_samples.jsonl (after a change of a check)")
-    parser.add_argument("--tasks", default="add,count,extreme,subtract",
+    parser.add_argument("--tasks", default="add,count,extreme,sort,subtract",
                         help="task kinds of the experiment (those where the base has partial skill)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--algorithms", default="spin,dpo,sppo", help="comma-separated; the control runs when spin does")
