@@ -264,8 +264,11 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 @torch.no_grad()
-def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, device, progress: str | None = None) -> tuple[list[float], list[int]]:
-    """`sequence_logps` over many items without gradients, batched by length to waste little padding."""
+def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, device, progress: str | None = None,
+                  forward=None) -> tuple[list[float], list[int]]:
+    """`sequence_logps` over many items without gradients, batched by length to waste little padding.
+    `forward(batch)` replaces sequence_logps(model, batch) (the trainer's FSDP root, models/fsdp.py)."""
+    forward = forward or (lambda batch: sequence_logps(model, batch))
     from common.progress import bar
 
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
@@ -276,7 +279,7 @@ def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, devic
     for start in bar(starts, desc=progress, disable=progress is None):
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate([items[i] for i in idx], tokenizer.pad_token_id).items()}
-        batch_sums, batch_counts = sequence_logps(model, batch)
+        batch_sums, batch_counts = forward(batch)
         for i, s, c in zip(idx, batch_sums.tolist(), batch_counts.tolist()):
             sums[i], counts[i] = s, c
     model.train(was_training)
@@ -285,11 +288,12 @@ def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, devic
 
 @torch.no_grad()
 def pair_logps(model, tokenizer, chosen: list[Encoded], rejected: list[Encoded], pairs_per_batch: int, device,
-               shared_prompt: bool = True) -> list[tuple[float, float]]:
+               shared_prompt: bool = True, forward=None) -> list[tuple[float, float]]:
     """(chosen, rejected) summed log-probs of every pair, without gradients: each pair's prompt run once
-    where the model allows it (shares_prompt), else the sides as separate sequences."""
+    where the model allows it (shares_prompt), else the sides as separate sequences. `forward` as in
+    batched_logps."""
     if not (shared_prompt and pairs_share_prompt(model, chosen, rejected)):
-        sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps")
+        sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps", forward)
         return list(zip(sums[: len(chosen)], sums[len(chosen) :]))
     from common.progress import bar
 
@@ -300,7 +304,8 @@ def pair_logps(model, tokenizer, chosen: list[Encoded], rejected: list[Encoded],
     for start in bar(range(0, len(order), pairs_per_batch), desc="reference logps"):
         idx = order[start : start + pairs_per_batch]
         batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], tokenizer.pad_token_id)
-        sums, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sums, _ = forward(batch) if forward else sequence_logps(model, batch)
         for i, good, bad in zip(idx, sums[: len(idx)].tolist(), sums[len(idx) :].tolist()):
             out[i] = (good, bad)
     model.train(was_training)

@@ -19,8 +19,11 @@ against the previous round.
 5. The adapter (the policy) and a merged export are written to `out_dir` (models/loading.py says how
    the next round loads it).
 
-Runs unchanged under `accelerate launch` (DDP): batches are sharded by accelerate, the reference
-pass is split across processes, and only the main process writes.
+Runs unchanged under `accelerate launch` (DDP): each process takes its share of every step's
+micro-batches, the reference pass is split across processes, the logged figures are averaged over
+them, and only the main process writes. With an accelerate config that asks for FSDP (for example
+configs/accelerate/fsdp_lora.yaml) the policy is sharded across the processes with FSDP2 instead
+(models/fsdp.py); the update and the log equal those of one process accumulating the same micro-batches.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import math
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -108,17 +112,25 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
 
 
 def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator,
-                     shared_prompt: bool = True) -> pd.DataFrame:
+                     shared_prompt: bool = True, forward=None) -> pd.DataFrame:
     """Reference log-probs: the policy before this round's first update (pi_{r-1}, the root in round 1).
 
     Cached in work_dir/ref_logps.parquet; computed before a resumed run restores its trained adapter.
+    `forward` is the sharded policy's (FSDP, models/fsdp.py), None for the model's own.
     """
     path = work_dir / "ref_logps.parquet"
     if not path.is_file():
         rank, world = accelerator.process_index, accelerator.num_processes
         mine = list(range(rank, len(chosen), world))
-        sums = pair_logps(model, tokenizer, [chosen[i] for i in mine], [rejected[i] for i in mine], batch_size, accelerator.device,
-                          shared_prompt)
+        run = mine
+        if forward is not None and chosen:
+            # Under FSDP each forward gathers weights from every process, so all run the same number of
+            # forwards the same way: shorter shares repeat a pair (its result dropped), and whether prompts
+            # are shared is decided on all the pairs, not on a share.
+            run = mine + [mine[-1] if mine else 0] * (math.ceil(len(chosen) / world) - len(mine))
+            shared_prompt = shared_prompt and pairs_share_prompt(model, chosen, rejected)
+        sums = pair_logps(model, tokenizer, [chosen[i] for i in run], [rejected[i] for i in run], batch_size, accelerator.device,
+                          shared_prompt, forward)[: len(mine)]
         part = work_dir / f"ref_logps.rank{rank}.json"
         atomic_write_json(part, dict(zip(mine, sums)))
         accelerator.wait_for_everyone()
@@ -133,7 +145,7 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
 
 
 def _base_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator, continued: bool,
-                ref: pd.DataFrame, shared_prompt: bool = True) -> pd.DataFrame:
+                ref: pd.DataFrame, shared_prompt: bool = True, forward=None) -> pd.DataFrame:
     """Log-probs under the base model pi_0, for losses that need them beside pi_{r-1}'s (INPO).
 
     The same load with the LoRA adapter switched off computes with the root weights alone, as Evaluate
@@ -147,7 +159,7 @@ def _base_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: 
     base_dir = work_dir / "base_logps"
     base_dir.mkdir(exist_ok=True)
     with root_weights(model):
-        return _reference_logps(model, tokenizer, chosen, rejected, base_dir, batch_size, accelerator, shared_prompt)
+        return _reference_logps(model, tokenizer, chosen, rejected, base_dir, batch_size, accelerator, shared_prompt, forward)
 
 
 def _base_batch(base: pd.DataFrame | None, idx: list[int], like: torch.Tensor) -> dict:
@@ -187,12 +199,25 @@ def _nbytes(obj) -> int:
     return 0
 
 
-def _save_trainer_checkpoint(work_dir: Path, step: int, adapter_state, optimizer, scheduler, history) -> Path:
+def _trainer_state(model, policy, optimizer, fsdp: bool) -> dict:
+    """The adapter and optimiser state a trainer checkpoint keeps; under FSDP gathered whole from the
+    shards (a collective: every process calls it), with the trainable weights also by parameter name."""
+    from peft import get_peft_model_state_dict
+
+    if not fsdp:
+        return {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict()}
+    from models.fsdp import full_optimizer_state, full_trainable_state
+
+    trainable = full_trainable_state(model)
+    return {"adapter": get_peft_model_state_dict(model, state_dict=trainable), "trainable": trainable,
+            "optimizer": full_optimizer_state(policy, optimizer), "fsdp": True}
+
+
+def _save_trainer_checkpoint(work_dir: Path, step: int, trainer_state: dict, scheduler, history) -> Path:
     final = work_dir / f"checkpoint-{step}"
     state = {
         "step": step,
-        "adapter": adapter_state,
-        "optimizer": optimizer.state_dict(),
+        **trainer_state,
         "scheduler": scheduler.state_dict(),
         "history": history,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -232,29 +257,48 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     quantized = recipe.model.quantization == "4bit"
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu and (quantized or resolve_dtype(recipe.model.precision) == torch.bfloat16)
+    from models.fsdp import check_fsdp, fsdp_requested
+
+    if fsdp_requested():
+        check_fsdp(quantized)
     accelerator = Accelerator(
         cpu=not on_gpu, gradient_accumulation_steps=cfg.grad_accum_steps, mixed_precision="bf16" if bf16 else "no"
     )
+    fsdp = fsdp_requested() and accelerator.num_processes > 1  # one process has nothing to shard across
     torch.manual_seed(recipe.seed + round_idx)
 
     continued = is_round_checkpoint(parent)
     root_path = root_path or (checkpoint_info(parent)["root_path"] if continued else parent)
     tokenizer = load_tokenizer(parent, recipe.model)
     tokenizer.padding_side = "right"
-    model = load_causal_lm(root_path, recipe.model, device=accelerator.device, quantize=quantized)
+    # Under FSDP the weights load on the CPU and fully_shard moves each process's shard to its device.
+    model = load_causal_lm(root_path, recipe.model, device=torch.device("cpu") if fsdp else accelerator.device, quantize=quantized)
     model = add_lora(model, cfg, quantized=quantized, adapter_dir=round_adapter(parent) if continued else None)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
+    policy = PolicyLogps(model)
+    forward = None
+    if fsdp:
+        from models.fsdp import shard_policy
+
+        held, whole = shard_policy(policy, model, accelerator.device)
+        log.info("train round %d: policy sharded with FSDP2 over %d processes; process %d holds %d of its %d weights",
+                 round_idx, accelerator.num_processes, accelerator.process_index, held, whole)
+
+        def forward(batch):
+            with accelerator.autocast():  # what accelerator.prepare adds to a DDP policy's forward
+                return policy(**batch)
     chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length, recipe.prompt_token_limit)
     loss_name = recipe.loss
     reference_start = time.perf_counter()
     if loss_name in REFERENCE_FREE:
         ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
     else:
-        ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, cfg.shared_prompt)
+        ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, cfg.shared_prompt, forward)
     base = None
     if loss_name in NEEDS_BASE_LOGPS:
-        base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, continued, ref, cfg.shared_prompt)
+        base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, continued, ref, cfg.shared_prompt,
+                           forward)
     reference_seconds = time.perf_counter() - reference_start
     chosen_win = torch.tensor(pairs["chosen_win_prob"].to_numpy(float)) if "chosen_win_prob" in pairs else None
     rejected_win = torch.tensor(pairs["rejected_win_prob"].to_numpy(float)) if "rejected_win_prob" in pairs else None
@@ -265,20 +309,30 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     if total_steps == 0:
         log.warning("train round %d: no preference pairs; the round's policy equals its parent's", round_idx)
     warmup = int(cfg.warmup_ratio * total_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # under FSDP: the shards (after shard_policy)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
     )
-    policy = PolicyLogps(model)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if not fsdp:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
 
     step, history = 0, []
     resume = _latest_checkpoint(work_dir)
     if resume is not None:
         state = torch.load(resume / "state.pt", weights_only=False)
-        set_peft_model_state_dict(model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("fsdp", False) != fsdp:
+            raise TrainingError(
+                f"trainer checkpoint {resume} was written {'with' if state.get('fsdp') else 'without'} FSDP; resume it under "
+                f"the accelerate config it was written with, or delete {work_dir} to start the round again"
+            )
+        if fsdp:
+            from models.fsdp import load_trainer_state
+
+            load_trainer_state(policy, model, optimizer, state["trainable"], state["optimizer"])
+        else:
+            set_peft_model_state_dict(model, state["adapter"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -302,15 +356,20 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         mine = step_batches[accelerator.process_index :: accelerator.num_processes]
         figures = []
         step_start, tokens, tokens_run = time.perf_counter(), 0, 0
-        for idx in mine:
-            with accelerator.accumulate(policy):
+        for micro, idx in enumerate(mine):
+            last_micro = micro == len(mine) - 1
+            # Under FSDP the gradients are reduce-scattered (averaged over processes) once, after the last micro-batch.
+            if fsdp:
+                policy.set_requires_gradient_sync(last_micro)
+            with nullcontext() if fsdp else accelerator.accumulate(policy):
                 if shared_prompt:
                     batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], tokenizer.pad_token_id)
                 else:
                     batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
                 batch_tokens, batch_run = pair_tokens(batch)
                 tokens, tokens_run = tokens + batch_tokens, tokens_run + batch_run
-                sums, counts = policy(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                sums, counts = forward(batch) if fsdp else policy(**batch)
                 n = len(idx)
                 pref = PreferenceBatch(
                     policy_chosen_logps=sums[:n], policy_rejected_logps=sums[n:],
@@ -327,7 +386,10 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                 if cfg.nll_weight:
                     loss = loss + cfg.nll_weight * chosen_nll(pref)
                 loss = loss.mean()
-                accelerator.backward(loss)
+                if fsdp:
+                    (loss / len(mine)).backward()  # as accelerator.backward divides by grad_accum_steps (= len(mine))
+                else:
+                    accelerator.backward(loss)
                 values = _figures(loss, pref)  # one host sync per micro-batch, before the weights change
                 if not math.isfinite(values["loss"]):
                     last = _latest_checkpoint(work_dir)
@@ -335,25 +397,39 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                         f"round {round_idx}: training loss became {values['loss']} at step {step + 1}; "
                         f"last good trainer checkpoint: {last or 'none yet'}; lower training.learning_rate or check the pairs"
                     )
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if fsdp:
+                    if last_micro:
+                        from models.fsdp import grad_norm_value
+
+                        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                else:
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    optimizer.step()  # accelerate's wrapper steps only where the gradients were synchronised
+                    optimizer.zero_grad(set_to_none=True)
                 figures.append(values)
         scheduler.step()
         step += 1
         entry = {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
+        if accelerator.num_processes > 1:
+            # Every process ran as many micro-batches: the mean of the processes' means is the step's mean.
+            shared = torch.tensor([entry[key] for key in FIGURES] + [tokens, tokens_run], dtype=torch.float64, device=accelerator.device)
+            shared = accelerator.reduce(shared, reduction="sum").tolist()
+            entry = {key: value / accelerator.num_processes for key, value in zip(FIGURES, shared)}
+            tokens, tokens_run = int(shared[-2]), int(shared[-1])
         entry.update(step=step, epoch=step * per_step / batches_per_epoch, learning_rate=scheduler.get_last_lr()[0],
                      grad_norm=float(grad_norm), seconds=time.perf_counter() - step_start, tokens=tokens, tokens_run=tokens_run)
         history.append(entry)
         progress.update(1)
         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
-        saved = accelerator.is_main_process and (step % cfg.save_steps == 0 or step == total_steps)
-        if saved:
-            _save_trainer_checkpoint(work_dir, step, get_peft_model_state_dict(model), optimizer, scheduler, history)
-        if step < total_steps and _stop_requested(accelerator):
-            if accelerator.is_main_process and not saved:
-                _save_trainer_checkpoint(work_dir, step, get_peft_model_state_dict(model), optimizer, scheduler, history)
+        stop = step < total_steps and _stop_requested(accelerator)
+        if (stop or step % cfg.save_steps == 0 or step == total_steps) and (fsdp or accelerator.is_main_process):
+            trainer_state = _trainer_state(model, policy, optimizer, fsdp)  # under FSDP every process gathers
+            if accelerator.is_main_process:
+                _save_trainer_checkpoint(work_dir, step, trainer_state, scheduler, history)
+        if stop:
             accelerator.wait_for_everyone()
             raise Interrupted(
                 f"{interrupt.received() or 'a signal'}: training of round {round_idx} stopped after step {step} of "
@@ -375,12 +451,22 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         "final_loss": history[-1]["loss"] if history else None,
         "final_reward_accuracy": history[-1]["rewards/accuracy"] if history else None,
     }
+    if fsdp:
+        from models.fsdp import full_trainable_state
+
+        trained = full_trainable_state(model)  # a collective: every process gathers
     if accelerator.is_main_process:
+        if fsdp:
+            # The export needs the whole model: the root loaded again, unsharded on the CPU, with the trained adapter.
+            export = add_lora(load_causal_lm(root_path, recipe.model, device=torch.device("cpu")), cfg)
+            set_peft_model_state_dict(export, get_peft_model_state_dict(model, state_dict=trained))
+        else:
+            export = accelerator.unwrap_model(policy).model
         # What saving needs: the merged weights (about the model's own size) or the adapter alone.
-        needed = _nbytes(model.state_dict()) if cfg.save_merged else _nbytes(get_peft_model_state_dict(model))
+        needed = _nbytes(export.state_dict()) if cfg.save_merged else _nbytes(get_peft_model_state_dict(export))
         with full_disk_guard(out_dir, needed):
             save_checkpoint(
-                accelerator.unwrap_model(policy).model, tokenizer, out_dir, parent=parent, root_model=root_model,
+                export, tokenizer, out_dir, parent=parent, root_model=root_model,
                 root_path=root_path, round_idx=round_idx, model_cfg=recipe.model, save_merged=cfg.save_merged, quantized=quantized,
             )
         atomic_write_json(out_dir / TRAINING_LOG, {"stats": stats, "history": history})

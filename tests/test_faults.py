@@ -455,11 +455,11 @@ def test_a_full_disk_while_saving_a_trainer_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(common.disk, "free_bytes", lambda path: 10)
     needed = common.disk.human(4 * (16 + 4) + torch.get_rng_state().numel())  # the weights and the RNG state
     with pytest.raises(DiskFullError, match=rf"checkpoint-3: no space left on device; it needs about {needed}, 10 bytes free"):
-        trainer._save_trainer_checkpoint(tmp_path, 3, model.state_dict(), optimizer, scheduler, [])
+        trainer._save_trainer_checkpoint(tmp_path, 3, {"adapter": model.state_dict(), "optimizer": optimizer.state_dict()}, scheduler, [])
     assert list(tmp_path.iterdir()) == []  # no half checkpoint to resume from
     monkeypatch.setattr(common.disk, "free_bytes", lambda path: 10**12)
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with room left, the error is not a full disk
-        trainer._save_trainer_checkpoint(tmp_path, 3, model.state_dict(), optimizer, scheduler, [])
+        trainer._save_trainer_checkpoint(tmp_path, 3, {"adapter": model.state_dict(), "optimizer": optimizer.state_dict()}, scheduler, [])
 
 
 @pytest.mark.slow

@@ -1,0 +1,475 @@
+"""Does a real model improve? SmolLM2-135M-Instruct on the demo's verifiable tasks, on a CPU.
+
+    python -m models.fetch smollm2-135m-instruct                                      # once
+    python experiments/smollm2.py --base-only --out experiments/results/smollm2      # the base's pass@k
+    python experiments/smollm2.py --out experiments/results/smollm2                  # the experiment
+
+`--base-only` measures what the base can do, on training prompts only (the first `--base-prompts` of
+each task kind in data/demo/train.jsonl; never a held-out one): greedy accuracy, and pass@1 and pass@8
+of 8 samples at the recipes' temperature (0.7, top-p 0.9), each strict and lenient. A task where
+pass@8 is well above pass@1 has partial skill, which preference rounds can sharpen; a task at 0 has
+nothing to sharpen. It writes base_passk.md / base_passk.json and the samples (base_samples.jsonl).
+
+The experiment, every method from the same converted base, on the tasks `--tasks` names (those where
+the base has partial skill), with held-out prompts (data/demo/heldout.jsonl, no round trains on them):
+
+1. SPIN (ground truth vs the model's own sample), iterative DPO (K = 8, the lenient verifier picks a
+   right and a wrong sample) and SPPO (K = 8, the verifier's win probabilities, beta 0.1), `--rounds`
+   rounds each through the pipeline itself (luigi.build on Iterate, as `luigi --module pipeline
+   Iterate` runs it);
+2. the control: the base fine-tuned on the ground truth (full fine-tuning) with as many training
+   sequences per round as SPIN's round used (chosen + rejected of every pair, every epoch), evaluated
+   after each round's share like a round;
+3. results.md / results.json: held-out strict and lenient accuracy of greedy answers ± one standard
+   error (n prompts) after every round, per task too, and each method's wall time.
+
+Strict is `data.demo_tasks:check` (the bare answer: what a change of format alone can move); lenient
+is `data.lenient:check` (the answer the sentence arrives at: the skill). The verifier judge of DPO
+and SPPO uses the lenient check, so their pairs reward right answers, not the format.
+
+`--scale tiny` runs the same steps on a tiny random Llama (tests/test_experiment.py keeps it working);
+`--scale cpu` is sized for about an hour per method on 2 idle CPU cores (see SCALES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs.recipe import deep_merge  # noqa: E402
+
+STRICT = "data.demo_tasks:check"
+LENIENT = "data.lenient:check"
+DEMO_TRAIN = REPO / "data" / "demo" / "train.jsonl"
+DEMO_HELDOUT = REPO / "data" / "demo" / "heldout.jsonl"
+PASS_AT = (1, 8)
+
+# Settings common to every method; the per-scale sizes below go over them.
+COMMON = {
+    "seed": 0,
+    "model": {"base_model": "cache:smollm2-135m-instruct", "precision": "fp32"},
+    "data": {"max_prompt_tokens": 128},
+    "generation": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 32, "batch_size": 64},
+    "judge": {"verifier": LENIENT, "unfinished": "keep"},
+    "training": {"beta": 0.1, "learning_rate": 2.0e-4, "epochs": 2, "batch_size": 8, "max_length": 192,
+                 "lora_r": 16, "lora_alpha": 32,
+                 "lora_target_modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "save_steps": 8},
+    "evaluation": {"max_new_tokens": 32, "kl_samples": 1, "report_prompts": 4},
+}
+SCALES = {
+    # Sized for at most an hour per method on 2 idle cores, from the stage times of one round of the
+    # smollm2 recipes at a load of about 1 (bench/results/smollm2_cpu_2026-11-23.json): sampling
+    # ~0.3 s per sequence of <= 32 tokens at batch 64 (DPO's Generate: 512 in 153 s), training ~1.5 s
+    # per pair and epoch (SPIN: 64 pairs in 124 s with the reference pass), evaluation ~1 s per
+    # held-out prompt at round 0 and ~2 s after (greedy, one sample, log-probs, the KL pass).
+    # DPO / SPPO: 3 x (160 x 8 x 0.3 s + <= 160 pairs x 2 epochs x 1.5 s) <= 3 x 14 min, plus
+    # 150 s + 3 x 300 s of evaluation: <= 60 min (pairs are fewer: only prompts with a right and a
+    # wrong sample make one). SPIN: 3 x (48 s + 240 s) + 17.5 min = ~32 min. The control: 3 x
+    # (320 sequences of full fine-tuning + 300 s) = ~25 min.
+    "cpu": {"data": {"prompts_per_round": 160}, "evaluation": {"num_prompts": 150}},
+    # For the test that keeps this script working: a tiny random Llama, seconds per round.
+    "tiny": {"data": {"prompts_per_round": 8},
+             "generation": {"max_new_tokens": 6, "batch_size": 32},
+             "training": {"epochs": 1, "batch_size": 4, "lora_r": 4, "lora_alpha": 8,
+                          "lora_target_modules": "all-linear", "save_steps": 2},
+             "evaluation": {"num_prompts": 6, "max_new_tokens": 6}},
+}
+ALGORITHMS = {
+    "spin": {"algorithm": "spin", "judge": {"name": "ground_truth"}, "generation": {"num_samples": 1},
+             "training": {"loss": "dpo_sigmoid", "epochs": 1}},
+    "dpo": {"algorithm": "dpo", "judge": {"name": "verifier"}, "generation": {"num_samples": 8},
+            "training": {"loss": "dpo_sigmoid", "nll_weight": 1.0}},
+    # beta 0.1 rather than SPPO's 0.001-0.01: eta = 1/beta asks log-ratios to move by eta (P - 1/2) nats,
+    # and tens of nats made the small model of experiments/improvement.py lose accuracy.
+    "sppo": {"algorithm": "sppo", "judge": {"name": "verifier"}, "generation": {"num_samples": 8},
+             "training": {"loss": "sppo", "beta": 0.1}},
+}
+# The control's full fine-tuning: a small learning rate, as for continued supervised training of a
+# chat model (LoRA's 2e-4 on all 135M weights would overwrite it).
+CONTROL_LEARNING_RATE = 1.0e-5
+CONTROL_BATCH_SIZE = 8
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are right (Chen et al. 2021, Eq. 1): 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def mean_se(values) -> tuple[float, float]:
+    from models.evaluation import mean_se as _mean_se
+
+    return _mean_se(values)
+
+
+def score_rows(rows: list[dict]) -> list[dict]:
+    """Each row (prompt, response, task, answer) with its strict and lenient verdicts."""
+    from models.verifiers import load_verifier
+
+    strict, lenient = load_verifier(STRICT), load_verifier(LENIENT)
+    return [{**row, "strict": strict.score(row["prompt"], row["response"], row),
+             "lenient": lenient.score(row["prompt"], row["response"], row)} for row in rows]
+
+
+def accuracy_table(scored: list[dict]) -> dict:
+    """Strict and lenient accuracy ± SE (n), over all rows and per task."""
+    import pandas as pd
+
+    frame = pd.DataFrame(scored)
+    out = {}
+    for name, group in [("all", frame), *sorted(frame.groupby("task"))]:
+        entry = {"n": int(len(group))}
+        for measure in ("strict", "lenient"):
+            entry[measure], entry[f"{measure}_se"] = mean_se(group[measure])
+        out[name] = entry
+    return out
+
+
+# --- the base's pass@k --------------------------------------------------------------------------
+
+def base_prompts(per_task: int, tasks: list[str] | None = None) -> list[dict]:
+    """The first `per_task` training prompts of each task kind (training split only)."""
+    rows = [json.loads(line) for line in DEMO_TRAIN.read_text().splitlines()]
+    kinds = sorted({row["task"] for row in rows}) if tasks is None else tasks
+    return [row for kind in kinds for row in [r for r in rows if r["task"] == kind][:per_task]]
+
+
+def measure_base(base_path: str, recipe, rows: list[dict], samples: int) -> dict:
+    """Greedy answers and `samples` samples per prompt from the base; strict and lenient pass@k per task."""
+    from data.prompts import format_prompt
+    from models.generation import generate_texts
+    from models.loading import load_policy, load_tokenizer
+    from models.sampling import SamplingSettings
+
+    tokenizer = load_tokenizer(base_path, recipe.model)
+    model = load_policy(base_path, recipe.model)
+    texts = [format_prompt(tokenizer, row["prompt"]) for row in rows]
+    gen = recipe.generation
+    timings = {}
+    start = time.time()
+    greedy = generate_texts(model, tokenizer, texts, SamplingSettings(
+        temperature=0.0, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, seed=recipe.seed), "base greedy")
+    timings["greedy_seconds"] = time.time() - start
+    start = time.time()
+    sampled = generate_texts(model, tokenizer, texts, SamplingSettings(
+        num_samples=samples, temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
+        batch_size=gen.batch_size, seed=recipe.seed), "base samples")
+    timings["sample_seconds"] = time.time() - start
+    timings["greedy_tokens"] = sum(g[0].num_tokens for g in greedy)
+    timings["sample_tokens"] = sum(s.num_tokens for group in sampled for s in group)
+    records = []
+    for row, g, group in zip(rows, greedy, sampled):
+        base = {k: row[k] for k in ("prompt_id", "prompt", "task", "answer")}
+        records.append({**base, "kind": "greedy", "sample_index": 0, "response": g[0].text, "finished": g[0].finished})
+        records += [{**base, "kind": "sample", "sample_index": k, "response": s.text, "finished": s.finished}
+                    for k, s in enumerate(group)]
+    return {"table": passk_table(records), "timings": timings, "records": score_rows(records)}
+
+
+def chance_level(task: str, rows: list[dict]) -> float | None:
+    """What guessing gets on these prompts: a uniform pick among the prompt's numbers for `extreme`,
+    the training split's most frequent answer for `count` (most words hold a letter once); None for
+    tasks where a guess is almost never right."""
+    import numpy as np
+
+    from data.answers import NUMBER_RE
+
+    if task == "extreme":
+        return float(np.mean([1 / len(NUMBER_RE.findall(row["prompt"])) for row in rows]))
+    if task == "count":
+        answers = [json.loads(line)["answer"] for line in DEMO_TRAIN.read_text().splitlines() if '"task": "count"' in line]
+        modal = max(set(answers), key=answers.count)
+        return float(np.mean([row["answer"] == modal for row in rows]))
+    return None
+
+
+def passk_table(records: list[dict]) -> dict:
+    """Greedy accuracy and pass@k of the samples, strict and lenient, over all prompts and per task."""
+    import pandas as pd
+
+    scored = pd.DataFrame(score_rows(records))
+    table = {}
+    for task, group in [("all", scored), *sorted(scored.groupby("task"))]:
+        greedy_rows = group[group.kind == "greedy"]
+        sample_rows = group[group.kind == "sample"]
+        entry = {"prompts": int(group.prompt_id.nunique()), "samples_cut": float((~sample_rows.finished.astype(bool)).mean()),
+                 "chance": None if task == "all" else chance_level(task, greedy_rows.to_dict("records"))}
+        for measure in ("strict", "lenient"):
+            entry[f"greedy_{measure}"], entry[f"greedy_{measure}_se"] = mean_se(greedy_rows[measure])
+            right = sample_rows.groupby("prompt_id")[measure].agg(["size", "sum"])
+            for k in PASS_AT:
+                per_prompt = [pass_at_k(int(n), int(c), k) for n, c in zip(right["size"], right["sum"])]
+                entry[f"pass@{k}_{measure}"], entry[f"pass@{k}_{measure}_se"] = mean_se(per_prompt)
+        table[task] = entry
+    return table
+
+
+def render_base(record: dict) -> str:
+    lines = [f"Base pass@k of {record['model']}, {record['prompts_per_task']} training prompts per task, "
+             f"{record['samples']} samples each at temperature {record['temperature']} (top-p {record['top_p']}), "
+             f"{record['max_new_tokens']} new tokens; {record['hardware']}, {record['date']}.", "",
+             "| task | greedy strict | greedy lenient | pass@1 strict | pass@8 strict | pass@1 lenient | pass@8 lenient "
+             "| chance | samples cut |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for task, entry in record["table"].items():
+        cells = [f"{entry[key]:.2f} ± {entry[key + '_se']:.2f}" for key in (
+            "greedy_strict", "greedy_lenient", "pass@1_strict", "pass@8_strict", "pass@1_lenient", "pass@8_lenient")]
+        chance = "-" if entry["chance"] is None else f"{entry['chance']:.2f}"
+        lines.append(f"| {task} (n = {entry['prompts']}) | " + " | ".join(cells) + f" | {chance} | {entry['samples_cut']:.2f} |")
+    t = record["timings"]
+    lines += ["", f"Generation: {t['greedy_tokens']} greedy tokens in {t['greedy_seconds']:.0f} s, "
+              f"{t['sample_tokens']} sampled tokens in {t['sample_seconds']:.0f} s (a shared machine: rough). "
+              "Chance: a uniform guess among the prompt's numbers (extreme), the most frequent training answer (count). "
+              f"Samples cut: the share that reached the {record['max_new_tokens']}-token limit."]
+    return "\n".join(lines) + "\n"
+
+
+# --- the experiment -----------------------------------------------------------------------------
+
+def write_recipe(path: Path, data: dict) -> str:
+    from common.atomic import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False).encode())
+    return str(path)
+
+
+def write_split(source: Path, tasks: list[str], path: Path) -> str:
+    """The rows of a demo split whose task kind is one of `tasks`, interleaved by kind as in the source."""
+    from common.atomic import atomic_write_bytes
+
+    rows = [line for line in source.read_text().splitlines() if json.loads(line)["task"] in tasks]
+    if not rows:
+        raise SystemExit(f"no rows of {source} have a task in {tasks}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, ("\n".join(rows) + "\n").encode())
+    return str(path.resolve())
+
+
+def build(task) -> None:
+    import luigi
+
+    if not luigi.build([task], local_scheduler=True, log_level="WARNING"):
+        raise SystemExit(f"{task} failed; see the log above")
+
+
+def build_base(out: Path, common: dict) -> str:
+    """The base model converted once (BaseModel: GGUF -> safetensors, or a tiny model's directory as is)."""
+    import pipeline  # noqa: F401 - registers the tasks
+    from tasks.base_model import BaseModel
+
+    recipe_path = write_recipe(out / "recipes" / "base.yaml", deep_merge(common, {"name": "base", "algorithm": "spin",
+                                                                                    "judge": {"name": "ground_truth"}}))
+    task = BaseModel(recipe=recipe_path, runs_dir=str(out / "runs"))
+    build(task)
+    return str(Path(task.model_path).resolve())
+
+
+def rescore_run(run_dir: Path, rounds: int) -> list[dict]:
+    """Strict and lenient accuracy of every round's greedy held-out answers (eval.parquet)."""
+    from data.layout import RunLayout
+    from data.schema import EVAL, read_artifact
+
+    out = []
+    for round_idx in range(rounds + 1):
+        path = RunLayout(run_dir).eval(round_idx)
+        if not path.exists():
+            break
+        greedy = read_artifact(path, EVAL).query("kind == 'greedy'")
+        out.append({"round": round_idx, **accuracy_table(score_rows(greedy[["prompt", "response", "task", "answer"]].to_dict("records")))})
+    return out
+
+
+def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path, rounds: int) -> list[dict]:
+    """Supervised training on the ground truth instead of self-play: per round, as many training
+    sequences as SPIN's round used, then the round's held-out evaluation."""
+    from configs.recipe import load_recipe
+    from data.layout import RunLayout, round_name
+    from data.prompts import load_prompts, round_prompts
+    from data.schema import EVAL, read_artifact, write_parquet
+    from models.evaluation import evaluate_round
+    from models.loading import load_causal_lm, load_tokenizer
+    from models.sft import encode_examples, supervised_finetune
+
+    recipe = load_recipe(recipe_path)
+    train = load_prompts(recipe.data.train, recipe.data.train_split, recipe.data, require_reference=True)
+    prompts = load_prompts(recipe.data.eval, recipe.data.eval_split, recipe.data).head(recipe.evaluation.num_prompts)
+    base_eval = read_artifact(RunLayout(spin_run).eval(0), EVAL)
+    tokenizer = load_tokenizer(base_path, recipe.model)
+    model = load_causal_lm(base_path, recipe.model)
+    device = next(model.parameters()).device
+    previous, rows = base_eval, [{"round": 0, "sequences": 0, "seconds": 0.0}]
+    for round_idx in range(1, rounds + 1):
+        log = json.loads(RunLayout(spin_run).training_log(round_idx).read_text())
+        sequences = 2 * log["stats"]["pairs"] * recipe.training.epochs
+        steps = max(1, math.ceil(sequences / CONTROL_BATCH_SIZE))  # at least as many sequences as SPIN's round
+        # The same prompts SPIN's round trained on, their ground truth as the target.
+        examples = encode_examples(tokenizer, round_prompts(train, round_idx, recipe.data.prompts_per_round).to_dict("records"),
+                                   recipe.training.max_length)
+        start = time.time()
+        supervised_finetune(model, tokenizer, examples, steps, CONTROL_BATCH_SIZE, CONTROL_LEARNING_RATE,
+                            recipe.seed + round_idx, device)
+        ckpt = out_dir / round_name(round_idx)
+        model.save_pretrained(ckpt)
+        tokenizer.save_pretrained(ckpt)
+        frame, _metrics = evaluate_round(recipe, round_idx, str(ckpt), base_path, prompts, previous, base_eval)
+        write_parquet(frame, ckpt / "eval.parquet", EVAL)
+        previous = frame
+        greedy = frame[frame.kind == "greedy"][["prompt", "response", "task", "answer"]].to_dict("records")
+        rows.append({"round": round_idx, "sequences": steps * CONTROL_BATCH_SIZE, "seconds": time.time() - start,
+                     **accuracy_table(score_rows(greedy))})
+    return rows
+
+
+def render(record: dict) -> str:
+    rounds = record["rounds"]
+    lines = [f"SmolLM2-135M-Instruct, tasks {', '.join(record['tasks'])}, scale `{record['scale']}`, seed {record['seed']}, "
+             f"{record['hardware']}, {record['date']}; held-out accuracy of greedy answers, strict / lenient, "
+             f"± one standard error (n = {record.get('heldout_prompts', '?')} held-out prompts).", "",
+             "| method | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " | wall time |",
+             "|---|" + "---|" * (rounds + 2)]
+    for name, rows in record["results"].items():
+        by_round = {row["round"]: row for row in rows}
+        cells = []
+        for r in range(rounds + 1):
+            entry = by_round.get(r, {}).get("all")
+            cells.append("-" if entry is None else
+                         f"{entry['strict']:.3f} ± {entry['strict_se']:.3f} / {entry['lenient']:.3f} ± {entry['lenient_se']:.3f}")
+        seconds = record["timings_seconds"].get(name)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if seconds is None else f'{seconds:.0f} s'} |")
+    lines += ["", "Per task, lenient accuracy by round:", "",
+              "| method | task | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |",
+              "|---|---|" + "---|" * (rounds + 1)]
+    for name, rows in record["results"].items():
+        by_round = {row["round"]: row for row in rows}
+        for task in record["tasks"]:
+            cells = ["-" if task not in by_round.get(r, {}) else f"{by_round[r][task]['lenient']:.2f}" for r in range(rounds + 1)]
+            lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save(record: dict, out: Path, stem: str, text: str) -> None:
+    from common.atomic import atomic_write_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / f"{stem}.json", (json.dumps(record, indent=2, default=float) + "\n").encode())
+    atomic_write_bytes(out / f"{stem}.md", text.encode())
+
+
+def hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--base-model", help="a model directory or GGUF spec instead of cache:smollm2-135m-instruct "
+                                             "(the tiny scale's test passes a tiny random Llama)")
+    parser.add_argument("--base-only", action="store_true", help="measure the base's pass@k on training prompts and stop")
+    parser.add_argument("--base-prompts", type=int, default=16, help="training prompts per task for --base-only")
+    parser.add_argument("--samples", type=int, default=8, help="samples per prompt for --base-only")
+    parser.add_argument("--rescore-base", action="store_true",
+                        help="recompute base_passk.md/json from the saved base_samples.jsonl (after a change of a check)")
+    parser.add_argument("--tasks", default="add,count,extreme,sort,subtract",
+                        help="task kinds of the experiment (those where the base has partial skill)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--algorithms", default="spin,dpo,sppo", help="comma-separated; the control runs when spin does")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("experiments/results/smollm2"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe value for every method, e.g. --set data.prompts_per_round=64")
+    args = parser.parse_args(argv)
+
+    if args.rescore_base:
+        from common.atomic import atomic_write_bytes
+
+        record = json.loads((args.out / "base_passk.json").read_text())
+        records = [json.loads(line) for line in (args.out / "base_samples.jsonl").read_text().splitlines()]
+        record["table"] = passk_table(records)
+        atomic_write_bytes(args.out / "base_samples.jsonl", "".join(json.dumps(row, default=float) + "\n" for row in score_rows(records)).encode())
+        save(record, args.out, "base_passk", render_base(record))
+        print(render_base(record))
+        return
+    common = deep_merge(deep_merge(COMMON, SCALES[args.scale]), {"seed": args.seed})
+    if args.base_model:
+        common = deep_merge(common, {"model": {"base_model": args.base_model}})
+    for assignment in args.set:
+        key, value = assignment.split("=", 1)
+        section, name = key.split(".", 1)
+        common = deep_merge(common, {section: {name: yaml.safe_load(value)}})
+    tasks = args.tasks.split(",")
+    unknown = sorted(set(tasks) - {"add", "subtract", "sort", "reverse", "count", "extreme"})
+    if unknown:
+        raise SystemExit(f"--tasks: unknown task kinds {unknown}")
+    common = deep_merge(common, {"data": {"train": write_split(DEMO_TRAIN, tasks, args.out / "data" / "train.jsonl"),
+                                          "eval": write_split(DEMO_HELDOUT, tasks, args.out / "data" / "heldout.jsonl")}})
+
+    start = time.time()
+    base_path = build_base(args.out, common)
+    base_seconds = time.time() - start
+    if args.base_only:
+        from common.atomic import atomic_write_bytes
+        from configs.recipe import load_recipe
+
+        recipe = load_recipe(str(args.out / "recipes" / "base.yaml"))
+        measured = measure_base(base_path, recipe, base_prompts(args.base_prompts), args.samples)
+        gen = recipe.generation
+        record = {"model": common["model"]["base_model"], "prompts_per_task": args.base_prompts, "samples": args.samples,
+                  "temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens,
+                  "hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "split": "train",
+                  "table": measured["table"], "timings": measured["timings"]}
+        save(record, args.out, "base_passk", render_base(record))
+        atomic_write_bytes(args.out / "base_samples.jsonl",
+                           "".join(json.dumps(row, default=float) + "\n" for row in measured["records"]).encode())
+        print(render_base(record))
+        return
+
+    import pipeline  # noqa: F401 - registers the tasks
+    from data.runs import Run
+    from tasks.iterate import Iterate
+
+    runs = args.out / "runs"
+    heldout = sum(1 for _ in open(common["data"]["eval"]))
+    record = {"scale": args.scale, "seed": args.seed, "rounds": args.rounds, "tasks": tasks, "hardware": hardware(),
+              "date": time.strftime("%Y-%m-%d"), "overrides": args.set,
+              "heldout_prompts": min(heldout, common["evaluation"].get("num_prompts", heldout)),
+              "strict": STRICT, "lenient": LENIENT, "timings_seconds": {"base_model": base_seconds}, "results": {},
+              "pipeline_metrics": {}}
+    for name in args.algorithms.split(","):
+        recipe = deep_merge(deep_merge(common, ALGORITHMS[name]), {"name": name, "model": {"base_model": base_path}})
+        recipe_path = write_recipe(args.out / "recipes" / f"{name}.yaml", recipe)
+        start = time.time()
+        build(Iterate(recipe=recipe_path, runs_dir=str(runs), rounds=args.rounds))
+        record["timings_seconds"][name] = time.time() - start
+        record["results"][name] = rescore_run(runs / name, args.rounds)
+        record["pipeline_metrics"][name] = Run(runs / name).metrics().to_dict("records")
+        save(record, args.out, "results", render(record))  # after every method, so a cut-off run keeps its table
+    if "spin" in record["results"]:
+        start = time.time()
+        control = run_control(base_path, str(args.out / "recipes" / "spin.yaml"), runs / "spin", args.out / "control", args.rounds)
+        control[0].update({k: v for k, v in record["results"]["spin"][0].items() if k != "round"})  # the same base
+        record["timings_seconds"]["sft_control"] = time.time() - start
+        record["results"]["sft_control"] = control
+    save(record, args.out, "results", render(record))
+    print(render(record))
+
+
+if __name__ == "__main__":
+    main()
