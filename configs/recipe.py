@@ -207,6 +207,12 @@ class JudgeConfig:
         metadata={"help": "A response passes the judge when its score is at least this (judge.refine); "
                           "null: 0.5 for the verifier (a right answer), required for other judges."},
     )
+    keep_identical: bool = field(
+        default=False,
+        metadata={"help": "SPIN: keep a pair whose sample equals the ground truth, as Chen et al. 2024 pair every "
+                          "prompt; its DPO gradient is zero, but the NLL anchor (training.nll_weight) then fits every "
+                          "prompt's answer, not only those the model got wrong."},
+    )
     unfinished: Literal["keep", "drop", "penalize"] = field(
         default="penalize",
         metadata={"help": "Samples cut at max_new_tokens: penalize = lose to every finished one (never chosen); "
@@ -340,6 +346,9 @@ class Recipe:
             raise RecipeError(f"{where}: algorithm {self.algorithm} needs a judge (pairrm, self, reward_model, verifier)")
         if self.algorithm != "spin" and self.generation.num_samples < 2:
             raise RecipeError(f"{where}: generation.num_samples must be >= 2 for {self.algorithm} (it ranks samples)")
+        if self.judge.keep_identical and self.algorithm != "spin":
+            raise RecipeError(f"{where}: judge.keep_identical applies to algorithm spin only (its chosen side is the dataset's "
+                              f"response); {self.algorithm} ranks distinct samples")
         if self.algorithm == "spin" and (self.judge.add_reference or self.judge.min_margin):
             raise RecipeError(f"{where}: judge.add_reference and judge.min_margin rank a judge's candidates; "
                               "algorithm spin has none (its chosen side is always the dataset's response)")

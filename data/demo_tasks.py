@@ -4,7 +4,11 @@ Six kinds of task (arithmetic, sorting, reversing, counting, max/min), each with
 ground-truth response and a programmatic check. The files in data/demo/ are made by this script and
 committed; a test regenerates them and checks they are unchanged. Regenerate with:
 
-    python -m data.demo_tasks            # writes data/demo/{train,heldout,train_20k}.jsonl
+    python -m data.demo_tasks            # writes data/demo/{train,heldout,train_20k,validation}.jsonl
+
+validation.jsonl is for choosing a recipe's settings (`data.eval: demo:validation`): prompts drawn like
+the others but shared with neither the held-out split nor any training split (train_20k contains
+train), so the held-out figures stay untouched by tuning.
 
 `verify(kind, answer, response)` is the check; `check(prompt, response, row)` is the same in the form
 a recipe names as its verifier (`judge.verifier: data.demo_tasks:check`, models/verifiers.py).
@@ -121,6 +125,18 @@ def make_large_train(size: int, seed: int = SEED) -> list[dict]:
     return _draw("train", size, seed, heldout)
 
 
+VALIDATION_SIZE = 300
+
+
+def make_validation(size: int = VALIDATION_SIZE, seed: int = SEED) -> list[dict]:
+    """Prompts for tuning a recipe: drawn like the training ones (same generators, kinds in turn), from
+    their own random stream, never a prompt of the held-out split or of the 20,000-row training split
+    that the warm start trains on and the rounds draw from (it contains the 3,000-row train split)."""
+    taken = {row["prompt"] for row in make_split("heldout", SPLIT_SIZES["heldout"], seed)}
+    taken |= {row["prompt"] for row in make_large_train(LARGE_TRAIN_SIZE, seed)}
+    return _draw("validation", size, seed, taken)
+
+
 def _draw(split: str, size: int, seed: int, taken: set[str]) -> list[dict]:
     rng = random.Random(f"{seed}-{split}")
     taken = set(taken)
@@ -154,6 +170,7 @@ LARGE_TRAIN_SIZE = 20000  # data/demo/train_20k.jsonl: the default demo's warm s
 def write_demo(out_dir: Path = DEMO_DIR) -> dict[str, Path]:
     written = {split: write_jsonl(make_split(split, size), out_dir / f"{split}.jsonl") for split, size in SPLIT_SIZES.items()}
     written["train_20k"] = write_jsonl(make_large_train(LARGE_TRAIN_SIZE), out_dir / "train_20k.jsonl")
+    written["validation"] = write_jsonl(make_validation(), out_dir / "validation.jsonl")
     return written
 
 

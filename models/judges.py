@@ -410,8 +410,10 @@ def pair_round(recipe, generations, round_idx: int, judge=None, refiner=None) ->
                 continue
             reference = clean_response(first.reference)  # the same normalisation as the sample had
             if _same_text(reference, first.response):
-                stats["skipped_identical"] += 1
-                continue
+                if not recipe.judge.keep_identical:
+                    stats["skipped_identical"] += 1
+                    continue
+                stats["pairs_identical"] = stats.get("pairs_identical", 0) + 1
             rows.append({
                 **{k: first.get(k) for k in keep if k in group.columns},
                 "chosen": reference, "rejected": first.response,

@@ -19,7 +19,7 @@ FIXTURES = REPO / "data" / "fixtures"
 
 def test_shipped_demo_files_are_what_the_generator_makes(tmp_path):
     demo_tasks.write_demo(tmp_path)
-    for split in [*demo_tasks.SPLIT_SIZES, "train_20k"]:
+    for split in [*demo_tasks.SPLIT_SIZES, "train_20k", "validation"]:
         assert (tmp_path / f"{split}.jsonl").read_text() == (demo_tasks.DEMO_DIR / f"{split}.jsonl").read_text()
 
 
@@ -40,6 +40,19 @@ def test_large_train_split_extends_the_shipped_one_and_never_holds_a_heldout_pro
     assert large[:3000] == demo_tasks.make_split("train", 3000)
     assert len({row["prompt"] for row in large}) == 8000
     assert not {row["prompt"] for row in large} & heldout
+
+
+def test_validation_split_shares_no_prompt_with_heldout_or_any_training_split():
+    # The shipped files as the demo recipes read them: tuning on validation must never see a prompt
+    # that a round trains on (train_20k, which holds train) or that the held-out figures are taken on.
+    source = lambda split: load_prompts(f"demo:{split}", split, DataConfig(), require_reference=True)  # noqa: E731
+    validation = source("validation")
+    assert len(validation) == demo_tasks.VALIDATION_SIZE == len(set(validation.prompt))
+    assert set(validation.task) == set(demo_tasks.TASK_KINDS)
+    for split in ("heldout", "train_20k", "train"):
+        assert not set(validation.prompt) & set(source(split).prompt), split
+    for row in validation.itertuples():
+        assert demo_tasks.verify(row.task, row.answer, row.reference)
 
 
 def test_prompt_response_layout():

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from common.errors import RecipeError
 from configs.recipe import recipe_from_dict
 from models.judge_types import JudgeGroup, JudgeResult, matrix_from_scores
 from models.judges import (
@@ -89,6 +90,22 @@ def test_spin_pairs_ground_truth_against_own_sample():
     pairs, stats = pair_round(SPIN, gens, 1)
     assert list(pairs.chosen) == ["5"] and list(pairs.rejected) == ["4"]
     assert stats["skipped_identical"] == 1 and pairs.judge.iloc[0] == "ground_truth"
+
+
+def test_spin_keeps_identical_pairs_when_asked():
+    # judge.keep_identical: the pair whose sample equals the ground truth is kept (chosen == rejected),
+    # so the NLL anchor fits that prompt's answer too; the other pair is made as before.
+    recipe = recipe_from_dict({"judge": {"name": "ground_truth", "keep_identical": True}})
+    gens = generations([["4"], ["3"]], ["5", "3"])
+    pairs, stats = pair_round(recipe, gens, 1)
+    assert list(pairs.chosen) == ["5", "3"] and list(pairs.rejected) == ["4", "3"]
+    assert stats["skipped_identical"] == 0 and stats["pairs_identical"] == 1 and stats["pairs"] == 2
+
+
+def test_keep_identical_is_refused_outside_spin():
+    with pytest.raises(RecipeError, match="judge.keep_identical applies to algorithm spin only"):
+        recipe_from_dict({"algorithm": "dpo", "judge": {"name": "verifier", "keep_identical": True},
+                          "generation": {"num_samples": 2}})
 
 
 def test_parsers():
