@@ -135,6 +135,18 @@ def test_artifacts_do_not_depend_on_workers(tiny_recipe, tmp_path):
     assert sharded_eval[sharded_eval.kind == "greedy"].response.tolist() == one_eval[one_eval.kind == "greedy"].response.tolist()
 
 
+def assert_same_files_as_a_clean_run(tiny_recipe, tmp_path: Path, round_dir: Path) -> tuple[str, Path]:
+    """Round 1's artifacts in `round_dir` are byte for byte those of a clean one-shard, one-worker run;
+    returns that run's recipe and round directory."""
+    clean = tiny_recipe("spin", name="clean", generation={"shard_size": 8})
+    assert luigi.build([Iterate(recipe=clean, runs_dir=str(tmp_path / "clean"), rounds=1)], local_scheduler=True,
+                       log_level="WARNING")
+    clean_dir = tmp_path / "clean" / "clean" / "round_01"
+    for name in ROUND_FILES:
+        assert (round_dir / name).read_bytes() == (clean_dir / name).read_bytes(), name
+    return clean, clean_dir
+
+
 # Runs the luigi command line in a child with every part's generation slowed down, so the test can kill it
 # while its shards are under way (the same wrapping as tests/test_reliability.py).
 DRIVER = """
@@ -191,12 +203,7 @@ def test_killed_mid_shard_resumes_to_the_same_artifacts(tiny_recipe, tmp_path):
         assert (round_dir / "generations.shards" / name).stat().st_mtime_ns == mtime
 
     # A clean run of one shard on one worker makes the same files.
-    clean = tiny_recipe("spin", name="clean", generation={"shard_size": 8})
-    assert luigi.build([Iterate(recipe=clean, runs_dir=str(tmp_path / "clean"), rounds=1)], local_scheduler=True,
-                       log_level="WARNING")
-    clean_dir = tmp_path / "clean" / "clean" / "round_01"
-    for name in ROUND_FILES:
-        assert (round_dir / name).read_bytes() == (clean_dir / name).read_bytes(), name
+    clean, clean_dir = assert_same_files_as_a_clean_run(tiny_recipe, tmp_path, round_dir)
 
     # Once merged, the parts are not needed: without them the run is still complete and nothing reruns.
     import shutil
@@ -358,9 +365,4 @@ def test_a_box_dies_mid_shard_and_another_box_finishes_the_run(tiny_recipe, tmp_
     killed_in = re.findall(r"running\s+(GenerateShard\(.*?\))$", (tmp_path / "box-a.log").read_text(), re.M)[-1]
     assert re.search(rf"done\s+{re.escape(killed_in)}$", Path(log_b).read_text(), re.M)  # box B ran it again
 
-    clean = tiny_recipe("spin", name="clean", generation={"shard_size": 8})
-    assert luigi.build([Iterate(recipe=clean, runs_dir=str(tmp_path / "clean"), rounds=1)], local_scheduler=True,
-                       log_level="WARNING")
-    clean_dir = tmp_path / "clean" / "clean" / "round_01"
-    for name in ROUND_FILES:
-        assert (round_dir / name).read_bytes() == (clean_dir / name).read_bytes(), name
+    assert_same_files_as_a_clean_run(tiny_recipe, tmp_path, round_dir)
