@@ -40,7 +40,7 @@ import yaml
 from common import interrupt
 from common.atomic import atomic_path, atomic_write_json
 from common.errors import RecipeError, RunLockedError, SelfplayError
-from configs.recipe import CONFIG_DIR, load_recipe
+from configs.recipe import CONFIG_DIR, load_recipe, recipe_from_dict
 from data.layout import RunLayout
 from tasks import lock
 
@@ -217,6 +217,10 @@ def check_run_dir(run_dir: Path, recipe) -> None:
     if not isinstance(record, dict) or not isinstance(record.get("recipe"), dict):
         raise RecipeError(f"{run_yaml}: has no 'recipe' mapping (edited by hand?); {start_over}")
     recorded = record["recipe"]
+    try:  # a key the recipe gained after the run was made counts as its default, not as a change
+        recorded = recipe_from_dict(recorded, str(run_yaml)).to_dict()
+    except RecipeError:  # a key since removed or renamed: compared as recorded, so it shows as changed
+        pass
     current = recipe.to_dict()
     changed = sorted(_diff_keys(recorded, current))
     if changed:

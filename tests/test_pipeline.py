@@ -133,6 +133,25 @@ def test_changed_recipe_into_the_same_run_is_refused(tiny_recipe, tmp_path):
         Iterate(recipe=changed, runs_dir=runs, run_name="same", rounds=1)
 
 
+def test_a_run_made_before_a_recipe_key_existed_is_not_refused(tiny_recipe, tmp_path):
+    # A run.yaml written before `generation.shards` was added: the key counts as its default.
+    from tasks.base_model import RunSetup
+
+    runs = tmp_path / "runs"
+    recipe = tiny_recipe("spin", name="a")
+    build(RunSetup(recipe=recipe, runs_dir=str(runs), run_name="old"))
+    run_yaml = runs / "old" / "run.yaml"
+    record = yaml.safe_load(run_yaml.read_text())
+    del record["recipe"]["generation"]["shards"]
+    run_yaml.write_text(yaml.safe_dump(record))
+    Iterate(recipe=recipe, runs_dir=str(runs), run_name="old", rounds=1)  # not refused
+    record["recipe"]["generation"]["shards"] = 2  # a value that differs is still a change
+    run_yaml.write_text(yaml.safe_dump(record))
+    Iterate.clear_instance_cache()  # luigi hands back the task made above for the same parameters
+    with pytest.raises(RecipeError, match=r"changed: generation.shards"):
+        Iterate(recipe=recipe, runs_dir=str(runs), run_name="old", rounds=1)
+
+
 def test_train_under_accelerate_launch_with_two_processes(tiny_recipe, tmp_path):
     # DDP on CPU (gloo): the Train task starts `accelerate launch --num_processes 2` on itself.
     from tasks.rounds import Train
