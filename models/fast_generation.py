@@ -339,8 +339,10 @@ class _Session:
             use_cache=True,
             **extra,
         ).logits[:, -1, :]
+        # Older transformers write a static cache at `cache_position`; newer ones at its own offset.
+        cache_kwargs = {"cache_position": extra["cache_position"]} if "cache_position" in extra else None
         for layer_idx, layer in enumerate(prompt_cache.layers):
-            self.cache.update(layer.keys[row_of], layer.values[row_of], layer_idx)
+            self.cache.update(layer.keys[row_of], layer.values[row_of], layer_idx, cache_kwargs)
         return logits[row_of]
 
     # one decode step (captured on CUDA) ---------------------------------------------------------
