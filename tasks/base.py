@@ -388,6 +388,17 @@ class ShardTask(RunTask):
     def outputs_present(self) -> bool:
         return super().outputs_present() or self.clone(self.merge_family).outputs_present()
 
+    def write_part(self, frame, record: dict) -> None:
+        """The shard's outputs: its Parquet part (`part`) and the JSON record beside it (its other output),
+        each written atomically, the record last."""
+        from data.schema import write_parquet
+
+        outputs = self.output()
+        write_parquet(frame, outputs["part"].path)
+        (record_target,) = [target for key, target in outputs.items() if key != "part"]
+        with record_target.temporary_path() as tmp:
+            atomic_write_json(tmp, record)
+
 
 class GpuTask(RunTask):
     """A task that holds a GPU: it asks Luigi for `gpu: 1` (`[resources] gpu=N` in luigi.cfg caps how many

@@ -55,7 +55,7 @@ class EvaluateShard(ShardTask, GpuTask):
     def run(self):
         set_cpu_threads()
         from data.layout import shard_range
-        from data.schema import EVAL, read_artifact, write_parquet
+        from data.schema import EVAL, read_artifact
         from models.evaluation import evaluate_rows
 
         recipe = self.config.for_round(max(1, self.round_idx))
@@ -74,9 +74,7 @@ class EvaluateShard(ShardTask, GpuTask):
             import pandas as pd
 
             frame, judged = pd.DataFrame(), {}
-        write_parquet(frame, self.output()["part"].path)
-        with self.output()["judged"].temporary_path() as tmp:
-            atomic_write_json(tmp, judged)
+        self.write_part(frame, judged)
 
 
 class Evaluate(RunTask):

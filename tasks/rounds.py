@@ -89,7 +89,6 @@ class GenerateShard(ShardTask, GpuTask):
     def run(self):
         set_cpu_threads()
         from data.prompts import load_prompts, round_prompts
-        from data.schema import write_parquet
         from models.generation import generate_round
         from tasks.requirements import check_train_data
 
@@ -111,9 +110,7 @@ class GenerateShard(ShardTask, GpuTask):
                     from models.fast_generation import release_vllm
 
                     release_vllm()
-        write_parquet(frame, self.output()["part"].path)
-        with self.output()["meta"].temporary_path() as tmp:
-            atomic_write_json(tmp, stats)
+        self.write_part(frame, stats)
 
 
 class Generate(RunTask):
@@ -159,7 +156,7 @@ class JudgeShard(ShardTask, GpuTask):
     def run(self):
         set_cpu_threads()
         from data.layout import shard_range
-        from data.schema import GENERATIONS, read_artifact, write_parquet
+        from data.schema import GENERATIONS, read_artifact
         from models.judges import make_judge, pair_round
 
         recipe = self.config.for_round(self.round_idx)
@@ -199,9 +196,7 @@ class JudgeShard(ShardTask, GpuTask):
                     refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx)
             pairs, stats = pair_round(recipe, generations, self.round_idx, judge, refiner)
         stats.update(who)
-        write_parquet(pairs, self.output()["part"].path)
-        with self.output()["meta"].temporary_path() as tmp:
-            atomic_write_json(tmp, stats)
+        self.write_part(pairs, stats)
 
 
 class Judge(RunTask):
