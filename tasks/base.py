@@ -395,9 +395,23 @@ class ShardTask(RunTask):
 
         outputs = self.output()
         write_parquet(frame, outputs["part"].path)
-        (record_target,) = [target for key, target in outputs.items() if key != "part"]
-        with record_target.temporary_path() as tmp:
+        with _record_target(outputs).temporary_path() as tmp:
             atomic_write_json(tmp, record)
+
+
+def _record_target(shard_outputs: dict):
+    (record,) = [target for key, target in shard_outputs.items() if key != "part"]
+    return record
+
+
+def read_shard_parts(shard_outputs: list[dict]) -> tuple[list, list[dict]]:
+    """What ShardTask.write_part wrote for each shard, in shard order: the parts that have rows (the first
+    part when none has: a shard with nothing to do writes an empty one), and every shard's JSON record."""
+    import pandas as pd
+
+    frames = [pd.read_parquet(outputs["part"].path) for outputs in shard_outputs]
+    records = [json.loads(Path(_record_target(outputs).path).read_text()) for outputs in shard_outputs]
+    return [frame for frame in frames if len(frame)] or frames[:1], records
 
 
 class GpuTask(RunTask):

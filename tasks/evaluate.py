@@ -19,7 +19,7 @@ import luigi
 
 from common.atomic import atomic_write_json
 from data.layout import TRAINING_LOG
-from tasks.base import FileTarget, GpuTask, RunTask, ShardTask, set_cpu_threads
+from tasks.base import FileTarget, GpuTask, RunTask, ShardTask, read_shard_parts, set_cpu_threads
 from tasks.rounds import model_task
 
 PAIR_KINDS = ("pair_chosen", "pair_rejected")
@@ -118,15 +118,13 @@ def merge_eval_shards(shard_outputs: list[dict]):
     rows, then every held-out pair's two rows, each in prompt order), and their judgements put together."""
     import pandas as pd
 
-    frames = [pd.read_parquet(out["part"].path) for out in shard_outputs]
-    frames = [frame for frame in frames if len(frame)] or frames[:1]
+    frames, judged_parts = read_shard_parts(shard_outputs)
     if len(frames) == 1:
         frame = frames[0]
     else:
         is_pair = [frame.kind.isin(PAIR_KINDS) for frame in frames]
         frame = pd.concat([f[~pair] for f, pair in zip(frames, is_pair)] + [f[pair] for f, pair in zip(frames, is_pair)],
                           ignore_index=True)
-    judged_parts = [json.loads(Path(out["judged"].path).read_text()) for out in shard_outputs]
     judged_parts = [part for part in judged_parts if part]  # an empty shard judged nothing
     judged = {"judge": judged_parts[0]["judge"]}
     for label in ("previous", "base"):

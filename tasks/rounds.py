@@ -56,7 +56,7 @@ from common import interrupt
 from common.atomic import atomic_write_json
 from common.errors import Interrupted, TrainingError
 from tasks.base import (DirTarget, FileTarget, GpuTask, RunTask, ShardTask, prepare_shared_work_dir, prepare_work_dir,
-                        set_cpu_threads)
+                        read_shard_parts, set_cpu_threads)
 from tasks.base_model import BaseModel
 
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
@@ -232,9 +232,7 @@ def merge_shards(shard_outputs: list[dict]) -> tuple["pd.DataFrame", list[dict]]
     their stats."""
     import pandas as pd
 
-    frames = [pd.read_parquet(out["part"].path) for out in shard_outputs]
-    metas = [json.loads(Path(out["meta"].path).read_text()) for out in shard_outputs]
-    kept = [frame for frame in frames if len(frame)] or frames[:1]
+    kept, metas = read_shard_parts(shard_outputs)
     return pd.concat(kept, ignore_index=True) if len(kept) > 1 else kept[0], metas
 
 
