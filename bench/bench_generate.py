@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import gpu_peak_flops, layer_shapes, machine, matmul_probe, model_directory  # noqa: E402
-from models.fast_generation import _SESSIONS, release_sessions, static_generate  # noqa: E402
+from models.fast_generation import PACK_ENV, _SESSIONS, cpu_packing_available, release_sessions, static_generate  # noqa: E402
 from models.generation import SamplingSettings  # noqa: E402
 
 QWEN25_05B = dict(
@@ -115,6 +115,27 @@ def hf_sample(model, input_ids, attention_mask, args):
     return out[:, input_ids.shape[1] :]
 
 
+def static_variants(args, device: torch.device) -> list[tuple[str, str]]:
+    """(name, compile mode) of every static-backend variant timed: on a CPU also without packed weights."""
+    variants = [("static", "")]
+    if device.type == "cpu" and cpu_packing_available():
+        variants.append(("static_unpacked", ""))
+    return variants + ([("compiled", args.compile)] if args.compile else [])
+
+
+def with_packing(on: bool, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with the CPU's packed weights on or off (SELFPLAY_CPU_PACKED)."""
+    saved = os.environ.get(PACK_ENV)
+    os.environ[PACK_ENV] = "1" if on else "0"
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if saved is None:
+            del os.environ[PACK_ENV]
+        else:
+            os.environ[PACK_ENV] = saved
+
+
 @torch.no_grad()
 def throughput(args, model, device, vocab: int) -> list[dict]:
     rows = []
@@ -137,9 +158,10 @@ def throughput(args, model, device, vocab: int) -> list[dict]:
             assert out.shape == (batch, args.new_tokens)
             row["hf_s"] = min(hf_times[1:])
             row["hf_tok_s"] = new_tokens / row["hf_s"]
-        for variant, mode in [("static", "")] + ([("compiled", args.compile)] if args.compile else []):
+        for variant, mode in static_variants(args, device):
             release_sessions()
-            run = lambda: static_generate(model, _Tok, input_ids, attention_mask, settings, [], compile_step=mode)  # noqa: E731
+            run = lambda: with_packing(variant != "static_unpacked", static_generate, model, _Tok, input_ids, attention_mask,  # noqa: E731
+                                       settings, [], compile_step=mode)
             torch.manual_seed(0)
             first_out, first = timed(run, device)
             assert first_out.shape == (batch, args.new_tokens)
@@ -195,11 +217,41 @@ def profile_steps(args, model, device, vocab: int, steps: int = 3) -> None:
     release_sessions()
 
 
-@torch.no_grad()
-def greedy_equality(args, config: dict | str, device: torch.device, dtype: torch.dtype, label: str, compile_mode: str = "") -> dict:
-    """HF greedy vs static greedy on left-padded prompts of mixed lengths."""
+def compare_greedy(model, batches, new_tokens: int, eos_ids: list[int], pad_id: int, compile_mode: str = "") -> dict:
+    """HF greedy vs static greedy over `batches` of left-padded (input_ids, attention_mask), each row compared
+    up to its eos. Where a row differs, HF's margin between its two best logits at the first difference
+    says whether that step was a near tie (float rounding can break one either way) or a real disagreement."""
     from transformers import GenerationConfig
 
+    from models.generation import cut_at_eos
+
+    tokens = equal_tokens = rows = equal_rows = 0
+    differences = []
+    for input_ids, attention_mask in batches:
+        width = input_ids.shape[1]
+        config_hf = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=None if eos_ids else new_tokens,
+                                     eos_token_id=eos_ids or None, pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config_hf)
+        ref = out.sequences[:, width:]
+        greedy = SamplingSettings(temperature=0, max_new_tokens=new_tokens)
+        ours = static_generate(model, _Tok, input_ids, attention_mask, greedy, eos_ids, compile_step=compile_mode)
+        for row in range(ref.shape[0]):
+            a, b = cut_at_eos(ref[row].tolist(), eos_ids), cut_at_eos(ours[row].tolist(), eos_ids)
+            first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None if len(a) == len(b) else min(len(a), len(b)))
+            rows += 1
+            tokens += len(a)
+            equal_rows += first is None
+            equal_tokens += len(a) if first is None else first
+            if first is not None and first < len(out.scores):
+                top = out.scores[first][row].float().topk(2).values
+                differences.append({"row": rows - 1, "first_difference": first, "hf_top2_margin": float(top[0] - top[1])})
+    return {"rows": rows, "tokens": tokens, "token_match": equal_tokens / max(1, tokens), "rows_equal": equal_rows / max(1, rows),
+            "differences": differences}
+
+
+@torch.no_grad()
+def greedy_equality(args, config: dict | str, device: torch.device, dtype: torch.dtype, label: str, compile_mode: str = "") -> dict:
+    """HF greedy vs static greedy on left-padded random prompts of mixed lengths, every row `--eq-new-tokens` long."""
     model = build_model(config, dtype, device, seed=1)
     vocab = model.config.vocab_size
     batch, new = args.eq_batch, args.eq_new_tokens
@@ -214,22 +266,34 @@ def greedy_equality(args, config: dict | str, device: torch.device, dtype: torch
         attention_mask[i, width - length :] = 1
     if copies > 1:  # repeated prompts take the shared prefill; greedy copies of a prompt are equal rows
         input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    config_hf = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-    ref = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config_hf)[:, width:]
-    greedy = SamplingSettings(temperature=0, max_new_tokens=new)
-    ours = static_generate(model, _Tok, input_ids, attention_mask, greedy, [], compile_step=compile_mode)
-    same = ours == ref
-    # tokens before each row's first difference: a flip changes everything after it
-    prefix = torch.where(same.all(1), new, (~same).int().argmax(1)).float()
-    result = {
-        "check": label,
-        "batch": batch,
-        "new_tokens": new,
-        "token_match": same.float().mean().item(),
-        "rows_equal": same.all(1).float().mean().item(),
-        "mean_prefix_before_first_difference": prefix.mean().item(),
-    }
+    result = {"check": label, "prompts": "random tokens", "batch": batch, "new_tokens": new,
+              **compare_greedy(model, [(input_ids.to(device), attention_mask.to(device))], new, [], 0, compile_mode)}
+    del model
+    release_sessions()
+    print(json.dumps(result), flush=True)
+    return result
+
+
+@torch.no_grad()
+def chat_greedy_equality(args, model_dir: str, device: torch.device) -> dict:
+    """HF greedy vs static greedy in fp32 on what generation really sees: the demo's held-out prompts in the
+    model's chat template, batches of --eq-batch, each row up to its end of turn or --eq-new-tokens."""
+    from transformers import AutoTokenizer
+
+    from configs.recipe import DataConfig
+    from data.prompts import format_prompt, load_prompts
+    from models.padding import pad_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = build_model(model_dir, torch.float32, device)
+    prompts = load_prompts("demo:heldout", "test", DataConfig()).head(args.eq_prompts)
+    encoded = [tokenizer(format_prompt(tokenizer, p, None), add_special_tokens=False).input_ids for p in prompts.prompt]
+    batches = []
+    for start in range(0, len(encoded), args.eq_batch):
+        input_ids, attention_mask = pad_rows(encoded[start : start + args.eq_batch], tokenizer.pad_token_id, side="left")
+        batches.append((input_ids.to(device), attention_mask.to(device)))
+    result = {"check": "greedy fp32, chat prompts", "prompts": "demo:heldout", "batch": args.eq_batch, "new_tokens": args.eq_new_tokens,
+              **compare_greedy(model, batches, args.eq_new_tokens, [tokenizer.eos_token_id], tokenizer.pad_token_id)}
     del model
     release_sessions()
     print(json.dumps(result), flush=True)
@@ -255,6 +319,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-equality", action="store_true")
     parser.add_argument("--eq-batch", type=int, default=32)
     parser.add_argument("--eq-new-tokens", type=int, default=64)
+    parser.add_argument("--eq-prompts", type=int, default=64,
+                        help="with --model: held-out demo prompts in the model's chat template for a second greedy check (0: none)")
     parser.add_argument("--tiny", action="store_true", help="small config and few tokens: a CPU smoke test")
     parser.add_argument("--profile", action="store_true", help="print the costliest operators of a few eager decode steps")
     parser.add_argument("--json", help="write the results here")
@@ -301,7 +367,7 @@ def main(argv=None) -> dict:
         else:  # the ceiling of a decode step: a matmul of `batch` rows by the model's weights, measured now
             row["matmul_probe"] = matmul_probe(layer_shapes(model.config, row["batch"]))
             peak = row["matmul_probe"]["best_gflops_per_s"] * 1e9
-        for variant in ("hf", "static", "compiled"):
+        for variant in ("hf", "static", "static_unpacked", "compiled"):
             if f"{variant}_tok_s" in row and peak:
                 row[f"{variant}_mfu_percent"] = round(2 * n_params * row[f"{variant}_tok_s"] / peak * 100, 1)
     del model
@@ -309,12 +375,14 @@ def main(argv=None) -> dict:
     checks = []
     if not args.skip_equality:
         checks.append(greedy_equality(args, config, device, torch.float32, "greedy fp32"))
+        if args.model and args.eq_prompts:
+            checks.append(chat_greedy_equality(args, config, device))
         if args.compile:
             checks.append(greedy_equality(args, config, device, torch.float32, f"greedy fp32, compiled ({args.compile})", args.compile))
         if device.type == "cuda":
             checks.append(greedy_equality(args, config, device, torch.bfloat16, "greedy bf16 (near ties: informative only)"))
     print()
-    variants = ["static"] + (["compiled"] if args.compile else [])
+    variants = [name for name, _ in static_variants(args, device)]
     print(f"{'batch':>6} {'hf tok/s':>10} {'MFU':>6}" + "".join(f" {v + ' tok/s':>15} {'x hf':>6} {'MFU':>6} {'1st call s':>10}" for v in variants))
     for row in rows:
         line = f"{row['batch']:>6} " + (f"{row['hf_tok_s']:10.0f} {row.get('hf_mfu_percent', 0):5.1f}%" if "hf_tok_s" in row else f"{'-':>10} {'-':>6}")

@@ -79,7 +79,7 @@ import inspect
 import logging
 import os
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +91,8 @@ log = logging.getLogger("selfplay")
 
 __all__ = [
     "static_generate",
+    "packed_linears",
+    "cpu_packing_available",
     "vllm_generate",
     "release_sessions",
     "release_vllm",
@@ -186,6 +188,77 @@ def _attention(model, name: str | None):
         yield
     finally:
         model.config._attn_implementation = old
+
+
+# --- CPU: weights packed once for oneDNN -----------------------------------------------------------
+
+PACK_ENV = "SELFPLAY_CPU_PACKED"
+
+
+@dataclass
+class _Packed:
+    """One Linear's weight in oneDNN's blocked layout, and the weight it was made from."""
+
+    source: tuple  # (data_ptr, _version) of the weight: an in-place change (an adapter merged) repacks it
+    weight: torch.Tensor
+
+
+_PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, _Packed]" = weakref.WeakKeyDictionary()
+
+
+def _packable(module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and "forward" not in module.__dict__)  # a forward patched by someone else (hooks) is left alone
+
+
+def _packed_weight(module, batch_hint: int) -> torch.Tensor:
+    source = (module.weight.data_ptr(), module.weight._version)
+    packed = _PACKED.get(module)
+    if packed is None or packed.source != source:
+        packed = _PACKED[module] = _Packed(source, torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_hint))
+    return packed.weight
+
+
+def _packed_forward(module, weight: torch.Tensor):
+    bias = module.bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    return forward
+
+
+def cpu_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@contextmanager
+def packed_linears(model, batch_hint: int):
+    """Run every fp32 CPU `nn.Linear` of `model` (the LM head, and a LoRA layer's base and factors
+    included) on its weight prepacked into oneDNN's blocked layout, inside the block; no-op elsewhere.
+
+    Why: at decoding's few rows a CPU step streams every weight from memory, and MKL's sgemm repacks
+    each weight on every call, so a batch-16 step ran at about a third of what one row costs per weight
+    byte (bench/README.md). A weight packed once for oneDNN is read as it lies. Packed copies are kept
+    per module (weakly, with the model) and remade when the weight changes in place (an adapter folded
+    in or out), so packing costs one pass over the weights per model, not per batch.
+    Numbers: oneDNN sums in another order than MKL, so logits differ from the unpacked model's by float
+    rounding (about 1e-6 relative); each row's result does not depend on the other rows of the batch.
+    SELFPLAY_CPU_PACKED=0 turns it off. Inference only: the packed call has no backward.
+    """
+    modules = [m for m in model.modules() if _packable(m)] if _env_flag(PACK_ENV, True) and cpu_packing_available() else []
+    patched = []
+    try:
+        for module in modules:
+            module.forward = _packed_forward(module, _packed_weight(module, batch_hint))
+            patched.append(module)
+        yield bool(patched)
+    finally:
+        for module in patched:
+            del module.forward
 
 
 # --- support checks -------------------------------------------------------------------------------
@@ -428,11 +501,14 @@ _SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, _Session]" = weakref.Weak
 
 
 def release_sessions(model=None) -> None:
-    """Free the static caches and graphs kept for `model` (all models when None)."""
+    """Free the static caches, graphs and packed CPU weights kept for `model` (all models when None)."""
     if model is None:
         _SESSIONS.clear()
+        _PACKED.clear()
     else:
         _SESSIONS.pop(model, None)
+        for module in model.modules():
+            _PACKED.pop(module, None)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -558,7 +634,8 @@ def static_generate(
         _SESSIONS[model] = session
         fresh = True
     input_ids = input_ids.to(torch.long)
-    with _attention(model, session.attention):
+    packing = packed_linears(model, batch) if device.type == "cpu" else nullcontext()
+    with _attention(model, session.attention), packing:
         return _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every)
 
 

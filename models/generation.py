@@ -38,15 +38,21 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def cut_at_eos(row: list[int], eos_ids: list[int]) -> list[int]:
+    """A row of new tokens up to and including its first eos (what follows it is padding)."""
+    end = next((i for i, tok in enumerate(row) if tok in eos_ids), None)
+    return row if end is None else row[: end + 1]
+
+
 def _decode(tokenizer, new_tokens: torch.Tensor, eos_ids: list[int]) -> list[Sample]:
     from data.prompts import clean_response
 
     samples = []
     for row in new_tokens.tolist():
-        end = next((i for i, tok in enumerate(row) if tok in eos_ids), None)
-        sampled = row if end is None else row[: end + 1]  # what follows the EOS is padding
-        text = tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True)
-        samples.append(Sample(text=clean_response(text), num_tokens=len(sampled), finished=end is not None, token_ids=sampled))
+        sampled = cut_at_eos(row, eos_ids)
+        finished = bool(sampled) and sampled[-1] in eos_ids
+        text = tokenizer.decode(sampled[:-1] if finished else sampled, skip_special_tokens=True)
+        samples.append(Sample(text=clean_response(text), num_tokens=len(sampled), finished=finished, token_ids=sampled))
     return samples
 
 

@@ -6,10 +6,11 @@ per row, the sum of log pi(token) over completion tokens and their count.
 
 Speed: the LM head runs only on completion positions, in chunks, and the log-softmax is taken in fp32
 one chunk at a time, so a 150k-token vocabulary never materialises a (batch, length, vocab) fp32
-tensor (TRL's DPOTrainer does, and that dominates its step time on small models). A preference pair's
-two sides share their prompt: `collate_pairs` lays a batch out so the prompt runs once and both
-completions continue from its cached keys and values (`_shared_prompt_logps`; `pair_logps` does the
-same without gradients for reference passes).
+tensor (TRL's DPOTrainer does, and that dominates its step time on small models). Completions of one
+prompt share it: `collate_groups` (and `collate_pairs` for a preference pair's two sides) lays a batch
+out so each prompt runs once and its completions continue from its cached keys and values
+(`_shared_prompt_logps`); `pair_logps` and `batched_logps` do so without gradients for the reference
+pass and the evaluation.
 """
 
 from __future__ import annotations
@@ -106,29 +107,59 @@ def collate(items: list[Encoded], pad_id: int, pad_to_multiple: int = 8) -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def collate_groups(prompts: list[list[int]], completions: list[list[int]], prompt_of: list[int], pad_id: int,
+                   pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Completions that share prompts, laid out for `sequence_logps`'s shared-prompt forward: each distinct
+    prompt once (right-padded `prompt_ids`, `prompt_mask`), then every completion in its own row of
+    right-padded `completion_ids` / `completion_mask`, continuing from prompt `prompt_of[row]`. Sums come
+    back in completion-row order. Every prompt must be non-empty (its last state predicts the first token)."""
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i}: an empty prompt cannot share its forward")
+    prompt_ids, prompt_mask = pad_rows(prompts, pad_id, multiple=pad_to_multiple)
+    completion_ids, completion_mask = pad_rows(completions, pad_id, multiple=pad_to_multiple)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask.bool(), "prompt_of": torch.tensor(prompt_of, dtype=torch.long)}
+
+
 def collate_pairs(chosen: list[Encoded], rejected: list[Encoded], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Preference pairs laid out for `sequence_logps`'s shared-prompt forward: each pair's prompt once
-    (right-padded `prompt_ids`, `prompt_mask`), then its two completions in rows 2i (chosen) and 2i + 1
-    (rejected) of right-padded `completion_ids` / `completion_mask`. Both sides of a pair must have the
-    same prompt tokens (encode_pair guarantees it) and a non-empty prompt."""
+    """Preference pairs for the shared-prompt forward (collate_groups): each pair's prompt once, the chosen
+    sides in the first rows and the rejected sides after them, so the sums come back as chosen, then
+    rejected. Both sides of a pair must have the same prompt tokens (encode_pair guarantees it) and a
+    non-empty prompt."""
     for i, (good, bad) in enumerate(zip(chosen, rejected)):
         if good.prompt_ids != bad.prompt_ids or not good.prompt_ids:
             raise ValueError(f"pair {i}: chosen and rejected need the same non-empty prompt tokens to share its forward")
-    prompt_ids, prompt_mask = pad_rows([item.prompt_ids for item in chosen], pad_id, multiple=pad_to_multiple)
-    completions = [side.completion_ids for pair in zip(chosen, rejected) for side in pair]
-    completion_ids, completion_mask = pad_rows(completions, pad_id, multiple=pad_to_multiple)
-    completion_mask = completion_mask.bool()
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids, "completion_mask": completion_mask}
+    completions = [side.completion_ids for side in chosen + rejected]
+    return collate_groups([item.prompt_ids for item in chosen], completions, [*range(len(chosen))] * 2, pad_id, pad_to_multiple)
+
+
+def group_by_prompt(items: list[Encoded], max_rows: int) -> list[tuple[list[list[int]], list[int]]]:
+    """Batches of at most `max_rows` items for the shared-prompt forward: (distinct prompts, and for each
+    item of the batch, by index into `items`, in order), items of one prompt together, batches by length."""
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(tuple(item.prompt_ids), []).append(i)
+    chunks = [members[start : start + max_rows] for members in groups.values() for start in range(0, len(members), max_rows)]
+    chunks.sort(key=lambda chunk: max(len(items[i]) for i in chunk))
+    batches, current = [], []
+    for chunk in chunks:
+        if current and len(current) + len(chunk) > max_rows:
+            batches.append(current)
+            current = []
+        current = current + chunk
+    return batches + ([current] if current else [])
 
 
 def pair_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(tokens of the pairs as separate sequences, tokens the forward runs): the same for a flat batch;
-    a shared-prompt batch runs each prompt once instead of twice."""
+    """(tokens of the completions as separate sequences with their prompts, tokens the forward runs): the
+    same for a flat batch; a shared-prompt batch runs each prompt once instead of once per completion."""
     if "prompt_ids" not in batch:
         tokens = int(batch["attention_mask"].sum())
         return tokens, tokens
-    prompt, completion = int(batch["prompt_mask"].sum()), int(batch["completion_mask"].sum())
-    return 2 * prompt + completion, prompt + completion
+    prompt_lengths = batch["prompt_mask"].sum(dim=1)
+    completion = int(batch["completion_mask"].sum())
+    return int(prompt_lengths[batch["prompt_of"]].sum()) + completion, int(prompt_lengths.sum()) + completion
 
 
 # Causal-LM families whose forward is exactly `logits = lm_head(decoder(...).last_hidden_state)`, read
@@ -200,7 +231,7 @@ def pairs_share_prompt(model, chosen: list[Encoded], rejected: list[Encoded]) ->
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of completion-token log-probs, number of completion tokens), one of each per row; for a
-    shared-prompt batch (collate_pairs), rows are the chosen sides, then the rejected sides."""
+    shared-prompt batch (collate_groups, collate_pairs), one per completion row."""
     if "prompt_ids" in batch:
         return _shared_prompt_logps(model, batch)
     input_ids = batch["input_ids"]
@@ -231,55 +262,65 @@ def _head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same sums as two separate sequences per pair, with the prompt run once.
+    """The same sums as each completion run with its prompt as one sequence, with every prompt run once.
 
     The prompts run first and leave their keys and values in a cache (right padding: the padded slots
-    are masked from every later query); the cache is repeated for the two sides of each pair, and the
-    completions run on it from position len(prompt). The first completion token is predicted by the
-    prompt's last hidden state, the others by the completion's own. Gradients flow through the cache
-    into the prompt's forward, so the LoRA weights get the same gradient as from two full sequences.
+    are masked from every later query); the cache's rows are selected for the completions (`prompt_of`),
+    and the completions run on it from position len(prompt). The first completion token is predicted by
+    the prompt's last hidden state, the others by the completion's own. Gradients flow through the cache
+    into the prompt's forward, so the LoRA weights get the same gradient as from full sequences.
     DPO pairs share the prompt by construction, and prompts are often longer than responses (the SmolLM2
-    recipes: about 60 prompt and 30 response tokens), so this runs about a third fewer tokens.
+    recipes: about 60 prompt and 30 response tokens), so a pair runs about a third fewer tokens; the
+    held-out rows of a prompt (greedy answer, samples, its pair) share it four or more ways.
     """
-    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    prompt_ids, prompt_mask, prompt_of = batch["prompt_ids"], batch["prompt_mask"], batch["prompt_of"]
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     decoder = model.get_decoder()
     prompt_lengths = prompt_mask.sum(dim=1)
     out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
     cache = out.past_key_values
-    cache.batch_repeat_interleave(2)  # rows 2i and 2i + 1: chosen and rejected of pair i
+    cache.batch_select_indices(prompt_of)
     last_prompt_hidden = out.last_hidden_state[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1]
-    positions = prompt_lengths.repeat_interleave(2)[:, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), completion_mask.long()], dim=1)
+    positions = prompt_lengths[prompt_of][:, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
+    attention_mask = torch.cat([prompt_mask[prompt_of], completion_mask.long()], dim=1)
     hidden = decoder(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
                      use_cache=True).last_hidden_state
     # what predicts completion token j: the prompt's last state for j = 0, the completion's state j - 1 after
-    predictors = torch.cat([last_prompt_hidden.repeat_interleave(2, dim=0)[:, None], hidden[:, :-1]], dim=1)
+    predictors = torch.cat([last_prompt_hidden[prompt_of][:, None], hidden[:, :-1]], dim=1)
     token_logps = _head_logps(model, predictors[completion_mask], completion_ids[completion_mask])
     rows = torch.arange(completion_ids.shape[0], device=prompt_ids.device)[:, None].expand_as(completion_mask)[completion_mask]
     sums = torch.zeros(completion_ids.shape[0], dtype=torch.float32, device=prompt_ids.device).index_add(0, rows, token_logps)
-    counts = completion_mask.sum(dim=1)
-    order = torch.cat([torch.arange(0, completion_ids.shape[0], 2), torch.arange(1, completion_ids.shape[0], 2)]).to(sums.device)
-    return sums[order], counts[order]
+    return sums, completion_mask.sum(dim=1)
 
 
 @torch.no_grad()
 def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, device, progress: str | None = None,
                   forward=None) -> tuple[list[float], list[int]]:
-    """`sequence_logps` over many items without gradients, batched by length to waste little padding.
-    `forward(batch)` replaces sequence_logps(model, batch) (the trainer's FSDP root, models/fsdp.py)."""
+    """`sequence_logps` over many items without gradients, `batch_size` items a batch. Where the model
+    allows it (shares_prompt), items with the same prompt tokens share one forward of it (collate_groups);
+    otherwise batches are sorted by length to waste little padding. `forward(batch)` replaces
+    sequence_logps(model, batch) (the trainer's FSDP root, models/fsdp.py)."""
     forward = forward or (lambda batch: sequence_logps(model, batch))
     from common.progress import bar
 
-    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    shared = shares_prompt(model) and all(item.prompt_ids for item in items)
+    if shared:
+        batches = group_by_prompt(items, batch_size)
+    else:
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     sums, counts = [0.0] * len(items), [0] * len(items)
     was_training = model.training
     model.eval()
-    starts = range(0, len(order), batch_size)
-    for start in bar(starts, desc=progress, disable=progress is None):
-        idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([items[i] for i in idx], tokenizer.pad_token_id).items()}
-        batch_sums, batch_counts = forward(batch)
+    for idx in bar(batches, desc=progress, disable=progress is None):
+        if shared:
+            prompts = list(dict.fromkeys(tuple(items[i].prompt_ids) for i in idx))
+            prompt_index = {prompt: k for k, prompt in enumerate(prompts)}
+            batch = collate_groups([list(p) for p in prompts], [items[i].completion_ids for i in idx],
+                                   [prompt_index[tuple(items[i].prompt_ids)] for i in idx], tokenizer.pad_token_id)
+        else:
+            batch = collate([items[i] for i in idx], tokenizer.pad_token_id)
+        batch_sums, batch_counts = forward({k: v.to(device) for k, v in batch.items()})
         for i, s, c in zip(idx, batch_sums.tolist(), batch_counts.tolist()):
             sums[i], counts[i] = s, c
     model.train(was_training)

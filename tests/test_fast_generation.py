@@ -13,6 +13,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2C
 
 from models.fast_generation import (
     _SESSIONS,
+    cpu_packing_available,
+    packed_linears,
     release_sessions,
     sample_next_tokens,
     static_generate,
@@ -178,6 +180,60 @@ def test_shared_prefill_samples_what_the_full_prefill_samples(monkeypatch):
     monkeypatch.setattr(fast, "_unique_prompts", lambda ids, mask: (None, None))
     torch.manual_seed(5)
     assert torch.equal(static_generate(model, _Tok, input_ids, attention_mask, settings, []), shared)
+
+
+needs_packing = pytest.mark.skipif(not cpu_packing_available(), reason="this torch build has no oneDNN linear")
+
+
+def linear_modules(model) -> list:
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+@needs_packing
+def test_packed_linears_compute_the_same_logits_and_restore_the_model():
+    model = tiny_model("llama")
+    input_ids, attention_mask = left_padded([5, 9, 2])
+    with torch.no_grad():
+        plain = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with packed_linears(model, batch_hint=3) as active:
+            assert all("forward" in m.__dict__ for m in linear_modules(model))  # every Linear, the LM head too
+            packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert active
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)  # oneDNN's kernel may round otherwise
+    assert all("forward" not in m.__dict__ for m in linear_modules(model))  # the plain forward is back
+
+
+@needs_packing
+def test_a_weight_changed_in_place_is_packed_again():
+    """Evaluate folds a round's adapter into the weights in place (models.loading.adapter_merged): a packed
+    copy of the old weight must not survive it."""
+    model = tiny_model("llama")
+    input_ids, attention_mask = left_padded([6, 4])
+    with torch.no_grad(), packed_linears(model, batch_hint=2):
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        for module in linear_modules(model):
+            module.weight.mul_(1.5)
+        plain = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with packed_linears(model, batch_hint=2):
+            packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_packing
+def test_static_generate_packs_on_cpu_unless_turned_off(monkeypatch):
+    import models.fast_generation as fast
+
+    model = tiny_model("qwen2")
+    input_ids, attention_mask = left_padded([3, 7])
+    settings = SamplingSettings(temperature=0, max_new_tokens=8)
+    static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    assert set(linear_modules(model)) <= set(fast._PACKED.keys())  # every Linear, the LM head too
+    release_sessions(model)
+    assert not any(m in fast._PACKED for m in linear_modules(model))
+    monkeypatch.setenv(fast.PACK_ENV, "0")
+    static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    assert not any(m in fast._PACKED for m in linear_modules(model))
 
 
 def test_only_settings_decide_not_generation_config():

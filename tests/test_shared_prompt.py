@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.logps import Encoded, collate, collate_pairs, pair_tokens, sequence_logps, shares_prompt
+from models.logps import Encoded, batched_logps, collate, collate_pairs, group_by_prompt, pair_tokens, sequence_logps, shares_prompt
 
 
 def tiny_lora_llama(**config_overrides):
@@ -57,6 +57,44 @@ def test_shared_prompt_gives_the_log_probs_and_gradients_of_two_full_sequences()
     for name in flat_grads:
         assert flat_grads[name].abs().max() > 0, name
         torch.testing.assert_close(shared_grads[name], flat_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+class _Tok:
+    pad_token_id = 0
+
+
+def test_evaluation_rows_sharing_prompts_get_the_log_probs_of_full_sequences(monkeypatch):
+    """Held-out rows come in groups of one prompt (greedy answer, samples, a pair): batched_logps runs each
+    prompt once for the whole group, in groups of different sizes, and gives every row its full-sequence sum."""
+    import models.logps as logps
+
+    model = tiny_lora_llama().eval()
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for prompt_len, copies in [(7, 4), (3, 1), (10, 6), (5, 2)]:
+        prompt = torch.randint(3, 97, (prompt_len,), generator=g).tolist()
+        items += [Encoded(prompt, torch.randint(3, 97, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist())
+                  for _ in range(copies)]
+    order = torch.randperm(len(items), generator=g).tolist()  # a prompt's rows need not be adjacent
+    items = [items[i] for i in order]
+    expected = [sequence_logps(model, collate([item], pad_id=0))[0].item() for item in items]
+    prompts_run = []
+    original = logps._shared_prompt_logps
+    monkeypatch.setattr(logps, "_shared_prompt_logps", lambda m, b: prompts_run.append(int(b["prompt_ids"].shape[0])) or original(m, b))
+    sums, counts = batched_logps(model, _Tok, items, 5, torch.device("cpu"))
+    torch.testing.assert_close(torch.tensor(sums), torch.tensor(expected), atol=1e-4, rtol=0)
+    assert counts == [len(item.completion_ids) for item in items]
+    assert sum(prompts_run) == 4 + 1  # four prompts, the six-row one split across two batches of five
+
+
+def test_group_by_prompt_keeps_batches_within_size_and_every_item_once():
+    items = [Encoded([1, 2], [3]), Encoded([4], [5, 6]), Encoded([1, 2], [7, 8, 9]), Encoded([4], [1]), Encoded([9, 9, 9], [2])]
+    batches = group_by_prompt(items, 3)
+    assert sorted(i for batch in batches for i in batch) == list(range(5))
+    assert all(len(batch) <= 3 for batch in batches)
+    for batch in batches:  # a prompt's rows stay together within a batch
+        prompts = [tuple(items[i].prompt_ids) for i in batch]
+        assert prompts == sorted(prompts, key=prompts.index)
 
 
 def test_pair_tokens_counts_each_prompt_twice_as_a_pair_and_once_as_run():
