@@ -44,7 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import gpu_peak_flops, layer_shapes, machine, matmul_probe, model_directory  # noqa: E402
-from models.fast_generation import PACK_ENV, _SESSIONS, cpu_packing_available, release_sessions, static_generate  # noqa: E402
+from models.fast_generation import _SESSIONS, release_sessions, static_generate  # noqa: E402
+from models.packing import PACK_ENV, cpu_packing_available, packed_linears  # noqa: E402
 from models.generation import SamplingSettings  # noqa: E402
 
 QWEN25_05B = dict(
@@ -193,8 +194,11 @@ def throughput(args, model, device, vocab: int) -> list[dict]:
 
 @torch.no_grad()
 def profile_steps(args, model, device, vocab: int, steps: int = 3) -> None:
-    """Kernel times of `steps` decode steps run eagerly (a graph replays the same kernels)."""
+    """Kernel times of `steps` decode steps run eagerly (a graph replays the same kernels), on a CPU with
+    the packed weights static_generate decodes with."""
     from torch.profiler import ProfilerActivity, profile
+
+    from contextlib import nullcontext
 
     from models.fast_generation import _attention
 
@@ -203,7 +207,8 @@ def profile_steps(args, model, device, vocab: int, steps: int = 3) -> None:
     settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens)
     static_generate(model, _Tok, input_ids, torch.ones_like(input_ids), settings, [], cuda_graph=False)
     session = _SESSIONS[model]
-    with _attention(model, session.attention):
+    packing = packed_linears(model, batch) if device.type == "cpu" else nullcontext()  # as static_generate runs it
+    with _attention(model, session.attention), packing:
         session.prefill(model, input_ids, torch.ones_like(input_ids))
         session.step()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -229,9 +234,15 @@ def compare_greedy(model, batches, new_tokens: int, eos_ids: list[int], pad_id: 
     differences = []
     for input_ids, attention_mask in batches:
         width = input_ids.shape[1]
-        config_hf = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=None if eos_ids else new_tokens,
-                                     eos_token_id=eos_ids or None, pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config_hf)
+        config_hf = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos_ids or None, pad_token_id=pad_id,
+                                     output_scores=True, return_dict_in_generate=True)
+        # As models.sampling.hf_generate: none of the model's own generation_config (its eos id, which
+        # min_new_tokens would suppress) is merged in, so both sides decode the same distribution.
+        saved, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config_hf)
+        finally:
+            model.generation_config = saved
         ref = out.sequences[:, width:]
         greedy = SamplingSettings(temperature=0, max_new_tokens=new_tokens)
         ours = static_generate(model, _Tok, input_ids, attention_mask, greedy, eos_ids, compile_step=compile_mode)

@@ -59,7 +59,7 @@ COMMON = {
     "seed": 0,
     "model": {"base_model": "cache:smollm2-135m-instruct", "precision": "fp32"},
     "data": {"max_prompt_tokens": 128},
-    "generation": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 32, "batch_size": 64},
+    "generation": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 32, "batch_size": 64, "backend": "static"},
     "judge": {"verifier": LENIENT, "unfinished": "keep"},
     "training": {"beta": 0.1, "learning_rate": 2.0e-4, "epochs": 2, "batch_size": 8, "max_length": 192,
                  "lora_r": 16, "lora_alpha": 32,
@@ -161,12 +161,13 @@ def measure_base(base_path: str, recipe, rows: list[dict], samples: int) -> dict
     timings = {}
     start = time.time()
     greedy = generate_texts(model, tokenizer, texts, SamplingSettings(
-        temperature=0.0, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, seed=recipe.seed), "base greedy")
+        temperature=0.0, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, seed=recipe.seed, backend=gen.backend),
+        "base greedy")
     timings["greedy_seconds"] = time.time() - start
     start = time.time()
     sampled = generate_texts(model, tokenizer, texts, SamplingSettings(
         num_samples=samples, temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-        batch_size=gen.batch_size, seed=recipe.seed), "base samples")
+        batch_size=gen.batch_size, seed=recipe.seed, backend=gen.backend), "base samples")
     timings["sample_seconds"] = time.time() - start
     timings["greedy_tokens"] = sum(g[0].num_tokens for g in greedy)
     timings["sample_tokens"] = sum(s.num_tokens for group in sampled for s in group)

@@ -150,6 +150,36 @@ def eval_judge_detail(recipe, judge_name: str | None) -> str | None:
     return None
 
 
+def eval_records(prompts: pd.DataFrame, round_idx: int, greedy: list, sampled: list, base: pd.DataFrame | None) -> pd.DataFrame:
+    """The eval frame's rows: each prompt's greedy answer and samples (with the log-probs generation summed),
+    then the held-out pairs, fixed at round 0 as (ground truth, the base's first sample) and rescored by
+    every later round (their `logp` left empty here, for the log-prob pass)."""
+    meta_cols = [c for c in ("task", "answer") if c in prompts.columns]
+    records = []
+    for row, g, samples in zip(prompts.to_dict("records"), greedy, sampled):
+        common = {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "round": round_idx, **{c: row[c] for c in meta_cols}}
+        records.append({**common, "kind": "greedy", "sample_index": 0, "response": g[0].text, "num_tokens": g[0].num_tokens,
+                        "finished": g[0].finished, "token_ids": g[0].token_ids, "logp": g[0].logp})
+        records += [{**common, "kind": "sample", "sample_index": k, "response": s.text, "num_tokens": s.num_tokens,
+                     "finished": s.finished, "token_ids": s.token_ids, "logp": s.logp} for k, s in enumerate(samples)]
+    if base is None:
+        refs = prompts.set_index("prompt_id")["reference"] if "reference" in prompts else pd.Series(dtype=object)
+        for rec in [r for r in records if r["kind"] == "sample" and r["sample_index"] == 0]:
+            reference = refs.get(rec["prompt_id"])
+            if isinstance(reference, str) and " ".join(reference.split()) != " ".join(rec["response"].split()):
+                # Pairs are scored as text (both sides the same way), so they carry no sampled ids.
+                records.append({**rec, "kind": "pair_chosen", "response": clean_response(reference), "num_tokens": 0,
+                                "finished": True, "token_ids": None, "logp": None})
+                records.append({**rec, "kind": "pair_rejected", "token_ids": None, "logp": None})
+    else:
+        pair_rows = base[base.kind.isin(["pair_chosen", "pair_rejected"]) & base.prompt_id.isin(prompts.prompt_id)]
+        measured = ["logp", "base_logp", "correct", "verifier_score"]  # rescored every round
+        records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=measured, errors="ignore").to_dict("records")]
+    frame = pd.DataFrame(records)
+    frame["logp"] = frame["logp"].astype(float)
+    return frame
+
+
 def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prompts: pd.DataFrame,
                    previous: pd.DataFrame | None, base: pd.DataFrame | None) -> tuple[pd.DataFrame, dict]:
     """Evaluate the model after `round_idx` rounds; `previous`/`base` are eval frames of round r-1 / 0."""
@@ -183,43 +213,21 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     texts = [format_prompt(tokenizer, p, s) for p, s in zip(prompts.prompt, prompts.system)]
     gen = recipe.generation
     batch = gen.batch_size
-    # Generation with the adapter folded in (fp32 only): an unmerged LoRA layer runs three matmuls, which at
-    # decoding's small batches made Evaluate slower per token than Generate (bench/README.md).
+    # The policy's work with the adapter folded in (fp32 only): an unmerged LoRA layer runs three matmuls,
+    # which at decoding's small batches made Evaluate slower per token than Generate (bench/README.md).
+    # Each prompt's greedy answer and its KL samples are decoded together (greedy_samples: one prefill of the
+    # prompt, one batch), and each answer's log-prob under the policy is summed while it is generated, from
+    # the logits the decoding computes anyway, so only the held-out pairs need a log-prob pass of their own.
     with adapter_merged(model):
-        greedy = generate_texts(model, tokenizer, texts, SamplingSettings(
-            temperature=0.0, max_new_tokens=ev.max_new_tokens, batch_size=batch, seed=recipe.seed, backend=gen.backend),
-            f"eval r{round_idx} greedy")
-        sampled = generate_texts(model, tokenizer, texts, SamplingSettings(
-            num_samples=ev.kl_samples, temperature=1.0, max_new_tokens=ev.max_new_tokens, batch_size=batch,
-            seed=recipe.seed + 7919 * (round_idx + 1), backend=gen.backend), f"eval r{round_idx} samples")
-
-    meta_cols = [c for c in ("task", "answer") if c in prompts.columns]
-    records = []
-    for row, g, samples in zip(prompts.to_dict("records"), greedy, sampled):
-        common = {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "round": round_idx, **{c: row[c] for c in meta_cols}}
-        records.append({**common, "kind": "greedy", "sample_index": 0, "response": g[0].text, "num_tokens": g[0].num_tokens,
-                        "finished": g[0].finished, "token_ids": g[0].token_ids})
-        records += [{**common, "kind": "sample", "sample_index": k, "response": s.text, "num_tokens": s.num_tokens,
-                     "finished": s.finished, "token_ids": s.token_ids} for k, s in enumerate(samples)]
-    # Held-out pairs: fixed at round 0 as (ground truth, the base's first sample); later rounds rescore them.
-    if base is None:
-        refs = prompts.set_index("prompt_id")["reference"] if "reference" in prompts else pd.Series(dtype=object)
-        for rec in [r for r in records if r["kind"] == "sample" and r["sample_index"] == 0]:
-            reference = refs.get(rec["prompt_id"])
-            if isinstance(reference, str) and " ".join(reference.split()) != " ".join(rec["response"].split()):
-                # Pairs are scored as text (both sides the same way), so they carry no sampled ids.
-                records.append({**rec, "kind": "pair_chosen", "response": clean_response(reference), "num_tokens": 0,
-                                "finished": True, "token_ids": None})
-                records.append({**rec, "kind": "pair_rejected", "token_ids": None})
-    else:
-        pair_rows = base[base.kind.isin(["pair_chosen", "pair_rejected"]) & base.prompt_id.isin(prompts.prompt_id)]
-        measured = ["logp", "base_logp", "correct", "verifier_score"]  # rescored every round
-        records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=measured, errors="ignore").to_dict("records")]
-    frame = pd.DataFrame(records)
-    by_prompt = prompts.set_index("prompt_id")
+        answers = generate_texts(model, tokenizer, texts, SamplingSettings(
+            num_samples=1 + ev.kl_samples, greedy_samples=1, temperature=1.0, max_new_tokens=ev.max_new_tokens,
+            batch_size=batch, seed=recipe.seed + 7919 * (round_idx + 1), backend=gen.backend, logps=True), f"eval r{round_idx}")
+        frame = eval_records(prompts, round_idx, [a[:1] for a in answers], [a[1:] for a in answers], base)
+        by_prompt = prompts.set_index("prompt_id")
+        items = encode_eval_rows(tokenizer, frame, by_prompt)
+        unscored = frame.index[frame.logp.isna()]
+        frame.loc[unscored, "logp"] = batched_logps(model, tokenizer, [items[i] for i in unscored], batch, device, "eval logps")[0]
     row_prompts = by_prompt.loc[frame.prompt_id].reset_index()
-    items = encode_eval_rows(tokenizer, frame, by_prompt)
-    frame["logp"] = batched_logps(model, tokenizer, items, batch, device, "eval logps")[0]
     verifier = load_verifier(recipe.judge.verifier)
     whole = prompts if all_prompts is None else all_prompts
     if can_verify(verifier, whole):

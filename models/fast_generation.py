@@ -85,14 +85,13 @@ from pathlib import Path
 
 import torch
 
+from models.packing import env_flag as _env_flag, packed_linears, release_packed
 from models.sampling import Sample, SamplingSettings
 
 log = logging.getLogger("selfplay")
 
 __all__ = [
     "static_generate",
-    "packed_linears",
-    "cpu_packing_available",
     "vllm_generate",
     "release_sessions",
     "release_vllm",
@@ -107,28 +106,73 @@ CUDA_CACHE_ROUND = 64  # cache lengths rounded up to this on CUDA so sessions ar
 # --- sampling -------------------------------------------------------------------------------------
 
 
+TOP_P_CANDIDATES = 256  # on a CPU, the nucleus is looked for among this many most likely tokens first
+
+
 def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Next token per row from `[batch, vocab]` logits, with no host sync (safe inside a CUDA graph).
+    """Next token per row from `[batch, vocab]` logits.
 
     temperature <= 0: argmax. Otherwise logits / temperature, then top-p as transformers'
     TopPLogitsWarper does it (drop the least likely tokens whose cumulative probability stays <= 1 - p,
-    always keeping the most likely one), then Gumbel-max: argmax(logits - log(-log(u))), u ~ U[0, 1),
-    which samples from softmax(logits); dropped tokens are -inf and can never win.
+    always keeping the most likely one), then one draw from what is left, renormalised.
+    On CUDA every step is one with no host sync (safe inside a CUDA graph): a full sort for top-p, and
+    Gumbel-max: argmax(logits - log(-log(u))), u ~ U[0, 1), which samples from softmax(logits);
+    dropped tokens are -inf and can never win. On a CPU, where a sort of the vocabulary and a uniform
+    number per token cost more than the rest of the sampling together (SmolLM2, 16 rows: 39 and 6 ms a
+    step), `_sample_on_cpu` draws the same distribution with less work.
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     scores = logits.clone() if logits.dtype == torch.float32 else logits.float()  # a copy: in-place ops follow
     if temperature != 1.0:
         scores.div_(temperature)
+    if scores.device.type == "cpu":
+        return _sample_on_cpu(scores, top_p)
     if top_p < 1.0:
-        sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative <= (1.0 - top_p)
-        drop_sorted[:, -1:] = False  # the most likely token always stays
-        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        scores = scores.masked_fill(_outside_nucleus(scores, top_p), float("-inf"))
     noise = torch.rand_like(scores).log_().neg_().log_()  # -Gumbel noise: log(-log(u))
     return scores.sub_(noise).argmax(dim=-1)
+
+
+def _token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per row, in float32: the model's own log-prob of the token, whatever the
+    temperature or top-p it was drawn with (what models.logps scores a sequence by)."""
+    return logits.float().log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+
+
+def _outside_nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """True where TopPLogitsWarper drops a token: the ascending cumulative probability is <= 1 - top_p."""
+    sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1.0 - top_p)
+    drop_sorted[:, -1:] = False  # the most likely token always stays
+    return drop_sorted.scatter(1, sorted_idx, drop_sorted)
+
+
+def _sample_on_cpu(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """One token per row from softmax(scores) within the top-p nucleus, by inverse transform sampling.
+
+    Top-p: a token stays when the probability of the tokens more likely than it is below top_p, which is
+    TopPLogitsWarper's rule read from the other end. When, in every row, the TOP_P_CANDIDATES most likely
+    tokens already hold top_p of the mass, the nucleus lies among them and a top-k replaces the full
+    sort; otherwise the full sort decides. Then one uniform number per row picks a token through the
+    cumulative sum of the kept probabilities, summed in float64 so that no token's share rounds away.
+    """
+    probs = scores.softmax(dim=-1)
+    candidates = None
+    if top_p < 1.0:
+        k = min(TOP_P_CANDIDATES, probs.shape[-1])
+        top_probs, top_idx = probs.topk(k, dim=-1)  # sorted, most likely first
+        before = top_probs.cumsum(dim=-1) - top_probs  # mass of the more likely tokens
+        if bool((before[:, -1] + top_probs[:, -1] >= top_p).all()):
+            probs, candidates = top_probs.masked_fill(before >= top_p, 0.0), top_idx
+        else:
+            probs = probs.masked_fill(_outside_nucleus(scores, top_p), 0.0)
+    cumulative = probs.double().cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64) * cumulative[:, -1:]
+    picks = torch.searchsorted(cumulative, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    picks = picks if candidates is None else candidates.gather(1, picks)
+    return picks.squeeze(1)
 
 
 # --- attention for the static cache ---------------------------------------------------------------
@@ -190,77 +234,6 @@ def _attention(model, name: str | None):
         model.config._attn_implementation = old
 
 
-# --- CPU: weights packed once for oneDNN -----------------------------------------------------------
-
-PACK_ENV = "SELFPLAY_CPU_PACKED"
-
-
-@dataclass
-class _Packed:
-    """One Linear's weight in oneDNN's blocked layout, and the weight it was made from."""
-
-    source: tuple  # (data_ptr, _version) of the weight: an in-place change (an adapter merged) repacks it
-    weight: torch.Tensor
-
-
-_PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, _Packed]" = weakref.WeakKeyDictionary()
-
-
-def _packable(module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (type(module) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and "forward" not in module.__dict__)  # a forward patched by someone else (hooks) is left alone
-
-
-def _packed_weight(module, batch_hint: int) -> torch.Tensor:
-    source = (module.weight.data_ptr(), module.weight._version)
-    packed = _PACKED.get(module)
-    if packed is None or packed.source != source:
-        packed = _PACKED[module] = _Packed(source, torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_hint))
-    return packed.weight
-
-
-def _packed_forward(module, weight: torch.Tensor):
-    bias = module.bias
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    return forward
-
-
-def cpu_packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-@contextmanager
-def packed_linears(model, batch_hint: int):
-    """Run every fp32 CPU `nn.Linear` of `model` (the LM head, and a LoRA layer's base and factors
-    included) on its weight prepacked into oneDNN's blocked layout, inside the block; no-op elsewhere.
-
-    Why: at decoding's few rows a CPU step streams every weight from memory, and MKL's sgemm repacks
-    each weight on every call, so a batch-16 step ran at about a third of what one row costs per weight
-    byte (bench/README.md). A weight packed once for oneDNN is read as it lies. Packed copies are kept
-    per module (weakly, with the model) and remade when the weight changes in place (an adapter folded
-    in or out), so packing costs one pass over the weights per model, not per batch.
-    Numbers: oneDNN sums in another order than MKL, so logits differ from the unpacked model's by float
-    rounding (about 1e-6 relative); each row's result does not depend on the other rows of the batch.
-    SELFPLAY_CPU_PACKED=0 turns it off. Inference only: the packed call has no backward.
-    """
-    modules = [m for m in model.modules() if _packable(m)] if _env_flag(PACK_ENV, True) and cpu_packing_available() else []
-    patched = []
-    try:
-        for module in modules:
-            module.forward = _packed_forward(module, _packed_weight(module, batch_hint))
-            patched.append(module)
-        yield bool(patched)
-    finally:
-        for module in patched:
-            del module.forward
-
-
 # --- support checks -------------------------------------------------------------------------------
 
 
@@ -307,6 +280,8 @@ class _SessionKey:
     pad_id: int
     graph: bool
     compiled: str  # torch.compile mode of the step, '' for none
+    logps: bool  # also sum log pi(token) of the sampled tokens (untempered), row by row
+    mixed: bool  # some rows greedy (the `greedy` buffer), the others sampled at `temperature`
     weights: int  # hash of parameter addresses (a replaced weight would leave a graph reading freed memory) and adapter state
 
 
@@ -331,6 +306,8 @@ class _Session:
     kv_valid: torch.Tensor  # [B, L] bool: key slot holds a real token
     done: torch.Tensor  # [B] bool: row has produced an eos
     out: torch.Tensor  # [B, max_new_tokens]
+    logp_sum: torch.Tensor  # [B] float32: summed log-probs of the row's tokens so far (key.logps)
+    greedy: torch.Tensor  # [B] bool: rows that take the argmax (key.mixed)
     eos: torch.Tensor  # [E]
     mask_dtype: torch.dtype | None  # None: boolean mask (sdpa); else additive mask of this dtype (eager)
     extra_kwargs: dict = field(default_factory=dict)
@@ -358,9 +335,15 @@ class _Session:
         return out.logits[:, -1, :]
 
     # prefill ----------------------------------------------------------------------------------
-    def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        picks = sample_next_tokens(logits, self.key.temperature, self.key.top_p)
+        return torch.where(self.greedy, logits.argmax(dim=-1), picks) if self.key.mixed else picks
+
+    def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy_rows: torch.Tensor | None = None) -> None:
         """Reset the cache and buffers, run the prompts through the model, sample the first token."""
         batch, width = input_ids.shape
+        if greedy_rows is not None:
+            self.greedy.copy_(greedy_rows)
         cache_len = self.kv_valid.shape[1]
         device = input_ids.device
         self.cache.reset()
@@ -386,7 +369,8 @@ class _Session:
             ).logits[:, -1, :]
         else:
             logits = self.shared_prefill(model, input_ids, visible, position_ids, extra, unique_rows, row_of)
-        first = sample_next_tokens(logits, self.key.temperature, self.key.top_p)
+        first = self.next_tokens(logits)
+        self.logp_sum.copy_(_token_logps(logits, first) if self.key.logps else 0.0)
         self.tokens.copy_(first[:, None])
         self.positions.copy_(position_ids[:, -1:] + 1)
         self.cache_pos.fill_(width)
@@ -426,7 +410,9 @@ class _Session:
         if "cache_position" in self.extra_kwargs:
             self.extra_kwargs["cache_position"] = self.cache_pos
         logits = self.forward_logits(model, self.tokens, self.to_attention_mask(visible), self.positions)
-        nxt = sample_next_tokens(logits, self.key.temperature, self.key.top_p)
+        nxt = self.next_tokens(logits)
+        if self.key.logps:  # rows that ended before this step add nothing; the step that samples the eos does
+            self.logp_sum.add_(torch.where(self.done, 0.0, _token_logps(logits, nxt)))
         nxt = torch.where(self.done, self.key.pad_id, nxt)
         self.out.index_copy_(1, self.step_idx, nxt[:, None])
         self.done.logical_or_(torch.isin(nxt, self.eos))
@@ -437,7 +423,7 @@ class _Session:
 
     def capture(self, warmup: int = 2) -> None:
         """Warm the step up on a side stream, then capture it; buffers are restored after warm-up."""
-        saved = [t.clone() for t in (self.tokens, self.positions, self.cache_pos, self.step_idx, self.kv_valid, self.done, self.out)]
+        saved = [t.clone() for t in (self.tokens, self.positions, self.cache_pos, self.step_idx, self.kv_valid, self.done, self.out, self.logp_sum)]
         lengths = _cache_lengths(self.cache)
         step = self.step_fn or self.step
         stream = torch.cuda.Stream()
@@ -455,7 +441,7 @@ class _Session:
         self.stats["captures"] += 1
 
     def _restore(self, saved, lengths) -> None:
-        for dst, src in zip((self.tokens, self.positions, self.cache_pos, self.step_idx, self.kv_valid, self.done, self.out), saved):
+        for dst, src in zip((self.tokens, self.positions, self.cache_pos, self.step_idx, self.kv_valid, self.done, self.out, self.logp_sum), saved):
             dst.copy_(src)
         _set_cache_lengths(self.cache, lengths)
 
@@ -504,18 +490,11 @@ def release_sessions(model=None) -> None:
     """Free the static caches, graphs and packed CPU weights kept for `model` (all models when None)."""
     if model is None:
         _SESSIONS.clear()
-        _PACKED.clear()
     else:
         _SESSIONS.pop(model, None)
-        for module in model.modules():
-            _PACKED.pop(module, None)
+    release_packed(model)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 def _compile_mode(compile_step) -> str:
@@ -553,6 +532,8 @@ def _new_session(model, key: _SessionKey, device: torch.device) -> _Session:
         kv_valid=torch.zeros((batch, cache_len), dtype=torch.bool, device=device),
         done=torch.zeros((batch,), dtype=torch.bool, device=device),
         out=torch.zeros((batch, key.max_new_tokens), **long),
+        logp_sum=torch.zeros((batch,), dtype=torch.float32, device=device),
+        greedy=torch.zeros((batch,), dtype=torch.bool, device=device),
         eos=torch.tensor(list(key.eos_ids), **long),
         mask_dtype=None if impl == "sdpa" else next(model.parameters()).dtype,
         extra_kwargs=extra,
@@ -578,8 +559,12 @@ def static_generate(
     cuda_graph: bool | None = None,
     compile_step: bool | str | None = None,
     check_every: int | None = None,
-) -> torch.Tensor:
+    greedy_rows: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """New tokens `[batch, settings.max_new_tokens]` for left-padded prompts; rows padded after their eos.
+    With `settings.logps`, also each row's summed log-prob of its tokens (`[batch]`, the eos included).
+    `greedy_rows` (`[batch]` bool): those rows take the argmax while the others sample with `settings`,
+    in one decoding (a prompt's greedy answer and its samples then share its prefill too).
 
     `cuda_graph` (default: on for CUDA inputs unless SELFPLAY_STATIC_CUDA_GRAPH=0) captures the decode
     step in a CUDA graph; `compile_step` (True, or a torch.compile mode; default from
@@ -591,13 +576,14 @@ def static_generate(
     max_new = int(settings.max_new_tokens)
     device = input_ids.device
     if max_new <= 0:
-        return torch.empty((batch, 0), dtype=torch.long, device=device)
+        empty = torch.empty((batch, 0), dtype=torch.long, device=device)
+        return (empty, torch.zeros(batch, device=device)) if settings.logps else empty
     reason = unsupported_reason(model)
     if reason is not None:
         from models.sampling import hf_generate
 
         log.warning("static generation: %s; using the hf backend", reason)
-        return hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids)
+        return hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows)
     on_cuda = device.type == "cuda"
     use_graph = on_cuda and (cuda_graph if cuda_graph is not None else _env_flag("SELFPLAY_STATIC_CUDA_GRAPH", True))
     compiled = _compile_mode(compile_step)
@@ -607,6 +593,7 @@ def static_generate(
     if on_cuda:
         cache_len = -(-cache_len // CUDA_CACHE_ROUND) * CUDA_CACHE_ROUND
     temperature = float(settings.temperature) if settings.temperature and settings.temperature > 0 else 0.0
+    mixed = greedy_rows is not None and temperature > 0 and bool(greedy_rows.any())
     key = _SessionKey(
         batch=batch,
         cache_len=cache_len,
@@ -619,6 +606,8 @@ def static_generate(
         pad_id=int(pad_id),
         graph=use_graph,
         compiled=compiled,
+        logps=bool(settings.logps),
+        mixed=mixed,
         weights=_weights_fingerprint(model),
     )
     session = _SESSIONS.get(model)
@@ -636,16 +625,17 @@ def static_generate(
     input_ids = input_ids.to(torch.long)
     packing = packed_linears(model, batch) if device.type == "cpu" else nullcontext()
     with _attention(model, session.attention), packing:
-        return _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every)
+        return _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every,
+                    greedy_rows.to(device) if mixed else None)
 
 
-def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every):
+def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every, greedy_rows):
     on_cuda = device.type == "cuda"
     if fresh and (use_graph or compiled):
         # The first prefill allocates the cache; then warm up (and compile) and capture the step. The
         # random streams are restored afterwards, so samples do not depend on whether a session was reused.
         with torch.random.fork_rng(devices=[device] if on_cuda else []):
-            session.prefill(model, input_ids, attention_mask)
+            session.prefill(model, input_ids, attention_mask, greedy_rows)
             if use_graph:
                 try:
                     session.capture()
@@ -655,8 +645,9 @@ def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, 
                     torch.cuda.synchronize()
             elif compiled:
                 session.step_fn()  # compile now; the prefill below resets the state
-    session.prefill(model, input_ids, attention_mask)
-    return session.decode(max_new, check_every)
+    session.prefill(model, input_ids, attention_mask, greedy_rows)
+    tokens = session.decode(max_new, check_every)
+    return (tokens, session.logp_sum.clone()) if session.key.logps else tokens
 
 
 # --- vLLM -----------------------------------------------------------------------------------------

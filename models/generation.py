@@ -44,15 +44,16 @@ def cut_at_eos(row: list[int], eos_ids: list[int]) -> list[int]:
     return row if end is None else row[: end + 1]
 
 
-def _decode(tokenizer, new_tokens: torch.Tensor, eos_ids: list[int]) -> list[Sample]:
+def _decode(tokenizer, new_tokens: torch.Tensor, eos_ids: list[int], logps: torch.Tensor | None = None) -> list[Sample]:
     from data.prompts import clean_response
 
     samples = []
-    for row in new_tokens.tolist():
+    row_logps = [None] * new_tokens.shape[0] if logps is None else logps.tolist()
+    for row, logp in zip(new_tokens.tolist(), row_logps):
         sampled = cut_at_eos(row, eos_ids)
         finished = bool(sampled) and sampled[-1] in eos_ids
         text = tokenizer.decode(sampled[:-1] if finished else sampled, skip_special_tokens=True)
-        samples.append(Sample(text=clean_response(text), num_tokens=len(sampled), finished=finished, token_ids=sampled))
+        samples.append(Sample(text=clean_response(text), num_tokens=len(sampled), finished=finished, token_ids=sampled, logp=logp))
     return samples
 
 
@@ -81,7 +82,8 @@ def run_with_oom_backoff(work, items: list, batch_size: int, what: str) -> list:
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompt_texts: list[str], settings: SamplingSettings, progress: str | None = None) -> list[list[Sample]]:
     """`settings.num_samples` samples for each prompt text, in input order (backends hf and static;
-    vLLM takes a model path, not a loaded model: see generate_round)."""
+    vLLM takes a model path, not a loaded model: see generate_round); the first `settings.greedy_samples`
+    of each prompt greedy, in the same batches as the sampled ones."""
     from common.progress import bar
 
     device = next(model.parameters()).device
@@ -102,10 +104,12 @@ def generate_texts(model, tokenizer, prompt_texts: list[str], settings: Sampling
         # Left padding: every row's last prompt token is at the end.
         input_ids, attention_mask = pad_rows([encoded[p] for p, _ in chunk], tokenizer.pad_token_id, side="left")
         torch.manual_seed(settings.seed * 1_000_003 + batch_counter[0])
-        new_tokens = backend(model, tokenizer, input_ids.to(device), attention_mask.to(device), settings, eos_ids)
+        greedy_rows = torch.tensor([k < settings.greedy_samples for _, k in chunk]) if settings.greedy_samples else None
+        out = backend(model, tokenizer, input_ids.to(device), attention_mask.to(device), settings, eos_ids, greedy_rows=greedy_rows)
+        new_tokens, logps = out if settings.logps else (out, None)
         batch_counter[0] += 1
         progress_bar.update(len(chunk))
-        return _decode(tokenizer, new_tokens, eos_ids)
+        return _decode(tokenizer, new_tokens, eos_ids, logps)
 
     flat = run_with_oom_backoff(work, rows, settings.batch_size, "generation")
     progress_bar.close()

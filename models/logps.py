@@ -15,11 +15,13 @@ pass and the evaluation.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from models.packing import packed_linears
 from models.padding import pad_rows
 
 HEAD_CHUNK = 4096  # completion positions per LM-head chunk
@@ -300,6 +302,7 @@ def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, devic
     allows it (shares_prompt), items with the same prompt tokens share one forward of it (collate_groups);
     otherwise batches are sorted by length to waste little padding. `forward(batch)` replaces
     sequence_logps(model, batch) (the trainer's FSDP root, models/fsdp.py)."""
+    own_forward = forward is None
     forward = forward or (lambda batch: sequence_logps(model, batch))
     from common.progress import bar
 
@@ -312,17 +315,20 @@ def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, devic
     sums, counts = [0.0] * len(items), [0] * len(items)
     was_training = model.training
     model.eval()
-    for idx in bar(batches, desc=progress, disable=progress is None):
-        if shared:
-            prompts = list(dict.fromkeys(tuple(items[i].prompt_ids) for i in idx))
-            prompt_index = {prompt: k for k, prompt in enumerate(prompts)}
-            batch = collate_groups([list(p) for p in prompts], [items[i].completion_ids for i in idx],
-                                   [prompt_index[tuple(items[i].prompt_ids)] for i in idx], tokenizer.pad_token_id)
-        else:
-            batch = collate([items[i] for i in idx], tokenizer.pad_token_id)
-        batch_sums, batch_counts = forward({k: v.to(device) for k, v in batch.items()})
-        for i, s, c in zip(idx, batch_sums.tolist(), batch_counts.tolist()):
-            sums[i], counts[i] = s, c
+    # Short completions run few rows per forward, where packed weights pay on a CPU (models/packing.py);
+    # a trainer's own forward (FSDP's sharded weights) is left as it is.
+    with packed_linears(model, batch_size) if own_forward else nullcontext():
+        for idx in bar(batches, desc=progress, disable=progress is None):
+            if shared:
+                prompts = list(dict.fromkeys(tuple(items[i].prompt_ids) for i in idx))
+                prompt_index = {prompt: k for k, prompt in enumerate(prompts)}
+                batch = collate_groups([list(p) for p in prompts], [items[i].completion_ids for i in idx],
+                                       [prompt_index[tuple(items[i].prompt_ids)] for i in idx], tokenizer.pad_token_id)
+            else:
+                batch = collate([items[i] for i in idx], tokenizer.pad_token_id)
+            batch_sums, batch_counts = forward({k: v.to(device) for k, v in batch.items()})
+            for i, s, c in zip(idx, batch_sums.tolist(), batch_counts.tolist()):
+                sums[i], counts[i] = s, c
     model.train(was_training)
     return sums, counts
 

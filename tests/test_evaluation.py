@@ -68,16 +68,18 @@ def figures(monkeypatch):
 
     def generate_texts(model, tokenizer_, texts, settings, progress=None):
         assert len(texts) == 4
-        if settings.temperature == 0:
-            return [[Sample(text, len(text), True, tokenizer.encode(text, add_special_tokens=False))] for text in GREEDY]
-        assert settings.num_samples == 2
-        return [[Sample(text, len(text), True, tokenizer.encode(text, add_special_tokens=False)) for text in samples]
-                for samples in SAMPLES]
+        assert settings.logps  # each answer's policy log-prob comes with it, summed while it was generated
+        assert settings.num_samples == 3 and settings.greedy_samples == 1  # the greedy answer, then 2 samples
+
+        def sample(text):
+            return Sample(text, len(text), True, tokenizer.encode(text, add_special_tokens=False), policy_logp(text))
+
+        return [[sample(greedy)] + [sample(text) for text in samples] for greedy, samples in zip(GREEDY, SAMPLES)]
 
     calls = []
 
     def batched_logps(model_, tokenizer_, items, batch_size, device, progress=None):
-        score = policy_logp if not calls else base_logp  # the first call scores every row under the policy
+        score = policy_logp if not calls else base_logp  # the first call scores the held-out pairs under the policy
         calls.append(len(items))
         texts = [tokenizer.decode(item.completion_ids, skip_special_tokens=True).strip() for item in items]
         return [score(text) for text in texts], [len(item.completion_ids) for item in items]
@@ -87,7 +89,7 @@ def figures(monkeypatch):
     recipe = recipe_from_dict({"training": {"beta": BETA}, "evaluation": {"num_prompts": 4, "kl_samples": 2}})
     previous, base = round_0_frame(PREVIOUS_GREEDY, 2), round_0_frame(BASE_GREEDY, 1)
     frame, metrics = evaluation.evaluate_round(recipe, 1, "round_01/checkpoint", "base_model", prompts_frame(), previous, base)
-    assert calls == [4 + 8 + 4, 8]  # every row under the policy, then the 8 samples under the base
+    assert calls == [4, 8]  # the 4 sides of the held-out pairs under the policy, then the 8 samples under the base
     return frame, metrics
 
 

@@ -13,8 +13,6 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2C
 
 from models.fast_generation import (
     _SESSIONS,
-    cpu_packing_available,
-    packed_linears,
     release_sessions,
     sample_next_tokens,
     static_generate,
@@ -22,6 +20,7 @@ from models.fast_generation import (
     unsupported_reason,
 )
 from models.generation import generate_texts
+from models.packing import cpu_packing_available, packed_linears
 from models.sampling import SamplingSettings
 
 VOCAB = 101
@@ -101,6 +100,15 @@ def _fresh_sessions():
     release_sessions()
 
 
+@pytest.fixture(autouse=True)
+def _pack_every_weight(monkeypatch):
+    """The tiny models' weights lie below the size that pays to pack; pack them anyway, so every CPU test of
+    the static backend here runs the packed kernels (the greedy comparisons with generate included)."""
+    import models.packing as packing
+
+    monkeypatch.setattr(packing, "PACK_MIN_WEIGHTS", 0)
+
+
 # --- CPU ------------------------------------------------------------------------------------------
 
 
@@ -135,6 +143,52 @@ def test_generate_texts_static_equals_hf_backend():
         outs[backend] = generate_texts(model, tokenizer, prompts, settings)
     assert outs["static"] == outs["hf"]
     assert any(s.text for samples in outs["static"] for s in samples)
+
+
+@pytest.mark.parametrize("backend", ["hf", "static"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_log_probs_summed_while_generating_equal_a_forward_pass(backend, temperature):
+    """Evaluate takes each answer's policy log-prob from its generation (SamplingSettings.logps): the
+    untempered log-prob of exactly the sampled ids, the eos included and nothing after it, as
+    models.logps scores the prompt and those ids in one forward."""
+    from models.logps import Encoded, collate, sequence_logps
+    from models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer), init_std=0.3)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    prompts = ["a", "hello there", "12+34=", "reverse: abcdef", "the quick brown fox"]
+    settings = SamplingSettings(num_samples=2, temperature=temperature, top_p=0.9, max_new_tokens=48, batch_size=4,
+                                backend=backend, logps=True)
+    torch.manual_seed(0)
+    samples = generate_texts(model, tokenizer, prompts, settings)
+    rows = [(p, s) for p, group in zip(prompts, samples) for s in group]
+    assert any(s.finished for _p, s in rows)  # some rows end at the eos, before the others
+    for prompt, sample in rows:
+        item = Encoded(tokenizer(prompt, add_special_tokens=False).input_ids, sample.token_ids)
+        expected = sequence_logps(model, collate([item], tokenizer.pad_token_id))[0].item()
+        assert sample.logp == pytest.approx(expected, abs=1e-4), (prompt, sample.text)
+
+
+@pytest.mark.parametrize("backend", ["hf", "static"])
+def test_greedy_answers_decoded_beside_samples_are_the_greedy_answers(backend, monkeypatch):
+    """Evaluate decodes each prompt's greedy answer in the same batch as its samples (greedy_samples): those
+    rows are exactly what a greedy-only run gives, the other rows sample, and on the static backend each
+    prompt is prefilled once for all its rows."""
+    from models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer), init_std=0.3)
+    prompts = ["a", "hello there", "12+34=", "reverse: abcdef"]
+    greedy = generate_texts(model, tokenizer, prompts, SamplingSettings(temperature=0, max_new_tokens=12, batch_size=12,
+                                                                        backend=backend))
+    forward_rows = count_forward_rows(model, monkeypatch)
+    mixed = generate_texts(model, tokenizer, prompts, SamplingSettings(num_samples=3, greedy_samples=1, temperature=1.0,
+                                                                       max_new_tokens=12, batch_size=12, backend=backend))
+    assert [m[0] for m in mixed] == [g[0] for g in greedy]
+    assert any(s.token_ids != m[0].token_ids for m in mixed for s in m[1:])  # the others are samples
+    if backend == "static":
+        assert forward_rows[0] == len(prompts) and set(forward_rows[1:]) == {3 * len(prompts)}
 
 
 def repeated_prompts(lengths: list[int], copies: int):
@@ -222,18 +276,18 @@ def test_a_weight_changed_in_place_is_packed_again():
 
 @needs_packing
 def test_static_generate_packs_on_cpu_unless_turned_off(monkeypatch):
-    import models.fast_generation as fast
+    import models.packing as packing
 
     model = tiny_model("qwen2")
     input_ids, attention_mask = left_padded([3, 7])
     settings = SamplingSettings(temperature=0, max_new_tokens=8)
     static_generate(model, _Tok, input_ids, attention_mask, settings, [])
-    assert set(linear_modules(model)) <= set(fast._PACKED.keys())  # every Linear, the LM head too
+    assert set(linear_modules(model)) <= set(packing._PACKED.keys())  # every Linear, the LM head too
     release_sessions(model)
-    assert not any(m in fast._PACKED for m in linear_modules(model))
-    monkeypatch.setenv(fast.PACK_ENV, "0")
+    assert not any(m in packing._PACKED for m in linear_modules(model))
+    monkeypatch.setenv(packing.PACK_ENV, "0")
     static_generate(model, _Tok, input_ids, attention_mask, settings, [])
-    assert not any(m in fast._PACKED for m in linear_modules(model))
+    assert not any(m in packing._PACKED for m in linear_modules(model))
 
 
 def test_only_settings_decide_not_generation_config():
@@ -286,6 +340,34 @@ def test_top_p_never_leaves_the_nucleus():
     all_tokens = sample_next_tokens(logits.expand(20000, -1).clone(), temperature=1.0, top_p=1.0)
     assert set(all_tokens.unique().tolist()) == {0, 1, 2, 3, 4}
     assert set(sample_next_tokens(logits.expand(8, -1).clone(), 0.0, 0.5).tolist()) == {1}
+
+
+@pytest.mark.parametrize("candidates", [256, 2], ids=["nucleus-in-top-k", "full-sort"])
+def test_cpu_sampling_draws_the_renormalised_nucleus(monkeypatch, candidates):
+    """The CPU sampler (a top-k, or the full sort when the nucleus is larger, then inverse transform
+    sampling) draws each token of the nucleus as often as its renormalised probability says."""
+    import models.fast_generation as fast
+
+    monkeypatch.setattr(fast, "TOP_P_CANDIDATES", candidates)
+    probs = torch.tensor([0.3, 0.2, 0.15, 0.12, 0.09, 0.08, 0.04, 0.02])
+    order = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])  # token order[i] has probability probs[i]
+    logits = torch.empty(8)
+    logits[order] = probs.log()
+    draws = 40000
+    torch.manual_seed(0)
+    # top_p 0.7: the tokens of p 0.3, 0.2, 0.15, 0.12 stay (0.65 of mass before the fourth; 0.77 before the fifth)
+    counts = torch.bincount(sample_next_tokens(logits.expand(draws, -1).clone(), 1.0, 0.7), minlength=8).float() / draws
+    expected = torch.zeros(8)
+    expected[order[:4]] = probs[:4] / probs[:4].sum()
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
+    counts = torch.bincount(sample_next_tokens(logits.expand(draws, -1).clone(), 1.0, 1.0), minlength=8).float() / draws
+    expected = torch.zeros(8)
+    expected[order] = probs
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
+    tempered = (probs.log() / 0.5).softmax(-1)  # temperature 0.5 sharpens: p^2, renormalised
+    counts = torch.bincount(sample_next_tokens(logits.expand(draws, -1).clone(), 0.5, 1.0), minlength=8).float() / draws
+    expected[order] = tempered
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
 
 
 class _FixedHead(torch.nn.Module):

@@ -1,0 +1,110 @@
+"""fp32 Linear layers on a CPU run on weights prepacked once for oneDNN, for decoding and log-prob passes.
+
+    with packed_linears(model, batch_hint=16):   # inference only
+        model.generate(...)
+
+At the few rows of a decoding step (and a log-prob pass over short completions) a CPU step streams every
+weight from memory, and MKL's sgemm repacks each weight on every call: on SmolLM2-135M a batch-16 step
+ran its matmuls at about a third of the rate one row gets per weight byte. A weight packed once into
+oneDNN's blocked layout is read as it lies (bench/README.md has the measurements).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PACK_ENV", "cpu_packing_available", "env_flag", "packed_linears", "release_packed"]
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+PACK_ENV = "SELFPLAY_CPU_PACKED"
+# oneDNN's call costs about 50 us more than MKL's; below ~0.4 MB of weights that outweighs the saving
+# (measured at 16 rows: a 192 x 576 weight ran 1.27x faster packed, a 384 x 128 one 0.70x; the demo
+# model's weights all stay unpacked).
+PACK_MIN_WEIGHTS = 100_000
+
+
+@dataclass
+class _Packed:
+    """One Linear's weight in oneDNN's blocked layout, and the weight it was made from."""
+
+    source: tuple  # (data_ptr, _version) of the weight: an in-place change (an adapter merged) repacks it
+    weight: torch.Tensor
+
+
+_PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, _Packed]" = weakref.WeakKeyDictionary()
+
+
+def _packable(module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.numel() >= PACK_MIN_WEIGHTS
+            and "forward" not in module.__dict__)  # a forward patched by someone else (hooks) is left alone
+
+
+def _packed_weight(module, batch_hint: int) -> torch.Tensor:
+    source = (module.weight.data_ptr(), module.weight._version)
+    packed = _PACKED.get(module)
+    if packed is None or packed.source != source:
+        packed = _PACKED[module] = _Packed(source, torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_hint))
+    return packed.weight
+
+
+def _packed_forward(module, weight: torch.Tensor):
+    bias = module.bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    return forward
+
+
+def cpu_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@contextmanager
+def packed_linears(model, batch_hint: int):
+    """Run every fp32 CPU `nn.Linear` of `model` of at least PACK_MIN_WEIGHTS weights (the LM head, and a
+    LoRA layer's base included) on its weight prepacked into oneDNN's blocked layout, inside the block.
+
+    Why: at decoding's few rows a CPU step streams every weight from memory, and MKL's sgemm repacks
+    each weight on every call, so a batch-16 step ran at about a third of what one row costs per weight
+    byte (bench/README.md). A weight packed once for oneDNN is read as it lies. Packed copies are kept
+    per module (weakly, with the model) and remade when the weight changes in place (an adapter folded
+    in or out), so packing costs one pass over the weights per model, not per batch.
+    Numbers: oneDNN sums in another order than MKL, so logits differ from the unpacked model's by float
+    rounding (about 1e-6 relative); each row's result does not depend on the other rows of the batch.
+    SELFPLAY_CPU_PACKED=0 turns it off. Inference only: the packed call has no backward.
+    """
+    modules = [m for m in model.modules() if _packable(m)] if env_flag(PACK_ENV, True) and cpu_packing_available() else []
+    patched = []
+    try:
+        for module in modules:
+            module.forward = _packed_forward(module, _packed_weight(module, batch_hint))
+            patched.append(module)
+        yield bool(patched)
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def release_packed(model=None) -> None:
+    """Free the packed copies kept for `model`'s layers (every model's when None)."""
+    if model is None:
+        _PACKED.clear()
+    else:
+        for module in model.modules():
+            _PACKED.pop(module, None)
+
