@@ -42,6 +42,16 @@ def test_large_train_split_extends_the_shipped_one_and_never_holds_a_heldout_pro
     assert not {row["prompt"] for row in large} & heldout
 
 
+def test_grown_heldout_and_validation_splits_keep_their_first_rows():
+    """Both splits grew from 300 to 1,200 prompts; their first 300 are the prompts of before, so figures
+    taken on the first 300 (`evaluation.num_prompts: 300`) stay comparable."""
+    grown = {"heldout": demo_tasks.make_split("heldout", 1200), "validation": demo_tasks.make_validation(1200)}
+    first = {"heldout": demo_tasks.make_split("heldout", 300), "validation": demo_tasks.make_validation(300)}
+    for split in grown:
+        assert grown[split][:300] == first[split], split
+        assert len({row["prompt"] for row in grown[split]}) == 1200
+
+
 def test_validation_split_shares_no_prompt_with_heldout_or_any_training_split():
     # The shipped files as the demo recipes read them: tuning on validation must never see a prompt
     # that a round trains on (train_20k, which holds train) or that the held-out figures are taken on.

@@ -115,6 +115,26 @@ def test_generation_stops_at_im_end_and_keeps_no_template_tokens(base, monkeypat
         assert im_end not in row[:end] and tok.convert_tokens_to_ids("<|im_start|>") not in row[:end]
 
 
+def test_static_backend_decodes_the_greedy_tokens_of_generate(base):
+    """The static backend on a CPU (packed weights, its own sampler) gives the greedy tokens of plain
+    `generate` on SmolLM2 in fp32: held-out demo prompts in the chat template, left-padded to mixed
+    lengths, each answer up to its end of turn, and the log-probs it sums on the way."""
+    from configs.recipe import DataConfig
+    from data.prompts import format_prompt, load_prompts
+    from models.generation import generate_texts
+    from models.sampling import SamplingSettings
+
+    model, tok = base
+    texts = [format_prompt(tok, p) for p in load_prompts("demo:heldout", "test", DataConfig()).prompt[:16]]
+    outs = {backend: generate_texts(model, tok, texts, SamplingSettings(temperature=0.0, max_new_tokens=24, batch_size=16,
+                                                                         backend=backend, logps=True))
+            for backend in ("hf", "static")}
+    for hf, static in zip(outs["hf"], outs["static"]):
+        assert static[0].token_ids == hf[0].token_ids
+        assert static[0].logp == pytest.approx(hf[0].logp, abs=1e-3)
+    assert sum(s[0].finished for s in outs["hf"]) >= 4  # some rows stop early, at <|im_end|>
+
+
 def record_generate(model, monkeypatch) -> list:
     """Wrap model.generate to keep every call's (input_ids, attention_mask, output ids)."""
     calls, original = [], model.generate
