@@ -36,9 +36,11 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   backend's main gain when K > 1 (bench/README.md).
 - **Decode step** = one-token forward + sampling + bookkeeping, all on device with fixed shapes and
   static buffers: mark the new key slot valid, run the model, sample (greedy when temperature is 0,
-  else temperature and top-p with the same rule as transformers' TopPLogitsWarper, then the
-  Gumbel-max trick with noise from `torch.rand`), write the token into the output buffer at the step
-  index, pad rows that already ended, update `done`, and advance tokens/positions/indices in place.
+  else temperature and top-p with the same rule as transformers' TopPLogitsWarper, then one draw:
+  `sample_next_tokens`), write the token into the output buffer at the step index, pad rows that
+  already ended, update `done`, and advance tokens/positions/indices in place. Rows marked greedy
+  (`greedy_rows`: Evaluate's greedy answers beside its KL samples) take the argmax instead; with
+  `settings.logps` each row's log-prob of its tokens is summed on the way, from the same logits.
   Everything the step reads and writes lives in buffers whose addresses never change, so:
 - **CUDA graph.** On CUDA the step is warmed up on a side stream, then captured once in a
   `torch.cuda.CUDAGraph` and replayed for every new token. `torch.rand` inside the graph draws from
@@ -59,8 +61,10 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   Only the last session per model is kept; `release_sessions()` frees them.
 - **Only `settings` decide sampling.** The model's `generation_config` (top_k, repetition penalty,
   temperature...) is never read; greedy is a plain argmax, as in `generate(do_sample=False)`.
-- **On CPU** the same step function runs eagerly, which is what the CPU tests exercise; greedy
-  outputs equal `model.generate(do_sample=False)` token for token in fp32 (tests/test_fast_generation).
+- **On CPU** the same step function runs eagerly, on the fp32 weights packed once for oneDNN
+  (models/packing.py), and samples without sorting the vocabulary (`_sample_on_cpu`); greedy outputs
+  equal `model.generate(do_sample=False)` token for token in fp32 (tests/test_fast_generation on tiny
+  models, tests/test_real_model on SmolLM2; bench/README.md has the speed).
 
 Supported: decoder-only HF causal LMs whose layers are all full attention, with `sdpa` or `eager`
 attention (checked: Llama and Qwen2). Anything else (sliding-window or hybrid layers, flash/flex

@@ -11,7 +11,8 @@ self-play), so both spend compute through the same code.
 The default demo's base (2,400 warm-start steps on data/demo/train_20k.jsonl, about 7 minutes on two
 CPU cores) ships in data/demo/base_model/ with a record of the settings that built it; BaseModel copies
 it when a recipe asks for exactly those settings, instead of building it again. Rebuild it, or check
-that a rebuild gives the shipped weights bit for bit:
+that a rebuild gives the shipped weights bit for bit (single-threaded, on a CPU with the same vector
+instructions: other matmul kernels round the last float bits differently):
 
     python -m models.sft --rebuild-demo-base            # writes data/demo/base_model/
     python -m models.sft --rebuild-demo-base --check    # builds into a temporary directory and compares
