@@ -67,6 +67,39 @@ def sample_sizes(metrics: pd.DataFrame) -> str:
     return text + "; a difference of one or two standard errors between rounds is within noise."
 
 
+def accuracy_change_vs_base(evals: pd.DataFrame) -> pd.DataFrame:
+    """Per round, greedy accuracy minus the base's on the same held-out prompts, with the standard error
+    of the per-prompt differences (paired: each prompt's difficulty cancels, so this SE is smaller than
+    the two rounds' SEs combined) and n, the prompts both rounds answered."""
+    from models.evaluation import mean_se
+
+    rows = []
+    if "correct" not in evals:  # no verifier, or no round evaluated yet
+        return pd.DataFrame(rows)
+    greedy = evals[(evals.kind == "greedy") & evals.correct.notna()]
+    if not (greedy["round"] == 0).any():
+        return pd.DataFrame(rows)
+    correct = greedy.pivot_table(index="prompt_id", columns="round", values="correct", aggfunc="first")
+    for round_idx in sorted(c for c in correct.columns if c != 0):
+        both = correct[[0, round_idx]].dropna()
+        change, se = mean_se(both[round_idx].astype(float) - both[0].astype(float))
+        rows.append({"round": int(round_idx), "change": change, "change_se": se, "n": len(both)})
+    return pd.DataFrame(rows)
+
+
+def accuracy_change_section(run: Run) -> list[str]:
+    changes = accuracy_change_vs_base(run.evals())
+    if changes.empty:
+        return []
+    lines = ["Accuracy change from the base, paired over the same held-out prompts (± one standard error of the "
+             "per-prompt differences):", "", "| round | change vs round 0 | in standard errors | n |", "|---|---|---|---|"]
+    for row in changes.to_dict("records"):
+        ratio = row["change"] / row["change_se"] if row["change_se"] > 0 else float("nan")
+        lines.append(f"| {row['round']} | {row['change']:+.3f} ± {row['change_se']:.3f} | "
+                     f"{'-' if _missing(ratio) else f'{ratio:+.1f}'} | {row['n']} |")
+    return lines + [""]
+
+
 def draw_per_round(ax, metrics: pd.DataFrame, column: str, label: str | None = None, **style) -> bool:
     """`column` against round, with one-standard-error bars where recorded, on an axis that does not
     magnify noise: 0..1 for probabilities (chance line at 0.5 for win rates), else from 0. The report and
@@ -240,6 +273,7 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
     sources = run.figure_sources()
     accuracy_by, judge_by = _accuracy_source(sources), _judge_source(sources)
     lines += [f"- accuracy: {accuracy_by}", f"- win vs prev, win vs base: {judge_by}", ""]
+    lines += accuracy_change_section(run)
     for prefix, title in (("accuracy/", f"Accuracy by task kind ({accuracy_by})"),
                           ("win_rate_vs_base/", f"Win rate vs base by task kind ({judge_by})")):
         by_task = [c for c in metrics.columns if c.startswith(prefix)]

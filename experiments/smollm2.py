@@ -461,14 +461,13 @@ def main(argv: list[str] | None = None) -> None:
         record["timings_seconds"][name] = time.time() - start
         record["results"][name] = rescore_run(runs / name, args.rounds)
         record["pipeline_metrics"][name] = Run(runs / name).metrics().to_dict("records")
+        if name == "spin":  # the control right after SPIN, whose round sizes it copies
+            start = time.time()
+            control = run_control(base_path, recipe_path, runs / "spin", args.out / "control", args.rounds)
+            control[0].update({k: v for k, v in record["results"]["spin"][0].items() if k != "round"})  # the same base
+            record["timings_seconds"]["sft_control"] = time.time() - start
+            record["results"]["sft_control"] = control
         save(record, args.out, "results", render(record))  # after every method, so a cut-off run keeps its table
-    if "spin" in record["results"]:
-        start = time.time()
-        control = run_control(base_path, str(args.out / "recipes" / "spin.yaml"), runs / "spin", args.out / "control", args.rounds)
-        control[0].update({k: v for k, v in record["results"]["spin"][0].items() if k != "round"})  # the same base
-        record["timings_seconds"]["sft_control"] = time.time() - start
-        record["results"]["sft_control"] = control
-    save(record, args.out, "results", render(record))
     print(render(record))
 
 

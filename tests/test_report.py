@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from data.report import draw_per_round, render_report  # noqa: E402
+from data.report import accuracy_change_vs_base, draw_per_round, render_report  # noqa: E402
 from data.runs import Run  # noqa: E402
 from models.evaluation import implicit_reward_stats, mean_se  # noqa: E402
 
@@ -62,3 +62,16 @@ def test_plots_do_not_magnify_noise():
     assert bars, "accuracy has a standard error: it must be drawn as error bars"
     assert not draw_per_round(axes[0], metrics, "kl_vs_base")  # never measured: nothing drawn
     plt.close(fig)
+
+
+def test_accuracy_change_is_paired_over_the_same_prompts():
+    # Four prompts; round 1 fixes prompts 0 and 1 and breaks prompt 3, round 2 answers prompt 2 only.
+    base, round_1, round_2 = [0, 0, 1, 1], [1, 1, 1, 0], [0, 0, 1, 0]
+    evals = pd.DataFrame([{"prompt_id": f"p{i}", "round": r, "kind": "greedy", "correct": float(c)}
+                          for r, values in enumerate((base, round_1, round_2)) for i, c in enumerate(values)]
+                         + [{"prompt_id": "p0", "round": 1, "kind": "sample", "correct": 0.0}])  # not greedy: ignored
+    changes = accuracy_change_vs_base(evals).set_index("round")
+    diffs = np.array(round_1) - np.array(base)  # +1, +1, 0, -1
+    assert changes.loc[1, "change"] == pytest.approx(0.25)
+    assert changes.loc[1, "change_se"] == pytest.approx(diffs.std(ddof=1) / 2)  # sqrt(0.9167) / sqrt(4)
+    assert changes.loc[2, "change"] == pytest.approx(-0.25) and changes.loc[2, "n"] == 4
