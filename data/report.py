@@ -73,13 +73,13 @@ def accuracy_change_vs_base(evals: pd.DataFrame) -> pd.DataFrame:
     the two rounds' SEs combined) and n, the prompts both rounds answered."""
     from models.evaluation import mean_se
 
-    rows = []
     if "correct" not in evals:  # no verifier, or no round evaluated yet
-        return pd.DataFrame(rows)
+        return pd.DataFrame()
     greedy = evals[(evals.kind == "greedy") & evals.correct.notna()]
-    if not (greedy["round"] == 0).any():
-        return pd.DataFrame(rows)
     correct = greedy.pivot_table(index="prompt_id", columns="round", values="correct", aggfunc="first")
+    if 0 not in correct.columns:
+        return pd.DataFrame()
+    rows = []
     for round_idx in sorted(c for c in correct.columns if c != 0):
         both = correct[[0, round_idx]].dropna()
         change, se = mean_se(both[round_idx].astype(float) - both[0].astype(float))
