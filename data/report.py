@@ -71,7 +71,7 @@ def accuracy_change_vs_base(evals: pd.DataFrame) -> pd.DataFrame:
     """Per round, greedy accuracy minus the base's on the same held-out prompts, with the standard error
     of the per-prompt differences (paired: each prompt's difficulty cancels, so this SE is smaller than
     the two rounds' SEs combined) and n, the prompts both rounds answered."""
-    from models.evaluation import mean_se
+    from data.stats import mean_se
 
     if "correct" not in evals:  # no verifier, or no round evaluated yet
         return pd.DataFrame()

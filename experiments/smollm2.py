@@ -47,6 +47,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from configs.recipe import deep_merge  # noqa: E402
+from data.stats import mean_se  # noqa: E402
 
 STRICT = "data.demo_tasks:check"
 LENIENT = "data.lenient:check"
@@ -107,12 +108,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def mean_se(values) -> tuple[float, float]:
-    from models.evaluation import mean_se as _mean_se
-
-    return _mean_se(values)
 
 
 def score_rows(rows: list[dict]) -> list[dict]:

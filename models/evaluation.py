@@ -32,6 +32,7 @@ import pandas as pd
 
 from data.prompts import clean_response, format_completion, format_prompt
 from data.schema import token_ids_or_none
+from data.stats import mean_se
 from models.logps import Encoded, batched_logps, encode, encode_pair
 
 log = logging.getLogger("selfplay")
@@ -42,13 +43,6 @@ def distinct_n(texts: list[str], n: int) -> float:
     """Distinct-n (Li et al. 2016): unique word n-grams / all word n-grams across `texts`."""
     grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def mean_se(values) -> tuple[float, float]:
-    """(mean, standard error of the mean): sample standard deviation (ddof 1) / sqrt(n); NaN when n < 2."""
-    values = np.asarray(values, dtype=float)
-    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return float(values.mean()), se
 
 
 def implicit_reward_stats(
