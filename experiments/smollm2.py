@@ -133,6 +133,35 @@ def accuracy_table(scored: list[dict]) -> dict:
     return out
 
 
+def change_vs_base(base: list[dict], scored: list[dict]) -> dict:
+    """Strict and lenient accuracy minus the base's, paired over the held-out prompts both answered: ± one
+    standard error of the per-prompt differences (each prompt's difficulty cancels), n."""
+    import pandas as pd
+
+    columns = ["prompt_id", "strict", "lenient"]
+    both = pd.DataFrame(base)[columns].merge(pd.DataFrame(scored)[columns], on="prompt_id", suffixes=("_base", ""))
+    out = {"n": int(len(both))}
+    for measure in ("strict", "lenient"):
+        out[measure], out[f"{measure}_se"] = mean_se(both[measure] - both[f"{measure}_base"])
+    return out
+
+
+def round_row(round_idx: int, scored: list[dict], base: list[dict]) -> dict:
+    """One round's accuracy table, and from round 1 on its paired change from the base."""
+    row = {"round": round_idx, **accuracy_table(scored)}
+    if round_idx > 0:
+        row["change_vs_base"] = change_vs_base(base, scored)
+    return row
+
+
+def scored_greedy(eval_path: Path) -> list[dict]:
+    """The greedy held-out answers of one eval.parquet with their strict and lenient verdicts."""
+    from data.schema import EVAL, read_artifact
+
+    greedy = read_artifact(eval_path, EVAL).query("kind == 'greedy'")
+    return score_rows(greedy[["prompt_id", "prompt", "response", "task", "answer"]].to_dict("records"))
+
+
 # --- the base's pass@k --------------------------------------------------------------------------
 
 def base_prompts(per_task: int, tasks: list[str] | None = None) -> list[dict]:
@@ -275,18 +304,37 @@ def build_base(out: Path, common: dict) -> str:
 
 
 def rescore_run(run_dir: Path, rounds: int) -> list[dict]:
-    """Strict and lenient accuracy of every round's greedy held-out answers (eval.parquet)."""
+    """Strict and lenient accuracy of every round's greedy held-out answers (eval.parquet), and each
+    round's paired change from round 0."""
     from data.layout import RunLayout
-    from data.schema import EVAL, read_artifact
 
-    out = []
+    out, base = [], []
     for round_idx in range(rounds + 1):
         path = RunLayout(run_dir).eval(round_idx)
         if not path.exists():
             break
-        greedy = read_artifact(path, EVAL).query("kind == 'greedy'")
-        out.append({"round": round_idx, **accuracy_table(score_rows(greedy[["prompt", "response", "task", "answer"]].to_dict("records")))})
+        scored = scored_greedy(path)
+        base = base or scored
+        out.append(round_row(round_idx, scored, base))
     return out
+
+
+def rescore_results(record: dict, out: Path) -> None:
+    """Every method's rounds in `record` scored again from their saved evaluations; the control keeps its
+    sequence counts and times, and shares SPIN's round 0."""
+    from data.layout import RunLayout, round_name
+
+    for name in record["results"]:
+        if name != "sft_control":
+            record["results"][name] = rescore_run(out / "runs" / name, record["rounds"])
+    control = record["results"].get("sft_control", [])
+    base = scored_greedy(RunLayout(out / "runs" / "spin").eval(0)) if control else []
+    for i, row in enumerate(control):
+        if row["round"] > 0:
+            scored = scored_greedy(out / "control" / round_name(row["round"]) / "eval.parquet")
+            control[i] = {"sequences": row["sequences"], "seconds": row["seconds"], **round_row(row["round"], scored, base)}
+        else:
+            control[i] = {**row, **record["results"]["spin"][0]}
 
 
 def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path, rounds: int) -> list[dict]:
@@ -304,6 +352,7 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
     train = load_prompts(recipe.data.train, recipe.data.train_split, recipe.data, require_reference=True)
     prompts = load_prompts(recipe.data.eval, recipe.data.eval_split, recipe.data).head(recipe.evaluation.num_prompts)
     base_eval = read_artifact(RunLayout(spin_run).eval(0), EVAL)
+    base_scored = scored_greedy(RunLayout(spin_run).eval(0))
     tokenizer = load_tokenizer(base_path, recipe.model)
     model = load_causal_lm(base_path, recipe.model)
     device = next(model.parameters()).device
@@ -324,9 +373,8 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
         frame, _metrics = evaluate_round(recipe, round_idx, str(ckpt), base_path, prompts, previous, base_eval)
         write_parquet(frame, ckpt / "eval.parquet", EVAL)
         previous = frame
-        greedy = frame[frame.kind == "greedy"][["prompt", "response", "task", "answer"]].to_dict("records")
-        rows.append({"round": round_idx, "sequences": steps * CONTROL_BATCH_SIZE, "seconds": time.time() - start,
-                     **accuracy_table(score_rows(greedy))})
+        rows.append({"sequences": steps * CONTROL_BATCH_SIZE, "seconds": time.time() - start,
+                     **round_row(round_idx, scored_greedy(ckpt / "eval.parquet"), base_scored)})
     return rows
 
 
@@ -346,6 +394,18 @@ def render(record: dict) -> str:
                          f"{entry['strict']:.3f} ± {entry['strict_se']:.3f} / {entry['lenient']:.3f} ± {entry['lenient_se']:.3f}")
         seconds = record["timings_seconds"].get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if seconds is None else f'{seconds:.0f} s'} |")
+    lines += ["", "Change from the base (round 0), paired over the same held-out prompts, strict / lenient, "
+              "± one standard error of the per-prompt differences:", "",
+              "| method | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " |",
+              "|---|" + "---|" * rounds]
+    for name, rows in record["results"].items():
+        by_round = {row["round"]: row for row in rows}
+        cells = []
+        for r in range(1, rounds + 1):
+            change = by_round.get(r, {}).get("change_vs_base")
+            cells.append("-" if change is None else f"{change['strict']:+.3f} ± {change['strict_se']:.3f} / "
+                                                    f"{change['lenient']:+.3f} ± {change['lenient_se']:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Per task, lenient accuracy by round:", "",
               "| method | task | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |",
               "|---|---|" + "---|" * (rounds + 1)]
@@ -381,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-only", action="store_true", help="measure the base's pass@k on training prompts and stop")
     parser.add_argument("--base-prompts", type=int, default=16, help="training prompts per task for --base-only")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt for --base-only")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute results.md/json from the saved runs/ and control/ evaluations (after a change of a check)")
     parser.add_argument("--rescore-base", action="store_true",
                         help="recompute base_passk.md/json from the saved base_samples.jsonl (after a change of a check)")
     parser.add_argument("--tasks", default="add,count,extreme,sort,subtract",
@@ -402,6 +464,12 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_bytes(args.out / "base_samples.jsonl", "".join(json.dumps(row, default=float) + "\n" for row in score_rows(records)).encode())
         save(record, args.out, "base_passk", render_base(record))
         print(render_base(record))
+        return
+    if args.rescore:
+        record = json.loads((args.out / "results.json").read_text())
+        rescore_results(record, args.out)
+        save(record, args.out, "results", render(record))
+        print(render(record))
         return
     common = deep_merge(deep_merge(COMMON, SCALES[args.scale]), {"seed": args.seed})
     if args.base_model:

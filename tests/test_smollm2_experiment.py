@@ -131,11 +131,22 @@ def test_smollm2_experiment_runs_at_tiny_scale_with_strict_and_lenient_figures(t
                                      for p, r, t, a in answers])
             assert row["all"]["strict"] == pytest.approx(sum(strict) / len(greedy))
             assert row["all"]["lenient"] == pytest.approx(sum(lenient_) / len(greedy))
+        # Both rounds answered the same prompts, so the paired change is the difference of the accuracies.
+        change = rows[1]["change_vs_base"]
+        assert change["n"] == rows[0]["all"]["n"]
+        for measure in ("strict", "lenient"):
+            assert change[measure] == pytest.approx(rows[1]["all"][measure] - rows[0]["all"][measure])
     # The pipeline's own accuracy is the lenient one (the recipes' verifier).
     assert record["pipeline_metrics"]["dpo"][0]["accuracy"] == pytest.approx(record["results"]["dpo"][0]["all"]["lenient"])
     control = record["results"]["sft_control"]
     assert [row["round"] for row in control] == [0, 1]
     spin_log = json.loads(RunLayout(out / "runs" / "spin").training_log(1).read_text())
     assert control[1]["sequences"] >= 2 * spin_log["stats"]["pairs"]  # at least SPIN's round's sequences
+    assert control[1]["change_vs_base"]["lenient"] == pytest.approx(control[1]["all"]["lenient"] - control[0]["all"]["lenient"])
     assert "| sft_control |" in (out / "results.md").read_text()
+    # --rescore rebuilds the same figures from the saved evaluations.
+    rescored = subprocess.run([sys.executable, "experiments/smollm2.py", "--rescore", "--out", str(out)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["results"] == record["results"]
     assert "verifier: data.lenient:check" in (out / "recipes" / "dpo.yaml").read_text()
