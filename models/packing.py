@@ -37,7 +37,8 @@ PACK_MIN_WEIGHTS = 100_000
 class _Packed:
     """One Linear's weight in oneDNN's blocked layout, and the weight it was made from."""
 
-    source: tuple  # (data_ptr, _version) of the weight: an in-place change (an adapter merged) repacks it
+    source: tuple  # (data_ptr, _version) of the weight it was made from
+    sample: torch.Tensor  # and a strided sample of its values (_fingerprint)
     weight: torch.Tensor
 
 
@@ -51,11 +52,21 @@ def _packable(module) -> bool:
             and "forward" not in module.__dict__)  # a forward patched by someone else (hooks) is left alone
 
 
+def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """About a thousand of the weight's values, evenly strided. peft folds an adapter in and out through
+    `weight.data += delta`, and a write through `.data` leaves the parameter's _version as it was, so
+    the version alone kept a packed copy of the folded weight after unfolding (Evaluate's pi_base then
+    computed as the policy: a KL of 0). A LoRA delta B @ A moves every value it is not zero at."""
+    flat = weight.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 1024)].clone()
+
+
 def _packed_weight(module, batch_hint: int) -> torch.Tensor:
-    source = (module.weight.data_ptr(), module.weight._version)
+    weight = module.weight.detach()
+    source, sample = (weight.data_ptr(), module.weight._version), _fingerprint(weight)
     packed = _PACKED.get(module)
-    if packed is None or packed.source != source:
-        packed = _PACKED[module] = _Packed(source, torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_hint))
+    if packed is None or packed.source != source or not torch.equal(packed.sample, sample):
+        packed = _PACKED[module] = _Packed(source, sample, torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint))
     return packed.weight
 
 
@@ -82,8 +93,8 @@ def packed_linears(model, batch_hint: int):
     Why: at decoding's few rows a CPU step streams every weight from memory, and MKL's sgemm repacks
     each weight on every call, so a batch-16 step ran at about a third of what one row costs per weight
     byte (bench/README.md). A weight packed once for oneDNN is read as it lies. Packed copies are kept
-    per module (weakly, with the model) and remade when the weight changes in place (an adapter folded
-    in or out), so packing costs one pass over the weights per model, not per batch.
+    per module (weakly, with the model) and remade when the weight changes (an adapter folded in or out,
+    _fingerprint), so packing costs one pass over the weights per model, not per batch.
     Numbers: oneDNN sums in another order than MKL, so logits differ from the unpacked model's by float
     rounding (about 1e-6 relative); each row's result does not depend on the other rows of the batch.
     SELFPLAY_CPU_PACKED=0 turns it off. Inference only: the packed call has no backward.

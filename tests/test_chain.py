@@ -26,7 +26,7 @@ import torch
 
 from common.errors import ModelError
 from configs.recipe import recipe_from_dict
-from models import loading
+from models import loading, packing
 from models.logps import batched_logps, pair_logps
 from models.trainer import encode_pairs, train_round
 from conftest import save_tiny_llama_root
@@ -159,6 +159,25 @@ def test_each_round_loads_the_policy_that_was_trained_and_the_next_reference_is_
     again = pd.read_parquet(tmp_path / "work_02" / "ref_logps.parquet")
     assert np.abs(again.to_numpy() - reference.to_numpy()).max() <= TOL
     assert np.array_equal(trained_policies[2], round_2)
+
+
+@pytest.mark.skipif(not packing.cpu_packing_available(), reason="this torch build has no oneDNN linear")
+def test_pi_base_is_the_root_after_the_fold_when_cpu_weights_are_packed(root, tmp_path, monkeypatch):
+    """SmolLM2's layers run on packed copies of their weights (models.packing); peft folds an adapter in
+    and out through `weight.data`, which the parameter's version does not see. Evaluate's pi_base, after
+    a generation with the adapter folded in, once ran on the folded copy: the policy, a KL of 0."""
+    monkeypatch.setattr(packing, "PACK_MIN_WEIGHTS", 0)  # the tiny model's layers packed, as SmolLM2's are
+    root_path, tok = root
+    recipe = make_recipe(root_path, "fp32", learning_rate=2e-5)
+    first = train(recipe, root_path, make_pairs(0), tmp_path, 1, root_path)
+    root_logps = logps(loading.load_causal_lm(root_path, recipe.model, CPU), tok)
+    evaluator = loading.load_policy(first, recipe.model, CPU, root=root_path, merge=False)
+    with loading.adapter_merged(evaluator):
+        folded = logps(evaluator, tok)  # packs the folded weights
+    assert np.abs(folded - root_logps).max() > 10 * TOL  # the round moved the policy: the check below can fail
+    with loading.root_weights(evaluator):
+        assert np.abs(logps(evaluator, tok) - root_logps).max() <= TOL
+    assert np.abs(logps(evaluator, tok) - folded).max() <= TOL  # the adapter on again, unfolded
 
 
 def test_a_checkpoint_of_the_older_merged_chain_is_refused(tmp_path):

@@ -265,13 +265,15 @@ def test_a_weight_changed_in_place_is_packed_again():
     input_ids, attention_mask = left_padded([6, 4])
     with torch.no_grad(), packed_linears(model, batch_hint=2):
         model(input_ids=input_ids, attention_mask=attention_mask)
-    with torch.no_grad():
-        for module in linear_modules(model):
-            module.weight.mul_(1.5)
-        plain = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        with packed_linears(model, batch_hint=2):
-            packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    # In place as an optimizer writes (the version moves), then as peft folds (through .data: it does not).
+    for change in (lambda weight: weight.mul_(1.5), lambda weight: weight.data.add_(0.25)):
+        with torch.no_grad():
+            for module in linear_modules(model):
+                change(module.weight)
+            plain = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            with packed_linears(model, batch_hint=2):
+                packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 
 @needs_packing
