@@ -320,13 +320,16 @@ def rescore_run(run_dir: Path, rounds: int) -> list[dict]:
 
 
 def rescore_results(record: dict, out: Path) -> None:
-    """Every method's rounds in `record` scored again from their saved evaluations; the control keeps its
-    sequence counts and times, and shares SPIN's round 0."""
+    """Every method's rounds in `record` scored again from their saved evaluations, and its pipeline metrics
+    read again (after an Evaluate rerun); the control keeps its sequence counts and times, and shares
+    SPIN's round 0."""
     from data.layout import RunLayout, round_name
+    from data.runs import Run
 
     for name in record["results"]:
         if name != "sft_control":
             record["results"][name] = rescore_run(out / "runs" / name, record["rounds"])
+            record["pipeline_metrics"][name] = Run(out / "runs" / name).metrics().to_dict("records")
     control = record["results"].get("sft_control", [])
     base = scored_greedy(RunLayout(out / "runs" / "spin").eval(0)) if control else []
     for i, row in enumerate(control):
@@ -442,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-prompts", type=int, default=16, help="training prompts per task for --base-only")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt for --base-only")
     parser.add_argument("--rescore", action="store_true",
-                        help="recompute results.md/json from the saved runs/ and control/ evaluations (after a change of a check)")
+                        help="recompute results.md/json from the saved runs/ and control/ evaluations (after a change of a check, or an Evaluate rerun)")
     parser.add_argument("--rescore-base", action="store_true",
                         help="recompute base_passk.md/json from the saved base_samples.jsonl (after a change of a check)")
     parser.add_argument("--tasks", default="add,count,extreme,sort,subtract",
