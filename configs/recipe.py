@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -553,6 +554,16 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+# PyYAML reads YAML 1.1, where a float needs a dot: `learning_rate: 2e-5` arrives as the string '2e-5'.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _accepts_float(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_accepts_float(arg) for arg in typing.get_args(annotation))
+    return annotation is float
+
+
 def _type_ok(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -591,6 +602,8 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
             raise RecipeError(f"{where}: unknown key '{prefix}{key}'{hint}")
         annotation = hints[key]
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value) and _accepts_float(annotation):
+            value = float(value)
         if dataclasses.is_dataclass(annotation):
             kwargs[key] = _build(annotation, value or {}, where, f"{prefix}{key}.")
         elif not _type_ok(value, annotation):

@@ -44,6 +44,19 @@ def test_wrong_type_and_bad_choice(tmp_path):
         load_recipe(write(tmp_path, {"generation": {"num_samples": True}}))
 
 
+def test_a_float_written_without_a_dot_is_a_float(tmp_path):
+    # YAML 1.1 (PyYAML) reads `2e-5` as a string; users write learning rates that way.
+    path = tmp_path / "r.yaml"
+    path.write_text("training:\n  learning_rate: 2e-5\n  beta: 1E-1\n")
+    recipe = load_recipe(str(path))
+    assert recipe.training.learning_rate == 2e-5 and isinstance(recipe.training.learning_rate, float)
+    assert recipe.training.beta == 0.1
+    with pytest.raises(RecipeError, match="'training.epochs' must be float, got '2e'"):
+        load_recipe(write(tmp_path, {"training": {"epochs": "2e"}}))
+    with pytest.raises(RecipeError, match="'generation.num_samples' must be int, got '8e0'"):
+        load_recipe(write(tmp_path, {"generation": {"num_samples": "8e0"}}))
+
+
 def test_cross_field_rules(tmp_path):
     with pytest.raises(RecipeError, match="num_samples must be >= 2"):
         recipe_from_dict({"algorithm": "sppo", "judge": {"name": "verifier"}})
