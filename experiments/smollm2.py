@@ -155,11 +155,9 @@ def round_row(round_idx: int, scored: list[dict], base: list[dict]) -> dict:
     return row
 
 
-def scored_greedy(eval_path: Path) -> list[dict]:
-    """The greedy held-out answers of one eval.parquet with their strict and lenient verdicts."""
-    from data.schema import EVAL, read_artifact
-
-    greedy = read_artifact(eval_path, EVAL).query("kind == 'greedy'")
+def scored_greedy(frame) -> list[dict]:
+    """The greedy held-out answers of one eval frame with their strict and lenient verdicts."""
+    greedy = frame.query("kind == 'greedy'")
     return score_rows(greedy[["prompt_id", "prompt", "response", "task", "answer"]].to_dict("records"))
 
 
@@ -308,13 +306,14 @@ def rescore_run(run_dir: Path, rounds: int) -> list[dict]:
     """Strict and lenient accuracy of every round's greedy held-out answers (eval.parquet), and each
     round's paired change from round 0."""
     from data.layout import RunLayout
+    from data.schema import EVAL, read_artifact
 
     out, base = [], []
     for round_idx in range(rounds + 1):
         path = RunLayout(run_dir).eval(round_idx)
         if not path.exists():
             break
-        scored = scored_greedy(path)
+        scored = scored_greedy(read_artifact(path, EVAL))
         base = base or scored
         out.append(round_row(round_idx, scored, base))
     return out
@@ -326,16 +325,17 @@ def rescore_results(record: dict, out: Path) -> None:
     SPIN's round 0."""
     from data.layout import RunLayout, round_name
     from data.runs import Run
+    from data.schema import EVAL, read_artifact
 
     for name in record["results"]:
         if name != "sft_control":
             record["results"][name] = rescore_run(out / "runs" / name, record["rounds"])
             record["pipeline_metrics"][name] = Run(out / "runs" / name).metrics().to_dict("records")
     control = record["results"].get("sft_control", [])
-    base = scored_greedy(RunLayout(out / "runs" / "spin").eval(0)) if control else []
+    base = scored_greedy(read_artifact(RunLayout(out / "runs" / "spin").eval(0), EVAL)) if control else []
     for i, row in enumerate(control):
         if row["round"] > 0:
-            scored = scored_greedy(out / "control" / round_name(row["round"]) / "eval.parquet")
+            scored = scored_greedy(read_artifact(out / "control" / round_name(row["round"]) / "eval.parquet", EVAL))
             control[i] = {"sequences": row["sequences"], "seconds": row["seconds"], **round_row(row["round"], scored, base)}
         else:
             control[i] = {**row, **record["results"]["spin"][0]}
@@ -356,7 +356,7 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
     train = load_prompts(recipe.data.train, recipe.data.train_split, recipe.data, require_reference=True)
     prompts = load_prompts(recipe.data.eval, recipe.data.eval_split, recipe.data).head(recipe.evaluation.num_prompts)
     base_eval = read_artifact(RunLayout(spin_run).eval(0), EVAL)
-    base_scored = scored_greedy(RunLayout(spin_run).eval(0))
+    base_scored = scored_greedy(base_eval)
     tokenizer = load_tokenizer(base_path, recipe.model)
     model = load_causal_lm(base_path, recipe.model)
     device = next(model.parameters()).device
@@ -378,7 +378,7 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
         write_parquet(frame, ckpt / "eval.parquet", EVAL)
         previous = frame
         rows.append({"sequences": steps * CONTROL_BATCH_SIZE, "seconds": time.time() - start,
-                     **round_row(round_idx, scored_greedy(ckpt / "eval.parquet"), base_scored)})
+                     **round_row(round_idx, scored_greedy(frame), base_scored)})
     return rows
 
 

@@ -362,17 +362,13 @@ def adapter_merged(model):
         getattr(layer, "base_layer", None) is not None and getattr(layer.base_layer, "weight", None) is not None
         and layer.base_layer.weight.dtype == torch.float32 and not layer.merged for layer in layers
     )
-    from models.packing import release_packed
-
     if foldable:
         for layer in layers:
             layer.merge()
-        release_packed(model)  # peft writes through weight.data, which a packed copy's check may not see
     try:
         yield model
     finally:
         if foldable:
             for layer in layers:
                 layer.unmerge()
-            release_packed(model)
 
