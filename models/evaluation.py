@@ -144,6 +144,30 @@ def eval_judge_detail(recipe, judge_name: str | None) -> str | None:
     return None
 
 
+def fixed_pairs(base: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
+    """The held-out pair rows round 0 fixed (`base`, its eval frame) for these prompts, as written there."""
+    return base[base.kind.isin(["pair_chosen", "pair_rejected"]) & base.prompt_id.isin(prompts.prompt_id)]
+
+
+def pair_continuations(tokenizer, prompts: pd.DataFrame, prompt_ids: list[list[int]], base: pd.DataFrame | None):
+    """(for each prompt, the completion ids of its fixed held-out pair's sides; and where each side sits in
+    them: {(prompt_id, kind): (prompt index, position)}), to score them on the generation's own run of the
+    prompt (models.generation.generate_and_score). Round 0 has none fixed yet (its rejected side is the
+    sample being drawn), and a side whose prompt encode_pair had to cut is left to the log-prob pass."""
+    continuations: list[list[list[int]]] = [[] for _ in prompt_ids]
+    slots: dict[tuple, tuple[int, int]] = {}
+    if base is None:
+        return continuations, slots
+    pairs = fixed_pairs(base, prompts).reset_index(drop=True)
+    position = {prompt_id: i for i, prompt_id in enumerate(prompts.prompt_id)}
+    for row, item in zip(pairs.to_dict("records"), encode_eval_rows(tokenizer, pairs, prompts.set_index("prompt_id"))):
+        i = position[row["prompt_id"]]
+        if item.prompt_ids == prompt_ids[i]:
+            slots[(row["prompt_id"], row["kind"])] = (i, len(continuations[i]))
+            continuations[i].append(item.completion_ids)
+    return continuations, slots
+
+
 def eval_records(prompts: pd.DataFrame, round_idx: int, greedy: list, sampled: list, base: pd.DataFrame | None) -> pd.DataFrame:
     """The eval frame's rows: each prompt's greedy answer and samples (with the log-probs generation summed),
     then the held-out pairs, fixed at round 0 as (ground truth, the base's first sample) and rescored by
@@ -166,7 +190,7 @@ def eval_records(prompts: pd.DataFrame, round_idx: int, greedy: list, sampled: l
                                 "finished": True, "token_ids": None, "logp": None})
                 records.append({**rec, "kind": "pair_rejected", "token_ids": None, "logp": None})
     else:
-        pair_rows = base[base.kind.isin(["pair_chosen", "pair_rejected"]) & base.prompt_id.isin(prompts.prompt_id)]
+        pair_rows = fixed_pairs(base, prompts)
         measured = ["logp", "base_logp", "correct", "verifier_score"]  # rescored every round
         records += [{**r, "round": round_idx} for r in pair_rows.drop(columns=measured, errors="ignore").to_dict("records")]
     frame = pd.DataFrame(records)
@@ -190,7 +214,7 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     tasks), so that what is measured is decided on the whole set, as one unsharded call decides it."""
     import torch
 
-    from models.generation import generate_texts
+    from models.generation import generate_and_score
     from models.sampling import SamplingSettings
     from models.judge_types import row_of
     from models.judges import make_judge
@@ -211,16 +235,26 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     # which at decoding's small batches made Evaluate slower per token than Generate (bench/README.md).
     # Each prompt's greedy answer and its KL samples are decoded together (greedy_samples: one prefill of the
     # prompt, one batch), and each answer's log-prob under the policy is summed while it is generated, from
-    # the logits the decoding computes anyway, so only the held-out pairs need a log-prob pass of their own.
+    # the logits the decoding computes anyway. The held-out pairs fixed at round 0 are scored on the same
+    # prefill's run of their prompt (the static backend; generate_and_score), so after round 0 no prompt
+    # runs twice under the policy; what is left (round 0's pairs) gets a log-prob pass of its own.
+    prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    continuations, slots = pair_continuations(tokenizer, prompts, prompt_ids, base)
     with adapter_merged(model):
-        answers = generate_texts(model, tokenizer, texts, SamplingSettings(
+        answers, pair_scores = generate_and_score(model, tokenizer, texts, SamplingSettings(
             num_samples=1 + ev.kl_samples, greedy_samples=1, temperature=1.0, max_new_tokens=ev.max_new_tokens,
-            batch_size=batch, seed=recipe.seed + 7919 * (round_idx + 1), backend=gen.backend, logps=True), f"eval r{round_idx}")
+            batch_size=batch, seed=recipe.seed + 7919 * (round_idx + 1), backend=gen.backend, logps=True),
+            continuations, f"eval r{round_idx}")
         frame = eval_records(prompts, round_idx, [a[:1] for a in answers], [a[1:] for a in answers], base)
+        for row, (prompt_id, kind) in enumerate(zip(frame.prompt_id, frame.kind)):
+            if (prompt_id, kind) in slots:
+                i, j = slots[(prompt_id, kind)]
+                frame.loc[row, "logp"] = pair_scores[i][j]
         by_prompt = prompts.set_index("prompt_id")
         items = encode_eval_rows(tokenizer, frame, by_prompt)
         unscored = frame.index[frame.logp.isna()]
-        frame.loc[unscored, "logp"] = batched_logps(model, tokenizer, [items[i] for i in unscored], batch, device, "eval logps")[0]
+        if len(unscored):
+            frame.loc[unscored, "logp"] = batched_logps(model, tokenizer, [items[i] for i in unscored], batch, device, "eval logps")[0]
     row_prompts = by_prompt.loc[frame.prompt_id].reset_index()
     verifier = load_verifier(recipe.judge.verifier)
     whole = prompts if all_prompts is None else all_prompts
@@ -245,7 +279,8 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             base_model = load_policy(base_path, recipe.model, quantize=quantize)
-        base_tokenizer = load_tokenizer(base_path, recipe.model)
+        # The samples' ids are the policy tokenizer's; the base's own tokenizer matters only to the self-judge.
+        base_tokenizer = load_tokenizer(base_path, recipe.model) if judge_name == "self" else tokenizer
         # The very token sequences pi_r sampled, scored under the base: one Monte-Carlo term each.
         sample_items = [items[i] for i in sample_rows.index]
         frame.loc[sample_rows.index, "base_logp"] = batched_logps(base_model, base_tokenizer, sample_items, batch, device, "eval base logps")[0]

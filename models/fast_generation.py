@@ -55,6 +55,10 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   few distinct (batch, cache length) shapes; it is off by default.
 - **Early stop** when every row has produced an eos, checked every `check_every` steps (16 on CUDA)
   so the loop does not sync each step. Rows that ended are filled with the pad id.
+- **Compaction (CPU).** A CPU step costs about in proportion to its rows, so once a quarter of the rows
+  a step runs have ended, the live ones move to the first slots of the cache and buffers and the next
+  steps run those alone (`_Session.compact`); the random numbers stay those of each batch row, and on
+  packed weights the tokens are bit for bit those of the whole batch. SELFPLAY_CPU_COMPACT=0 turns it off.
 - **Reuse.** The cache, buffers and captured graph (a "session") are kept per model (weakly: they go
   with the model) and reused while batch size, cache length, sampling settings, eos ids and the
   weights' addresses are the same, so `generate_texts` captures once per shape, not once per batch.
@@ -105,6 +109,7 @@ __all__ = [
 ]
 
 CUDA_CACHE_ROUND = 64  # cache lengths rounded up to this on CUDA so sessions are reused across prompt widths
+COMPACT_ENV = "SELFPLAY_CPU_COMPACT"  # 0: a CPU decode keeps running rows that ended (_Session.compact)
 
 
 # --- sampling -------------------------------------------------------------------------------------
@@ -113,7 +118,7 @@ CUDA_CACHE_ROUND = 64  # cache lengths rounded up to this on CUDA so sessions ar
 TOP_P_CANDIDATES = 256  # on a CPU, the nucleus is looked for among this many most likely tokens first
 
 
-def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row from `[batch, vocab]` logits.
 
     temperature <= 0: argmax. Otherwise logits / temperature, then top-p as transformers'
@@ -123,7 +128,8 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -
     Gumbel-max: argmax(logits - log(-log(u))), u ~ U[0, 1), which samples from softmax(logits);
     dropped tokens are -inf and can never win. On a CPU, where a sort of the vocabulary and a uniform
     number per token cost more than the rest of the sampling together (SmolLM2, 16 rows: 39 and 6 ms a
-    step), `_sample_on_cpu` draws the same distribution with less work.
+    step), `_sample_on_cpu` draws the same distribution with less work; `uniform` (`[batch, 1]` float64 in
+    [0, 1), CPU only) are its random numbers, drawn here when not given.
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -131,7 +137,7 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -
     if temperature != 1.0:
         scores.div_(temperature)
     if scores.device.type == "cpu":
-        return _sample_on_cpu(scores, top_p)
+        return _sample_on_cpu(scores, top_p, uniform)
     if top_p < 1.0:
         scores = scores.masked_fill(_outside_nucleus(scores, top_p), float("-inf"))
     noise = torch.rand_like(scores).log_().neg_().log_()  # -Gumbel noise: log(-log(u))
@@ -153,7 +159,7 @@ def _outside_nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return drop_sorted.scatter(1, sorted_idx, drop_sorted)
 
 
-def _sample_on_cpu(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+def _sample_on_cpu(scores: torch.Tensor, top_p: float, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from softmax(scores) within the top-p nucleus, by inverse transform sampling.
 
     Top-p: a token stays when the probability of the tokens more likely than it is below top_p, which is
@@ -173,7 +179,9 @@ def _sample_on_cpu(scores: torch.Tensor, top_p: float) -> torch.Tensor:
         else:
             probs = probs.masked_fill(_outside_nucleus(scores, top_p), 0.0)
     cumulative = probs.double().cumsum(dim=-1)
-    u = torch.rand((probs.shape[0], 1), dtype=torch.float64) * cumulative[:, -1:]
+    if uniform is None:
+        uniform = torch.rand((probs.shape[0], 1), dtype=torch.float64)
+    u = uniform * cumulative[:, -1:]
     picks = torch.searchsorted(cumulative, u, right=True).clamp_(max=probs.shape[-1] - 1)
     picks = picks if candidates is None else candidates.gather(1, picks)
     return picks.squeeze(1)
@@ -318,7 +326,12 @@ class _Session:
     attention: str | None = None  # attention implementation swapped in while this session runs the model
     graph: object = None
     step_fn: object = None
-    stats: dict = field(default_factory=lambda: {"captures": 0, "reuses": 0})
+    stats: dict = field(default_factory=lambda: {"captures": 0, "reuses": 0, "compactions": 0})
+    # Compaction (CPU): the step runs the first `active` slots; `slot_rows[i]` is the batch row slot i holds.
+    active: int = 0
+    slot_rows: torch.Tensor | None = None
+    full_kv: list | None = None  # the cache's whole key/value tensors while its layers hold views of the first slots
+    ended: tuple | None = None  # (tokens, log-probs) by batch row of the rows compaction moved out
 
     # masks ------------------------------------------------------------------------------------
     def to_attention_mask(self, visible: torch.Tensor) -> torch.Tensor:
@@ -340,16 +353,26 @@ class _Session:
 
     # prefill ----------------------------------------------------------------------------------
     def next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        picks = sample_next_tokens(logits, self.key.temperature, self.key.top_p)
-        return torch.where(self.greedy, logits.argmax(dim=-1), picks) if self.key.mixed else picks
+        n = logits.shape[0]
+        uniform = None
+        if n < self.done.shape[0] and self.key.temperature > 0:
+            # After compaction: the random numbers of every batch row are drawn as before, and each slot takes
+            # its row's, so a row samples what it would have sampled in the whole batch.
+            uniform = torch.rand((self.done.shape[0], 1), dtype=torch.float64)[self.slot_rows[:n]]
+        picks = sample_next_tokens(logits, self.key.temperature, self.key.top_p, uniform)
+        return torch.where(self.greedy[:n], logits.argmax(dim=-1), picks) if self.key.mixed else picks
 
-    def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy_rows: torch.Tensor | None = None) -> None:
-        """Reset the cache and buffers, run the prompts through the model, sample the first token."""
+    def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy_rows: torch.Tensor | None = None,
+                continuations: list[list[list[int]]] | None = None) -> list[list[float]] | None:
+        """Reset the cache and buffers, run the prompts through the model, sample the first token.
+        `continuations`: token-id lists per batch row to score as continuations of its prompt, from the
+        prompt's run (cached_prompt_logps); their summed log-probs come back in the same shape."""
         batch, width = input_ids.shape
         if greedy_rows is not None:
             self.greedy.copy_(greedy_rows)
         cache_len = self.kv_valid.shape[1]
         device = input_ids.device
+        self.uncompact()
         self.cache.reset()
         prompt_valid = attention_mask.to(device=device, dtype=torch.bool)
         self.kv_valid.zero_()
@@ -362,6 +385,9 @@ class _Session:
         if "cache_position" in self.extra_kwargs:
             extra["cache_position"] = torch.arange(width, device=device)
         unique_rows, row_of = _unique_prompts(input_ids, attention_mask)
+        if unique_rows is None and continuations is not None:  # scoring needs the prompts' own cache
+            unique_rows = row_of = torch.arange(batch, device=device)
+        scores = None
         if unique_rows is None:
             logits = model(
                 input_ids=input_ids,
@@ -372,7 +398,8 @@ class _Session:
                 **extra,
             ).logits[:, -1, :]
         else:
-            logits = self.shared_prefill(model, input_ids, visible, position_ids, extra, unique_rows, row_of)
+            logits, scores = self.shared_prefill(model, input_ids, attention_mask, visible, position_ids, extra, unique_rows, row_of,
+                                                 continuations)
         first = self.next_tokens(logits)
         self.logp_sum.copy_(_token_logps(logits, first) if self.key.logps else 0.0)
         self.tokens.copy_(first[:, None])
@@ -382,13 +409,18 @@ class _Session:
         self.out.fill_(self.key.pad_id)
         self.out[:, 0] = first
         self.done.copy_(torch.isin(first, self.eos))
+        return scores
 
-    def shared_prefill(self, model, input_ids, visible, position_ids, extra, unique_rows, row_of) -> torch.Tensor:
+    def shared_prefill(self, model, input_ids, attention_mask, visible, position_ids, extra, unique_rows, row_of,
+                       continuations=None) -> tuple[torch.Tensor, list[list[float]] | None]:
         """The prefill of a batch whose rows repeat prompts (K samples of each): each distinct prompt runs
         once into a dynamic cache, whose keys and values are then written into every row of the static
         cache that holds that prompt. Same keys, values and last logits per row as the full prefill, for
-        1/K of its FLOPs. Returns the last position's logits, one row per batch row."""
+        1/K of its FLOPs. Returns the last position's logits, one row per batch row, and the summed log-probs
+        of `continuations` (see prefill), scored on the same dynamic cache."""
         from transformers import DynamicCache
+
+        from models.logps import cached_prompt_logps
 
         width = input_ids.shape[1]
         prompt_cache = DynamicCache(config=model.config)
@@ -404,26 +436,91 @@ class _Session:
         cache_kwargs = {"cache_position": extra["cache_position"]} if "cache_position" in extra else None
         for layer_idx, layer in enumerate(prompt_cache.layers):
             self.cache.update(layer.keys[row_of], layer.values[row_of], layer_idx, cache_kwargs)
-        return logits[row_of]
+        if continuations is None:
+            return logits[row_of], None
+        owners = [row for row, items in enumerate(continuations) for _ in items]
+        flat = cached_prompt_logps(model, prompt_cache, attention_mask[unique_rows], logits, row_of[owners],
+                                   [ids for items in continuations for ids in items], self.to_attention_mask)
+        scores, start = [], 0
+        for items in continuations:
+            scores.append(flat[start : start + len(items)])
+            start += len(items)
+        return logits[row_of], scores
 
     # one decode step (captured on CUDA) ---------------------------------------------------------
     def step(self) -> None:
         model = self.model_ref()
-        self.kv_valid.index_fill_(1, self.cache_pos, True)
-        visible = self.kv_valid[:, None, None, :]
+        n = self.active  # the whole batch, unless compaction left fewer rows (views of the first slots)
+        kv_valid, done, tokens, positions = self.kv_valid[:n], self.done[:n], self.tokens[:n], self.positions[:n]
+        kv_valid.index_fill_(1, self.cache_pos, True)
+        visible = kv_valid[:, None, None, :]
         if "cache_position" in self.extra_kwargs:
             self.extra_kwargs["cache_position"] = self.cache_pos
-        logits = self.forward_logits(model, self.tokens, self.to_attention_mask(visible), self.positions)
+        logits = self.forward_logits(model, tokens, self.to_attention_mask(visible), positions)
         nxt = self.next_tokens(logits)
         if self.key.logps:  # rows that ended before this step add nothing; the step that samples the eos does
-            self.logp_sum.add_(torch.where(self.done, 0.0, _token_logps(logits, nxt)))
-        nxt = torch.where(self.done, self.key.pad_id, nxt)
-        self.out.index_copy_(1, self.step_idx, nxt[:, None])
-        self.done.logical_or_(torch.isin(nxt, self.eos))
-        self.tokens.copy_(nxt[:, None])
-        self.positions.add_(1)
+            self.logp_sum[:n].add_(torch.where(done, 0.0, _token_logps(logits, nxt)))
+        nxt = torch.where(done, self.key.pad_id, nxt)
+        self.out[:n].index_copy_(1, self.step_idx, nxt[:, None])
+        done.logical_or_(torch.isin(nxt, self.eos))
+        tokens.copy_(nxt[:, None])
+        positions.add_(1)
         self.cache_pos.add_(1)
         self.step_idx.add_(1)
+
+    # compaction (CPU) ---------------------------------------------------------------------------
+    def compact(self) -> None:
+        """Move the rows still decoding to the first slots, in order, and run the next steps on them alone.
+
+        Why: a CPU step costs about in proportion to its rows (SmolLM2 fp32: 28 ms for one row, 71 ms for
+        32), and rows that ended keep costing until the longest row ends; Evaluate's greedy answers end
+        after half the token budget or less. The ended rows' tokens and log-probs are kept by batch row; the
+        live rows' keys and values move to the first slots of the same cache tensors (one copy of theirs),
+        and the cache's layers hold views of those slots. On packed weights each row's arithmetic does not
+        depend on the others (models/packing.py), so the tokens are those of the whole batch, bit for bit.
+        """
+        n = self.active
+        done = self.done[:n]
+        if self.ended is None:  # slots are still batch rows
+            self.ended = (self.out.clone(), self.logp_sum.clone())
+        else:
+            gone = done.nonzero().squeeze(1)
+            rows = self.slot_rows[gone]
+            self.ended[0][rows] = self.out[gone]
+            self.ended[1][rows] = self.logp_sum[gone]
+        live = (~done).nonzero().squeeze(1)
+        k = live.numel()
+        for buffer in (self.tokens, self.positions, self.kv_valid, self.done, self.out, self.logp_sum, self.greedy, self.slot_rows):
+            buffer[:k] = buffer[live]
+        if self.full_kv is None:
+            self.full_kv = [(layer.keys, layer.values) for layer in self.cache.layers]
+        for layer, (keys, values) in zip(self.cache.layers, self.full_kv):
+            keys[:k] = keys[live]
+            values[:k] = values[live]
+            layer.keys, layer.values = keys[:k], values[:k]
+        self.active = k
+        self.stats["compactions"] += 1
+
+    def uncompact(self) -> None:
+        """Give the cache's layers their whole tensors back and every slot its own batch row (a new prefill)."""
+        if self.full_kv is not None:
+            for layer, (keys, values) in zip(self.cache.layers, self.full_kv):
+                layer.keys, layer.values = keys, values
+            self.full_kv = None
+        batch = self.done.shape[0]
+        self.active = batch
+        self.slot_rows = torch.arange(batch, device=self.done.device)
+        self.ended = None
+
+    def results(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new tokens, summed log-probs), one row per batch row in the batch's order."""
+        if self.ended is None:
+            return self.out.clone(), self.logp_sum.clone()
+        tokens, logps = self.ended
+        rows = self.slot_rows[: self.active]
+        tokens[rows] = self.out[: self.active]
+        logps[rows] = self.logp_sum[: self.active]
+        return tokens, logps
 
     def capture(self, warmup: int = 2) -> None:
         """Warm the step up on a side stream, then capture it; buffers are restored after warm-up."""
@@ -449,16 +546,24 @@ class _Session:
             dst.copy_(src)
         _set_cache_lengths(self.cache, lengths)
 
-    def decode(self, max_new_tokens: int, check_every: int) -> torch.Tensor:
+    def decode(self, max_new_tokens: int, check_every: int, compact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode up to `max_new_tokens`; `compact`: drop ended rows from the step once a quarter of those it
+        runs have ended (eager steps only: a graph or a compiled step has a fixed batch). Returns results()."""
         step = self.step_fn or self.step
         for t in range(1, max_new_tokens):
             if self.graph is not None:
                 self.graph.replay()
             else:
                 step()
-            if check_every and (t % check_every == 0 or t == 1) and bool(self.done.all()):
+            if compact:
+                ended = int(self.done[: self.active].sum())
+                if ended == self.active:
+                    break
+                if t < max_new_tokens - 1 and ended >= max(1, self.active // 4):
+                    self.compact()
+            elif check_every and (t % check_every == 0 or t == 1) and bool(self.done.all()):
                 break
-        return self.out.clone()
+        return self.results()
 
 
 def _unique_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -564,11 +669,15 @@ def static_generate(
     compile_step: bool | str | None = None,
     check_every: int | None = None,
     greedy_rows: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    continuations: list[list[list[int]]] | None = None,
+):
     """New tokens `[batch, settings.max_new_tokens]` for left-padded prompts; rows padded after their eos.
     With `settings.logps`, also each row's summed log-prob of its tokens (`[batch]`, the eos included).
     `greedy_rows` (`[batch]` bool): those rows take the argmax while the others sample with `settings`,
     in one decoding (a prompt's greedy answer and its samples then share its prefill too).
+    `continuations` (token-id lists per row): scored as continuations of the row's prompt from the prefill's
+    own run of it (`_Session.prefill`); then the result is (tokens, log-probs or None, scores), scores
+    per row in the same shape, or None where this backend could not run the model (the caller scores them).
 
     `cuda_graph` (default: on for CUDA inputs unless SELFPLAY_STATIC_CUDA_GRAPH=0) captures the decode
     step in a CUDA graph; `compile_step` (True, or a torch.compile mode; default from
@@ -579,15 +688,19 @@ def static_generate(
     batch, width = input_ids.shape
     max_new = int(settings.max_new_tokens)
     device = input_ids.device
-    if max_new <= 0:
-        empty = torch.empty((batch, 0), dtype=torch.long, device=device)
-        return (empty, torch.zeros(batch, device=device)) if settings.logps else empty
-    reason = unsupported_reason(model)
+    reason = "no new tokens" if max_new <= 0 else unsupported_reason(model)
     if reason is not None:
-        from models.sampling import hf_generate
+        if max_new <= 0:
+            empty = torch.empty((batch, 0), dtype=torch.long, device=device)
+            out = (empty, torch.zeros(batch, device=device)) if settings.logps else empty
+        else:
+            from models.sampling import hf_generate
 
-        log.warning("static generation: %s; using the hf backend", reason)
-        return hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows)
+            log.warning("static generation: %s; using the hf backend", reason)
+            out = hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows)
+        if continuations is None:
+            return out
+        return (*out, None) if settings.logps else (out, None, None)
     on_cuda = device.type == "cuda"
     use_graph = on_cuda and (cuda_graph if cuda_graph is not None else _env_flag("SELFPLAY_STATIC_CUDA_GRAPH", True))
     compiled = _compile_mode(compile_step)
@@ -630,10 +743,11 @@ def static_generate(
     packing = packed_linears(model, batch) if device.type == "cpu" else nullcontext()
     with _attention(model, session.attention), packing:
         return _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every,
-                    greedy_rows.to(device) if mixed else None)
+                    greedy_rows.to(device) if mixed else None, continuations)
 
 
-def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every, greedy_rows):
+def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every, greedy_rows,
+         continuations=None):
     on_cuda = device.type == "cuda"
     if fresh and (use_graph or compiled):
         # The first prefill allocates the cache; then warm up (and compile) and capture the step. The
@@ -649,9 +763,12 @@ def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, 
                     torch.cuda.synchronize()
             elif compiled:
                 session.step_fn()  # compile now; the prefill below resets the state
-    session.prefill(model, input_ids, attention_mask, greedy_rows)
-    tokens = session.decode(max_new, check_every)
-    return (tokens, session.logp_sum.clone()) if session.key.logps else tokens
+    scores = session.prefill(model, input_ids, attention_mask, greedy_rows, continuations)
+    compact = not on_cuda and not compiled and _env_flag(COMPACT_ENV, True)
+    tokens, logps = session.decode(max_new, check_every, compact)
+    if continuations is not None:
+        return tokens, logps if session.key.logps else None, scores
+    return (tokens, logps) if session.key.logps else tokens
 
 
 # --- vLLM -----------------------------------------------------------------------------------------

@@ -79,11 +79,25 @@ def run_with_oom_backoff(work, items: list, batch_size: int, what: str) -> list:
     return results
 
 
-@torch.no_grad()
 def generate_texts(model, tokenizer, prompt_texts: list[str], settings: SamplingSettings, progress: str | None = None) -> list[list[Sample]]:
     """`settings.num_samples` samples for each prompt text, in input order (backends hf and static;
     vLLM takes a model path, not a loaded model: see generate_round); the first `settings.greedy_samples`
     of each prompt greedy, in the same batches as the sampled ones."""
+    return _generate(model, tokenizer, prompt_texts, settings, progress)[0]
+
+
+def generate_and_score(model, tokenizer, prompt_texts: list[str], settings: SamplingSettings, continuations: list[list[list[int]]],
+                       progress: str | None = None) -> tuple[list[list[Sample]], list[list[float]]]:
+    """generate_texts, and for each prompt the summed log-prob under the model of each of `continuations[p]`
+    (token-id lists that follow the prompt's ids). The static backend scores them from its prefill's run of
+    the prompt (models.logps.cached_prompt_logps), so the prompts run once for both; the hf backend, or a
+    model the static backend hands to it, scores them in a log-prob pass of their own afterwards."""
+    return _generate(model, tokenizer, prompt_texts, settings, progress, continuations)
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompt_texts: list[str], settings: SamplingSettings, progress: str | None = None,
+              continuations: list[list[list[int]]] | None = None) -> tuple[list[list[Sample]], list[list[float]] | None]:
     from common.progress import bar
 
     device = next(model.parameters()).device
@@ -100,23 +114,45 @@ def generate_texts(model, tokenizer, prompt_texts: list[str], settings: Sampling
     progress_bar = bar(total=len(rows), desc=progress, disable=progress is None)
     batch_counter = [0]
 
+    # A prompt's continuations are scored in the batch that holds its first row.
+    score_in_prefill = continuations is not None and settings.backend == "static"
+
     def work(chunk):
         # Left padding: every row's last prompt token is at the end.
         input_ids, attention_mask = pad_rows([encoded[p] for p, _ in chunk], tokenizer.pad_token_id, side="left")
         torch.manual_seed(settings.seed * 1_000_003 + batch_counter[0])
         greedy_rows = torch.tensor([k < settings.greedy_samples for _, k in chunk]) if settings.greedy_samples else None
-        out = backend(model, tokenizer, input_ids.to(device), attention_mask.to(device), settings, eos_ids, greedy_rows=greedy_rows)
-        new_tokens, logps = out if settings.logps else (out, None)
+        extra = {"continuations": [continuations[p] if k == 0 else [] for p, k in chunk]} if score_in_prefill else {}
+        out = backend(model, tokenizer, input_ids.to(device), attention_mask.to(device), settings, eos_ids, greedy_rows=greedy_rows,
+                      **extra)
+        scores = None
+        if extra:
+            new_tokens, logps, scores = out
+        else:
+            new_tokens, logps = out if settings.logps else (out, None)
         batch_counter[0] += 1
         progress_bar.update(len(chunk))
-        return _decode(tokenizer, new_tokens, eos_ids, logps)
+        return list(zip(_decode(tokenizer, new_tokens, eos_ids, logps), scores or [None] * len(chunk)))
 
     flat = run_with_oom_backoff(work, rows, settings.batch_size, "generation")
     progress_bar.close()
     out: list[list[Sample]] = [[None] * settings.num_samples for _ in encoded]  # type: ignore[list-item]
-    for (p, k), sample in zip(rows, flat):
+    scored: list[list[float] | None] = [None] * len(encoded)
+    for (p, k), (sample, scores) in zip(rows, flat):
         out[p][k] = sample
-    return out
+        if k == 0:
+            scored[p] = scores
+    if continuations is None:
+        return out, None
+    missing = [p for p, scores in enumerate(scored) if scores is None]
+    if missing:
+        from models.logps import Encoded, batched_logps
+
+        items = [Encoded(encoded[p], ids) for p in missing for ids in continuations[p]]
+        sums = iter(batched_logps(model, tokenizer, items, settings.batch_size, device)[0])
+        for p in missing:
+            scored[p] = [next(sums) for _ in continuations[p]]
+    return out, scored
 
 
 # --- the Generate stage -------------------------------------------------------------------------

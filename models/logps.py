@@ -296,6 +296,46 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 @torch.no_grad()
+def cached_prompt_logps(model, prompt_cache, prompt_mask: torch.Tensor, last_logits: torch.Tensor, prompt_of: torch.Tensor,
+                        completions: list[list[int]], to_attention_mask=None) -> list[float]:
+    """Summed log-probs of `completions` (token ids), each continuing prompt `prompt_of[i]` of prompts already
+    run: `prompt_cache` holds their keys and values (a DynamicCache; its rows are replaced by the selected
+    ones), `prompt_mask` `[prompts, width]` their left padding and `last_logits` `[prompts, vocab]` the logits
+    at their last position. The decode loop's prefill is such a run (models/fast_generation.py), so Evaluate
+    scores its held-out pairs without running their prompts again.
+
+    The same sums as _shared_prompt_logps, up to float rounding: the first token is scored by the prompt's
+    last logits, the others by the completion's own states, each completion attending to its prompt's real
+    tokens and to itself causally. `to_attention_mask` turns the boolean `[rows, 1, q, k]` mask into what the
+    model's attention takes (the decode session's: additive for eager attention)."""
+    if not completions:
+        return []
+    device = prompt_mask.device
+    completion_ids, completion_mask = (t.to(device) for t in pad_rows([c or [0] for c in completions], 0))
+    completion_mask = completion_mask.bool() & torch.tensor([bool(c) for c in completions], device=device)[:, None]
+    rows, length = completion_ids.shape
+    prompt_rows = prompt_mask[prompt_of].bool()
+    positions = prompt_rows.sum(dim=1, keepdim=True) + torch.arange(length, device=device)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    visible = torch.cat([prompt_rows[:, None, :].expand(rows, length, -1), causal.expand(rows, -1, -1)], dim=2)[:, None]
+    mask = to_attention_mask(visible) if to_attention_mask is not None else visible
+    prompt_cache.batch_select_indices(prompt_of)
+    first = last_logits[prompt_of].float().log_softmax(dim=-1).gather(1, completion_ids[:, :1]).squeeze(1)
+    sums = torch.where(completion_mask[:, 0], first, 0.0)
+    targets_mask = completion_mask[:, 1:]
+    if _has_plain_head(model):
+        hidden = model.get_decoder()(input_ids=completion_ids, attention_mask=mask, position_ids=positions,
+                                     past_key_values=prompt_cache, use_cache=True).last_hidden_state
+        token_logps = _head_logps(model, hidden[:, :-1][targets_mask], completion_ids[:, 1:][targets_mask])
+    else:
+        logits = model(input_ids=completion_ids, attention_mask=mask, position_ids=positions, past_key_values=prompt_cache,
+                       use_cache=True).logits[:, :-1][targets_mask]
+        token_logps = -F.cross_entropy(logits.float(), completion_ids[:, 1:][targets_mask], reduction="none")
+    row_of_target = torch.arange(rows, device=device)[:, None].expand_as(targets_mask)[targets_mask]
+    return sums.index_add(0, row_of_target, token_logps).tolist()
+
+
+@torch.no_grad()
 def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, device, progress: str | None = None,
                   forward=None) -> tuple[list[float], list[int]]:
     """`sequence_logps` over many items without gradients, `batch_size` items a batch. Where the model

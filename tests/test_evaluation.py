@@ -66,7 +66,9 @@ def figures(monkeypatch):
     monkeypatch.setattr(loading, "load_tokenizer", lambda path, cfg: tokenizer)
     monkeypatch.setattr(loading, "load_policy", lambda *args, **kwargs: model)
 
-    def generate_texts(model, tokenizer_, texts, settings, progress=None):
+    scored_on_prefill = []
+
+    def generate_and_score(model, tokenizer_, texts, settings, continuations, progress=None):
         assert len(texts) == 4
         assert settings.logps  # each answer's policy log-prob comes with it, summed while it was generated
         assert settings.num_samples == 3 and settings.greedy_samples == 1  # the greedy answer, then 2 samples
@@ -74,22 +76,27 @@ def figures(monkeypatch):
         def sample(text):
             return Sample(text, len(text), True, tokenizer.encode(text, add_special_tokens=False), policy_logp(text))
 
-        return [[sample(greedy)] + [sample(text) for text in samples] for greedy, samples in zip(GREEDY, SAMPLES)]
+        def decoded(ids):
+            return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+        scored_on_prefill.append(sum(len(items) for items in continuations))
+        samples = [[sample(greedy)] + [sample(text) for text in samples] for greedy, samples in zip(GREEDY, SAMPLES)]
+        return samples, [[policy_logp(decoded(ids)) for ids in items] for items in continuations]
 
     calls = []
 
     def batched_logps(model_, tokenizer_, items, batch_size, device, progress=None):
-        score = policy_logp if not calls else base_logp  # the first call scores the held-out pairs under the policy
         calls.append(len(items))
         texts = [tokenizer.decode(item.completion_ids, skip_special_tokens=True).strip() for item in items]
-        return [score(text) for text in texts], [len(item.completion_ids) for item in items]
+        return [base_logp(text) for text in texts], [len(item.completion_ids) for item in items]
 
-    monkeypatch.setattr(generation, "generate_texts", generate_texts)
+    monkeypatch.setattr(generation, "generate_and_score", generate_and_score)
     monkeypatch.setattr(evaluation, "batched_logps", batched_logps)
     recipe = recipe_from_dict({"training": {"beta": BETA}, "evaluation": {"num_prompts": 4, "kl_samples": 2}})
     previous, base = round_0_frame(PREVIOUS_GREEDY, 2), round_0_frame(BASE_GREEDY, 1)
     frame, metrics = evaluation.evaluate_round(recipe, 1, "round_01/checkpoint", "base_model", prompts_frame(), previous, base)
-    assert calls == [4, 8]  # the 4 sides of the held-out pairs under the policy, then the 8 samples under the base
+    assert scored_on_prefill == [4]  # the 4 sides of the held-out pairs, scored on the policy's run of their prompts
+    assert calls == [8]  # then the 8 samples under the base
     return frame, metrics
 
 

@@ -406,6 +406,66 @@ def test_stops_early_when_every_row_ended():
     assert (out[:, 2:] == PAD).all()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_compaction_runs_only_live_rows_and_changes_no_token(temperature, monkeypatch):
+    """On a CPU rows that ended leave the decode step (once a quarter of its rows have): later steps run
+    fewer rows, and every row's tokens and summed log-prob are those of the whole batch decoded to the end
+    (the same random numbers per row; log-probs up to the attention kernel's rounding by batch size)."""
+    import models.fast_generation as fast
+
+    model = tiny_model("llama", init_std=0.3)
+    input_ids, attention_mask = left_padded([3, 8, 5, 2, 7, 4, 6, 9])
+    ref = hf_greedy(model, input_ids, attention_mask, 6, [])
+    eos = sorted({row[k] for k, row in zip([0, 1, 3, 5], ref.tolist())})  # rows end at different steps
+    settings = SamplingSettings(temperature=temperature, max_new_tokens=24, logps=True)
+    results, rows_run = {}, {}
+    for compact in ("1", "0"):
+        monkeypatch.setenv(fast.COMPACT_ENV, compact)
+        release_sessions()
+        rows_run[compact] = count_forward_rows(model, monkeypatch)
+        torch.manual_seed(3)
+        results[compact] = static_generate(model, _Tok, input_ids, attention_mask, settings, eos)
+        monkeypatch.undo()  # the forward counter and the environment, before the next run sets its own
+        monkeypatch.setattr(__import__("models.packing", fromlist=["x"]), "PACK_MIN_WEIGHTS", 0)
+    (tokens, logps), (ref_tokens, ref_logps) = results["1"], results["0"]
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logps, ref_logps, rtol=0, atol=1e-5)
+    assert (tokens == PAD).any()  # some rows did end early
+    assert min(rows_run["1"][1:]) < 8 == min(rows_run["0"][1:])  # later steps ran fewer rows, not the whole batch
+    assert sum(rows_run["1"]) < sum(rows_run["0"])
+
+
+@pytest.mark.parametrize("backend", ["hf", "static"])
+def test_continuations_scored_with_the_generation_equal_a_log_prob_pass(backend, monkeypatch):
+    """generate_and_score: each prompt's continuations get the summed log-probs a separate pass gives them;
+    on the static backend from the prefill's own run of the prompt, so no forward sees a prompt twice."""
+    from models.generation import generate_and_score
+    from models.logps import Encoded, batched_logps
+    from models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer), init_std=0.3)
+    prompts = ["a", "hello there", "12+34=", "reverse: abcdef", "xyz"]
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+    continuations = [[tokenizer(c, add_special_tokens=False).input_ids for c in cs]
+                     for cs in (["b", "bcd"], [], ["46", "4", " 46 and more"], ["fedcba"], ["", "zyx"])]
+    expected = batched_logps(model, tokenizer, [Encoded(p, c) for p, cs in zip(ids, continuations) for c in cs], 8, "cpu")[0]
+    settings = SamplingSettings(num_samples=2, greedy_samples=1, temperature=1.0, max_new_tokens=8, batch_size=4, backend=backend)
+    plain = generate_texts(model, tokenizer, prompts, settings)
+    seen = []
+    embed = model.get_input_embeddings()
+    monkeypatch.setattr(embed, "forward", lambda x, f=embed.forward: seen.append(x.clone()) or f(x))
+    samples, scores = generate_and_score(model, tokenizer, prompts, settings, continuations)
+    assert samples == plain  # scoring leaves the samples as they were
+    assert [len(s) for s in scores] == [len(cs) for cs in continuations]
+    assert [x for row in scores for x in row] == pytest.approx(expected, abs=1e-4)
+    assert scores[4][0] == 0.0  # an empty continuation has no tokens to score
+    if backend == "static":  # each prompt's tokens went through the model once, in its prefill
+        runs = [row.tolist() for x in seen if x.shape[1] > 1 for row in x]  # not the one-token decode steps
+        for prompt in ids[1:]:  # ("a" is also how one continuation ends)
+            assert sum(run[-len(prompt):] == prompt for run in runs) == 1
+
+
 @pytest.mark.parametrize("q_len", [1, 5])
 def test_static_attention_equals_transformers_sdpa(q_len):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
