@@ -439,7 +439,7 @@ class _Session:
         if continuations is None:
             return logits[row_of], None
         owners = [row for row, items in enumerate(continuations) for _ in items]
-        flat = cached_prompt_logps(model, prompt_cache, attention_mask[unique_rows], logits, row_of[owners],
+        flat = cached_prompt_logps(model, prompt_cache, attention_mask[unique_rows], logits, row_of[owners].tolist(),
                                    [ids for items in continuations for ids in items], self.to_attention_mask)
         scores, start = [], 0
         for items in continuations:

@@ -296,43 +296,64 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 @torch.no_grad()
-def cached_prompt_logps(model, prompt_cache, prompt_mask: torch.Tensor, last_logits: torch.Tensor, prompt_of: torch.Tensor,
+def cached_prompt_logps(model, prompt_cache, prompt_mask: torch.Tensor, last_logits: torch.Tensor, prompt_of: list[int],
                         completions: list[list[int]], to_attention_mask=None) -> list[float]:
     """Summed log-probs of `completions` (token ids), each continuing prompt `prompt_of[i]` of prompts already
-    run: `prompt_cache` holds their keys and values (a DynamicCache; its rows are replaced by the selected
-    ones), `prompt_mask` `[prompts, width]` their left padding and `last_logits` `[prompts, vocab]` the logits
-    at their last position. The decode loop's prefill is such a run (models/fast_generation.py), so Evaluate
+    run: `prompt_cache` holds their keys and values (a DynamicCache; its rows are replaced by those used),
+    `prompt_mask` `[prompts, width]` their left padding and `last_logits` `[prompts, vocab]` the logits at
+    their last position. The decode loop's prefill is such a run (models/fast_generation.py), so Evaluate
     scores its held-out pairs without running their prompts again.
 
-    The same sums as _shared_prompt_logps, up to float rounding: the first token is scored by the prompt's
-    last logits, the others by the completion's own states, each completion attending to its prompt's real
-    tokens and to itself causally. `to_attention_mask` turns the boolean `[rows, 1, q, k]` mask into what the
-    model's attention takes (the decode session's: additive for eager attention)."""
+    A prompt's completions lie end to end in one row: each attends to the prompt's real tokens and causally
+    to itself alone, never to the completions before it in the row, with positions counted from the prompt's
+    end. So a prompt's cached keys and values serve all its completions with no copy, and a short chosen
+    side does not pad out to its long rejected side. The first token of each is scored by the prompt's last
+    logits, the others by the completion's own states: the sums of _shared_prompt_logps, up to float
+    rounding. `to_attention_mask` turns the boolean `[rows, 1, q, k]` mask into what the model's attention
+    takes (the decode session's: additive for eager attention)."""
     if not completions:
         return []
     device = prompt_mask.device
-    completion_ids, completion_mask = (t.to(device) for t in pad_rows([c or [0] for c in completions], 0))
-    completion_mask = completion_mask.bool() & torch.tensor([bool(c) for c in completions], device=device)[:, None]
-    rows, length = completion_ids.shape
-    prompt_rows = prompt_mask[prompt_of].bool()
-    positions = prompt_rows.sum(dim=1, keepdim=True) + torch.arange(length, device=device)
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    visible = torch.cat([prompt_rows[:, None, :].expand(rows, length, -1), causal.expand(rows, -1, -1)], dim=2)[:, None]
+    prompts = list(dict.fromkeys(int(p) for p in prompt_of))  # one row each, in order of first use
+    row_of = {prompt: row for row, prompt in enumerate(prompts)}
+    rows: list[list[int]] = [[] for _ in prompts]
+    owner: list[list[int]] = [[] for _ in prompts]  # which completion each token of a row belongs to
+    offset: list[list[int]] = [[] for _ in prompts]  # its position within that completion
+    for i, (prompt, ids) in enumerate(zip(prompt_of, completions)):
+        row = row_of[int(prompt)]
+        rows[row] += ids
+        owner[row] += [i] * len(ids)
+        offset[row] += range(len(ids))
+    input_ids, real = (t.to(device) for t in pad_rows([r or [0] for r in rows], 0))
+    width = input_ids.shape[1]
+    segment = pad_rows([o or [-1] for o in owner], -1)[0].to(device).masked_fill_(real == 0, -1)
+    within = pad_rows([o or [0] for o in offset], 0)[0].to(device)
+    prompt_rows = prompt_mask[prompts].bool()
+    positions = prompt_rows.sum(dim=1, keepdim=True) + within
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & causal
+    visible = torch.cat([prompt_rows[:, None, :].expand(-1, width, -1), same], dim=2)[:, None]
     mask = to_attention_mask(visible) if to_attention_mask is not None else visible
-    prompt_cache.batch_select_indices(prompt_of)
-    first = last_logits[prompt_of].float().log_softmax(dim=-1).gather(1, completion_ids[:, :1]).squeeze(1)
-    sums = torch.where(completion_mask[:, 0], first, 0.0)
-    targets_mask = completion_mask[:, 1:]
+    prompt_cache.batch_select_indices(torch.tensor(prompts, device=device))
     if _has_plain_head(model):
-        hidden = model.get_decoder()(input_ids=completion_ids, attention_mask=mask, position_ids=positions,
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                      past_key_values=prompt_cache, use_cache=True).last_hidden_state
-        token_logps = _head_logps(model, hidden[:, :-1][targets_mask], completion_ids[:, 1:][targets_mask])
     else:
-        logits = model(input_ids=completion_ids, attention_mask=mask, position_ids=positions, past_key_values=prompt_cache,
-                       use_cache=True).logits[:, :-1][targets_mask]
-        token_logps = -F.cross_entropy(logits.float(), completion_ids[:, 1:][targets_mask], reduction="none")
-    row_of_target = torch.arange(rows, device=device)[:, None].expand_as(targets_mask)[targets_mask]
-    return sums.index_add(0, row_of_target, token_logps).tolist()
+        hidden = None
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=prompt_cache,
+                       use_cache=True).logits
+    first = (segment >= 0) & (within == 0)
+    later = (segment[:, 1:] >= 0) & (within[:, 1:] > 0)  # predicted by the state one position before
+    first_logps = last_logits[prompts].float().log_softmax(dim=-1)[
+        torch.arange(len(prompts), device=device)[:, None].expand_as(first)[first], input_ids[first]]
+    targets = input_ids[:, 1:][later]
+    if hidden is not None:
+        later_logps = _head_logps(model, hidden[:, :-1][later], targets)
+    else:
+        later_logps = -F.cross_entropy(logits[:, :-1][later].float(), targets, reduction="none")
+    sums = torch.zeros(len(completions), dtype=torch.float32, device=device)
+    sums = sums.index_add(0, segment[first], first_logps).index_add(0, segment[:, 1:][later], later_logps)
+    return sums.tolist()
 
 
 @torch.no_grad()

@@ -435,16 +435,17 @@ def test_compaction_runs_only_live_rows_and_changes_no_token(temperature, monkey
     assert sum(rows_run["1"]) < sum(rows_run["0"])
 
 
-@pytest.mark.parametrize("backend", ["hf", "static"])
-def test_continuations_scored_with_the_generation_equal_a_log_prob_pass(backend, monkeypatch):
+@pytest.mark.parametrize("backend, attn", [("hf", "sdpa"), ("static", "sdpa"), ("static", "eager")])
+def test_continuations_scored_with_the_generation_equal_a_log_prob_pass(backend, attn, monkeypatch):
     """generate_and_score: each prompt's continuations get the summed log-probs a separate pass gives them;
-    on the static backend from the prefill's own run of the prompt, so no forward sees a prompt twice."""
+    on the static backend from the prefill's own run of the prompt (several continuations of a prompt laid
+    end to end in one row, none seeing another), so no forward sees a prompt twice."""
     from models.generation import generate_and_score
     from models.logps import Encoded, batched_logps
     from models.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
-    model = tiny_model("llama", vocab=len(tokenizer), init_std=0.3)
+    model = tiny_model("llama", attn, vocab=len(tokenizer), init_std=0.3)
     prompts = ["a", "hello there", "12+34=", "reverse: abcdef", "xyz"]
     ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
     continuations = [[tokenizer(c, add_special_tokens=False).input_ids for c in cs]
