@@ -93,6 +93,7 @@ from pathlib import Path
 
 import torch
 
+import models.logps
 from models.packing import env_flag as _env_flag, packed_linears, release_packed
 from models.sampling import Sample, SamplingSettings
 
@@ -363,10 +364,11 @@ class _Session:
         return torch.where(self.greedy[:n], logits.argmax(dim=-1), picks) if self.key.mixed else picks
 
     def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy_rows: torch.Tensor | None = None,
-                continuations: list[list[list[int]]] | None = None) -> list[list[float]] | None:
+                continuations: list[list[list[int]]] | None = None, prefix: int = 0) -> list[list[float]] | None:
         """Reset the cache and buffers, run the prompts through the model, sample the first token.
         `continuations`: token-id lists per batch row to score as continuations of its prompt, from the
-        prompt's run (cached_prompt_logps); their summed log-probs come back in the same shape."""
+        prompt's run (cached_prompt_logps); their summed log-probs come back in the same shape.
+        `prefix`: the first this many columns hold the same tokens in every row (_prefix_first), run once."""
         batch, width = input_ids.shape
         if greedy_rows is not None:
             self.greedy.copy_(greedy_rows)
@@ -385,7 +387,7 @@ class _Session:
         if "cache_position" in self.extra_kwargs:
             extra["cache_position"] = torch.arange(width, device=device)
         unique_rows, row_of = _unique_prompts(input_ids, attention_mask)
-        if unique_rows is None and continuations is not None:  # scoring needs the prompts' own cache
+        if unique_rows is None and (continuations is not None or prefix):  # these need the prompts' own cache
             unique_rows = row_of = torch.arange(batch, device=device)
         scores = None
         if unique_rows is None:
@@ -399,7 +401,7 @@ class _Session:
             ).logits[:, -1, :]
         else:
             logits, scores = self.shared_prefill(model, input_ids, attention_mask, visible, position_ids, extra, unique_rows, row_of,
-                                                 continuations)
+                                                 continuations, prefix)
         first = self.next_tokens(logits)
         self.logp_sum.copy_(_token_logps(logits, first) if self.key.logps else 0.0)
         self.tokens.copy_(first[:, None])
@@ -412,26 +414,36 @@ class _Session:
         return scores
 
     def shared_prefill(self, model, input_ids, attention_mask, visible, position_ids, extra, unique_rows, row_of,
-                       continuations=None) -> tuple[torch.Tensor, list[list[float]] | None]:
+                       continuations=None, prefix: int = 0) -> tuple[torch.Tensor, list[list[float]] | None]:
         """The prefill of a batch whose rows repeat prompts (K samples of each): each distinct prompt runs
         once into a dynamic cache, whose keys and values are then written into every row of the static
         cache that holds that prompt. Same keys, values and last logits per row as the full prefill, for
-        1/K of its FLOPs. Returns the last position's logits, one row per batch row, and the summed log-probs
-        of `continuations` (see prefill), scored on the same dynamic cache."""
+        1/K of its FLOPs. With `prefix` (columns every row shares, such as a chat template's system turn),
+        those run once for all prompts and the prompts continue from their keys and values. Returns the
+        last position's logits, one row per batch row, and the summed log-probs of `continuations` (see
+        prefill), scored on the same dynamic cache."""
         from transformers import DynamicCache
-
-        from models.logps import cached_prompt_logps
 
         width = input_ids.shape[1]
         prompt_cache = DynamicCache(config=model.config)
-        logits = model(
-            input_ids=input_ids[unique_rows],
-            attention_mask=self.to_attention_mask(visible[unique_rows, ..., :width]),
-            position_ids=position_ids[unique_rows],
-            past_key_values=prompt_cache,
-            use_cache=True,
-            **extra,
-        ).logits[:, -1, :]
+
+        def run(rows, start: int, end: int) -> torch.Tensor:
+            part = dict(extra)
+            if "cache_position" in extra:  # older transformers: where the columns go in the cache
+                part["cache_position"] = torch.arange(start, end, device=input_ids.device)
+            return model(
+                input_ids=input_ids[rows, start:end],
+                attention_mask=self.to_attention_mask(visible[rows, :, start:end, :end]),
+                position_ids=position_ids[rows, start:end],
+                past_key_values=prompt_cache,
+                use_cache=True,
+                **part,
+            ).logits[:, -1, :]
+
+        if prefix:
+            run(unique_rows[:1], 0, prefix)
+            prompt_cache.batch_repeat_interleave(unique_rows.shape[0])
+        logits = run(unique_rows, prefix, width)
         # Older transformers write a static cache at `cache_position`; newer ones at its own offset.
         cache_kwargs = {"cache_position": extra["cache_position"]} if "cache_position" in extra else None
         for layer_idx, layer in enumerate(prompt_cache.layers):
@@ -439,7 +451,7 @@ class _Session:
         if continuations is None:
             return logits[row_of], None
         owners = [row for row, items in enumerate(continuations) for _ in items]
-        flat = cached_prompt_logps(model, prompt_cache, attention_mask[unique_rows], logits, row_of[owners].tolist(),
+        flat = models.logps.cached_prompt_logps(model, prompt_cache, attention_mask[unique_rows], logits, row_of[owners].tolist(),
                                    [ids for items in continuations for ids in items], self.to_attention_mask)
         scores, start = [], 0
         for items in continuations:
@@ -564,6 +576,35 @@ class _Session:
             elif check_every and (t % check_every == 0 or t == 1) and bool(self.done.all()):
                 break
         return self.results()
+
+
+def _prefix_first(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompts laid out as [the prefix every prompt shares | padding | each prompt's rest], and
+    the prefix's length (0, and the batch as it was, when it is shorter than models.logps.SHARED_PREFIX_MIN or the rows
+    are one prompt repeated).
+
+    Chat templates start every prompt with the same tokens (SmolLM2's system turn is 23 of its ~40 prompt
+    tokens on the demo's tasks), and with those in the first columns of every row the prefill runs them
+    once (_Session.shared_prefill). Each token keeps its position (positions count real tokens) and sees
+    the same keys, so the model computes what it computes on the left-padded batch; every row keeps at
+    least its last prompt token after the prefix, in the last column, where decoding continues."""
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    first, shortest = rows[0], min(len(row) for row in rows)
+    prefix = 0
+    while prefix < shortest - 1 and all(row[prefix] == first[prefix] for row in rows):
+        prefix += 1
+    if prefix < models.logps.SHARED_PREFIX_MIN or all(row == first for row in rows):
+        return input_ids, attention_mask, 0
+    width = input_ids.shape[1]
+    laid_out = torch.full_like(input_ids, pad_id)
+    mask = torch.zeros_like(attention_mask)
+    laid_out[:, :prefix] = torch.tensor(first[:prefix], dtype=input_ids.dtype)
+    mask[:, :prefix] = 1
+    for n, row in enumerate(rows):
+        rest = len(row) - prefix
+        laid_out[n, width - rest :] = torch.tensor(row[prefix:], dtype=input_ids.dtype)
+        mask[n, width - rest :] = 1
+    return laid_out, mask, prefix
 
 
 def _unique_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -739,15 +780,15 @@ def static_generate(
         session = _new_session(model, key, device)
         _SESSIONS[model] = session
         fresh = True
-    input_ids = input_ids.to(torch.long)
+    input_ids, attention_mask, prefix = _prefix_first(input_ids.to(torch.long), attention_mask, int(pad_id))
     packing = packed_linears(model, batch) if device.type == "cpu" else nullcontext()
     with _attention(model, session.attention), packing:
         return _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every,
-                    greedy_rows.to(device) if mixed else None, continuations)
+                    greedy_rows.to(device) if mixed else None, continuations, prefix)
 
 
 def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every, greedy_rows,
-         continuations=None):
+         continuations=None, prefix=0):
     on_cuda = device.type == "cuda"
     if fresh and (use_graph or compiled):
         # The first prefill allocates the cache; then warm up (and compile) and capture the step. The
@@ -763,7 +804,7 @@ def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, 
                     torch.cuda.synchronize()
             elif compiled:
                 session.step_fn()  # compile now; the prefill below resets the state
-    scores = session.prefill(model, input_ids, attention_mask, greedy_rows, continuations)
+    scores = session.prefill(model, input_ids, attention_mask, greedy_rows, continuations, prefix)
     compact = not on_cuda and not compiled and _env_flag(COMPACT_ENV, True)
     tokens, logps = session.decode(max_new, check_every, compact)
     if continuations is not None:

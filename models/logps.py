@@ -25,6 +25,9 @@ from models.packing import packed_linears
 from models.padding import pad_rows
 
 HEAD_CHUNK = 4096  # completion positions per LM-head chunk
+# Prompts of a batch that start with the same this many tokens or more (a chat template's system turn) run
+# those once (_shared_prompt_logps here, the decode loop's prefill in models/fast_generation.py).
+SHARED_PREFIX_MIN = 4
 
 
 @dataclass
@@ -231,11 +234,12 @@ def pairs_share_prompt(model, chosen: list[Encoded], rejected: list[Encoded]) ->
     return shares_prompt(model) and all(c.prompt_ids and c.prompt_ids == r.prompt_ids for c, r in zip(chosen, rejected))
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of completion-token log-probs, number of completion tokens), one of each per row; for a
-    shared-prompt batch (collate_groups, collate_pairs), one per completion row."""
+    shared-prompt batch (collate_groups, collate_pairs), one per completion row, a prefix every prompt of the
+    batch starts with run once unless `share_prefix` is off (shared_prefix)."""
     if "prompt_ids" in batch:
-        return _shared_prompt_logps(model, batch)
+        return _shared_prompt_logps(model, batch, share_prefix)
     input_ids = batch["input_ids"]
     targets_mask = batch["completion_mask"][:, 1:]
     targets = input_ids[:, 1:][targets_mask]
@@ -263,7 +267,17 @@ def _head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     ])
 
 
-def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_prefix(prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> int:
+    """How many first columns of right-padded prompts hold the same tokens in every row, when at least
+    SHARED_PREFIX_MIN of them do and there are several rows (else 0); every prompt keeps a token after it."""
+    if prompt_ids.shape[0] < 2:
+        return 0
+    same = (prompt_ids == prompt_ids[:1]).all(dim=0)[: int(prompt_lengths.min()) - 1]
+    prefix = int(same.long().cumprod(dim=0).sum()) if same.numel() else 0
+    return prefix if prefix >= SHARED_PREFIX_MIN else 0
+
+
+def _shared_prompt_logps(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The same sums as each completion run with its prompt as one sequence, with every prompt run once.
 
     The prompts run first and leave their keys and values in a cache (right padding: the padded slots
@@ -274,15 +288,24 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     DPO pairs share the prompt by construction, and prompts are often longer than responses (the SmolLM2
     recipes: about 60 prompt and 30 response tokens), so a pair runs about a third fewer tokens; the
     held-out rows of a prompt (greedy answer, samples, its pair) share it four or more ways.
+    Prompts that all start with the same tokens (shared_prefix) run those once, and their rests on its
+    keys and values.
     """
     prompt_ids, prompt_mask, prompt_of = batch["prompt_ids"], batch["prompt_mask"], batch["prompt_of"]
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     decoder = model.get_decoder()
     prompt_lengths = prompt_mask.sum(dim=1)
-    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    prefix = shared_prefix(prompt_ids, prompt_lengths) if share_prefix else 0
+    cache = None
+    if prefix:
+        cache = decoder(input_ids=prompt_ids[:1, :prefix], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(prompt_ids.shape[0])
+    rest_positions = torch.arange(prefix, prompt_ids.shape[1], device=prompt_ids.device).expand(prompt_ids.shape[0], -1)
+    out = decoder(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask, position_ids=rest_positions, past_key_values=cache,
+                  use_cache=True)
     cache = out.past_key_values
     cache.batch_select_indices(prompt_of)
-    last_prompt_hidden = out.last_hidden_state[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1]
+    last_prompt_hidden = out.last_hidden_state[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1 - prefix]
     positions = prompt_lengths[prompt_of][:, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
     attention_mask = torch.cat([prompt_mask[prompt_of], completion_mask.long()], dim=1)
     hidden = decoder(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,

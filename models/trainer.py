@@ -58,14 +58,17 @@ REFERENCE_FREE = {"simpo"}
 
 class PolicyLogps(torch.nn.Module):
     """Wraps the policy so DDP/FSDP see one forward: a batch (collate or collate_pairs) in, (summed
-    log-probs, token counts) out."""
+    log-probs, token counts) out. `share_prefix` off: every batch runs the decoder the same number of times
+    (under FSDP each run gathers weights from every process, so all processes must make the same runs,
+    and whether a batch's prompts share a prefix depends on the batch; models.logps.shared_prefix)."""
 
-    def __init__(self, model):
+    def __init__(self, model, share_prefix: bool = True):
         super().__init__()
         self.model = model
+        self.share_prefix = share_prefix
 
     def forward(self, **batch):
-        return sequence_logps(self.model, batch)
+        return sequence_logps(self.model, batch, self.share_prefix)
 
 
 def encode_pairs(tokenizer, pairs: pd.DataFrame, max_length: int, max_prompt_length: int | None = None) -> tuple[list[Encoded], list[Encoded]]:
@@ -276,7 +279,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     model = add_lora(model, cfg, quantized=quantized, adapter_dir=round_adapter(parent) if continued else None)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
-    policy = PolicyLogps(model)
+    policy = PolicyLogps(model, share_prefix=not fsdp)
     forward = None
     if fsdp:
         from models.fsdp import shard_policy

@@ -219,6 +219,36 @@ def test_repeated_prompts_prefill_once_with_the_same_greedy_tokens(attn, monkeyp
     assert_same_greedy(ours, ref, [])
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_prefix_every_prompt_shares_runs_once_with_the_same_tokens(attn, monkeypatch):
+    """Prompts that start alike (a chat template's system turn) are prefilled as that prefix once, then each
+    prompt's rest on its keys and values: greedy tokens equal generate's on the left-padded batch, and the
+    log-probs summed while decoding equal those of a whole-batch prefill."""
+    import models.logps
+
+    model = tiny_model("llama", attn, init_std=0.3)
+    gen = torch.Generator().manual_seed(4)
+    prefix = torch.randint(3, VOCAB, (7,), generator=gen).tolist()
+    prompts = [prefix + torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (1, 5, 3, 9)]
+    rows = [p for p in prompts for _ in range(2)]  # two rows a prompt, as K samples are
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    attention_mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    ref = hf_greedy(model, input_ids, attention_mask, 12, [])
+    forward_shapes = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: forward_shapes.append(tuple(kw["input_ids"].shape)) or forward(*a, **kw))
+    settings = SamplingSettings(temperature=0, max_new_tokens=12, logps=True)
+    tokens, logps = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    assert forward_shapes[:2] == [(1, 7), (4, width - 7)]  # the prefix once, then the 4 prompts' rests
+    assert_same_greedy(tokens, ref, [])
+    release_sessions()
+    monkeypatch.setattr(models.logps, "SHARED_PREFIX_MIN", 10**6)  # no prefix run apart
+    plain_tokens, plain_logps = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    assert torch.equal(tokens, plain_tokens)
+    torch.testing.assert_close(logps, plain_logps, rtol=0, atol=1e-5)
+
+
 def test_shared_prefill_samples_what_the_full_prefill_samples(monkeypatch):
     import models.fast_generation as fast
 

@@ -39,10 +39,19 @@ def lora_grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def test_shared_prompt_gives_the_log_probs_and_gradients_of_two_full_sequences():
+def with_common_prefix(items: list[Encoded], prefix: list[int]) -> list[Encoded]:
+    return [Encoded(prefix + item.prompt_ids, item.completion_ids) for item in items]
+
+
+@pytest.mark.parametrize("prefix", [[], [5, 9, 11, 3, 40, 7]], ids=["distinct prompts", "a prefix every prompt shares"])
+def test_shared_prompt_gives_the_log_probs_and_gradients_of_two_full_sequences(prefix, monkeypatch):
+    import models.logps as logps
+
     model = tiny_lora_llama()
     assert shares_prompt(model)
-    chosen, rejected = pairs()
+    chosen, rejected = (with_common_prefix(side, prefix) for side in pairs())
+    prefixes_run = []
+    monkeypatch.setattr(logps, "shared_prefix", lambda *a, f=logps.shared_prefix: prefixes_run.append(f(*a)) or prefixes_run[-1])
     flat_sums, flat_counts = sequence_logps(model, collate(chosen + rejected, pad_id=0))
     flat_sums.pow(2).sum().backward()  # a loss that weighs every row differently
     flat_grads = lora_grads(model)
@@ -51,6 +60,7 @@ def test_shared_prompt_gives_the_log_probs_and_gradients_of_two_full_sequences()
     shared_sums.pow(2).sum().backward()
     shared_grads = lora_grads(model)
 
+    assert prefixes_run == [len(prefix)]  # the shared prefix ran once (none among random prompts)
     assert torch.equal(shared_counts, flat_counts)
     torch.testing.assert_close(shared_sums, flat_sums, atol=1e-4, rtol=0)
     assert flat_grads.keys() == shared_grads.keys() and len(flat_grads) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
@@ -80,7 +90,7 @@ def test_evaluation_rows_sharing_prompts_get_the_log_probs_of_full_sequences(mon
     expected = [sequence_logps(model, collate([item], pad_id=0))[0].item() for item in items]
     prompts_run = []
     original = logps._shared_prompt_logps
-    monkeypatch.setattr(logps, "_shared_prompt_logps", lambda m, b: prompts_run.append(int(b["prompt_ids"].shape[0])) or original(m, b))
+    monkeypatch.setattr(logps, "_shared_prompt_logps", lambda m, b, *rest: prompts_run.append(int(b["prompt_ids"].shape[0])) or original(m, b, *rest))
     sums, counts = batched_logps(model, _Tok, items, 5, torch.device("cpu"))
     torch.testing.assert_close(torch.tensor(sums), torch.tensor(expected), atol=1e-4, rtol=0)
     assert counts == [len(item.completion_ids) for item in items]
