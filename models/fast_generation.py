@@ -33,7 +33,10 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   once into a dynamic cache whose keys and values are copied into all its rows of the static cache:
   1/K of the prefill's FLOPs for the same cache and logits (`generate(num_return_sequences=K)` expands
   the prompts before its prefill). On a CPU, where a step cannot be replayed as a graph, this is the
-  backend's main gain when K > 1 (bench/README.md).
+  backend's main gain when K > 1 (bench/README.md). Tokens every prompt of the batch starts with (a chat
+  template's system turn) are moved to the first columns and run once (`_prefix_first`), and token-id
+  continuations given per row are scored on the prompts' own run (`continuations`: Evaluate's
+  held-out pairs, models.logps.cached_prompt_logps).
 - **Decode step** = one-token forward + sampling + bookkeeping, all on device with fixed shapes and
   static buffers: mark the new key slot valid, run the model, sample (greedy when temperature is 0,
   else temperature and top-p with the same rule as transformers' TopPLogitsWarper, then one draw:
@@ -57,8 +60,9 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   so the loop does not sync each step. Rows that ended are filled with the pad id.
 - **Compaction (CPU).** A CPU step costs about in proportion to its rows, so once a quarter of the rows
   a step runs have ended, the live ones move to the first slots of the cache and buffers and the next
-  steps run those alone (`_Session.compact`); the random numbers stay those of each batch row, and on
-  packed weights the tokens are bit for bit those of the whole batch. SELFPLAY_CPU_COMPACT=0 turns it off.
+  steps run those alone (`_Session.compact`); the random numbers stay those of each batch row, so the
+  tokens are the whole batch's up to float rounding (packed weights compute each row alone; the CPU
+  attention kernel splits its work by batch size). SELFPLAY_CPU_COMPACT=0 turns it off.
 - **Reuse.** The cache, buffers and captured graph (a "session") are kept per model (weakly: they go
   with the model) and reused while batch size, cache length, sampling settings, eos ids and the
   weights' addresses are the same, so `generate_texts` captures once per shape, not once per batch.
@@ -488,8 +492,10 @@ class _Session:
         32), and rows that ended keep costing until the longest row ends; Evaluate's greedy answers end
         after half the token budget or less. The ended rows' tokens and log-probs are kept by batch row; the
         live rows' keys and values move to the first slots of the same cache tensors (one copy of theirs),
-        and the cache's layers hold views of those slots. On packed weights each row's arithmetic does not
-        depend on the others (models/packing.py), so the tokens are those of the whole batch, bit for bit.
+        and the cache's layers hold views of those slots. Packed weights compute each row alone
+        (models/packing.py) and every row keeps its random numbers (next_tokens), so the tokens are the whole
+        batch's up to the rounding of the CPU attention kernel, which splits its work by batch size (SmolLM2:
+        64 of 64 rows equal, summed log-probs within 4e-5).
         """
         n = self.active
         done = self.done[:n]
