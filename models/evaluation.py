@@ -26,6 +26,7 @@ independent of each other.
 from __future__ import annotations
 
 import logging
+import contextlib
 
 import numpy as np
 import pandas as pd
@@ -219,6 +220,7 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     from models.judge_types import row_of
     from models.judges import make_judge
     from models.loading import adapter_merged, has_adapter, load_policy, load_tokenizer, set_adapter_enabled
+    from models.packing import folds_adapters
     from models.verifiers import can_verify, load_verifier
 
     ev = recipe.evaluation
@@ -233,6 +235,8 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     batch = gen.batch_size
     # The policy's work with the adapter folded in (fp32 only): an unmerged LoRA layer runs three matmuls,
     # which at decoding's small batches made Evaluate slower per token than Generate (bench/README.md).
+    # On a CPU the static backend's packed weights fold it themselves (models/packing.py): folding in place
+    # wrote every root weight, and the first write to each page of the memory-mapped file copies it.
     # Each prompt's greedy answer and its KL samples are decoded together (greedy_samples: one prefill of the
     # prompt, one batch), and each answer's log-prob under the policy is summed while it is generated, from
     # the logits the decoding computes anyway. The held-out pairs fixed at round 0 are scored on the same
@@ -240,7 +244,8 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     # runs twice under the policy; what is left (round 0's pairs) gets a log-prob pass of its own.
     prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     continuations, slots = pair_continuations(tokenizer, prompts, prompt_ids, base)
-    with adapter_merged(model):
+    folded_by_packing = gen.backend == "static" and device.type == "cpu" and folds_adapters(model)
+    with contextlib.nullcontext() if folded_by_packing else adapter_merged(model):
         answers, pair_scores = generate_and_score(model, tokenizer, texts, SamplingSettings(
             num_samples=1 + ev.kl_samples, greedy_samples=1, temperature=1.0, max_new_tokens=ev.max_new_tokens,
             batch_size=batch, seed=recipe.seed + 7919 * (round_idx + 1), backend=gen.backend, logps=True),

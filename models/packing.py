@@ -7,6 +7,10 @@ At the few rows of a decoding step (and a log-prob pass over short completions) 
 weight from memory, and MKL's sgemm repacks each weight on every call: on SmolLM2-135M a batch-16 step
 ran its matmuls at about a third of the rate one row gets per weight byte. A weight packed once into
 oneDNN's blocked layout is read as it lies (bench/README.md has the measurements).
+
+A peft LoRA layer with its adapter on runs on one packed copy of its root weight with the adapter folded
+in (W + scale B A), made without writing the root weight: the policy at one matmul per layer, as peft's
+merge gives it, while the root's weights, memory-mapped from their file, stay as loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PACK_ENV", "cpu_packing_available", "env_flag", "packed_linears", "release_packed"]
+__all__ = ["PACK_ENV", "cpu_packing_available", "env_flag", "folds_adapters", "packed_linears", "release_packed"]
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -37,8 +41,8 @@ PACK_MIN_WEIGHTS = 100_000
 class _Packed:
     """One Linear's weight in oneDNN's blocked layout, and the weight it was made from."""
 
-    source: tuple  # (data_ptr, _version) of the weight it was made from
-    sample: torch.Tensor  # and a strided sample of its values (_fingerprint)
+    source: tuple  # (data_ptr, _version) of the weights it was made from (a LoRA layer's adapter too)
+    sample: torch.Tensor  # and strided samples of their values (_fingerprint)
     weight: torch.Tensor
 
 
@@ -61,17 +65,46 @@ def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
     return flat[:: max(1, flat.numel() // 1024)].clone()
 
 
-def _packed_weight(module, batch_hint: int) -> torch.Tensor:
-    weight = module.weight.detach()
-    source, sample = (weight.data_ptr(), module.weight._version), _fingerprint(weight)
+def _folded_adapter(module) -> str | None:
+    """The adapter a peft LoRA Linear runs, when packing can fold it into one weight: its root an fp32 Linear
+    packing takes, one active adapter, plain LoRA (no DoRA or other variant, no LoRA bias, no transposed
+    root) and not already merged or switched off. None otherwise (a plain Linear included)."""
+    base = getattr(module, "base_layer", None)
+    if base is None or not hasattr(module, "lora_A") or module.merged or module.disable_adapters or not _packable(base):
+        return None
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) != 1 or getattr(module, "fan_in_fan_out", False) or "forward" in module.__dict__:
+        return None
+    adapter = active[0]
+    if adapter in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(adapter, False):
+        return None
+    return adapter
+
+
+def _packed_weight(module, batch_hint: int, adapter: str | None, scratch: dict) -> torch.Tensor:
+    root = module.base_layer.weight if adapter else module.weight
+    parts = [root, module.lora_A[adapter].weight, module.lora_B[adapter].weight] if adapter else [root]
+    source = tuple((p.data_ptr(), p._version) for p in parts) + ((module.scaling[adapter],) if adapter else ())
+    sample = torch.cat([_fingerprint(p.detach()) for p in parts])
     packed = _PACKED.get(module)
     if packed is None or packed.source != source or not torch.equal(packed.sample, sample):
+        weight = root.detach()
+        if adapter:
+            # W + scale * B @ A, peft's merge, into a buffer reused across layers of one shape: a fresh
+            # tensor per layer would fault in new pages for every weight, as folding in place does.
+            folded = scratch.get(weight.shape)
+            if folded is None:
+                folded = scratch[weight.shape] = torch.empty_like(weight)
+            with torch.no_grad():
+                torch.addmm(weight, module.lora_B[adapter].weight, module.lora_A[adapter].weight,
+                            alpha=module.scaling[adapter], out=folded)
+            weight = folded
         packed = _PACKED[module] = _Packed(source, sample, torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint))
     return packed.weight
 
 
-def _packed_forward(module, weight: torch.Tensor):
-    bias = module.bias
+def _packed_forward(linear, weight: torch.Tensor):
+    bias = linear.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
@@ -85,26 +118,49 @@ def cpu_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def _packing_on() -> bool:
+    return env_flag(PACK_ENV, True) and cpu_packing_available()
+
+
+def folds_adapters(model) -> bool:
+    """Whether packed_linears runs every LoRA layer of `model` on a packed copy with its adapter folded in,
+    so that folding the adapter into the weights beforehand (models.loading.adapter_merged) gains nothing."""
+    layers = [module for module in model.modules() if hasattr(module, "lora_A") and hasattr(module, "base_layer")]
+    return bool(layers) and _packing_on() and all(_folded_adapter(layer) is not None for layer in layers)
+
+
 @contextmanager
 def packed_linears(model, batch_hint: int):
     """Run every fp32 CPU `nn.Linear` of `model` of at least PACK_MIN_WEIGHTS weights (the LM head, and a
-    LoRA layer's base included) on its weight prepacked into oneDNN's blocked layout, inside the block.
+    LoRA layer's base included) on its weight prepacked into oneDNN's blocked layout, inside the block; a
+    peft LoRA layer with its adapter on (_folded_adapter) on one packed weight with the adapter folded in.
 
     Why: at decoding's few rows a CPU step streams every weight from memory, and MKL's sgemm repacks
     each weight on every call, so a batch-16 step ran at about a third of what one row costs per weight
     byte (bench/README.md). A weight packed once for oneDNN is read as it lies. Packed copies are kept
     per module (weakly, with the model) and remade when the weight changes (an adapter folded in or out,
-    _fingerprint), so packing costs one pass over the weights per model, not per batch.
+    trained, switched on or off: _fingerprint), so packing costs one pass over the weights per model and
+    adapter state, not per batch.
     Numbers: oneDNN sums in another order than MKL, so logits differ from the unpacked model's by float
     rounding (about 1e-6 relative); each row's result does not depend on the other rows of the batch.
     SELFPLAY_CPU_PACKED=0 turns it off. Inference only: the packed call has no backward.
     """
-    modules = [m for m in model.modules() if _packable(m)] if env_flag(PACK_ENV, True) and cpu_packing_available() else []
-    patched = []
+    work: list[tuple[torch.nn.Module, str | None]] = []
+    if _packing_on():
+        folded_roots = set()
+        for module in model.modules():
+            adapter = _folded_adapter(module)
+            if adapter is not None:
+                work.append((module, adapter))
+                folded_roots.add(module.base_layer)
+        work += [(module, None) for module in model.modules() if _packable(module) and module not in folded_roots]
+    patched, scratch = [], {}
     try:
-        for module in modules:
-            module.forward = _packed_forward(module, _packed_weight(module, batch_hint))
+        for module, adapter in work:
+            linear = module.base_layer if adapter else module
+            module.forward = _packed_forward(linear, _packed_weight(module, batch_hint, adapter, scratch))
             patched.append(module)
+        scratch.clear()
         yield bool(patched)
     finally:
         for module in patched:

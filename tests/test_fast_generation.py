@@ -306,6 +306,80 @@ def test_a_weight_changed_in_place_is_packed_again():
         torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 
+def lora_model(monkeypatch, **lora_args):
+    """The tiny Llama with a LoRA adapter on every projection, its B moved off zero, every layer packed."""
+    import models.packing as packing
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(packing, "PACK_MIN_WEIGHTS", 0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        **lora_args)
+    model = get_peft_model(tiny_model("llama"), config).get_base_model().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    return model
+
+
+def lora_layers(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+
+@needs_packing
+def test_packing_folds_a_lora_adapter_without_writing_the_root_weights(monkeypatch):
+    """Evaluate runs a round's policy on packed weights with its adapter folded in by packing: the same
+    logits as peft's in-place merge, while the root weights stay bit for bit as loaded."""
+    import models.packing as packing
+    from models.loading import adapter_merged, set_adapter_enabled
+
+    model = lora_model(monkeypatch)
+    input_ids, attention_mask = left_padded([6, 3, 8])
+    assert packing.folds_adapters(model)
+    with torch.no_grad():
+        unmerged = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with adapter_merged(model):  # (folding in and out leaves the roots changed by rounding)
+            merged = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        roots = [layer.base_layer.weight.detach().clone() for layer in lora_layers(model)]
+        with packed_linears(model, batch_hint=3):
+            assert all("forward" in layer.__dict__ and "forward" not in layer.base_layer.__dict__ for layer in lora_layers(model))
+            folded = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        set_adapter_enabled(model, False)
+        root = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with packed_linears(model, batch_hint=3):  # the adapter off: the root weights packed, not the fold
+            packed_root = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        set_adapter_enabled(model, True)
+        with packed_linears(model, batch_hint=3):  # on again: the fold kept from before serves
+            again = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert (unmerged - root).abs().max() > 1e-2  # the adapter moves the logits: the checks below can fail
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded, merged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_root, root, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, folded)
+    assert all(torch.equal(layer.base_layer.weight, weight) for layer, weight in zip(lora_layers(model), roots))
+
+
+@needs_packing
+def test_a_trained_adapter_is_folded_again_and_other_variants_are_not_folded(monkeypatch):
+    import models.packing as packing
+
+    model = lora_model(monkeypatch)
+    input_ids, attention_mask = left_padded([5, 7])
+    with torch.no_grad():
+        with packed_linears(model, batch_hint=2):
+            model(input_ids=input_ids, attention_mask=attention_mask)
+        for layer in lora_layers(model):  # as a training step moves it (through .data: no version change)
+            layer.lora_B["default"].weight.data.add_(0.1)
+        plain = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with packed_linears(model, batch_hint=2):
+            packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    dora = lora_model(monkeypatch, use_dora=True)
+    assert not packing.folds_adapters(dora) and not any(packing._folded_adapter(layer) for layer in lora_layers(dora))
+    monkeypatch.setenv(packing.PACK_ENV, "0")
+    assert not packing.folds_adapters(model)
+
+
 @needs_packing
 def test_static_generate_packs_on_cpu_unless_turned_off(monkeypatch):
     import models.packing as packing

@@ -261,6 +261,39 @@ def test_merged_checkpoint_reloads_alone_and_gives_the_policys_logps(spin_run, b
     assert (policy_logps - base_logps).abs().max() > 0.05
 
 
+def test_evaluate_folds_the_adapter_in_its_packed_weights_as_peft_merges_it(spin_run, base_dir, monkeypatch):
+    """On a CPU Evaluate leaves the root weights alone and lets packing fold the round's adapter in
+    (models/packing.py); the eval frame is the one folding through peft's merge gives."""
+    import models.packing as packing
+    from configs.recipe import load_recipe
+    from data.layout import RunLayout
+    from data.schema import EVAL
+    from models.evaluation import evaluate_rows
+    from tasks.evaluate import eval_prompts
+
+    run_dir, recipe_path, _ = spin_run
+    run = RunLayout(run_dir)
+    recipe = load_recipe(recipe_path).for_round(1)
+    recipe.generation.backend = "static"  # the real-model recipes' backend (the CI round ran the default, hf)
+    heldout, base_frame = eval_prompts(recipe), read_artifact(run.eval(0), EVAL)
+    folds = []
+    monkeypatch.setattr(packing, "folds_adapters", lambda model, real=packing.folds_adapters: folds.append(real(model)) or folds[-1])
+
+    def frame():
+        return evaluate_rows(recipe, 1, str(run.checkpoint(1)), str(base_dir), heldout, base_frame, base_frame)[0]
+
+    by_packing = frame()
+    monkeypatch.setattr(packing, "folds_adapters", lambda model: False)
+    by_merge = frame()
+    assert folds == [True]
+    assert by_packing.response.tolist() == by_merge.response.tolist()
+    np.testing.assert_allclose(by_packing.logp, by_merge.logp, atol=1e-3)
+    samples = by_packing.kind == "sample"
+    # the root unmerged after the merge differs from the root as loaded by rounding alone
+    np.testing.assert_allclose(by_packing.base_logp[samples], by_merge.base_logp[samples], atol=1e-3)
+    assert (by_packing.logp - by_packing.base_logp)[samples].abs().max() > 0.01  # the round moved the policy
+
+
 def test_self_judge_reads_verdicts_from_the_real_models_answers(base, monkeypatch):
     from data.prompts import format_prompt
     from models.judge_types import JudgeGroup
