@@ -231,7 +231,8 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
                 samples = vllm_generate(model_path, tokenizer, texts, settings, recipe.model,
                                         tensor_parallel_size=gen.tensor_parallel_size)
         else:
-            model = model or load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit", root=root_path)
+            model = model or load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit", root=root_path,
+                                         packed=gen.backend == "static")
             samples = generate_texts(model, tokenizer, texts, settings, progress=f"generate r{round_idx} part {shard_idx}")
         rows = [
             {

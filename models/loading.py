@@ -295,15 +295,18 @@ def _merge_into_full_precision(adapter_dir: Path, root_path: str, model_cfg: Mod
 
 
 def load_policy(model_path: str, model_cfg: ModelConfig, device=None, quantize: bool = False, *,
-                root: str | None = None, merge: bool | None = None):
+                root: str | None = None, merge: bool | None = None, packed: bool = False):
     """The model after the round whose output is `model_path`, for inference.
 
     A base model directory or hub id loads as it is. A round checkpoint loads as the root weights
     (`root`, default the path its selfplay_checkpoint.json records) plus the round's adapter, never
     its merged export. `merge` folds the adapter in; by default only for fp32 without quantisation,
-    where the fold costs fp32 rounding alone. Unmerged, the adapter stays in the model's LoRA layers
-    (the plain transformers model is returned, not a peft wrapper) and `root_weights(model)` switches
-    it off, so one load serves both the policy and the root.
+    where the fold costs fp32 rounding alone, and not when `packed` (the caller runs the model under
+    models.packing.packed_linears, the static backend on a CPU) and packing folds every LoRA layer into
+    its packed copy itself: folding in place would write every root weight, copying each page of the
+    memory-mapped file first. Unmerged, the adapter stays in the model's LoRA layers (the plain
+    transformers model is returned, not a peft wrapper) and `root_weights(model)` switches it off, so
+    one load serves both the policy and the root.
     """
     if not is_round_checkpoint(model_path):
         return load_causal_lm(model_path, model_cfg, device, quantize).eval()
@@ -311,9 +314,11 @@ def load_policy(model_path: str, model_cfg: ModelConfig, device=None, quantize: 
 
     adapter_dir = round_adapter(model_path)
     model = load_causal_lm(root or checkpoint_info(model_path)["root_path"], model_cfg, device, quantize)
-    if merge is None:
-        merge = not quantize and next(model.parameters()).dtype == torch.float32
     peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    if merge is None:
+        from models.packing import folds_adapters
+
+        merge = not quantize and next(model.parameters()).dtype == torch.float32 and not (packed and folds_adapters(peft_model))
     policy = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
     return policy.eval()
 

@@ -65,24 +65,29 @@ def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
     return flat[:: max(1, flat.numel() // 1024)].clone()
 
 
-def _folded_adapter(module) -> str | None:
-    """The adapter a peft LoRA Linear runs, when packing can fold it into one weight: its root an fp32 Linear
-    packing takes, one active adapter, plain LoRA (no DoRA or other variant, no LoRA bias, no transposed
-    root) and not already merged or switched off. None otherwise (a plain Linear included)."""
+def _lora_packing(module) -> tuple[bool, str | None]:
+    """(packed as one weight, the adapter folded into it) for a peft LoRA Linear whose root is an fp32
+    Linear packing takes: its root alone when it computes with the root alone (the adapter switched off,
+    or merged into the root), the root with the adapter folded in when it runs one plain LoRA adapter (no
+    DoRA or other variant, no LoRA bias, no transposed root). Anything else, a plain Linear included:
+    (False, None). Packing the layer itself rather than its root keeps one packed copy per layer whichever
+    way it computes (Evaluate runs the policy, then the root)."""
     base = getattr(module, "base_layer", None)
-    if base is None or not hasattr(module, "lora_A") or module.merged or module.disable_adapters or not _packable(base):
-        return None
+    if base is None or not hasattr(module, "lora_A") or not _packable(base) or "forward" in module.__dict__:
+        return False, None
+    if module.disable_adapters or module.merged:  # (peft unmerges a merged layer switched off in its forward)
+        return module.disable_adapters != module.merged, None
     active = [name for name in module.active_adapters if name in module.lora_A]
-    if len(active) != 1 or getattr(module, "fan_in_fan_out", False) or "forward" in module.__dict__:
-        return None
+    if len(active) != 1 or getattr(module, "fan_in_fan_out", False):
+        return False, None
     adapter = active[0]
     if adapter in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(adapter, False):
-        return None
-    return adapter
+        return False, None
+    return True, adapter
 
 
 def _packed_weight(module, batch_hint: int, adapter: str | None, scratch: dict) -> torch.Tensor:
-    root = module.base_layer.weight if adapter else module.weight
+    root = getattr(module, "base_layer", module).weight
     parts = [root, module.lora_A[adapter].weight, module.lora_B[adapter].weight] if adapter else [root]
     source = tuple((p.data_ptr(), p._version) for p in parts) + ((module.scaling[adapter],) if adapter else ())
     sample = torch.cat([_fingerprint(p.detach()) for p in parts])
@@ -126,14 +131,14 @@ def folds_adapters(model) -> bool:
     """Whether packed_linears runs every LoRA layer of `model` on a packed copy with its adapter folded in,
     so that folding the adapter into the weights beforehand (models.loading.adapter_merged) gains nothing."""
     layers = [module for module in model.modules() if hasattr(module, "lora_A") and hasattr(module, "base_layer")]
-    return bool(layers) and _packing_on() and all(_folded_adapter(layer) is not None for layer in layers)
+    return bool(layers) and _packing_on() and all(_lora_packing(layer)[1] is not None for layer in layers)
 
 
 @contextmanager
 def packed_linears(model, batch_hint: int):
     """Run every fp32 CPU `nn.Linear` of `model` of at least PACK_MIN_WEIGHTS weights (the LM head, and a
-    LoRA layer's base included) on its weight prepacked into oneDNN's blocked layout, inside the block; a
-    peft LoRA layer with its adapter on (_folded_adapter) on one packed weight with the adapter folded in.
+    LoRA layer's root included) on its weight prepacked into oneDNN's blocked layout, inside the block; a
+    peft LoRA layer with its adapter on on one packed weight with the adapter folded in (_lora_packing).
 
     Why: at decoding's few rows a CPU step streams every weight from memory, and MKL's sgemm repacks
     each weight on every call, so a batch-16 step ran at about a third of what one row costs per weight
@@ -147,18 +152,17 @@ def packed_linears(model, batch_hint: int):
     """
     work: list[tuple[torch.nn.Module, str | None]] = []
     if _packing_on():
-        folded_roots = set()
+        lora_roots = set()
         for module in model.modules():
-            adapter = _folded_adapter(module)
-            if adapter is not None:
+            packed, adapter = _lora_packing(module)
+            if packed:
                 work.append((module, adapter))
-                folded_roots.add(module.base_layer)
-        work += [(module, None) for module in model.modules() if _packable(module) and module not in folded_roots]
+                lora_roots.add(module.base_layer)
+        work += [(module, None) for module in model.modules() if _packable(module) and module not in lora_roots]
     patched, scratch = [], {}
     try:
         for module, adapter in work:
-            linear = module.base_layer if adapter else module
-            module.forward = _packed_forward(linear, _packed_weight(module, batch_hint, adapter, scratch))
+            module.forward = _packed_forward(getattr(module, "base_layer", module), _packed_weight(module, batch_hint, adapter, scratch))
             patched.append(module)
         scratch.clear()
         yield bool(patched)

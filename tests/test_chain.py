@@ -180,6 +180,30 @@ def test_pi_base_is_the_root_after_the_fold_when_cpu_weights_are_packed(root, tm
     assert np.abs(logps(evaluator, tok) - folded).max() <= TOL  # the adapter on again, unfolded
 
 
+@pytest.mark.skipif(not packing.cpu_packing_available(), reason="this torch build has no oneDNN linear")
+def test_a_policy_loaded_for_packed_weights_keeps_its_adapter_for_packing_to_fold(root, tmp_path, monkeypatch):
+    """Generate on a CPU with the static backend: the adapter is not merged into the memory-mapped root at
+    load, packing folds it into its packed copies, and the greedy tokens are those of the merged load."""
+    from models.generation import generate_texts
+    from models.sampling import SamplingSettings
+
+    monkeypatch.setattr(packing, "PACK_MIN_WEIGHTS", 0)
+    root_path, tok = root
+    recipe = make_recipe(root_path, "fp32", learning_rate=1e-3)
+    first = train(recipe, root_path, make_pairs(0), tmp_path, 1, root_path)
+    merged = loading.load_policy(first, recipe.model, CPU, root=root_path)
+    unmerged = loading.load_policy(first, recipe.model, CPU, root=root_path, packed=True)
+    assert not loading.has_adapter(merged) and loading.has_adapter(unmerged) and packing.folds_adapters(unmerged)
+    texts = ["a b c", "d e f g h", "x"]
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=12, batch_size=3, backend="static", logps=True)
+    by_merge, by_packing = (generate_texts(model, tok, texts, settings) for model in (merged, unmerged))
+    assert [s[0].token_ids for s in by_packing] == [s[0].token_ids for s in by_merge]
+    assert [s[0].logp for s in by_packing] == pytest.approx([s[0].logp for s in by_merge], abs=1e-4)
+    with loading.root_weights(unmerged):
+        root_out = generate_texts(unmerged, tok, texts, settings)
+    assert [s[0].logp for s in root_out] != pytest.approx([s[0].logp for s in by_packing], abs=1e-3)  # the round moved it
+
+
 def test_a_checkpoint_of_the_older_merged_chain_is_refused(tmp_path):
     (tmp_path / loading.CHECKPOINT_INFO).write_text(json.dumps({"round": 1, "parent": "x", "root_model": "r", "merged": True}))
     with pytest.raises(ModelError, match="chained rounds through merged copies"):

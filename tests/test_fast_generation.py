@@ -348,8 +348,10 @@ def test_packing_folds_a_lora_adapter_without_writing_the_root_weights(monkeypat
         root = model(input_ids=input_ids, attention_mask=attention_mask).logits
         with packed_linears(model, batch_hint=3):  # the adapter off: the root weights packed, not the fold
             packed_root = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # one packed copy per layer, whichever way it computes (no second copy of every weight)
+        assert all(layer in packing._PACKED and layer.base_layer not in packing._PACKED for layer in lora_layers(model))
         set_adapter_enabled(model, True)
-        with packed_linears(model, batch_hint=3):  # on again: the fold kept from before serves
+        with packed_linears(model, batch_hint=3):  # on again: folded again, to the same values
             again = model(input_ids=input_ids, attention_mask=attention_mask).logits
     assert (unmerged - root).abs().max() > 1e-2  # the adapter moves the logits: the checks below can fail
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
@@ -375,7 +377,13 @@ def test_a_trained_adapter_is_folded_again_and_other_variants_are_not_folded(mon
             packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
     dora = lora_model(monkeypatch, use_dora=True)
-    assert not packing.folds_adapters(dora) and not any(packing._folded_adapter(layer) for layer in lora_layers(dora))
+    assert not packing.folds_adapters(dora) and not any(packing._lora_packing(layer)[0] for layer in lora_layers(dora))
+    with torch.no_grad():  # DoRA computes on its own, on its packed root
+        plain = dora(input_ids=input_ids, attention_mask=attention_mask).logits
+        with packed_linears(dora, batch_hint=2):
+            assert all(layer.base_layer in packing._PACKED for layer in lora_layers(dora))
+            packed = dora(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv(packing.PACK_ENV, "0")
     assert not packing.folds_adapters(model)
 

@@ -170,7 +170,7 @@ def shipped_demo(tmp_path, name: str, **overrides) -> str:
     """The shipped demo recipe `name` shrunk to the TINY sizes (K capped at 4), plus `overrides`: the
     method's own settings as shipped, run in seconds."""
     from configs.recipe import CONFIG_DIR, deep_merge as merge
-    from tests.conftest import TINY
+    from conftest import TINY
 
     shipped = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     recipe = merge(shipped, TINY)

@@ -347,7 +347,7 @@ def record_judge_generations(judge, monkeypatch) -> list:
 @pytest.fixture(scope="module")
 def self_judged_run(base_dir, tmp_path_factory):
     """One iterative-DPO round, the model judging its own samples, from the SPIN run's converted base."""
-    from tests.conftest import REPO
+    from conftest import REPO
 
     root = tmp_path_factory.mktemp("smollm2_self")
     recipe = write_recipe(
