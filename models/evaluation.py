@@ -25,8 +25,8 @@ independent of each other.
 
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 
 import numpy as np
 import pandas as pd
@@ -244,8 +244,7 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     # runs twice under the policy; what is left (round 0's pairs) gets a log-prob pass of its own.
     prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     continuations, slots = pair_continuations(tokenizer, prompts, prompt_ids, base)
-    folded_by_packing = gen.backend == "static" and device.type == "cpu" and folds_adapters(model)
-    with contextlib.nullcontext() if folded_by_packing else adapter_merged(model):
+    with contextlib.nullcontext() if gen.backend == "static" and folds_adapters(model) else adapter_merged(model):
         answers, pair_scores = generate_and_score(model, tokenizer, texts, SamplingSettings(
             num_samples=1 + ev.kl_samples, greedy_samples=1, temperature=1.0, max_new_tokens=ev.max_new_tokens,
             batch_size=batch, seed=recipe.seed + 7919 * (round_idx + 1), backend=gen.backend, logps=True),

@@ -138,7 +138,7 @@ def folds_adapters(model) -> bool:
 def packed_linears(model, batch_hint: int):
     """Run every fp32 CPU `nn.Linear` of `model` of at least PACK_MIN_WEIGHTS weights (the LM head, and a
     LoRA layer's root included) on its weight prepacked into oneDNN's blocked layout, inside the block; a
-    peft LoRA layer with its adapter on on one packed weight with the adapter folded in (_lora_packing).
+    peft LoRA layer whose adapter is on runs on one packed weight with the adapter folded in (_lora_packing).
 
     Why: at decoding's few rows a CPU step streams every weight from memory, and MKL's sgemm repacks
     each weight on every call, so a batch-16 step ran at about a third of what one row costs per weight
