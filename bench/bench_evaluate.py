@@ -22,9 +22,9 @@ ratio compares the best of each. Evaluate runs more through the model per genera
 (its prompts, the held-out pairs, the samples again under the base), so each arm also counts the positions
 its forwards ran (padding included; one untimed run with a hook on the token embedding) and prints
 seconds per 1,000 of those: per unit of work done, as against per token generated. Evaluate's parts
-(loading, decoding with the pairs, the base pass) are timed inside it. The process start, imports and Luigi's scheduling (about 1.5 s for either stage, as
-separate commands: bench/cpu_round.py) are not in these figures; model loads are, and the page cache is
-warm for both. On a 2-core CPU timings move by 10-25% between runs: compare figures of one run.
+(loading, decoding with the pairs, the base pass) are timed inside it. The process start, imports and
+Luigi's scheduling (about 1.5 s for either stage, as separate commands: bench/cpu_round.py) are not in
+these figures; model loads are, and the page cache is warm for both. On a 2-core CPU timings move by 10-25% between runs: compare figures of one run.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ independent of each other.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import numpy as np
@@ -220,7 +219,6 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     from models.judge_types import row_of
     from models.judges import make_judge
     from models.loading import adapter_merged, has_adapter, load_policy, load_tokenizer, set_adapter_enabled
-    from models.packing import folds_adapters
     from models.verifiers import can_verify, load_verifier
 
     ev = recipe.evaluation
@@ -244,7 +242,7 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     # runs twice under the policy; what is left (round 0's pairs) gets a log-prob pass of its own.
     prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     continuations, slots = pair_continuations(tokenizer, prompts, prompt_ids, base)
-    with contextlib.nullcontext() if gen.backend == "static" and folds_adapters(model) else adapter_merged(model):
+    with adapter_merged(model, packed=gen.backend == "static"):
         answers, pair_scores = generate_and_score(model, tokenizer, texts, SamplingSettings(
             num_samples=1 + ev.kl_samples, greedy_samples=1, temperature=1.0, max_new_tokens=ev.max_new_tokens,
             batch_size=batch, seed=recipe.seed + 7919 * (round_idx + 1), backend=gen.backend, logps=True),

@@ -352,18 +352,22 @@ def root_weights(model):
 
 
 @contextmanager
-def adapter_merged(model):
+def adapter_merged(model, packed: bool = False):
     """Inside the block `model`'s LoRA adapter is folded into its weights: the same function with one
     matmul per layer instead of three, which is what costs at the small batches of decoding on a CPU.
 
     Only for fp32 weights without quantisation, where folding costs fp32 rounding alone (as load_policy's
     merge); otherwise the block runs unmerged. Unfolding subtracts the same delta, so the root weights come
-    back up to the rounding of one add and one subtract (a relative 1e-7), not bit for bit.
+    back up to the rounding of one add and one subtract (a relative 1e-7), not bit for bit. As in
+    load_policy, `packed` (the block runs under models.packing.packed_linears) leaves the weights alone
+    where packing folds every LoRA layer into its packed copy itself.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from models.packing import folds_adapters
+
     layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
-    foldable = bool(layers) and all(
+    foldable = bool(layers) and not (packed and folds_adapters(model)) and all(
         getattr(layer, "base_layer", None) is not None and getattr(layer.base_layer, "weight", None) is not None
         and layer.base_layer.weight.dtype == torch.float32 and not layer.merged for layer in layers
     )
