@@ -70,18 +70,22 @@ def sample_sizes(metrics: pd.DataFrame) -> str:
 def accuracy_change_vs_base(evals: pd.DataFrame) -> pd.DataFrame:
     """Per round, greedy accuracy minus the base's on the same held-out prompts, with the standard error
     of the per-prompt differences (paired: each prompt's difficulty cancels, so this SE is smaller than
-    the two rounds' SEs combined) and n, the prompts both rounds answered."""
+    the two rounds' SEs combined) and n, the prompts both rounds answered.
+
+    Accuracy is the accuracy column's: the mean verifier score (partial credit counts as given, not
+    rounded to right/wrong), or the right/wrong `correct` of eval files written before scores were kept."""
     from data.stats import mean_se
 
-    if "correct" not in evals:  # no verifier, or no round evaluated yet
+    column = "verifier_score" if "verifier_score" in evals else "correct"
+    if column not in evals:  # no verifier, or no round evaluated yet
         return pd.DataFrame()
-    greedy = evals[(evals.kind == "greedy") & evals.correct.notna()]
-    correct = greedy.pivot_table(index="prompt_id", columns="round", values="correct", aggfunc="first")
-    if 0 not in correct.columns:
+    greedy = evals[(evals.kind == "greedy") & evals[column].notna()]
+    scores = greedy.pivot_table(index="prompt_id", columns="round", values=column, aggfunc="first")
+    if 0 not in scores.columns:
         return pd.DataFrame()
     rows = []
-    for round_idx in sorted(c for c in correct.columns if c != 0):
-        both = correct[[0, round_idx]].dropna()
+    for round_idx in sorted(c for c in scores.columns if c != 0):
+        both = scores[[0, round_idx]].dropna()
         change, se = mean_se(both[round_idx].astype(float) - both[0].astype(float))
         rows.append({"round": int(round_idx), "change": change, "change_se": se, "n": len(both)})
     return pd.DataFrame(rows)

@@ -76,3 +76,32 @@ def test_accuracy_change_is_paired_over_the_same_prompts():
     assert changes.loc[1, "change"] == pytest.approx(0.25)
     assert changes.loc[1, "change_se"] == pytest.approx(diffs.std(ddof=1) / 2)  # sqrt(0.9167) / sqrt(4)
     assert changes.loc[2, "change"] == pytest.approx(-0.25) and changes.loc[2, "n"] == 4
+
+
+def greedy_evals(scores_by_round: dict[int, list[float]]) -> pd.DataFrame:
+    """Greedy eval rows: round -> the verifier score of prompts p0, p1, ... (as Evaluate writes them, with
+    `correct` = score >= 0.5)."""
+    return pd.DataFrame([{"prompt_id": f"p{i}", "round": r, "kind": "greedy", "verifier_score": s, "correct": s >= 0.5}
+                         for r, scores in scores_by_round.items() for i, s in enumerate(scores)])
+
+
+def test_accuracy_change_is_taken_on_the_scores_the_accuracy_column_averages():
+    # A partial-credit verifier: the base scores 0.5 and 0.25, round 1 scores 0.75 and 0.5. The accuracy
+    # column (mean score) goes 0.375 -> 0.625, up 0.25; right/wrong (score >= 0.5) would say 1/2 -> 2/2, up 0.5.
+    base, round_1 = [0.5, 0.25], [0.75, 0.5]
+    changes = accuracy_change_vs_base(greedy_evals({0: base, 1: round_1})).set_index("round")
+    assert changes.loc[1, "change"] == pytest.approx(np.mean(round_1) - np.mean(base)) == pytest.approx(0.25)
+    assert changes.loc[1, "change_se"] == pytest.approx(0.0)  # both prompts moved by exactly 0.25
+    # Eval files with right/wrong only (written before scores were kept) still give the change.
+    old = greedy_evals({0: base, 1: round_1}).drop(columns="verifier_score")
+    assert accuracy_change_vs_base(old).set_index("round").loc[1, "change"] == pytest.approx(0.5)
+
+
+def test_accuracy_change_compares_only_the_prompts_both_rounds_evaluated():
+    # `rounds:` overrides of evaluation.num_prompts: round 1 evaluated the first 2 of the base's 4 prompts,
+    # round 2 evaluated 6 (two the base never saw). A prompt a round did not evaluate is no wrong answer.
+    evals = greedy_evals({0: [0, 1, 0, 1], 1: [1, 1], 2: [1, 1, 1, 0, 0, 0]})
+    changes = accuracy_change_vs_base(evals).set_index("round")
+    assert changes.loc[1, "n"] == 2 and changes.loc[1, "change"] == pytest.approx(0.5)  # (1 - 0 + 1 - 1) / 2
+    assert changes.loc[2, "n"] == 4 and changes.loc[2, "change"] == pytest.approx(0.25)  # (1 + 0 + 1 - 1) / 4
+    assert changes.loc[2, "change_se"] == pytest.approx(np.std([1, 0, 1, -1], ddof=1) / 2)
