@@ -281,7 +281,7 @@ def ranking_scores(result: JudgeResult, algorithm: str) -> np.ndarray:
 
 
 def select_pair(result: JudgeResult, algorithm: str, responses: list[str] | None = None,
-                finished: list[bool] | None = None) -> tuple[int, int] | None:
+                finished: list[bool] | None = None, choosable: list[bool] | None = None) -> tuple[int, int] | None:
     """(chosen, rejected) indices: best and worst by `ranking_scores`; None when every response ties.
 
     Coarse judges (a verifier's right/wrong) tie many responses at the top and the bottom. Among tied
@@ -292,17 +292,26 @@ def select_pair(result: JudgeResult, algorithm: str, responses: list[str] | None
     With `finished` (judge.unfinished: penalize), a sample cut at max_new_tokens ranks below every
     finished one whatever the judge said: the chosen side is the best finished sample (None when there
     is none), the rejected side the worst unfinished one when there is one.
+
+    With `choosable`, only those responses may be the chosen side (pair_round: an empty one never is).
+    The others rank by their scores like any response, so the rejected side is still the lowest-ranked
+    one; only among responses tied for the lowest score is one that may not be chosen rejected first, and
+    it makes a pair even with equal scores (a tied non-empty answer over an empty one).
     """
     key = ranking_scores(result, algorithm)
     valid = ~np.isnan(key)
     done = np.ones(len(key), dtype=bool) if finished is None else np.asarray(finished, dtype=bool)
-    top_pool = valid & done
+    allowed = np.ones(len(key), dtype=bool) if choosable is None else np.asarray(choosable, dtype=bool)
+    top_pool = valid & done & allowed
     bottom_pool = valid & ~done if (valid & ~done).any() else valid
     if not top_pool.any():
         return None
     top, bottom = key[top_pool].max(), key[bottom_pool].min()
-    if top == bottom and done[bottom_pool].all():
+    barred = bottom_pool & (key == bottom) & ~allowed  # tied for the lowest, and never to be chosen
+    if top == bottom and done[bottom_pool].all() and not barred.any():
         return None
+    if barred.any():
+        bottom_pool = barred
     counts = Counter(_normalized(r) for r in responses) if responses is not None else None
 
     def most_sampled(value: float, pool: np.ndarray) -> int:
@@ -459,9 +468,10 @@ def pair_round(recipe, generations, round_idx: int, judge=None, refiner=None) ->
             if penalize:
                 result = penalize_unfinished(result, finished)
             # An empty response is never chosen, whatever its score: the pair would teach the model to stop
-            # at once (and pairs.parquet refuses an empty chosen side). It can still be rejected.
-            choosable = [bool(r.strip()) and (done or not penalize) for r, done in zip(group.response, finished)]
-            picked = select_pair(result, recipe.algorithm, group.response.tolist(), None if all(choosable) else choosable)
+            # at once (and pairs.parquet refuses an empty chosen side). It is rejected where it ranks lowest.
+            nonempty = [bool(r.strip()) for r in group.response]
+            choosable = [full and (done or not penalize) for full, done in zip(nonempty, finished)]
+            picked = select_pair(result, recipe.algorithm, group.response.tolist(), finished if penalize else None, nonempty)
             if picked is None:
                 if penalize and not any(finished):
                     stats["skipped_unfinished"] += 1

@@ -87,6 +87,22 @@ def test_an_empty_response_is_never_chosen():
     assert stats["skipped_empty"] == 1 and stats["skipped_unfinished"] == 0
 
 
+@pytest.mark.parametrize("algorithm", ["dpo", "sppo"])
+def test_an_empty_response_is_rejected_only_where_it_ranks_lowest(algorithm):
+    from models.judges import pair_round
+
+    # A graded judge gives the empty answer 0.5 and "wrong" 0.2: "wrong" is the worst sample and the
+    # rejected side; the empty one is neither side. Where the empty answer ties the worst, it is rejected.
+    gens = generations([["", "wrong", "right"], ["", "meh", "ok"]], ["x", "y"])
+    judge = ScoredJudge({"": 0.5, "wrong": 0.2, "right": 1.0, "meh": 0.0, "ok": 0.7})
+    recipe = recipe_from_dict({"algorithm": algorithm, "judge": {"name": "verifier"}, "generation": {"num_samples": 3}})
+    pairs, _ = pair_round(recipe, gens, 1, judge)
+    assert list(zip(pairs.prompt_id, pairs.chosen, pairs.rejected)) == [("p0", "right", "wrong"), ("p1", "ok", "meh")]
+    judge.table["meh"] = 0.5  # p1: the empty answer ties "meh" for the lowest score
+    pairs, _ = pair_round(recipe, gens, 1, judge)
+    assert list(zip(pairs.prompt_id, pairs.chosen, pairs.rejected)) == [("p0", "right", "wrong"), ("p1", "ok", "")]
+
+
 def dno_recipe(**judge):
     return recipe_from_dict({"algorithm": "dno", "judge": {"name": "verifier", **judge}, "generation": {"num_samples": 3}})
 
