@@ -597,10 +597,15 @@ def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep:
     has none to give), and only prompts where no sample passes are refined (the paper refines its
     negative responses; where a sample passes, best vs worst already makes a pair). Counts refinements_tried (prompts refined), refinements_passed (pairs
     made) and refinement_samples into `stats`; returns {prompt_id: pair row}.
+    With `judge.min_margin`, a refinement pair too is kept only when the rewrite's score exceeds the
+    original's by more than it (counted in refinements_small_margin; the prompt keeps its samples' pair).
     """
     import difflib
 
+    min_margin = recipe.judge.min_margin
     stats.update(refinements_tried=len(to_refine), refinements_passed=0, refinement_samples=0)
+    if min_margin:
+        stats["refinements_small_margin"] = 0
     if not to_refine:
         return {}
     requests = [(g.prompt.iloc[0], _first(g, "system"), g.response.iloc[i]) for _pid, g, i, _score in to_refine]
@@ -627,6 +632,9 @@ def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep:
             continue
         closeness = lambda k: difflib.SequenceMatcher(None, samples[k].text, original.response).ratio()  # noqa: E731
         best = max(passing, key=lambda k: (result.scores[k], closeness(k)))
+        if min_margin and not result.scores[best] - original_score > min_margin:
+            stats["refinements_small_margin"] += 1
+            continue
         refined = samples[best]
         pairs[pid] = {
             **{k: original.get(k) for k in keep if k in group.columns},

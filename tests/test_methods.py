@@ -144,6 +144,21 @@ def test_the_margin_filter_drops_pairs_the_judge_barely_separates():
     assert pairs.chosen_score.iloc[0] - pairs.rejected_score.iloc[0] > 0.3
 
 
+@pytest.mark.parametrize("algorithm", ["dpo", "inpo"])
+def test_the_margin_of_dpo_and_inpo_is_taken_on_the_judges_scores_not_win_rates(algorithm):
+    from models.judges import pair_round
+
+    # Scores 3.0 and 2.0 are 1.0 apart: kept at min_margin 0.5. Their win rates (Bradley-Terry, self counted
+    # 1/2) are 0.62 and 0.38, 0.23 apart: a filter on those would drop the pair.
+    judge = ScoredJudge({"good": 3.0, "fair": 2.0})
+    recipe = recipe_from_dict({"algorithm": algorithm, "judge": {"name": "verifier", "min_margin": 0.5},
+                               "generation": {"num_samples": 2}})
+    pairs, stats = pair_round(recipe, generations([["good", "fair"]], ["x"]), 1, judge)
+    assert list(zip(pairs.chosen, pairs.rejected)) == [("good", "fair")] and stats["skipped_small_margin"] == 0
+    assert (pairs.chosen_score.iloc[0], pairs.rejected_score.iloc[0]) == (3.0, 2.0)
+    assert pairs.chosen_win_prob.iloc[0] - pairs.rejected_win_prob.iloc[0] < 0.5
+
+
 def test_spin_pairs_say_where_each_side_came_from():
     from models.judges import pair_round
 
@@ -212,6 +227,27 @@ def test_a_refinement_replaces_a_pair_of_two_failing_answers_and_changes_least()
     assert list(zip(pairs.chosen, pairs.rejected, pairs.chosen_source)) == [("a so!", "a so", "refinement")]
     assert pairs.chosen_score.iloc[0] == 0.9 and pairs.rejected_score.iloc[0] == pytest.approx(0.3)
     assert stats["refinements_passed"] == 1 and stats["pairs"] == 1
+
+
+def test_refinement_pairs_are_held_to_the_margin_filter():
+    from models.judges import pair_round
+
+    # Both samples fail (pass_score 0.5) and are 0.8 apart; the rewrite passes, 0.3 above the answer it rewrites.
+    gens = generations([["a so", "b"]], ["x"])
+    judge = ScoredJudge({"a so": 0.3, "b": -0.5, "a so!": 0.6})
+
+    def pairs_with(min_margin):
+        recipe = recipe_from_dict({"algorithm": "inpo", "generation": {"num_samples": 2}, "judge": {
+            "name": "reward_model", "model": "rm", "refine": True, "pass_score": 0.5, "min_margin": min_margin}})
+        pairs, stats = pair_round(recipe, gens, 1, judge, ScriptedRefiner({"a so": ["a so!"]}))
+        return list(zip(pairs.chosen, pairs.rejected, pairs.chosen_source)), stats
+
+    made, stats = pairs_with(0.35)  # the rewrite is not far enough above: the samples' pair, 0.8 apart, stays
+    assert made == [("a so", "b", "sample")]
+    assert stats["refinements_small_margin"] == 1
+    assert stats["refinements_passed"] == 0 and stats["skipped_small_margin"] == 0
+    made, stats = pairs_with(0.25)  # it is: it replaces the samples' pair
+    assert made == [("a so!", "a so", "refinement")] and stats["refinements_small_margin"] == 0
 
 
 def test_refinement_options_are_checked_at_load():
