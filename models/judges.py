@@ -570,14 +570,19 @@ class Refiner:
         return generate_texts(self.model, self.tokenizer, texts, settings, "refine")
 
 
-def make_refiner(recipe, model, tokenizer, round_idx: int) -> Refiner:
-    """The refiner of a round: `model` is the round's generator, sampling as generation.* says (vLLM
-    serves paths, not loaded models: refinements use transformers' generate then)."""
+REFINE_SEED_OFFSET = 99_991  # the refiner's seed: shard_seed(seed, round, this + judge shard), far from generation parts' indices
+
+
+def make_refiner(recipe, model, tokenizer, round_idx: int, shard_idx: int = 0) -> Refiner:
+    """The refiner of a round's judge shard `shard_idx`: `model` is the round's generator, sampling as
+    generation.* says (vLLM serves paths, not loaded models: refinements use transformers' generate then).
+    Each judge shard samples from a seed of its own, so shards do not draw the same random numbers."""
     from models.generation import SamplingSettings, shard_seed
 
     gen = recipe.generation
+    seed = shard_seed(recipe.seed, round_idx, REFINE_SEED_OFFSET + shard_idx)
     settings = SamplingSettings(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                                batch_size=gen.batch_size, seed=shard_seed(recipe.seed, round_idx, 99_991),
+                                batch_size=gen.batch_size, seed=seed,
                                 backend="hf" if gen.backend == "vllm" else gen.backend)
     return Refiner(model, tokenizer, recipe.judge.refine_prompt or REFINE_PROMPT, recipe.judge.refine_samples, settings)
 

@@ -69,7 +69,7 @@ class EvaluateShard(ShardTask, GpuTask):
         if len(mine):
             with self.hold_gpus(1):
                 frame, judged = evaluate_rows(recipe, self.round_idx, deps["model"].model_path, deps["base"].model_path,
-                                              mine, previous, base, all_prompts=prompts)
+                                              mine, previous, base, all_prompts=prompts, shard_idx=self.shard_idx)
         else:  # more shards than held-out prompts
             import pandas as pd
 

@@ -193,7 +193,7 @@ class JudgeShard(ShardTask, GpuTask):
                     from models.judges import make_refiner
 
                     refiner_tokenizer, refiner_model = model_at(generator_path)
-                    refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx)
+                    refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx, self.shard_idx)
             pairs, stats = pair_round(recipe, generations, self.round_idx, judge, refiner)
         stats.update(who)
         self.write_part(pairs, stats)

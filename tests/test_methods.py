@@ -294,6 +294,26 @@ def test_the_refiner_samples_rewrites_from_the_refinement_prompt(monkeypatch):
     assert any("Fix 3 for: What is 1 + 1?" in text for text in seen)  # the recipe's prompt, chat-formatted
 
 
+def test_each_judge_shard_refines_from_a_seed_of_its_own():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.judges import make_refiner
+
+    tok = build_byte_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id))
+    recipe = recipe_from_dict({"algorithm": "dpo", "judge": {"name": "verifier", "refine": True, "refine_samples": 2},
+                               "generation": {"num_samples": 3, "max_new_tokens": 8}})
+    # Two shards that each refine their first failed answer: the same request here, so the same random
+    # numbers would give the same rewrites; each shard's own seed gives others, and the same shard the same.
+    request = [("What is 1 + 1?", None, "3")]
+    rewrites = {shard: [r.text for r in make_refiner(recipe, model, tok, 1, shard).refine(request)[0]] for shard in (0, 1)}
+    assert rewrites[0] != rewrites[1]
+    assert [r.text for r in make_refiner(recipe, model, tok, 1, 1).refine(request)[0]] == rewrites[1]
+
+
 def test_the_report_says_who_judged_and_what_pairing_counted(tmp_path):
     import json
 
