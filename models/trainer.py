@@ -234,6 +234,25 @@ def _save_trainer_checkpoint(work_dir: Path, step: int, trainer_state: dict, sch
     return final
 
 
+def _load_trainer_checkpoint(path: Path) -> dict:
+    """A trainer checkpoint's state.pt, unpickled by torch's weights-only loader: tensors and plain Python
+    values (what _save_trainer_checkpoint writes), nothing else. round_NN/train_work/ may be on a shared
+    filesystem (--shared-run); a full unpickler would run whatever code someone put there on every box
+    that resumes."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a reference to {found.group(1).rstrip('.')}" if found else "something else"
+        raise TrainingError(
+            f"{path} holds {what}, not only tensors and plain values; refusing to unpickle it: delete {path.parent} "
+            f"to resume from the checkpoint before it"
+        ) from None
+
+
 def _stop_requested(accelerator) -> bool:
     """Whether a SIGTERM/SIGINT asked to stop, in any process: all ranks must stop after the same step."""
     asked = interrupt.received() is not None
@@ -323,7 +342,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     step, history = 0, []
     resume = _latest_checkpoint(work_dir)
     if resume is not None:
-        state = torch.load(resume / "state.pt", weights_only=False)
+        state = _load_trainer_checkpoint(resume / "state.pt")
         if state.get("fsdp", False) != fsdp:
             raise TrainingError(
                 f"trainer checkpoint {resume} was written {'with' if state.get('fsdp') else 'without'} FSDP; resume it under "
