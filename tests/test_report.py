@@ -30,6 +30,16 @@ def test_implicit_reward_stats_per_pair():
     assert stats["implicit_reward_margin_se"] == pytest.approx(0.1)  # std(ddof=1) of [0.1, -0.1] / sqrt(2)
 
 
+def test_implicit_reward_ties_are_no_wins():
+    # A round that left its policy as its parent's (no pairs to train on): every held-out pair's rewards are
+    # exactly 0 and 0, which shows nothing learned: accuracy 0, not 1. One pair won outright for contrast.
+    logps = np.array([-3.0, -5.0, -7.5])
+    stats = implicit_reward_stats(logps, logps, logps - 1.0, logps - 1.0, 0.1)
+    assert stats["implicit_reward_accuracy"] == 0.0 and stats["implicit_reward_margin"] == 0.0
+    won = implicit_reward_stats(logps + np.array([0.5, 0, 0]), logps, logps - 1.0, logps - 1.0, 0.1)
+    assert won["implicit_reward_accuracy"] == pytest.approx(1 / 3)
+
+
 def _write_round(run_dir, round_idx, eval_metrics):
     round_dir = run_dir / f"round_{round_idx:02d}"
     round_dir.mkdir(parents=True)
