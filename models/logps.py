@@ -381,16 +381,17 @@ def cached_prompt_logps(model, prompt_cache, prompt_mask: torch.Tensor, last_log
 
 @torch.no_grad()
 def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, device, progress: str | None = None,
-                  forward=None) -> tuple[list[float], list[int]]:
+                  forward=None, group_prompts: bool = True) -> tuple[list[float], list[int]]:
     """`sequence_logps` over many items without gradients, `batch_size` items a batch. Where the model
-    allows it (shares_prompt), items with the same prompt tokens share one forward of it (collate_groups);
-    otherwise batches are sorted by length to waste little padding. `forward(batch)` replaces
+    allows it (shares_prompt) and `group_prompts` is on, items with the same prompt tokens share one forward
+    of it (collate_groups); otherwise each item runs as one sequence, in batches sorted by length to waste
+    little padding (ceil(items / batch_size) of them, whatever the prompts). `forward(batch)` replaces
     sequence_logps(model, batch) (the trainer's FSDP root, models/fsdp.py)."""
     own_forward = forward is None
     forward = forward or (lambda batch: sequence_logps(model, batch))
     from common.progress import bar
 
-    shared = shares_prompt(model) and all(item.prompt_ids for item in items)
+    shared = group_prompts and shares_prompt(model) and all(item.prompt_ids for item in items)
     if shared:
         batches = group_by_prompt(items, batch_size)
     else:
@@ -421,10 +422,12 @@ def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, devic
 def pair_logps(model, tokenizer, chosen: list[Encoded], rejected: list[Encoded], pairs_per_batch: int, device,
                shared_prompt: bool = True, forward=None) -> list[tuple[float, float]]:
     """(chosen, rejected) summed log-probs of every pair, without gradients: each pair's prompt run once
-    where the model allows it (shares_prompt), else the sides as separate sequences. `forward` as in
-    batched_logps."""
+    where the model allows it (shares_prompt), else the sides as separate sequences, as the trainer's
+    forward then runs them (never grouped by prompt: under FSDP every process must run as many forwards,
+    and grouping gives shares with other prompts other numbers of batches). `forward` as in batched_logps."""
     if not (shared_prompt and pairs_share_prompt(model, chosen, rejected)):
-        sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps", forward)
+        sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps", forward,
+                                group_prompts=False)
         return list(zip(sums[: len(chosen)], sums[len(chosen) :]))
     from common.progress import bar
 
