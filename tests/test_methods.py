@@ -13,10 +13,9 @@ import torch
 from configs.recipe import recipe_from_dict
 from models import loading
 from models.logps import batched_logps
-from models.tokenizer import build_byte_tokenizer
 from models.trainer import encode_pairs, train_round
 from conftest import save_tiny_llama_root
-from test_judges import ScoredJudge
+from test_judges import ScoredJudge, tiny_byte_llama
 
 CPU = torch.device("cpu")
 
@@ -271,15 +270,9 @@ def test_refinement_options_are_checked_at_load():
 
 
 def test_the_refiner_samples_rewrites_from_the_refinement_prompt(monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from models.judges import make_refiner
 
-    tok = build_byte_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id))
+    model, tok = tiny_byte_llama()
     recipe = dpo_recipe(refine=True, refine_samples=3, refine_prompt="Fix {response} for: {prompt}")
     refiner = make_refiner(recipe, model, tok, round_idx=1)
     seen, encode = [], type(tok).__call__
@@ -295,15 +288,9 @@ def test_the_refiner_samples_rewrites_from_the_refinement_prompt(monkeypatch):
 
 
 def test_each_judge_shard_refines_from_a_seed_of_its_own():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from models.judges import make_refiner
 
-    tok = build_byte_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id))
+    model, tok = tiny_byte_llama()
     recipe = recipe_from_dict({"algorithm": "dpo", "judge": {"name": "verifier", "refine": True, "refine_samples": 2},
                                "generation": {"num_samples": 3, "max_new_tokens": 8}})
     # Two shards that each refine their first failed answer: the same request here, so the same random
