@@ -15,6 +15,7 @@ Every key has a type, a default and a help text; one command lists them (with a 
 beside the defaults when one is given):
 
     python -m configs.recipe --fields [configs/demo_dpo.yaml]
+    python -m configs.recipe --list          # the shipped recipes; `--recipe NAME` finds one from any directory
 """
 
 from __future__ import annotations
@@ -633,10 +634,43 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
+def shipped_recipes() -> list[str]:
+    """The names of the recipes shipped in this package's configs/ (installed with it)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """The recipe file `path` names: a file of that path (from the working directory) first; else a shipped
+    recipe, by name (`smollm2_spin_cpu`, with or without `.yaml`) or by its path in the repository
+    (`configs/smollm2_spin_cpu.yaml`), so the README's commands work from any directory once installed."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    name = given.name if given.parent in (Path("."), Path("configs")) else None
+    if name:
+        shipped = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        if shipped.is_file():
+            return shipped
+    raise RecipeError(f"recipe {path} not found: no such file, and no shipped recipe of that name "
+                      f"(shipped: {', '.join(shipped_recipes())}; `python -m configs.recipe --list` describes them)")
+
+
+def recipe_summary(path: Path) -> str:
+    """The first sentence of a recipe file's leading comment: what it runs."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text.startswith(("luigi ", "python ")):
+            break
+        lines.append(text)
+    # The first sentence: up to a full stop that ends no abbreviation ("et al.", "i.e.", "e.g.").
+    return re.split(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(?:\s|$)", " ".join(lines), maxsplit=1)[0]
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+    path = resolve_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -676,16 +710,23 @@ def _yaml_value(value: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m configs.recipe", description="What each key of a recipe means.")
-    parser.add_argument("--fields", action="store_true", required=True,
-                        help="list every key with its type, default and help")
-    parser.add_argument("recipe", nargs="?", help="a recipe YAML whose values are shown beside the defaults")
+    parser = argparse.ArgumentParser(prog="python -m configs.recipe", description="What each key of a recipe means, "
+                                     "and which recipes ship with the package.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--fields", action="store_true", help="list every key with its type, default and help")
+    what.add_argument("--list", action="store_true",
+                      help="list the shipped recipes, each usable as --recipe NAME from any directory")
+    parser.add_argument("recipe", nargs="?", help="a recipe (file or shipped name) whose values are shown beside the defaults")
     args = parser.parse_args(argv)
+    if args.list:
+        for name in shipped_recipes():
+            print(f"{name}: {recipe_summary(CONFIG_DIR / f'{name}.yaml')}")
+        return 0
     recipe = load_recipe(args.recipe) if args.recipe else None
     for row in recipe_fields(recipe):
         line = f"{row['key']}: {row['type']} = {_yaml_value(row['default'])}"
         if "value" in row and row["value"] != row["default"]:
-            line += f"  ({Path(args.recipe).name}: {_yaml_value(row['value'])})"
+            line += f"  ({resolve_recipe(args.recipe).name}: {_yaml_value(row['value'])})"
         print(line)
         print(f"    {row['help']}")
     return 0

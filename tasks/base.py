@@ -246,7 +246,8 @@ def set_cpu_threads() -> None:
 
 
 class RunTask(luigi.Task):
-    recipe = luigi.Parameter(default=str(DEFAULT_RECIPE), description="Path of the YAML recipe.")
+    recipe = luigi.Parameter(default=str(DEFAULT_RECIPE), description="A recipe file, or a shipped recipe by name "
+                             "(`python -m configs.recipe --list`; configs/NAME.yaml works from any directory).")
     run_name = luigi.Parameter(default="", description="Run directory name; default: the recipe's name.")
     runs_dir = luigi.Parameter(default="runs", description="Where run directories live.")
     wait_for_lock = luigi.BoolParameter(
