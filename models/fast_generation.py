@@ -370,7 +370,7 @@ class _Session:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             **self.extra_kwargs,
         )
@@ -419,7 +419,7 @@ class _Session:
                 input_ids=input_ids,
                 attention_mask=self.to_attention_mask(visible),
                 position_ids=position_ids,
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
                 **extra,
             ).logits[:, -1, :]
@@ -459,7 +459,7 @@ class _Session:
                 input_ids=input_ids[rows, start:end],
                 attention_mask=self.to_attention_mask(visible[rows, :, start:end, :end]),
                 position_ids=position_ids[rows, start:end],
-                past_key_values=prompt_cache,
+                cache=prompt_cache,
                 use_cache=True,
                 **part,
             ).logits[:, -1, :]

@@ -222,7 +222,7 @@ def shares_prompt(model) -> bool:
     config = inner.config
     if config.model_type not in SHARED_PROMPT_MODEL_TYPES or not _has_plain_head(model):
         return False
-    if getattr(inner, "is_gradient_checkpointing", False):
+    if getattr(inner, "is_activation_checkpointing", False):
         return False  # checkpointed layers do not return a cache
     layer_types = getattr(config, "layer_types", None) or []
     sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
@@ -298,17 +298,17 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor], share_prefix: bo
     prefix = shared_prefix(prompt_ids, prompt_lengths) if share_prefix else 0
     cache = None
     if prefix:
-        cache = decoder(input_ids=prompt_ids[:1, :prefix], use_cache=True).past_key_values
+        cache = decoder(input_ids=prompt_ids[:1, :prefix], use_cache=True).cache
         cache.batch_repeat_interleave(prompt_ids.shape[0])
     rest_positions = torch.arange(prefix, prompt_ids.shape[1], device=prompt_ids.device).expand(prompt_ids.shape[0], -1)
-    out = decoder(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask, position_ids=rest_positions, past_key_values=cache,
+    out = decoder(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask, position_ids=rest_positions, cache=cache,
                   use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_select_indices(prompt_of)
     last_prompt_hidden = out.last_hidden_state[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1 - prefix]
     positions = prompt_lengths[prompt_of][:, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
     attention_mask = torch.cat([prompt_mask[prompt_of], completion_mask.long()], dim=1)
-    hidden = decoder(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+    hidden = decoder(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                      use_cache=True).last_hidden_state
     # what predicts completion token j: the prompt's last state for j = 0, the completion's state j - 1 after
     predictors = torch.cat([last_prompt_hidden[prompt_of][:, None], hidden[:, :-1]], dim=1)
@@ -360,10 +360,10 @@ def cached_prompt_logps(model, prompt_cache, prompt_mask: torch.Tensor, last_log
     prompt_cache.batch_select_indices(torch.tensor(prompts, device=device))
     if _has_plain_head(model):
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                     past_key_values=prompt_cache, use_cache=True).last_hidden_state
+                                     cache=prompt_cache, use_cache=True).last_hidden_state
     else:
         hidden = None
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=prompt_cache,
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=prompt_cache,
                        use_cache=True).logits
     first = (segment >= 0) & (within == 0)
     later = (segment[:, 1:] >= 0) & (within[:, 1:] > 0)  # predicted by the state one position before

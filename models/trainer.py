@@ -511,7 +511,10 @@ def run_job(job: dict) -> dict:
 if __name__ == "__main__":
     import sys
 
+    from common.quiet import quiet_library_noise
+
     logging.basicConfig(level=logging.INFO, format="selfplay: %(message)s")
+    quiet_library_noise()
     # Under `accelerate launch` the Train task passes its signals on to this process group; a process may get
     # the same signal twice (from the task and from accelerate), so a repeat must not skip the checkpoint.
     interrupt.install(repeat_stops_at_once=False)
