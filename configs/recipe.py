@@ -314,6 +314,28 @@ class EvalConfig:
     )
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers the run logs to (data/tracking.py); they change nothing the run computes, so a run
+    directory may start, stop or change its tracking between commands."""
+
+    backends: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Any of tensorboard, mlflow, wandb, trackio (pip install -e \".[tracking]\"); [] = none. One tracker "
+                          "run per selfplay run: every training step, every round's held-out figures, the recipe, the greedy answers."},
+    )
+    project: str = field(default="selfplay", metadata={"help": "The tracker's project (MLflow experiment, wandb/trackio project)."})
+    run_name: str | None = field(default=None, metadata={"help": "The tracker run's name; null: the run directory's name."})
+    dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the local stores live (tensorboard/, mlflow.db, wandb/, trackio/); null: <runs-dir>/tracking. "
+                          "MLFLOW_TRACKING_URI, WANDB_MODE=online and TRACKIO_DIR point the clients elsewhere."},
+    )
+
+
 @dataclass
 class Recipe:
     name: str = field(
@@ -336,6 +358,7 @@ class Recipe:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     rounds: list[dict] = field(
         default_factory=list, metadata={"help": "Per-round partial recipes; entry i is merged over round i + 1."}
     )
@@ -355,6 +378,7 @@ class Recipe:
             raise RecipeError(f"{where}: judge.add_reference and judge.min_margin rank a judge's candidates; "
                               "algorithm spin has none (its chosen side is always the dataset's response)")
         self._check_refine(where)
+        self._check_tracking(where)
         if self.judge.name in ("pairrm", "reward_model") and not self.judge.model:
             raise RecipeError(f"{where}: judge.model is required for judge {self.judge.name}")
         if self.training.loss == "sppo" and self.algorithm != "sppo":
@@ -461,6 +485,14 @@ class Recipe:
                 template.format(prompt="", response="")
             except (KeyError, IndexError, ValueError) as exc:
                 raise RecipeError(f"{where}: judge.refine_prompt: {exc!r}; write other braces as {{{{ and }}}}") from None
+
+    def _check_tracking(self, where: str) -> None:
+        backends = self.tracking.backends
+        for name in backends:
+            if name not in TRACKERS:
+                raise RecipeError(f"{where}: tracking.backends: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
+        if len(set(backends)) < len(backends):
+            raise RecipeError(f"{where}: tracking.backends names a tracker twice: {backends}")
 
     @property
     def pass_score(self) -> float | None:

@@ -263,7 +263,9 @@ def _stop_requested(accelerator) -> bool:
 
 
 def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, round_idx: int, root_model: str,
-                root_path: str | None = None) -> dict:
+                root_path: str | None = None, on_step=None) -> dict:
+    """`on_step(entry)`: called on the main process with each finished step's figures (an experiment tracker,
+    data/tracking.py); a resumed round calls it for the steps it runs, from the one after its checkpoint."""
     from accelerate import Accelerator
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -444,6 +446,8 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         entry.update(step=step, epoch=step * per_step / batches_per_epoch, learning_rate=scheduler.get_last_lr()[0],
                      grad_norm=float(grad_norm), seconds=time.perf_counter() - step_start, tokens=tokens, tokens_run=tokens_run)
         history.append(entry)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(entry)
         progress.update(1)
         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
         stop = step < total_steps and _stop_requested(accelerator)
@@ -501,11 +505,18 @@ def run_job(job: dict) -> dict:
     from configs.recipe import recipe_from_dict
     from data.schema import PAIRS, read_artifact
 
+    from data.tracking import step_logger
+
     recipe = recipe_from_dict(job["recipe"], "train job")
     frames = [read_artifact(path, PAIRS) for path in job["pair_files"]]
     pairs = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    return train_round(recipe, job["parent"], pairs, job["work_dir"], job["out_dir"], job["round_idx"], job["root_model"],
-                       job.get("root_path"))
+    on_step = step_logger(recipe, job.get("run_dir"), job["round_idx"])  # None without trackers
+    try:
+        return train_round(recipe, job["parent"], pairs, job["work_dir"], job["out_dir"], job["round_idx"], job["root_model"],
+                           job.get("root_path"), on_step)
+    finally:
+        if on_step is not None:
+            on_step.close()
 
 
 if __name__ == "__main__":

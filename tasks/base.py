@@ -226,7 +226,8 @@ def check_run_dir(run_dir: Path, recipe) -> None:
     except RecipeError:  # a key since removed or renamed: compared as recorded, so it shows as changed
         pass
     current = recipe.to_dict()
-    changed = sorted(_diff_keys(recorded, current))
+    # Tracking changes nothing the run computes: a run may start or stop logging to a tracker between commands.
+    changed = sorted(key for key in _diff_keys(recorded, current) if not key.startswith("tracking"))
     if changed:
         raise RecipeError(
             f"{run_yaml} was made by a different recipe (changed: {', '.join(changed[:5])}); "

@@ -108,6 +108,9 @@ class Evaluate(RunTask):
             write_parquet(frame, tmp, EVAL)
         with self.output()["metrics"].temporary_path() as tmp:
             atomic_write_json(tmp, report)
+        from data.tracking import track_run
+
+        track_run(self.config, self.run_dir)  # experiment trackers: this round's figures, and what they missed
 
 
 EvaluateShard.merge_family = Evaluate

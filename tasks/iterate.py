@@ -36,6 +36,9 @@ class Iterate(RunTask):
                 from tasks.requirements import preflight
 
                 preflight(self.config, self.rounds)  # fail before anything is scheduled, in one line
+                from data.tracking import check_trackers
+
+                check_trackers(self.config.tracking, self.run_dir)  # installed, and their directory writable
                 # A run directory edited by hand (tasks/run_state.py), every round's tasks walked from its Evaluate.
                 check_run_state(self, lambda round_idx: self.clone(Evaluate, round_idx=round_idx))
         except BaseException:
