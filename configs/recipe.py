@@ -345,8 +345,10 @@ class Recipe:
     )
     algorithm: Algorithm = field(
         default="spin",
-        metadata={"help": "spin: ground truth vs the model's sample; sppo: "
-                          "soft win probabilities; dpo: best vs worst sample."},
+        metadata={"help": "spin: the data's response vs the model's own sample (SPIN); sppo: best vs worst of K samples by "
+                          "mean win probability, SPPO's loss; dpo: best vs worst of K by the judge (iterative DPO; with "
+                          "judge.name: self, Self-Rewarding; with judge.refine, SPaR-style pairs); inpo: those pairs with INPO's "
+                          "loss (the previous round and the base as references); dno: DNO-Prct, pairs kept above judge.min_margin."},
     )
     seed: int = field(
         default=0, metadata={"help": "Seeds the demo model's warm start, sampling, training's batch order and the adapter's initialisation."}
@@ -360,7 +362,11 @@ class Recipe:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     rounds: list[dict] = field(
-        default_factory=list, metadata={"help": "Per-round partial recipes; entry i is merged over round i + 1."}
+        default_factory=list,
+        metadata={"help": "Per-round partial recipes: entry i is merged over the recipe for round i + 1 (later rounds use "
+                          "the recipe as it is). A round may change generation, judge, training (not the LoRA shape: "
+                          "lora_r, lora_alpha, lora_target_modules) and evaluation, e.g. rounds: [{training: {learning_rate: "
+                          "3.0e-3}}, {training: {learning_rate: 1.0e-3, beta: 0.5}, generation: {temperature: 0.7}}]."},
     )
 
     def __post_init__(self) -> None:

@@ -262,3 +262,16 @@ def test_installed_package_finds_shipped_recipes_from_another_directory(tmp_path
     assert setup.returncode == 0, setup.stderr[-2000:]
     record = yaml.safe_load((tmp_path / "runs" / "smollm2_spin_cpu" / "run.yaml").read_text())
     assert record["recipe"]["model"]["base_model"] == "cache:smollm2-135m-instruct"
+
+
+def test_algorithm_help_names_every_algorithm_and_the_rounds_example_is_a_valid_recipe():
+    import typing
+
+    from configs.recipe import Algorithm
+
+    rows = {row["key"]: row for row in recipe_fields()}
+    for algorithm in typing.get_args(Algorithm):
+        assert f"{algorithm}:" in rows["algorithm"]["help"], algorithm
+    example = rows["rounds"]["help"].split("e.g. ", 1)[1].rstrip(".")
+    recipe = recipe_from_dict(yaml.safe_load(example))
+    assert recipe.for_round(2).training.learning_rate == 1e-3 and recipe.for_round(2).generation.temperature == 0.7
