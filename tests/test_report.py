@@ -115,3 +115,32 @@ def test_accuracy_change_compares_only_the_prompts_both_rounds_evaluated():
     assert changes.loc[1, "n"] == 2 and changes.loc[1, "change"] == pytest.approx(0.5)  # (1 - 0 + 1 - 1) / 2
     assert changes.loc[2, "n"] == 4 and changes.loc[2, "change"] == pytest.approx(0.25)  # (1 + 0 + 1 - 1) / 4
     assert changes.loc[2, "change_se"] == pytest.approx(np.std([1, 0, 1, -1], ddof=1) / 2)
+def _header_run(tmp_path, name, recipe, base_info=None, kl=0.05, final_loss=None):
+    import yaml
+
+    run_dir = tmp_path / name
+    _write_round(run_dir, 0, {"accuracy": 0.2, "accuracy_se": 0.04, "prompts": 100, "kl_vs_base": 0.0})
+    _write_round(run_dir, 1, {"accuracy": 0.2, "accuracy_se": 0.04, "prompts": 100, "kl_vs_base": kl, "kl_vs_base_se": 0.014})
+    if final_loss is not None:
+        (run_dir / "round_01" / "metrics.json").write_text(json.dumps(
+            {"round": 1, "eval": {"accuracy": 0.2, "kl_vs_base": kl}, "train": {"stats": {"final_loss": final_loss}}}))
+    (run_dir / "run.yaml").write_text(yaml.safe_dump({"recipe": recipe, "seed": 0}))
+    if base_info is not None:
+        (run_dir / "base_model").mkdir()
+        (run_dir / "base_model" / "base_model.json").write_text(json.dumps(base_info))
+    return render_report(Run(run_dir), plots=[])
+
+
+def test_report_header_names_the_loss_and_which_base_and_explains_kl_and_the_anchored_loss(tmp_path):
+    spin = {"algorithm": "spin", "judge": {"name": "ground_truth"}, "training": {"nll_weight": 1.0}, "data": {"train": "demo:train_20k"}}
+    copied = _header_run(tmp_path, "copied", spin, {"copied_from": "/x/data/demo/base_model", "sft_steps": 2400}, final_loss=1.37)
+    assert "loss **dpo_sigmoid** (the default for spin) + 1 x the chosen response's per-token NLL" in copied
+    assert "base model the shipped demo base (`data/demo/base_model`, copied)" in copied and "built in place" not in copied
+    assert "it can stay above ln 2 = 0.693" in copied  # SPIN's 1.37 final loss, explained
+    built = _header_run(tmp_path, "built", {**spin, "data": {"train": "mine.jsonl"}}, {"sft_steps": 800, "root_model": "selfplay-demo"})
+    assert "base model a demo model built in place (800 supervised steps on `mine.jsonl`)" in built
+    sppo = _header_run(tmp_path, "sppo", {"algorithm": "sppo", "judge": {"name": "verifier"}, "generation": {"num_samples": 4},
+                                          "model": {"base_model": "org/model"}}, kl=-0.015)
+    assert "loss **sppo** (the default for sppo)," in sppo and "base model `org/model`" in sppo and "NLL" not in sppo
+    assert "KL vs base is a Monte-Carlo estimate" in sppo and "as here: a value within two standard errors of 0" in sppo
+    assert "as here" not in copied  # a positive estimate needs no excuse
