@@ -44,7 +44,10 @@ LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo", "in
 @dataclass
 class ModelConfig:
     base_model: str | None = field(
-        default=None, metadata={"help": "HF path or hub id of the causal LM, or a GGUF file (a path or cache:NAME); null: the demo model."}
+        default=None,
+        metadata={"help": "HF path or hub id of the causal LM, or a GGUF file (a path or cache:NAME); demo: the shipped demo base "
+                          "(data/demo/base_model) whatever demo_model says; null: a demo model, the shipped one when demo_model, "
+                          "data.train and seed are those it was built with, else one built on data.train (said when it starts)."}
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of base_model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model (off: safer)."})
@@ -315,6 +318,7 @@ class EvalConfig:
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+DEMO_BASE = "demo"  # model.base_model naming the shipped demo base (tasks/base_model.py)
 
 
 @dataclass

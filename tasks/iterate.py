@@ -54,10 +54,13 @@ class Iterate(RunTask):
         return []
 
     def run(self):
-        report = self.layout.report
-        logging.getLogger("selfplay").info(
-            "%d round%s of run '%s' complete; this command took %.0fs; report: %s",
-            self.rounds, "" if self.rounds == 1 else "s", self.run_dir.name, time.time() - self._started, report)
+        from data.advice import untrained_rounds
+
+        report, log = self.layout.report, logging.getLogger("selfplay")
+        log.info("%d round%s of run '%s' complete; this command took %.0fs; report: %s",
+                 self.rounds, "" if self.rounds == 1 else "s", self.run_dir.name, time.time() - self._started, report)
+        for line in untrained_rounds(self.run_dir, self.rounds):  # complete, but a round changed nothing: the last word
+            log.warning("%s", line)
 
     def nothing_to_do(self) -> str:
         return f"run '{self.run_dir.name}' is complete through round {self.rounds}; report: {self.layout.report}"
