@@ -333,6 +333,11 @@ class TrackingConfig:
     )
     project: str = field(default="selfplay", metadata={"help": "The tracker's project (MLflow experiment, wandb/trackio project)."})
     run_name: str | None = field(default=None, metadata={"help": "The tracker run's name; null: the run directory's name."})
+    send_seconds: float = field(
+        default=2.0,
+        metadata={"help": "Training steps go to the trackers in batches, at most this often (0: each step as it ends); "
+                          "steps a killed run had not sent are sent when its round is evaluated."},
+    )
     dir: str | None = field(
         default=None,
         metadata={"help": "Where the local stores live (tensorboard/, mlflow.db, wandb/, trackio/); null: <runs-dir>/tracking. "
@@ -503,6 +508,8 @@ class Recipe:
                 raise RecipeError(f"{where}: tracking.backends: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
         if len(set(backends)) < len(backends):
             raise RecipeError(f"{where}: tracking.backends names a tracker twice: {backends}")
+        if self.tracking.send_seconds < 0:
+            raise RecipeError(f"{where}: tracking.send_seconds must be >= 0, got {self.tracking.send_seconds}")
 
     @property
     def pass_score(self) -> float | None:

@@ -49,7 +49,6 @@ import os
 import uuid
 from pathlib import Path
 
-from common.atomic import atomic_write_json
 from common.errors import RecipeError
 from data.layout import RunLayout
 
@@ -81,6 +80,8 @@ def check_trackers(settings, run_dir: Path) -> None:
     """Before anything is scheduled: every backend is installed and the tracking directory can be written."""
     for name in settings.backends:
         modules, install = REQUIRES[name]
+        if name == "mlflow" and os.environ.get("MLFLOW_TRACKING_URI"):
+            modules = ("mlflow",)  # a tracking server: the local SQLite store's packages are not needed
         missing = [m for m in modules if importlib.util.find_spec(m) is None]
         if missing:
             raise RecipeError(f"tracking.backends: {name} needs {', '.join(missing)}, not installed here "
@@ -113,10 +114,15 @@ def _ledger(run_dir: Path):
             ledger = json.loads(path.read_text())
         except (OSError, ValueError):
             ledger = {}
-        before = json.dumps(ledger, sort_keys=True)
+        before = json.dumps(ledger, indent=2, sort_keys=True)
         yield ledger
-        if json.dumps(ledger, sort_keys=True) != before:
-            atomic_write_json(path, ledger)
+        text = json.dumps(ledger, indent=2, sort_keys=True)
+        if text != before:
+            # Replaced whole under the lock (a reader sees the old file or the new one). Not fsynced: a killed process
+            # loses nothing the kernel has, and at every step of a training run a sync costs more than the step's logging.
+            tmp = run_dir / f".{LEDGER}.tmp"
+            tmp.write_text(text + "\n")
+            os.replace(tmp, path)
     finally:
         os.close(fd)
 
@@ -145,6 +151,11 @@ class _Backend:
         """`axis` is 'train/global_step' for training steps, 'round' for a round's figures."""
         raise NotImplementedError
 
+    def many(self, rows: list[tuple[dict[str, float], int]], axis: str) -> None:
+        """Several steps' figures at once: (values, step) each."""
+        for values, step in rows:
+            self.metrics(values, step, axis)
+
     def config(self, flat: dict[str, str], text: str) -> None:
         raise NotImplementedError
 
@@ -171,8 +182,12 @@ class _TensorBoard(_Backend):
         return self.run_name
 
     def metrics(self, values, step, axis):
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, global_step=step)
+        self.many([(values, step)], axis)
+
+    def many(self, rows, axis):
+        for values, step in rows:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()  # a killed process loses nothing it was told to log
 
     def config(self, flat, text):
@@ -215,12 +230,17 @@ class _MLflow(_Backend):
         return run_id
 
     def metrics(self, values, step, axis):
+        self.many([(values, step)], axis)
+
+    def many(self, rows, axis):
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, value, now, step) for key, value in values.items()])
+        metrics = [Metric(key, value, now, step) for values, step in rows for key, value in values.items()]
+        for start in range(0, len(metrics), 1000):  # one transaction per batch, at most 1,000 metrics a call
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
     def has_step(self, key, step):
         return any(metric.step == step for metric in self.client.get_metric_history(self.run_id, key))
@@ -391,9 +411,9 @@ class RunTracker:
             return (max(e["step"] for e in new), new) if new else None
 
         def send(backend, new):
-            for entry in new:
-                values = {f"train/{k}": entry[k] for k in STEP_FIGURES if _number(entry.get(k))}
-                backend.metrics({**values, "train/round": round_idx}, offset + entry["step"], "train/global_step")
+            rows = [({**{f"train/{k}": e[k] for k in STEP_FIGURES if _number(e.get(k))}, "train/round": round_idx}, offset + e["step"])
+                    for e in new]
+            backend.many(rows, "train/global_step")
 
         def resolve(backend, pending: int, mark: int | None):
             """The last step of a killed send that the tracker has: the steps after it are sent again."""
@@ -465,16 +485,31 @@ def step_offset(run_dir: Path, round_idx: int) -> int:
 
 
 class StepLogger:
-    """The trainer's per-step hook (models/trainer.py): sends each finished step of round `round_idx`, live."""
+    """The trainer's per-step hook (models/trainer.py): sends round `round_idx`'s finished steps, live, in batches
+    at most every `tracking.send_seconds` (a tracker's write costs milliseconds, a small model's step not much
+    more). Steps held when the process is killed were never marked: the round's Evaluate sends them from
+    training_log.json (track_run)."""
 
     def __init__(self, settings, run_dir: Path, round_idx: int):
-        self.tracker = RunTracker(settings, run_dir)
+        import time
+
+        self.tracker, self.every, self.clock = RunTracker(settings, run_dir), settings.send_seconds, time.monotonic
         self.round_idx, self.offset = round_idx, step_offset(run_dir, round_idx)
+        self.held: list[dict] = []
+        self.sent_at = self.clock()
 
     def __call__(self, entry: dict) -> None:
-        self.tracker.steps(self.round_idx, [entry], self.offset)
+        self.held.append(entry)
+        if self.clock() - self.sent_at >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.held:
+            self.tracker.steps(self.round_idx, self.held, self.offset)
+        self.held, self.sent_at = [], self.clock()
 
     def close(self) -> None:
+        self.flush()
         self.tracker.close()
 
 

@@ -137,7 +137,7 @@ def test_killed_mid_training_then_resumed_logs_every_step_once(tiny_recipe, tmp_
     # Trainer checkpoints every 4 steps; the kill comes once step 5 was sent, so the resumed trainer recomputes
     # steps 5.. from checkpoint-4, and the trackers must not get them twice.
     recipe = tiny_recipe("spin", name="killed", demo_model={"sft_steps": 10}, training={"epochs": 3, "save_steps": 4},
-                         tracking={"backends": BACKENDS})
+                         tracking={"backends": BACKENDS, "send_seconds": 0})  # each step as it ends
     runs = tmp_path / "runs"
     run_dir = runs / "killed"
 
@@ -202,10 +202,10 @@ def test_a_tracker_failing_during_a_run_warns_once_and_the_rest_goes_on(tmp_path
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
 
-    def broken(self, values, step, axis):
+    def broken(self, rows, axis):
         raise OSError("disk quota exceeded")
 
-    monkeypatch.setattr(tracking._TensorBoard, "metrics", broken)
+    monkeypatch.setattr(tracking._TensorBoard, "many", broken)
     tracker = tracking.RunTracker(settings, run_dir)
     entries = [{"step": s, "loss": 0.5, "learning_rate": 1e-3} for s in (1, 2, 3)]
     with caplog.at_level(logging.WARNING, logger="selfplay"):
