@@ -336,7 +336,7 @@ class TrackingConfig:
     send_seconds: float = field(
         default=2.0,
         metadata={"help": "Training steps go to the trackers in batches, at most this often (0: each step as it ends); "
-                          "steps a killed run had not sent are sent when its round is evaluated."},
+                          "steps a killed run held unsent go with the resumed run's first batch."},
     )
     dir: str | None = field(
         default=None,

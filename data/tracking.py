@@ -14,13 +14,16 @@ What is logged, to each backend the recipe names (tensorboard, mlflow, wandb, tr
   trackio, MLflow's log_table; a markdown table in TensorBoard's text tab).
 
 One tracker run per selfplay run: `runs/<run>/tracking.json` keeps each backend's run id (MLflow's run,
-wandb's id; TensorBoard and trackio go by the run's name) and what was logged, and every process that
+wandb's id; TensorBoard and trackio go by the run's name) and what it was sent, and every process that
 logs (a Luigi worker, forked or not; the main process of `accelerate launch`) opens that same run.
-A step is marked in tracking.json before it is sent, so a run killed and resumed logs each step once:
-the resumed trainer recomputes the steps after its last checkpoint and this module skips the ones sent
-before the kill (a SIGKILL in the instant between the mark and the send loses that one step from the
-tracker; training_log.json keeps every step). Figures are sent only when a task runs, so a command that
-has nothing to do logs nothing.
+What is sent is first marked pending there, then sent, then confirmed. A resumed trainer recomputes the
+steps after its last checkpoint and only those not confirmed are sent; a send that a kill interrupted is
+settled by asking the tracker which of its steps arrived (TensorBoard's event files, MLflow's store,
+trackio's; wandb's offline files cannot be asked, so there such a step is taken as sent: never twice, at
+worst one missing; training_log.json keeps every step). The trainer's steps go in batches at most every
+`tracking.send_seconds`; steps a killed process still held were never marked, and go with the resumed
+run's first batch (the hook gets the round's whole history). Figures are sent only when a task runs, so a
+command that has nothing to do sends nothing.
 
 Offline by default: TensorBoard event files, an MLflow SQLite store, wandb in offline mode (sync later with
 `wandb sync --id <id> <dir>/wandb/wandb/offline-run-*-<id>`), trackio's local store, all under
@@ -487,26 +490,26 @@ def step_offset(run_dir: Path, round_idx: int) -> int:
 class StepLogger:
     """The trainer's per-step hook (models/trainer.py): sends round `round_idx`'s finished steps, live, in batches
     at most every `tracking.send_seconds` (a tracker's write costs milliseconds, a small model's step not much
-    more). Steps held when the process is killed were never marked: the round's Evaluate sends them from
-    training_log.json (track_run)."""
+    more). It gets the round's whole history each time, steps restored from a trainer checkpoint included, and
+    sends those past the round's mark: steps a killed process held unsent go with the resumed run's first batch."""
 
     def __init__(self, settings, run_dir: Path, round_idx: int):
         import time
 
         self.tracker, self.every, self.clock = RunTracker(settings, run_dir), settings.send_seconds, time.monotonic
         self.round_idx, self.offset = round_idx, step_offset(run_dir, round_idx)
-        self.held: list[dict] = []
+        self.history: list[dict] = []
         self.sent_at = self.clock()
 
-    def __call__(self, entry: dict) -> None:
-        self.held.append(entry)
+    def __call__(self, history: list[dict]) -> None:
+        self.history = history
         if self.clock() - self.sent_at >= self.every:
             self.flush()
 
     def flush(self) -> None:
-        if self.held:
-            self.tracker.steps(self.round_idx, self.held, self.offset)
-        self.held, self.sent_at = [], self.clock()
+        if self.history:
+            self.tracker.steps(self.round_idx, self.history, self.offset)
+        self.sent_at = self.clock()
 
     def close(self) -> None:
         self.flush()

@@ -264,8 +264,8 @@ def _stop_requested(accelerator) -> bool:
 
 def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, round_idx: int, root_model: str,
                 root_path: str | None = None, on_step=None) -> dict:
-    """`on_step(entry)`: called on the main process with each finished step's figures (an experiment tracker,
-    data/tracking.py); a resumed round calls it for the steps it runs, from the one after its checkpoint."""
+    """`on_step(history)`: called on the main process after each step with the round's figures so far, one entry
+    per step, those restored from a trainer checkpoint included (an experiment tracker, data/tracking.py)."""
     from accelerate import Accelerator
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -447,7 +447,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                      grad_norm=float(grad_norm), seconds=time.perf_counter() - step_start, tokens=tokens, tokens_run=tokens_run)
         history.append(entry)
         if on_step is not None and accelerator.is_main_process:
-            on_step(entry)
+            on_step(history)
         progress.update(1)
         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
         stop = step < total_steps and _stop_requested(accelerator)

@@ -251,3 +251,21 @@ def test_wandb_offline_and_trackio_local_get_the_same_figures(tmp_path, monkeypa
     run_id = json.loads((run_dir / tracking.LEDGER).read_text())["wandb"]["run_id"]
     offline = sorted((tmp_path / "runs" / "tracking" / "wandb" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 2 and all((d / f"run-{run_id}.wandb").stat().st_size > 0 for d in offline)
+
+
+def test_steps_a_killed_trainer_held_unsent_go_with_the_resumed_runs_first_batch(tmp_path):
+    settings = load_recipe(_recipe(tmp_path, ["tensorboard"])).tracking
+    settings.send_seconds = 3600  # batches: nothing is sent until the logger is flushed or closed
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    history = [{"step": s, "loss": 1.0 / s} for s in range(1, 9)]
+    killed = tracking.StepLogger(settings, run_dir, 1)
+    killed(history[:4])
+    killed.flush()  # steps 1-4 sent; 5-8 held when the process is killed, after its checkpoint at step 8
+    for step in range(5, 9):
+        killed(history[:step])
+    resumed = tracking.StepLogger(settings, run_dir, 1)
+    resumed(history + [{"step": 9, "loss": 1.0 / 9}])  # the trainer resumed from checkpoint-8: its history holds 1-8
+    resumed.close()
+    logged = tensorboard_scalars(tmp_path / "runs" / "tracking", "r")["train/loss"]
+    assert [step for step, _ in logged] == list(range(1, 10))
