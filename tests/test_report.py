@@ -115,6 +115,8 @@ def test_accuracy_change_compares_only_the_prompts_both_rounds_evaluated():
     assert changes.loc[1, "n"] == 2 and changes.loc[1, "change"] == pytest.approx(0.5)  # (1 - 0 + 1 - 1) / 2
     assert changes.loc[2, "n"] == 4 and changes.loc[2, "change"] == pytest.approx(0.25)  # (1 + 0 + 1 - 1) / 4
     assert changes.loc[2, "change_se"] == pytest.approx(np.std([1, 0, 1, -1], ddof=1) / 2)
+
+
 def _header_run(tmp_path, name, recipe, base_info=None, kl=0.05, final_loss=None):
     import yaml
 
