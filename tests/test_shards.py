@@ -103,7 +103,7 @@ def run_round(recipe: str, runs: Path, workers: int) -> Path:
         # torch on several OpenMP threads, a child's thread pool is broken (segmentation faults); so the
         # command runs as a user runs it, in a fresh process that forks before any torch work.
         command = [sys.executable, "-m", "luigi", "--module", "pipeline", "Evaluate", "--recipe", recipe, "--runs-dir",
-                   str(runs), "--round-idx", "1", "--workers", str(workers), "--local-scheduler"]
+                   str(runs), "--round-idx", "1", "--workers", str(workers), "--local-scheduler", "--log-level", "INFO"]
         done = subprocess.run(command, cwd=runs.parent, capture_output=True, text=True, timeout=900,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
         assert done.returncode == 0 and "This progress looks :)" in done.stdout + done.stderr, done.stderr[-3000:]
@@ -349,7 +349,8 @@ def test_a_box_dies_mid_shard_and_another_box_finishes_the_run(tiny_recipe, tmp_
                gpu_slot.LOCK_DIR_ENV: str(tmp_path / f"gpus-{name}")}
         log = open(tmp_path / f"box-{name}.log", "w")
         args = [sys.executable, str(driver), str(delay), "--module", "pipeline", "Iterate", "--rounds", "1",
-                "--recipe", recipe, "--runs-dir", str(runs), "--shared-run", "--workers", "1"]
+                "--recipe", recipe, "--runs-dir", str(runs), "--shared-run", "--workers", "1",
+                "--log-level", "INFO"]  # the worker's "running"/"done" lines show which box ran the killed shard
         return subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log.name
 
     try:
