@@ -61,13 +61,6 @@ def test_model_paths_are_checked_in_one_line(tmp_path):
     check_model_path("Qwen/Qwen2.5-0.5B-Instruct")  # a hub id is left to from_pretrained
 
 
-def test_quantization_needs_a_gpu(saved):
-    if torch.cuda.is_available():
-        pytest.skip("has a GPU")
-    with pytest.raises(ModelError, match="needs a CUDA GPU"):
-        load_causal_lm(str(saved[0]), FP32, quantize=True)
-
-
 # Families that transform their logits after the LM head, each with a strong setting so a wrong path shows.
 SCALED_HEADS = {
     "granite": {"logits_scaling": 4.0},
