@@ -147,3 +147,79 @@ def test_bf16_on_a_gpu_without_it_is_refused_before_anything_is_scheduled(tiny_r
     with pytest.raises(ModelError, match=r"^model\.precision: bf16 needs a GPU with bf16; Tesla T4 has none: use fp16 or fp32$"):
         Iterate(recipe=recipe, runs_dir=str(tmp_path / "runs"), rounds=1)
     assert loading.precision_problem("bf16", CPU) is None  # a CPU computes bf16 (slowly where it has no bf16 instructions)
+
+
+# --- a QLoRA round through Luigi --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    """One SPIN round of the tiny demo recipe with QLoRA on the CPU, through Luigi."""
+    import yaml
+
+    import pipeline  # noqa: F401 - registers the tasks
+    from configs.recipe import deep_merge
+    from conftest import ALGORITHMS, TINY
+    from tasks.iterate import Iterate
+    from test_pipeline import build
+
+    root = tmp_path_factory.mktemp("qlora")
+    recipe = deep_merge(deep_merge(TINY, ALGORITHMS["spin"]), {"name": "tiny_qlora", "model": {"precision": "fp32", "quantization": "4bit"}})
+    path = root / "tiny_qlora.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    build(Iterate(recipe=str(path), runs_dir=str(root / "runs"), rounds=1))
+    return root / "runs" / "tiny_qlora", str(path)
+
+
+@pytest.mark.slow
+def test_a_qlora_round_reports_what_the_nf4_base_costs_beside_the_full_precision_base(qlora_run):
+    """Round 0 of a QLoRA run is the nf4 base: metrics.json and report.md set its KL from, and its accuracy
+    beside, the base in full precision; that accuracy is the one a run without quantisation measures."""
+    import json
+
+    import pandas as pd
+
+    from configs.recipe import load_recipe
+    from models.evaluation import evaluate_round
+    from tasks.evaluate import eval_prompts
+
+    run_dir, recipe_path = qlora_run
+    cost = json.loads((run_dir / "round_00" / "metrics.json").read_text())["eval"]["quantization"]
+    recipe = load_recipe(recipe_path)
+    full = load_recipe(recipe_path)
+    full.model.quantization = "none"
+    base_path = str(run_dir / "base_model")
+    frame, unquantised = evaluate_round(full, 0, base_path, base_path, eval_prompts(recipe), None, None)
+    assert cost["full_precision_accuracy"] == pytest.approx(unquantised["accuracy"])
+    nf4_frame = pd.read_parquet(run_dir / "round_00" / "eval.parquet")
+    nf4_greedy, full_greedy = nf4_frame[nf4_frame.kind == "greedy"], frame[frame.kind == "greedy"]
+    assert nf4_greedy.fp_response.tolist() == full_greedy.response.tolist()  # the full-precision base's own greedy answers
+    assert nf4_frame[nf4_frame.kind == "sample"].fp_logp.notna().all()
+    assert cost["prompts"] == recipe.evaluation.num_prompts and cost["samples"] == recipe.evaluation.num_prompts * recipe.evaluation.kl_samples
+    assert cost["kl_vs_full_precision"] != 0 and cost["sample_tokens"] > 0
+    report = (run_dir / "report.md").read_text()
+    assert "## Quantisation (QLoRA)" in report
+    assert f"greedy answers the same in both: {cost['same_greedy_answers']} of {cost['prompts']} prompts" in report
+    round_1 = json.loads((run_dir / "round_01" / "metrics.json").read_text())
+    assert "quantization" not in round_1["eval"] and round_1["train"]["stats"]["steps"] >= 1
+
+
+def test_quantization_cost_by_hand():
+    import pandas as pd
+
+    from models.evaluation import quantization_cost
+
+    frame = pd.DataFrame({
+        "prompt_id": ["a", "a", "a", "b", "b", "b"],
+        "kind": ["greedy", "sample", "sample", "greedy", "sample", "sample"],
+        "response": ["1", "x", "y", "2", "z", "w"], "fp_response": ["1", None, None, "3", None, None],
+        "logp": [0.0, -1.0, -2.0, 0.0, -3.0, -1.0], "fp_logp": [None, -2.0, -2.5, None, -3.0, -2.0],
+        "token_ids": [[1], [1, 2], [3], [4], [5, 6, 7], [8]],
+        "verifier_score": [1.0, None, None, 0.0, None, None], "fp_verifier_score": [1.0, None, None, 1.0, None, None],
+    })
+    cost = quantization_cost(frame)
+    # per-prompt mean log-ratios: a (1 + 0.5) / 2 = 0.75, b (0 + 1) / 2 = 0.5; per token: 2.5 / 7
+    assert cost["kl_vs_full_precision"] == pytest.approx(0.625) and cost["kl_vs_full_precision_se"] == pytest.approx(0.125)
+    assert cost["kl_per_token_vs_full_precision"] == pytest.approx(2.5 / 7) and cost["sample_tokens"] == 7
+    assert (cost["same_greedy_answers"], cost["prompts"], cost["samples"]) == (1, 2, 4)
+    assert cost["full_precision_accuracy"] == 1.0 and cost["accuracy_change"] == -0.5 and cost["accuracy_change_se"] == pytest.approx(0.5)
