@@ -130,6 +130,34 @@ def test_only_known_plain_heads_take_the_chunked_path():
     assert not _has_plain_head(remote(tiny_model("llama").config))
 
 
+def test_every_family_that_transforms_its_logits_after_the_head_names_a_field_the_head_check_reads():
+    """The chunked head is chosen from the config (models.logps.LOGIT_TRANSFORM_FIELDS), not from a list of families:
+    every modeling file of the installed transformers whose forward changes `logits` after `self.lm_head(...)` must
+    use one of those fields, or a new family would take the chunked head and get other log-probs than its own."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    from models.logps import LOGIT_TRANSFORM_FIELDS
+
+    assignment = re.compile(r"^\s*logits = (.*)$")
+    unread, transforming = [], 0
+    for path in sorted((Path(transformers.__file__).parent / "models").glob("*/modeling_*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if "logits = self.lm_head(" not in line:
+                continue
+            for after in lines[i + 1 : i + 12]:
+                found = assignment.match(after)
+                if found and not re.fullmatch(r"(self\.lm_head|logits\.(float|to|contiguous))\(.*\)", found.group(1).strip()):
+                    transforming += 1
+                    if not any(field in text for field in LOGIT_TRANSFORM_FIELDS):
+                        unread.append(f"{path.parent.name}: {after.strip()}")
+    assert transforming >= 10 and unread == []
+
+
 def test_encode_keeps_the_prompt_end_and_the_completion_start():
     tok = build_byte_tokenizer()
     assert [len(x) for x in (encode(tok, "p" * 20, "c" * 30, 60).prompt_ids, encode(tok, "p" * 20, "c" * 30, 60).completion_ids)] == [20, 30]
