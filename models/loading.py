@@ -75,6 +75,15 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{% if messages %}\n\n{% endif %}Assistant:{% endif %}"
 )
+# The same for a tokenizer that starts every text with its BOS token (Gemma, Llama base models): prompts are
+# tokenised without special tokens everywhere (the template writes them), and Gemma 3 270M without its <bos>
+# answers "What is 17 + 25?" by repeating "Assistant:" where with it it writes a sum.
+FALLBACK_CHAT_TEMPLATE_BOS = "{{ bos_token }}" + FALLBACK_CHAT_TEMPLATE
+
+
+def _starts_with_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token before a text by itself (its own add_special_tokens)."""
+    return tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
 
 
 def default_device() -> torch.device:
@@ -169,8 +178,10 @@ def load_tokenizer(path: str, model_cfg: ModelConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
-        log.warning("tokenizer of %s has no chat template; using a plain 'User:/Assistant:' template", path)
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        bos = _starts_with_bos(tokenizer)
+        log.warning("tokenizer of %s has no chat template; using a plain 'User:/Assistant:' template%s", path,
+                    f", after its BOS token {tokenizer.bos_token}" if bos else "")
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE_BOS if bos else FALLBACK_CHAT_TEMPLATE
     return tokenizer
 
 

@@ -146,3 +146,32 @@ def test_batched_log_probs_of_a_windowed_model_equal_plain_transformers():
     sums, counts = batched_logps(model, tok, items, 4, torch.device("cpu"))
     np.testing.assert_allclose(sums, full_sequence_logps(model, items), atol=2e-4)
     assert counts == [len(item.completion_ids) for item in items]
+
+
+def test_a_tokenizer_that_starts_texts_with_bos_keeps_it_in_the_plain_template(tmp_path):
+    """Gemma 3's GGUF has no chat template: the plain User:/Assistant: one then starts with the BOS token the
+    tokenizer would add itself, since every prompt is tokenised without special tokens."""
+    import json
+
+    from tokenizers import processors
+
+    from configs.recipe import ModelConfig
+    from data.prompts import format_completion, format_prompt
+    from models.loading import load_tokenizer
+    from models.tokenizer import build_byte_tokenizer
+
+    for adds_bos in (True, False):
+        tok = build_byte_tokenizer()
+        tok.add_special_tokens({"bos_token": "<bos>"})
+        if adds_bos:
+            tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+        tok.chat_template = None
+        path = tmp_path / f"bos_{adds_bos}"
+        tok.save_pretrained(path)
+        (path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+        loaded = load_tokenizer(str(path), ModelConfig())
+        prompt = format_prompt(loaded, "Hi")
+        assert prompt == ("<bos>" if adds_bos else "") + "User: Hi\nAssistant:"
+        ids = loaded(prompt, add_special_tokens=False).input_ids
+        assert (ids[0] == loaded.bos_token_id) == adds_bos and ids.count(loaded.bos_token_id) == int(adds_bos)
+        assert format_completion(loaded, "Hi", "Hello") == " Hello<|end|>"
