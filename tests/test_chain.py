@@ -88,9 +88,9 @@ def trained_policies(monkeypatch):
         # forward, models.trainer.pair_logps, under bf16 autocast where the weights are bf16): in bf16
         # another batch layout rounds differently.
         chosen, rejected = encode_pairs(tokenizer, make_pairs(100), 96)
-        bf16 = next(peft_model.parameters()).dtype == torch.bfloat16
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            seen_as_reference.append(np.array(pair_logps(peft_model, tokenizer, chosen, rejected, 4, CPU)).T.ravel())
+        weight = next(peft_model.parameters())
+        with torch.autocast(weight.device.type, dtype=torch.bfloat16, enabled=weight.dtype == torch.bfloat16):
+            seen_as_reference.append(np.array(pair_logps(peft_model, tokenizer, chosen, rejected, 4, weight.device)).T.ravel())
         return original(peft_model, tokenizer, out_dir, **kwargs)
 
     monkeypatch.setattr(loading, "save_checkpoint", spy)
@@ -290,16 +290,17 @@ def test_qlora_rounds_chain_through_the_nf4_root_plus_the_trained_adapter(root, 
     recipe = make_recipe(root_path, "fp32", learning_rate=1e-3, quantization="4bit")
     first = train(recipe, root_path, make_pairs(0), tmp_path, 1, root_path)
     round_1 = trained_policies[0]
-    policy = loading.load_policy(first, recipe.model, CPU, quantize=True, root=root_path)  # what Generate(2) loads
-    fresh_root = loading.load_causal_lm(root_path, recipe.model, CPU, quantize=True)
-    requantised = loading.load_causal_lm(first, recipe.model, CPU, quantize=True)  # the merged export, quantised again
+    device = loading.default_device()  # where train_round trained (bench/gpu_check.py runs this test on a GPU)
+    policy = loading.load_policy(first, recipe.model, device, quantize=True, root=root_path)  # what Generate(2) loads
+    fresh_root = loading.load_causal_lm(root_path, recipe.model, device, quantize=True)
+    requantised = loading.load_causal_lm(first, recipe.model, device, quantize=True)  # the merged export, quantised again
     saved = load_file(f"{first}/adapter/adapter_model.safetensors")
     adapted = [(name, module) for name, module in policy.named_modules() if hasattr(module, "lora_A")]
     root_layers, requantised_layers = dict(fresh_root.named_modules()), dict(requantised.named_modules())
     assert len(adapted) == 14 and type(adapted[0][1].base_layer).__name__ == "Linear4bit"
     for name, module in adapted:
-        assert torch.equal(module.lora_A["default"].weight, saved[f"base_model.model.{name}.lora_A.weight"])
-        assert torch.equal(module.lora_B["default"].weight, saved[f"base_model.model.{name}.lora_B.weight"])
+        assert torch.equal(module.lora_A["default"].weight.cpu(), saved[f"base_model.model.{name}.lora_A.weight"])
+        assert torch.equal(module.lora_B["default"].weight.cpu(), saved[f"base_model.model.{name}.lora_B.weight"])
         assert torch.equal(module.base_layer.weight.data, root_layers[name].weight.data)  # packed nf4: the root as loaded
     assert any(not torch.equal(requantised_layers[name].weight.data, root_layers[name].weight.data) for name, _ in adapted)
     assert np.array_equal(logps(policy, tok), round_1)  # nf4(W) + delta, computed as in training
@@ -313,4 +314,4 @@ def test_qlora_rounds_chain_through_the_nf4_root_plus_the_trained_adapter(root, 
     reference = pd.read_parquet(tmp_path / "work_02" / "ref_logps.parquet")
     assert np.array_equal(np.concatenate([reference.chosen, reference.rejected]), trained_policies.as_reference[0])
     assert np.abs(np.concatenate([reference.chosen, reference.rejected]) - np.concatenate([round_1[8:16], round_1[32:40]])).max() <= TOL
-    assert np.array_equal(logps(loading.load_policy(second, recipe.model, CPU, quantize=True), tok), trained_policies[1])
+    assert np.array_equal(logps(loading.load_policy(second, recipe.model, device, quantize=True), tok), trained_policies[1])
