@@ -43,13 +43,14 @@ def parts(work: Path, dry_run: bool) -> list[tuple[str, list[str], int, Path]]:
     bench = lambda name: [sys.executable, str(REPO / "bench" / name)]  # noqa: E731
     train = ["--config", "tiny", "--batch", "2", "--steps", "3"] if dry_run else ["--config", "qwen2.5-0.5b", "--batch", "8", "--steps", "20"]
     generate = (["--tiny", "--batches", "4"] if dry_run else ["--batches", "64", "--new-tokens", "128", "--reps", "1", "--eq-batch", "32"])
+    demo = ["--new-tokens", "16", "--eq-prompts", "16", "--eq-new-tokens", "16"] if dry_run else ["--new-tokens", "64", "--eq-prompts", "64"]
     return [
         ("train", bench("bench_train.py") + train + ["--json", str(work / "train.json")], 150, work / "train.json"),
         ("rounds", bench("real_model_round.py") + ["--out", str(work / "rounds"), "--json", str(work / "rounds.json")]
          + (["--tiny"] if dry_run else []), 240, work / "rounds.json"),
         ("generation", bench("bench_generate.py") + generate + ["--json", str(work / "generation.json")], 60, work / "generation.json"),
-        ("generation_demo_model", bench("bench_generate.py") + ["--model", str(DEMO_MODEL), "--batches", "32", "--new-tokens", "64",
-         "--reps", "1", "--skip-hf", "--eq-prompts", "64", "--json", str(work / "generation_demo.json")], 30, work / "generation_demo.json"),
+        ("generation_demo_model", bench("bench_generate.py") + ["--model", str(DEMO_MODEL), "--batches", "32", "--reps", "1", "--skip-hf"]
+         + demo + ["--json", str(work / "generation_demo.json")], 30, work / "generation_demo.json"),
         ("chain", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_chain.py"),
                    "-k", "step_0 or qlora_rounds", f"--junitxml={work / 'chain.xml'}"], 90, work / "chain.xml"),
     ]
