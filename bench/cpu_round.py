@@ -10,6 +10,12 @@ Evaluate 1, Report), so each one's peak resident memory (ru_maxrss of the child)
 stage's wall time includes its command's start (imports, about 5-10 s). The load average before and
 after each stage is recorded: on a shared machine the times are only as good as that. Generate and
 Evaluate also get the tokens they generated and their seconds per thousand of them.
+
+With `--interleave` the recipes take turns stage by stage (BaseModel of each, then Evaluate 0 of each, ...),
+so arms compared side by side on a shared machine see the same load, as near as one machine allows:
+
+    python bench/cpu_round.py configs/smollm2_spin_cpu.yaml configs/smollm2_spin_qlora_cpu.yaml --interleave \
+        --runs-dir /tmp/qlora_rounds --json bench/results/smollm2_qlora_cpu.json
 """
 
 from __future__ import annotations
@@ -75,33 +81,40 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--runs-dir", default="/tmp/cpu_rounds")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--interleave", action="store_true", help="run the recipes' stages in turns (stage 1 of each, then stage 2, ...)")
     args = parser.parse_args()
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                "torch_threads": os.environ.get("SELFPLAY_CPU_THREADS", "torch default"), "recipes": {}}
     if args.json and Path(args.json).is_file():  # figures of recipes measured before are kept
         results["recipes"] = json.loads(Path(args.json).read_text())["recipes"]
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
-    for recipe in args.recipes:
-        stages = []
-        with open(Path(args.runs_dir) / f"{Path(recipe).stem}.log", "w") as log:
-            for task, round_idx in STAGES:
-                stages.append(run_stage(str(Path(recipe).resolve()), str(Path(args.runs_dir).resolve()), task, round_idx, log))
-                print(Path(recipe).stem, json.dumps(stages[-1]), flush=True)
-        run = RunLayout(Path(args.runs_dir) / Path(recipe).stem)
-        metrics = json.loads(run.metrics(1).read_text())
-        base_metrics = json.loads(run.metrics(0).read_text())
-        add_generation_rates(stages, run)
-        results["recipes"][Path(recipe).stem] = {
-            "stages": stages,
-            "total_seconds": round(sum(s["seconds"] for s in stages), 1),
-            "peak_rss_gb": max(s["peak_rss_gb"] for s in stages),
-            "round_0": base_metrics["eval"], "round_1": metrics["eval"],
-            "generate": metrics["generate"], "judge": metrics["judge"], "train": metrics["train"]["stats"],
-        }
-        print(Path(recipe).stem, "total", results["recipes"][Path(recipe).stem]["total_seconds"], "s", flush=True)
-        if args.json:  # after every recipe, so a stopped run keeps what it measured
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    stages: dict[str, list] = {recipe: [] for recipe in args.recipes}
+    order = ([(recipe, stage) for stage in STAGES for recipe in args.recipes] if args.interleave
+             else [(recipe, stage) for recipe in args.recipes for stage in STAGES])
+    for recipe, (task, round_idx) in order:
+        with open(Path(args.runs_dir) / f"{Path(recipe).stem}.log", "a") as log:
+            stages[recipe].append(run_stage(str(Path(recipe).resolve()), str(Path(args.runs_dir).resolve()), task, round_idx, log))
+        print(Path(recipe).stem, json.dumps(stages[recipe][-1]), flush=True)
+        if len(stages[recipe]) == len(STAGES):
+            record(results, recipe, stages[recipe], args)
 
+
+def record(results: dict, recipe: str, stages: list[dict], args) -> None:
+    """A finished recipe's figures into `results`, and the JSON file written again, so a stopped run keeps what it measured."""
+    run = RunLayout(Path(args.runs_dir) / Path(recipe).stem)
+    metrics = json.loads(run.metrics(1).read_text())
+    base_metrics = json.loads(run.metrics(0).read_text())
+    add_generation_rates(stages, run)
+    results["recipes"][Path(recipe).stem] = {
+        "stages": stages,
+        "total_seconds": round(sum(s["seconds"] for s in stages), 1),
+        "peak_rss_gb": max(s["peak_rss_gb"] for s in stages),
+        "round_0": base_metrics["eval"], "round_1": metrics["eval"],
+        "generate": metrics["generate"], "judge": metrics["judge"], "train": metrics["train"]["stats"],
+    }
+    print(Path(recipe).stem, "total", results["recipes"][Path(recipe).stem]["total_seconds"], "s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

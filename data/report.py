@@ -104,6 +104,27 @@ def accuracy_change_section(run: Run) -> list[str]:
     return lines + [""]
 
 
+def quantization_section(run: Run) -> list[str]:
+    """QLoRA: round 0 is the base in nf4. What the quantisation alone costs, against the base in full precision
+    (models.evaluation.quantization_cost), from round 0's metrics.json."""
+    cost = ((run.round_metrics(0) or {}).get("eval") or {}).get("quantization")
+    if not cost:
+        return []
+    lines = ["## Quantisation (QLoRA)", "",
+             "Round 0 is the base model quantised to nf4 (bitsandbytes, double quantisation), the weights every round "
+             "trains an adapter on; here it is set beside the same base in full precision, on the same held-out prompts:", "",
+             f"- KL(nf4 || full precision): {_cell(cost['kl_vs_full_precision'], '{:.3f}', cost.get('kl_vs_full_precision_se'))} "
+             f"nats per answer, {cost['kl_per_token_vs_full_precision']:.3f} per token ({cost['samples']} samples of the nf4 "
+             f"base, {cost['sample_tokens']} tokens, scored under both);",
+             f"- greedy answers the same in both: {cost['same_greedy_answers']} of {cost['prompts']} prompts;"]
+    if "full_precision_accuracy" in cost:
+        lines.append(f"- accuracy: full precision {_cell(cost['full_precision_accuracy'], '{:.3f}', cost.get('full_precision_accuracy_se'))}, "
+                     f"nf4 (round 0 above) {cost['accuracy_change'] + cost['full_precision_accuracy']:.3f}; change "
+                     f"{cost['accuracy_change']:+.3f} ± {cost.get('accuracy_change_se', float('nan')):.3f} (paired over the same "
+                     f"{cost['prompts']} prompts).")
+    return lines + [""]
+
+
 def draw_per_round(ax, metrics: pd.DataFrame, column: str, label: str | None = None, **style) -> bool:
     """`column` against round, with one-standard-error bars where recorded, on an axis that does not
     magnify noise: 0..1 for probabilities (chance line at 0.5 for win rates), else from 0. The report and
@@ -330,6 +351,7 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
     accuracy_by, judge_by = _accuracy_source(sources), _judge_source(sources)
     lines += [f"- accuracy: {accuracy_by}", f"- win vs prev, win vs base: {judge_by}", ""]
     lines += accuracy_change_section(run)
+    lines += quantization_section(run)
     for prefix, title in (("accuracy/", f"Accuracy by task kind ({accuracy_by})"),
                           ("win_rate_vs_base/", f"Win rate vs base by task kind ({judge_by})")):
         by_task = [c for c in metrics.columns if c.startswith(prefix)]

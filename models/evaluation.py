@@ -274,6 +274,10 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
         ]
         frame["correct"] = frame.verifier_score >= 0.5
 
+    if round_idx == 0 and quantize:  # QLoRA: round 0 is the nf4 base; what the quantisation costs, against full precision
+        del model
+        full_precision_rows(recipe, base_path, tokenizer, texts, frame, items, verifier if "verifier_score" in frame else None,
+                            row_prompts)
     greedy_rows = frame[frame.kind == "greedy"].reset_index(drop=True)
     sample_rows = frame[frame.kind == "sample"]
     judge_name = eval_judge_name(recipe, whole)
@@ -304,6 +308,53 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
                 judged[label] = [float(result.prob_matrix[0, 1]) for result in results]
                 judged["unparsed"] += sum(result.unparsed for result in results)
     return frame, judged
+
+
+def full_precision_rows(recipe, base_path: str, tokenizer, texts: list[str], frame: pd.DataFrame, items: list[Encoded], verifier,
+                        row_prompts: pd.DataFrame) -> None:
+    """QLoRA's round 0 is the base quantised to nf4, and every round's policy sits on those weights: what the
+    quantisation alone costs is measured against the same base in full precision (base_model/ loaded without
+    quantisation, in model.precision). Adds to `frame`: `fp_logp` on the sample rows (each sample of the nf4
+    base scored under the full-precision base: KL(nf4 || full precision) by Monte Carlo, as kl_vs_base), and on
+    the greedy rows `fp_response` and `fp_num_tokens` (the full-precision base's greedy answer) and, with a
+    verifier, `fp_verifier_score`, for its accuracy beside the nf4 base's on the same prompts."""
+    from models.generation import generate_texts
+    from models.judge_types import row_of
+    from models.loading import load_policy
+    from models.sampling import SamplingSettings
+
+    ev, gen = recipe.evaluation, recipe.generation
+    model = load_policy(base_path, recipe.model, quantize=False)
+    device = next(model.parameters()).device
+    answers = generate_texts(model, tokenizer, texts, SamplingSettings(
+        temperature=0.0, max_new_tokens=ev.max_new_tokens, batch_size=gen.batch_size, backend=gen.backend), "eval full precision")
+    greedy, samples = frame.index[frame.kind == "greedy"], frame.index[frame.kind == "sample"]  # greedy rows in prompt order
+    frame.loc[greedy, "fp_response"] = [a[0].text for a in answers]
+    frame.loc[greedy, "fp_num_tokens"] = [a[0].num_tokens for a in answers]
+    frame.loc[samples, "fp_logp"] = batched_logps(model, tokenizer, [items[i] for i in samples], gen.batch_size, device,
+                                                  "eval full-precision logps")[0]
+    if verifier is not None:
+        frame.loc[greedy, "fp_verifier_score"] = [
+            verifier.score(row["prompt"], answer[0].text, row_of(row.get("source_row")), row.get("answer"))
+            for row, answer in zip(row_prompts.loc[greedy].to_dict("records"), answers)
+        ]
+
+
+def quantization_cost(frame: pd.DataFrame) -> dict:
+    """Round 0 of a QLoRA run against the base in full precision (full_precision_rows): KL(nf4 || full precision)
+    per answer (± SE over per-prompt means, as kl_vs_base) and per token, the full-precision base's accuracy,
+    the paired accuracy change of nf4 (± SE of per-prompt differences), and how many greedy answers are the same."""
+    greedy, samples = frame[frame.kind == "greedy"], frame[frame.kind == "sample"]
+    log_ratio = samples.logp - samples.fp_logp
+    kl, kl_se = mean_se(log_ratio.groupby(samples.prompt_id).mean())
+    tokens = sum(len(ids) for ids in samples.token_ids) if "token_ids" in samples else int(samples.num_tokens.sum())
+    cost = {"kl_vs_full_precision": kl, "kl_vs_full_precision_se": kl_se, "kl_per_token_vs_full_precision": float(log_ratio.sum()) / max(1, tokens),
+            "samples": int(len(samples)), "sample_tokens": int(tokens), "prompts": int(len(greedy)),
+            "same_greedy_answers": int((greedy.response == greedy.fp_response).sum())}
+    if "fp_verifier_score" in greedy and "verifier_score" in greedy:
+        cost["full_precision_accuracy"], cost["full_precision_accuracy_se"] = mean_se(greedy.fp_verifier_score.astype(float))
+        cost["accuracy_change"], cost["accuracy_change_se"] = mean_se(greedy.verifier_score.astype(float) - greedy.fp_verifier_score.astype(float))
+    return cost
 
 
 def eval_metrics(recipe, round_idx: int, frame: pd.DataFrame, prompts: pd.DataFrame, previous: pd.DataFrame | None,
@@ -361,4 +412,6 @@ def eval_metrics(recipe, round_idx: int, frame: pd.DataFrame, prompts: pd.DataFr
                     metrics[f"win_rate_vs_{label}_by_task"] = {k: float(v) for k, v in by_task.items()}
     else:
         metrics["kl_vs_base"] = 0.0
+        if "fp_logp" in frame:
+            metrics["quantization"] = quantization_cost(frame)
     return metrics

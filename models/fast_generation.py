@@ -75,11 +75,16 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   models, tests/test_real_model on SmolLM2; bench/README.md has the speed).
 
 Supported: decoder-only HF causal LMs whose layers are all full attention, with `sdpa` or `eager`
-attention (checked: Llama and Qwen2). A config with one `sliding_window` for every layer and no
-`layer_types` (Mistral, Phi-3, Starcoder2) runs here when prompt plus new tokens fit in the window
-(where it masks nothing), and falls back to `hf` when they do not. Anything else (hybrid layers,
-flash/flex attention, encoder-decoder) falls back to the `hf` backend with a warning, as does a failed
-capture (to the eager step). Beam search, repetition penalties and top-k are not implemented.
+attention (checked: Llama and Qwen2), and families that mix full and sliding-window layers and take one
+mask per layer type (models.logps.MASK_MAPPING_MODEL_TYPES, checked: Gemma 3): there every layer's static
+cache keeps every key in its slot (transformers' sliding layers keep a rolling window of slots instead),
+each key slot's token position is kept beside it (`kv_pos`), and the sliding layers' masks hide keys a
+window or more positions before the query, counted in positions, not slots (a shared prefix moves tokens
+to other slots). A config with one `sliding_window` for every layer and no `layer_types` (Mistral, Phi-3,
+Starcoder2) runs here when prompt plus new tokens fit in the window (where it masks nothing), and falls
+back to `hf` when they do not. Anything else (other hybrid layers, flash/flex attention, encoder-decoder)
+falls back to the `hf` backend with a warning, as does a failed capture (to the eager step). Beam search,
+repetition penalties and top-k are not implemented.
 
 `vllm_generate` (the `vllm` backend)
 ------------------------------------
@@ -285,8 +290,8 @@ def unsupported_reason(model, length: int | None = None) -> str | None:
         return f"attention implementation {impl!r} (only sdpa and eager)"
     layer_types = getattr(_text_config(model), "layer_types", None) or []
     others = sorted({t for t in layer_types if t != "full_attention"})
-    if others:
-        return f"layer types {others} (only full attention)"
+    if others and models.logps.mask_window(model) is None:
+        return f"layer types {others} (only full attention, or the sliding windows of {sorted(models.logps.MASK_MAPPING_MODEL_TYPES)})"
     window = _sliding_window(_text_config(model))
     if window is not None and (length is None or length > window):
         needs = "" if length is None else f", shorter than the {length} positions of prompt plus new tokens"
@@ -357,6 +362,7 @@ class _Session:
     slot_rows: torch.Tensor | None = None
     full_kv: list | None = None  # the cache's whole key/value tensors while its layers hold views of the first slots
     ended: tuple | None = None  # (tokens, log-probs) by batch row of the rows compaction moved out
+    kv_pos: torch.Tensor | None = None  # [B, L] position of the token each key slot holds (sliding windows count positions)
 
     # masks ------------------------------------------------------------------------------------
     def to_attention_mask(self, visible: torch.Tensor) -> torch.Tensor:
@@ -364,6 +370,10 @@ class _Session:
             return visible
         zero = torch.zeros((), dtype=self.mask_dtype, device=visible.device)
         return torch.where(visible, zero, torch.finfo(self.mask_dtype).min)
+
+    def masks(self, model, visible: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
+        """`visible` as the model takes it: one mask, or one per layer type with sliding-window layers."""
+        return models.logps.attention_masks(model, visible, query_positions, key_positions, self.to_attention_mask)
 
     def forward_logits(self, model, input_ids, mask, position_ids) -> torch.Tensor:
         out = model(
@@ -404,6 +414,7 @@ class _Session:
         self.kv_valid.zero_()
         self.kv_valid[:, :width] = prompt_valid
         position_ids = (attention_mask.to(device=device, dtype=torch.long).cumsum(-1) - 1).clamp_(min=0)
+        self.kv_pos[:, :width] = position_ids
         rows = torch.arange(width, device=device)[:, None]
         cols = torch.arange(cache_len, device=device)[None, :]
         visible = ((cols <= rows)[None, None] & self.kv_valid[:, None, None, :]) | (cols == rows)[None, None]
@@ -417,7 +428,7 @@ class _Session:
         if unique_rows is None:
             logits = model(
                 input_ids=input_ids,
-                attention_mask=self.to_attention_mask(visible),
+                attention_mask=self.masks(model, visible, position_ids, self.kv_pos),
                 position_ids=position_ids,
                 cache=self.cache,
                 use_cache=True,
@@ -449,7 +460,9 @@ class _Session:
         from transformers import DynamicCache
 
         width = input_ids.shape[1]
-        prompt_cache = DynamicCache(config=model.config)
+        # Sliding-window layers keep every key here too (the masks apply the window): their own cache would keep
+        # the last window's slots, and the static cache's rows are filled from these.
+        prompt_cache = DynamicCache() if models.logps.mask_window(model) is not None else DynamicCache(config=model.config)
 
         def run(rows, start: int, end: int) -> torch.Tensor:
             part = dict(extra)
@@ -457,7 +470,7 @@ class _Session:
                 part["cache_position"] = torch.arange(start, end, device=input_ids.device)
             return model(
                 input_ids=input_ids[rows, start:end],
-                attention_mask=self.to_attention_mask(visible[rows, :, start:end, :end]),
+                attention_mask=self.masks(model, visible[rows, :, start:end, :end], position_ids[rows, start:end], self.kv_pos[rows, :end]),
                 position_ids=position_ids[rows, start:end],
                 cache=prompt_cache,
                 use_cache=True,
@@ -489,10 +502,11 @@ class _Session:
         n = self.active  # the whole batch, unless compaction left fewer rows (views of the first slots)
         kv_valid, done, tokens, positions = self.kv_valid[:n], self.done[:n], self.tokens[:n], self.positions[:n]
         kv_valid.index_fill_(1, self.cache_pos, True)
+        self.kv_pos[:n].index_copy_(1, self.cache_pos, positions)
         visible = kv_valid[:, None, None, :]
         if "cache_position" in self.extra_kwargs:
             self.extra_kwargs["cache_position"] = self.cache_pos
-        logits = self.forward_logits(model, tokens, self.to_attention_mask(visible), positions)
+        logits = self.forward_logits(model, tokens, self.masks(model, visible, positions, self.kv_pos[:n]), positions)
         nxt = self.next_tokens(logits)
         if self.key.logps:  # rows that ended before this step add nothing; the step that samples the eos does
             self.logp_sum[:n].add_(torch.where(done, 0.0, _token_logps(logits, nxt)))
@@ -528,7 +542,8 @@ class _Session:
             self.ended[1][rows] = self.logp_sum[gone]
         live = (~done).nonzero().squeeze(1)
         k = live.numel()
-        for buffer in (self.tokens, self.positions, self.kv_valid, self.done, self.out, self.logp_sum, self.greedy, self.slot_rows):
+        for buffer in (self.tokens, self.positions, self.kv_valid, self.kv_pos, self.done, self.out, self.logp_sum, self.greedy,
+                       self.slot_rows):
             buffer[:k] = buffer[live]
         if self.full_kv is None:
             self.full_kv = [(layer.keys, layer.values) for layer in self.cache.layers]
@@ -562,7 +577,8 @@ class _Session:
 
     def capture(self, warmup: int = 2) -> None:
         """Warm the step up on a side stream, then capture it; buffers are restored after warm-up."""
-        saved = [t.clone() for t in (self.tokens, self.positions, self.cache_pos, self.step_idx, self.kv_valid, self.done, self.out, self.logp_sum)]
+        saved = [t.clone() for t in (self.tokens, self.positions, self.cache_pos, self.step_idx, self.kv_valid, self.done, self.out, self.logp_sum,
+                                     self.kv_pos)]
         lengths = _cache_lengths(self.cache)
         step = self.step_fn or self.step
         stream = torch.cuda.Stream()
@@ -580,7 +596,8 @@ class _Session:
         self.stats["captures"] += 1
 
     def _restore(self, saved, lengths) -> None:
-        for dst, src in zip((self.tokens, self.positions, self.cache_pos, self.step_idx, self.kv_valid, self.done, self.out, self.logp_sum), saved):
+        for dst, src in zip((self.tokens, self.positions, self.cache_pos, self.step_idx, self.kv_valid, self.done, self.out, self.logp_sum,
+                             self.kv_pos), saved):
             dst.copy_(src)
         _set_cache_lengths(self.cache, lengths)
 
@@ -683,6 +700,21 @@ def _compile_mode(compile_step) -> str:
     return compile_step or ""
 
 
+def _all_full_attention(model):
+    """The model's config, or for sliding-window layers (models.logps.mask_window) a copy whose layers all
+    attend fully: the static cache then keeps every key of every layer in its slot, and the masks apply the
+    window on positions. (transformers' sliding layers keep a rolling window of slots of their own, which
+    neither the masks nor compaction could address.)"""
+    if models.logps.mask_window(model) is None:
+        return model.config
+    import copy
+
+    config = copy.copy(_text_config(model))
+    config.layer_types = ["full_attention"] * len(config.layer_types)
+    config.sliding_window = None
+    return config
+
+
 def _new_session(model, key: _SessionKey, device: torch.device) -> _Session:
     from transformers import StaticCache
 
@@ -700,12 +732,13 @@ def _new_session(model, key: _SessionKey, device: torch.device) -> _Session:
     session = _Session(
         key=key,
         model_ref=weakref.ref(model),
-        cache=StaticCache(config=model.config, max_cache_len=cache_len),
+        cache=StaticCache(config=_all_full_attention(model), max_cache_len=cache_len),
         tokens=torch.zeros((batch, 1), **long),
         positions=torch.zeros((batch, 1), **long),
         cache_pos=torch.zeros((1,), **long),
         step_idx=torch.ones((1,), **long),
         kv_valid=torch.zeros((batch, cache_len), dtype=torch.bool, device=device),
+        kv_pos=torch.zeros((batch, cache_len), **long),
         done=torch.zeros((batch,), dtype=torch.bool, device=device),
         out=torch.zeros((batch, key.max_new_tokens), **long),
         logp_sum=torch.zeros((batch,), dtype=torch.float32, device=device),

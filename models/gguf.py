@@ -44,12 +44,13 @@ def is_gguf_spec(base_model: str | None) -> bool:
     return bool(base_model) and (base_model.startswith(CACHE_PREFIX) or base_model.lower().endswith(".gguf"))
 
 
-def resolve_gguf(base_model: str) -> Path:
-    """The file a GGUF `model.base_model` names; a cache entry must have been fetched already."""
+def resolve_gguf(base_model: str, verify: bool = False) -> Path:
+    """The file a GGUF `model.base_model` names; a cache entry must have been fetched already (and with
+    `verify`, still have its pinned sha256)."""
     if base_model.startswith(CACHE_PREFIX):
-        from models.fetch import cached_file
+        from models.fetch import cached_file, verified_file
 
-        return cached_file(base_model[len(CACHE_PREFIX):])
+        return (verified_file if verify else cached_file)(base_model[len(CACHE_PREFIX):])
     return Path(base_model).expanduser().resolve()
 
 

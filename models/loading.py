@@ -33,8 +33,13 @@ by fp32 rounding, a few 1e-6 in summed log-probs of the tests' models. With QLoR
 (peft's prepare_model_for_kbit_training) and inference loads run them in bf16, a difference of
 compute precision only, and Train(r+1)'s reference is taken in training's precision.
 
-QLoRA (`model.quantization: 4bit`) loads the weights as bitsandbytes nf4 with double quantisation and
-bf16 compute.
+QLoRA (`model.quantization: 4bit`) loads the weights as bitsandbytes nf4 with double quantisation,
+wherever the installed bitsandbytes can quantise and de-quantise nf4 on the device (a CUDA GPU, and a
+CPU from bitsandbytes 0.49 on; `quantization_problem` tries it on a few numbers). The compute dtype is
+`model.precision` resolved for the device: `auto` is bf16 on a GPU that has it and fp32 on a CPU, where
+bf16 matmuls are emulated on most x86 cores (several times slower than fp32) and the fp32 compute keeps
+the quantisation the only approximation. The embeddings, norms and LM head, which are not quantised,
+load in that dtype too.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import json
 import logging
 import re
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -69,6 +75,15 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{% if messages %}\n\n{% endif %}Assistant:{% endif %}"
 )
+# The same for a tokenizer that starts every text with its BOS token (Gemma, Llama base models): prompts are
+# tokenised without special tokens everywhere (the template writes them), and Gemma 3 270M without its <bos>
+# answers "What is 17 + 25?" by repeating "Assistant:" where with it it writes a sum.
+FALLBACK_CHAT_TEMPLATE_BOS = "{{ bos_token }}" + FALLBACK_CHAT_TEMPLATE
+
+
+def _starts_with_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token before a text by itself (its own add_special_tokens)."""
+    return tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
 
 
 def default_device() -> torch.device:
@@ -81,6 +96,49 @@ def resolve_dtype(precision: str, device: torch.device | None = None) -> torch.d
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def quantization_problem(device: torch.device) -> str | None:
+    """Why 4-bit nf4 (QLoRA) cannot run on `device` with the installed bitsandbytes; None when it can.
+
+    Asked of bitsandbytes itself: it quantises and de-quantises a few numbers on the device (milliseconds),
+    since which devices a release supports changed from version to version (CUDA only before 0.49).
+    """
+    try:
+        import bitsandbytes
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    except Exception as exc:  # not installed, or its native library does not load here
+        return f"bitsandbytes does not import ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    values = torch.linspace(-1, 1, 128, device=device).reshape(2, 64)  # nf4's levels lie at most 0.14 apart around +-1
+    try:
+        packed, state = quantize_4bit(values, quant_type="nf4", compress_statistics=True)
+        restored = dequantize_4bit(packed, state, quant_type="nf4")
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"bitsandbytes {bitsandbytes.__version__} cannot quantise to nf4 on {device.type} ({first})"
+    if restored.shape != values.shape or not torch.allclose(restored.float(), values, atol=0.2):
+        return f"bitsandbytes {bitsandbytes.__version__} gives wrong nf4 values on {device.type}"
+    return None
+
+
+def precision_problem(precision: str, device: torch.device) -> str | None:
+    """Why `model.precision` cannot run on `device`; None when it can (a CPU runs bf16 and fp16, slowly)."""
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return f"model.precision: bf16 needs a GPU with bf16; {torch.cuda.get_device_name(device)} has none: use fp16 or fp32"
+    return None
+
+
+def check_model_device(model_cfg: ModelConfig, device: torch.device | None = None) -> None:
+    """One-line ModelError when the recipe's precision or quantisation cannot run on `device` (the preflight's
+    check, and every load's)."""
+    device = device or default_device()
+    problem = precision_problem(model_cfg.precision, device)
+    if problem:
+        raise ModelError(problem)
+    if model_cfg.quantization == "4bit":
+        problem = quantization_problem(device)
+        if problem:
+            raise ModelError(f"model.quantization: 4bit (QLoRA) cannot run here: {problem}; use quantization: none")
 
 
 def check_model_path(path: str) -> None:
@@ -120,17 +178,21 @@ def load_tokenizer(path: str, model_cfg: ModelConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
-        log.warning("tokenizer of %s has no chat template; using a plain 'User:/Assistant:' template", path)
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        bos = _starts_with_bos(tokenizer)
+        log.warning("tokenizer of %s has no chat template; using a plain 'User:/Assistant:' template%s", path,
+                    f", after its BOS token {tokenizer.bos_token}" if bos else "")
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE_BOS if bos else FALLBACK_CHAT_TEMPLATE
     return tokenizer
 
 
 def load_causal_lm(path: str, model_cfg: ModelConfig, device: torch.device | None = None, quantize: bool = False):
-    """Load a causal LM for inference or training; `quantize` loads it 4-bit (QLoRA) on the GPU."""
+    """Load a causal LM for inference or training; `quantize` loads it 4-bit (QLoRA: nf4, double
+    quantisation, computing in model.precision resolved for the device)."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(path)
     device = device or default_device()
+    check_model_device(replace(model_cfg, quantization="4bit" if quantize else "none"), device)
     kwargs = dict(
         dtype=resolve_dtype(model_cfg.precision, device),
         attn_implementation=model_cfg.attn_implementation,
@@ -138,18 +200,15 @@ def load_causal_lm(path: str, model_cfg: ModelConfig, device: torch.device | Non
         **_hub_kwargs(path, model_cfg),
     )
     if quantize:
-        if device.type != "cuda":
-            raise ModelError("model.quantization: 4bit (QLoRA) needs a CUDA GPU; use quantization: none on CPU")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
         )
-        kwargs["dtype"] = torch.bfloat16
-        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": device.type}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

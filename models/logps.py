@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from models.packing import packed_linears
 from models.padding import pad_rows
 
-HEAD_CHUNK = 4096  # completion positions per LM-head chunk
+# Logits per LM-head chunk (positions x vocabulary): 4,096 positions of a 32k vocabulary, 512 MB in fp32; a chunk of
+# Gemma 3's 262,144-token vocabulary then holds 512 positions, not 4,096 (4.3 GB).
+HEAD_CHUNK_LOGITS = 4096 * 32768
 # Prompts of a batch that start with the same this many tokens or more (a chat template's system turn) run
 # those once (_shared_prompt_logps here, the decode loop's prefill in models/fast_generation.py).
 SHARED_PREFIX_MIN = 4
@@ -167,21 +169,14 @@ def pair_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return int(prompt_lengths[batch["prompt_of"]].sum()) + completion, int(prompt_lengths.sum()) + completion
 
 
-# Causal-LM families whose forward is exactly `logits = lm_head(decoder(...).last_hidden_state)`, read
-# in transformers 5.x's modeling files: nothing rescales, soft-caps or masks the logits after the head.
-# Only these take the chunked-head path; every other family (Gemma 2/3 soft-capping, Cohere's
-# logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, remote code, anything new)
-# runs its own forward, which is always right and only slower.
-PLAIN_HEAD_MODEL_TYPES = frozenset({
-    "apertus", "arcee", "deepseek_v3", "exaone4", "gemma", "glm", "glm4", "gpt_neox", "helium", "llama",
-    "ministral", "mistral", "mixtral", "olmo", "olmo2", "olmo3", "phi", "phi3", "qwen2", "qwen2_moe",
-    "qwen3", "qwen3_moe", "seed_oss", "smollm3", "stablelm", "starcoder2",
-})
-# Config fields through which some family transforms its logits after the head. A listed family that
-# carries one anyway (a config edited by hand, a fork) is not trusted either.
+# Config fields through which a transformers family transforms its logits after the head (read in the
+# modeling files of transformers 5.x: Gemma 2/3's and Nanochat's soft-capping, RecurrentGemma's, Cohere's
+# logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, Muse's output_multiplier, Inkling's cut to
+# the unpadded vocabulary, ProphetNet's n-gram streams; tests/test_models.py scans the installed transformers for a
+# family that does it otherwise). A model whose config sets none of them computes `lm_head(decoder(...).last_hidden_state)`.
 LOGIT_TRANSFORM_FIELDS = (
-    "final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier",
-    "logit_softcapping", "mup_width_multiplier",
+    "final_logit_softcapping", "logits_soft_cap", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier",
+    "logit_softcapping", "mup_width_multiplier", "unpadded_vocab_size", "ngram",
 )
 
 
@@ -199,31 +194,84 @@ def _all_configs(config, seen=None):
             yield from _all_configs(value, seen)
 
 
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # through a PEFT wrapper
+
+
+def _text_config(model):
+    config = _inner(model).config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def _has_plain_head(model) -> bool:
-    """True only when the model's logits are provably `lm_head(last_hidden_state)` (see above)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a PEFT wrapper
+    """Whether the model's logits are `lm_head(last_hidden_state)`, so the head can run in chunks on the
+    completion positions alone: decided from its config, not from a list of families. A transformers causal LM
+    (not remote code, whose forward may do anything) that is its own text model (not a wrapper around one)
+    and whose config, sub-configs included, sets no field of LOGIT_TRANSFORM_FIELDS. Gemma 3 270M (no final
+    soft-capping) takes the chunked head; Gemma 2 (soft-capped at 30) its own forward."""
+    inner = _inner(model)
     if not type(inner).__module__.startswith("transformers.models."):
-        return False  # remote code: its forward may do anything
-    config = inner.config
-    if config.model_type not in PLAIN_HEAD_MODEL_TYPES:
         return False
-    return not any(getattr(c, name, None) is not None for c in _all_configs(config) for name in LOGIT_TRANSFORM_FIELDS)
+    if _text_config(inner) is not inner.config:
+        return False
+    return not any(getattr(c, name, None) is not None for c in _all_configs(inner.config) for name in LOGIT_TRANSFORM_FIELDS)
 
 
 # Families whose decoder continues from a KV cache at given positions exactly as it runs a whole
-# sequence, every layer attending to all earlier tokens (no sliding window): the shared-prompt forward
-# is used for these (and only with the plain head above); anything else runs each pair as two sequences.
-SHARED_PROMPT_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "olmo2", "smollm3"})
+# sequence: the shared-prompt forward is used for these (and only with the plain head above); anything
+# else runs each pair as two sequences. Layers must all attend fully, or mix full and sliding-window
+# layers in a family that takes one mask per layer type (MASK_MAPPING_MODEL_TYPES).
+SHARED_PROMPT_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "olmo2", "smollm3", "gemma3_text"})
+# Families with sliding-window layers whose decoder takes ready masks per layer type (transformers'
+# `causal_mask_mapping`: {"full_attention": ..., "sliding_attention": ...}), checked against plain transformers
+# past the window (tests/test_gemma.py): our masks apply the window on token positions (attention_masks).
+MASK_MAPPING_MODEL_TYPES = frozenset({"gemma3_text"})
+
+
+def mask_window(model) -> int | None:
+    """The sliding window of a model whose layers mix full and sliding-window attention and whose masks we
+    build per layer type (MASK_MAPPING_MODEL_TYPES); None for any other model."""
+    config = _text_config(model)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    if config.model_type not in MASK_MAPPING_MODEL_TYPES or "sliding_attention" not in kinds or not isinstance(window, int):
+        return None
+    return window if kinds <= {"full_attention", "sliding_attention"} else None
+
+
+def attention_masks(model, visible: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor, to_attention_mask=None):
+    """`visible` (bool `[rows, 1, queries, keys]`) as the model's attention_mask: itself (through
+    `to_attention_mask`, say to an additive mask for eager attention), or for a model with sliding-window
+    layers (mask_window) one mask per layer type, the sliding layers' keys limited to the window before the
+    query: key position > query position - window, transformers' sliding_window_overlay, on the positions of
+    the tokens (`[rows, queries]`, `[rows, keys]`), which padding and shared prefixes make differ from slots."""
+    convert = to_attention_mask or (lambda mask: mask)
+    window = mask_window(model)
+    if window is None:
+        return convert(visible)
+    near = (query_positions[:, None, :, None] - key_positions[:, None, None, :]) < window
+    return {"full_attention": convert(visible), "sliding_attention": convert(visible & near)}
+
+
+def boolean_or_additive(model):
+    """What a ready 4D mask must be for the model's attention: boolean for sdpa, additive (0 / dtype min) for eager."""
+    if getattr(_inner(model).config, "_attn_implementation", "sdpa") == "sdpa":
+        return None
+    dtype = next(_inner(model).parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    return lambda visible: torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
 def shares_prompt(model) -> bool:
     """Whether a pair's two sides can share one forward of its prompt (collate_pairs) on `model`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _inner(model)
     config = inner.config
     if config.model_type not in SHARED_PROMPT_MODEL_TYPES or not _has_plain_head(model):
         return False
     if getattr(inner, "is_activation_checkpointing", False):
         return False  # checkpointed layers do not return a cache
+    if mask_window(model) is not None:  # our ready masks: sdpa or eager
+        return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
     layer_types = getattr(config, "layer_types", None) or []
     sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
     return not sliding and all(kind == "full_attention" for kind in layer_types)
@@ -261,9 +309,10 @@ def _head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     if not hidden.shape[0]:
         return hidden.new_zeros(0, dtype=torch.float32)
     head = model.get_output_embeddings()
+    chunk = max(1, HEAD_CHUNK_LOGITS // head.weight.shape[0])
     return torch.cat([
-        -F.cross_entropy(head(hidden[i : i + HEAD_CHUNK]).float(), targets[i : i + HEAD_CHUNK], reduction="none")
-        for i in range(0, hidden.shape[0], HEAD_CHUNK)
+        -F.cross_entropy(head(hidden[i : i + chunk]).float(), targets[i : i + chunk], reduction="none")
+        for i in range(0, hidden.shape[0], chunk)
     ])
 
 
@@ -297,8 +346,14 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor], share_prefix: bo
     prompt_lengths = prompt_mask.sum(dim=1)
     prefix = shared_prefix(prompt_ids, prompt_lengths) if share_prefix else 0
     cache = None
+    if mask_window(model) is not None:
+        from transformers import DynamicCache
+
+        # Every layer keeps every key: a sliding layer's own cache keeps only the last window's slots, which for a
+        # right-padded prompt are not its last tokens. The completions' masks apply the window (below).
+        cache = DynamicCache()
     if prefix:
-        cache = decoder(input_ids=prompt_ids[:1, :prefix], use_cache=True).cache
+        cache = decoder(input_ids=prompt_ids[:1, :prefix], cache=cache, use_cache=True).cache
         cache.batch_repeat_interleave(prompt_ids.shape[0])
     rest_positions = torch.arange(prefix, prompt_ids.shape[1], device=prompt_ids.device).expand(prompt_ids.shape[0], -1)
     out = decoder(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask, position_ids=rest_positions, cache=cache,
@@ -308,6 +363,12 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor], share_prefix: bo
     last_prompt_hidden = out.last_hidden_state[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1 - prefix]
     positions = prompt_lengths[prompt_of][:, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
     attention_mask = torch.cat([prompt_mask[prompt_of], completion_mask.long()], dim=1)
+    if mask_window(model) is not None:  # ready masks, the window on positions: a padded prompt's slots are not positions
+        width, length = prompt_ids.shape[1], completion_ids.shape[1]
+        causal = torch.ones(length, width + length, dtype=torch.bool, device=prompt_ids.device).tril(diagonal=width)
+        visible = (attention_mask.bool()[:, None, :] & causal)[:, None]
+        slots = torch.arange(width, device=prompt_ids.device).expand(len(positions), -1)  # a right-padded prompt's positions
+        attention_mask = attention_masks(model, visible, positions, torch.cat([slots, positions], dim=1), boolean_or_additive(model))
     hidden = decoder(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                      use_cache=True).last_hidden_state
     # what predicts completion token j: the prompt's last state for j = 0, the completion's state j - 1 after
@@ -356,7 +417,8 @@ def cached_prompt_logps(model, prompt_cache, prompt_mask: torch.Tensor, last_log
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & causal
     visible = torch.cat([prompt_rows[:, None, :].expand(-1, width, -1), same], dim=2)[:, None]
-    mask = to_attention_mask(visible) if to_attention_mask is not None else visible
+    key_positions = torch.cat([prompt_rows.long().cumsum(dim=1) - 1, positions], dim=1)  # the prompts are left-padded
+    mask = attention_masks(model, visible, positions, key_positions, to_attention_mask)
     prompt_cache.batch_select_indices(torch.tensor(prompts, device=device))
     if _has_plain_head(model):
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,

@@ -280,14 +280,19 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     work_dir.mkdir(parents=True, exist_ok=True)
     quantized = recipe.model.quantization == "4bit"
     on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and (quantized or resolve_dtype(recipe.model.precision) == torch.bfloat16)
+    # bf16 (the weights, or QLoRA's compute dtype) trains under bf16 autocast, on a GPU and a CPU alike, and every
+    # pass that stands for the policy runs inside the same autocast (`policy_precision`): the training forward,
+    # and the reference (and INPO's base) pass, so that at step 0 the policy computes its reference exactly.
+    # torch's autocast rather than the accelerator's mixed precision, which is fixed once per process.
+    bf16 = resolve_dtype(recipe.model.precision) == torch.bfloat16
     from models.fsdp import check_fsdp, fsdp_requested
 
     if fsdp_requested():
         check_fsdp(quantized)
-    accelerator = Accelerator(
-        cpu=not on_gpu, gradient_accumulation_steps=cfg.grad_accum_steps, mixed_precision="bf16" if bf16 else "no"
-    )
+    accelerator = Accelerator(cpu=not on_gpu, gradient_accumulation_steps=cfg.grad_accum_steps, mixed_precision="no")
+
+    def policy_precision():
+        return torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     fsdp = fsdp_requested() and accelerator.num_processes > 1  # one process has nothing to shard across
     torch.manual_seed(recipe.seed + round_idx)
 
@@ -310,19 +315,20 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                  round_idx, accelerator.num_processes, accelerator.process_index, held, whole)
 
         def forward(batch):
-            with accelerator.autocast():  # what accelerator.prepare adds to a DDP policy's forward
+            with policy_precision():
                 return policy(**batch)
     chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length, recipe.prompt_token_limit)
     loss_name = recipe.loss
     reference_start = time.perf_counter()
-    if loss_name in REFERENCE_FREE:
-        ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
-    else:
-        ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, cfg.shared_prompt, forward)
-    base = None
-    if loss_name in NEEDS_BASE_LOGPS:
-        base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, continued, ref, cfg.shared_prompt,
-                           forward)
+    with policy_precision():  # a reference computed in another precision than the policy's differs from it at step 0
+        if loss_name in REFERENCE_FREE:
+            ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
+        else:
+            ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, cfg.shared_prompt, forward)
+        base = None
+        if loss_name in NEEDS_BASE_LOGPS:
+            base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, continued, ref,
+                               cfg.shared_prompt, forward)
     reference_seconds = time.perf_counter() - reference_start
     chosen_win = torch.tensor(pairs["chosen_win_prob"].to_numpy(float)) if "chosen_win_prob" in pairs else None
     rejected_win = torch.tensor(pairs["rejected_win_prob"].to_numpy(float)) if "rejected_win_prob" in pairs else None
@@ -393,7 +399,8 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                 batch_tokens, batch_run = pair_tokens(batch)
                 tokens, tokens_run = tokens + batch_tokens, tokens_run + batch_run
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                sums, counts = forward(batch) if fsdp else policy(**batch)
+                with policy_precision():
+                    sums, counts = forward(batch) if fsdp else policy(**batch)
                 n = len(idx)
                 pref = PreferenceBatch(
                     policy_chosen_logps=sums[:n], policy_rejected_logps=sums[n:],

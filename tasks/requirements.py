@@ -7,7 +7,10 @@ A run samples for hours before its Judge and Evaluate stages read the data again
 stages would refuse is refused here first, in one line naming the file, row, field or key:
 
 - the base model path, and `judge.model` of a PairRM or reward-model judge (pairing or evaluating):
-  a local directory with a config.json, or something that looks like a hub id;
+  a local directory with a config.json, or something that looks like a hub id; a cached GGUF file
+  (`cache:NAME`) with its pinned sha256;
+- `model.precision` and `model.quantization` on this machine's device: bf16 on a GPU without it, or a
+  4-bit quantisation the installed bitsandbytes cannot do there (it is asked to, on a few numbers);
 - `judge.verifier` of every round: a built-in name, or a function that imports and can be called
   as fn(prompt, response, row);
 - the training data (SPIN: a ground truth in every row; the verifier judge: an answer its verifier
@@ -90,14 +93,15 @@ def preflight(recipe, rounds: int) -> None:
     """Check, before anything is scheduled, every requirement the `rounds` rounds of `recipe` have."""
     from data.prompts import load_prompts
     from models.gguf import check_gguf, is_gguf_spec, resolve_gguf
-    from models.loading import check_model_path
+    from models.loading import check_model_device, check_model_path
     from models.verifiers import load_verifier
 
     base = recipe.model.base_model
     if is_gguf_spec(base):
-        check_gguf(resolve_gguf(base), named=base)
+        check_gguf(resolve_gguf(base, verify=True), named=base)
     elif base and base != DEMO_BASE:  # `demo`: the shipped demo base, not a path
         check_model_path(base)
+    check_model_device(recipe.model)
     round_recipes = [recipe.for_round(r) for r in range(1, rounds + 1)]
     for round_recipe in round_recipes:  # judge and evaluation may change between rounds
         load_verifier(round_recipe.judge.verifier)

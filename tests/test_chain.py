@@ -85,9 +85,12 @@ def trained_policies(monkeypatch):
     def spy(peft_model, tokenizer, out_dir, **kwargs):
         seen.append(logps(peft_model, tokenizer))
         # Round 2's pairs scored as Train(2)'s reference pass scores them (pairs sharing their prompt's
-        # forward, models.trainer.pair_logps): in bf16 another batch layout rounds differently.
+        # forward, models.trainer.pair_logps, under bf16 autocast where the weights are bf16): in bf16
+        # another batch layout rounds differently.
         chosen, rejected = encode_pairs(tokenizer, make_pairs(100), 96)
-        seen_as_reference.append(np.array(pair_logps(peft_model, tokenizer, chosen, rejected, 4, CPU)).T.ravel())
+        weight = next(peft_model.parameters())
+        with torch.autocast(weight.device.type, dtype=torch.bfloat16, enabled=weight.dtype == torch.bfloat16):
+            seen_as_reference.append(np.array(pair_logps(peft_model, tokenizer, chosen, rejected, 4, weight.device)).T.ravel())
         return original(peft_model, tokenizer, out_dir, **kwargs)
 
     monkeypatch.setattr(loading, "save_checkpoint", spy)
@@ -159,6 +162,31 @@ def test_each_round_loads_the_policy_that_was_trained_and_the_next_reference_is_
     again = pd.read_parquet(tmp_path / "work_02" / "ref_logps.parquet")
     assert np.abs(again.to_numpy() - reference.to_numpy()).max() <= TOL
     assert np.array_equal(trained_policies[2], round_2)
+
+
+@pytest.mark.parametrize("loss", ["dpo_sigmoid", "inpo"])
+def test_in_bf16_the_policy_at_step_0_of_round_2_computes_its_stored_reference(root, tmp_path, monkeypatch, loss):
+    """bf16 trains under autocast; the reference pass (and INPO's base pass) once ran outside it, so from
+    round 2, where the adapter is not zero, the policy at step 0 was not its own reference (measured: up to 3e-3
+    nats apart on these pairs). One micro-batch holds all the pairs, as the reference pass's one batch does,
+    so both run the same shapes."""
+    from models import trainer
+
+    root_path, _ = root
+    recipe = make_recipe(root_path, "bf16", learning_rate=1e-3, batch_size=8, loss=loss)
+    first = train(recipe, root_path, make_pairs(0), tmp_path, 1, root_path)
+    seen = []
+    original = trainer.LOSSES[loss]
+    monkeypatch.setitem(trainer.LOSSES, loss, lambda pref: seen.append(pref) or original(pref))
+    train(recipe, first, make_pairs(100), tmp_path, 2, root_path)
+    step_0 = seen[0]
+    assert torch.equal(step_0.policy_chosen_logps.detach(), step_0.ref_chosen_logps)
+    assert torch.equal(step_0.policy_rejected_logps.detach(), step_0.ref_rejected_logps)
+    reference = pd.read_parquet(tmp_path / "work_02" / "ref_logps.parquet")
+    assert np.abs(reference.chosen.to_numpy() - reference.rejected.to_numpy()).max() > 0.1  # real, distinct figures
+    if loss == "inpo":  # the base pass (the adapter switched off) is another model than the reference: round 1 moved it
+        base = pd.read_parquet(tmp_path / "work_02" / "base_logps" / "ref_logps.parquet")
+        assert np.abs(base.chosen.to_numpy() - reference.chosen.to_numpy()).max() > 1e-2
 
 
 @pytest.mark.skipif(not packing.cpu_packing_available(), reason="this torch build has no oneDNN linear")
@@ -252,31 +280,38 @@ def test_generation_backends_run_the_unmerged_policy_and_the_root(root):
     assert _weights_fingerprint(policy) == fingerprint
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_qlora_policy_is_the_nf4_root_plus_the_trained_adapter(root, tmp_path, trained_policies):
-    """QLoRA: the loaded policy holds the trained nf4 weights and adapter bit for bit, and computes the
-    trained policy's log-probs; the merged copy re-quantised to nf4 (the previous chain) has other weights."""
+def test_qlora_rounds_chain_through_the_nf4_root_plus_the_trained_adapter(root, tmp_path, trained_policies):
+    """QLoRA on the CPU (bitsandbytes nf4, fp32 compute): the loaded policy holds the trained nf4 weights and
+    adapter bit for bit and computes the trained policy's log-probs exactly; Train(2)'s reference is that
+    policy; the merged copy re-quantised to nf4 (nf4(W + delta), the chain of before) is another model."""
     from safetensors.torch import load_file
 
     root_path, tok = root
-    recipe = make_recipe(root_path, "bf16", learning_rate=1e-3, quantization="4bit")
-    checkpoint = train(recipe, root_path, make_pairs(0), tmp_path, 1, root_path)
-    gpu = torch.device("cuda")
-    policy = loading.load_policy(checkpoint, recipe.model, gpu, quantize=True)
-    fresh_root = dict(loading.load_causal_lm(root_path, recipe.model, gpu, quantize=True).named_modules())
-    requantised = dict(loading.load_causal_lm(checkpoint, recipe.model, gpu, quantize=True).named_modules())
-    saved = load_file(f"{checkpoint}/adapter/adapter_model.safetensors")
+    recipe = make_recipe(root_path, "fp32", learning_rate=1e-3, quantization="4bit")
+    first = train(recipe, root_path, make_pairs(0), tmp_path, 1, root_path)
+    round_1 = trained_policies[0]
+    device = loading.default_device()  # where train_round trained (bench/gpu_check.py runs this test on a GPU)
+    policy = loading.load_policy(first, recipe.model, device, quantize=True, root=root_path)  # what Generate(2) loads
+    fresh_root = loading.load_causal_lm(root_path, recipe.model, device, quantize=True)
+    requantised = loading.load_causal_lm(first, recipe.model, device, quantize=True)  # the merged export, quantised again
+    saved = load_file(f"{first}/adapter/adapter_model.safetensors")
     adapted = [(name, module) for name, module in policy.named_modules() if hasattr(module, "lora_A")]
-    assert adapted
+    root_layers, requantised_layers = dict(fresh_root.named_modules()), dict(requantised.named_modules())
+    assert len(adapted) == 14 and type(adapted[0][1].base_layer).__name__ == "Linear4bit"
     for name, module in adapted:
         assert torch.equal(module.lora_A["default"].weight.cpu(), saved[f"base_model.model.{name}.lora_A.weight"])
         assert torch.equal(module.lora_B["default"].weight.cpu(), saved[f"base_model.model.{name}.lora_B.weight"])
-        assert torch.equal(module.base_layer.weight.data, fresh_root[name].weight.data)  # packed nf4: the root as loaded
-    assert any(not torch.equal(requantised[name].weight.data, fresh_root[name].weight.data) for name, _ in adapted)
-    # Training ran the norms and embeddings in fp32 (prepare_model_for_kbit_training); with the same
-    # upcast the loaded policy computes exactly what the trained one did.
-    for param in policy.parameters():
-        if param.dtype == torch.bfloat16 and param.__class__.__name__ != "Params4bit":
-            param.data = param.data.float()
-    assert np.abs(logps(policy, tok) - trained_policies[0]).max() <= TOL
+        assert torch.equal(module.base_layer.weight.data, root_layers[name].weight.data)  # packed nf4: the root as loaded
+    assert any(not torch.equal(requantised_layers[name].weight.data, root_layers[name].weight.data) for name, _ in adapted)
+    assert np.array_equal(logps(policy, tok), round_1)  # nf4(W) + delta, computed as in training
+    root_logps = logps(fresh_root, tok)
+    assert np.abs(round_1 - root_logps).max() > 10 * TOL  # the round moved the policy
+    with loading.root_weights(policy):  # Evaluate's pi_base: the nf4 root
+        assert np.array_equal(logps(policy, tok), root_logps)
+    assert np.abs(logps(requantised, tok) - round_1).max() > 10 * TOL  # nf4(W + delta) is not the trained policy
+
+    second = train(recipe, first, make_pairs(100), tmp_path, 2, root_path)
+    reference = pd.read_parquet(tmp_path / "work_02" / "ref_logps.parquet")
+    assert np.array_equal(np.concatenate([reference.chosen, reference.rejected]), trained_policies.as_reference[0])
+    assert np.abs(np.concatenate([reference.chosen, reference.rejected]) - np.concatenate([round_1[8:16], round_1[32:40]])).max() <= TOL
+    assert np.array_equal(logps(loading.load_policy(second, recipe.model, device, quantize=True), tok), trained_policies[1])

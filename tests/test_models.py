@@ -61,13 +61,6 @@ def test_model_paths_are_checked_in_one_line(tmp_path):
     check_model_path("Qwen/Qwen2.5-0.5B-Instruct")  # a hub id is left to from_pretrained
 
 
-def test_quantization_needs_a_gpu(saved):
-    if torch.cuda.is_available():
-        pytest.skip("has a GPU")
-    with pytest.raises(ModelError, match="needs a CUDA GPU"):
-        load_causal_lm(str(saved[0]), FP32, quantize=True)
-
-
 # Families that transform their logits after the LM head, each with a strong setting so a wrong path shows.
 SCALED_HEADS = {
     "granite": {"logits_scaling": 4.0},
@@ -135,6 +128,35 @@ def test_only_known_plain_heads_take_the_chunked_path():
     assert not _has_plain_head(nested)
     remote = type("RemoteLlama", (type(tiny_model("llama")),), {"__module__": "transformers_modules.org.model"})
     assert not _has_plain_head(remote(tiny_model("llama").config))
+
+
+def test_every_family_that_transforms_its_logits_after_the_head_names_a_field_the_head_check_reads():
+    """The chunked head is chosen from the config (models.logps.LOGIT_TRANSFORM_FIELDS), not from a list of families:
+    every modeling file of the installed transformers whose forward changes `logits` after `self.lm_head(...)` (or the
+    decoder's hidden states before it: MiniCPM3 divides them) must use one of those fields, or a new family would take
+    the chunked head and get other log-probs than its own."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    from models.logps import LOGIT_TRANSFORM_FIELDS
+
+    assignment = re.compile(r"^\s*logits = (.*)$")
+    unread, transforming = [], 0
+    for path in sorted((Path(transformers.__file__).parent / "models").glob("*/modeling_*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if "logits = self.lm_head(" not in line:
+                continue
+            changed = [after for after in lines[i + 1 : i + 12] if (found := assignment.match(after))
+                       and not re.fullmatch(r"(self\.lm_head|logits\.(float|to|contiguous))\(.*\)", found.group(1).strip())]
+            changed += [before for before in lines[max(0, i - 8) : i] if re.match(r"^\s*hidden_states = hidden_states [/*]", before)]
+            transforming += len(changed)
+            if changed and not any(field in text for field in LOGIT_TRANSFORM_FIELDS):
+                unread += [f"{path.parent.name}: {line.strip()}" for line in changed]
+    assert transforming >= 10 and unread == []
 
 
 def test_encode_keeps_the_prompt_end_and_the_completion_start():
