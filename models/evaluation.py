@@ -305,7 +305,6 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
             if training_judge is not None:
                 judged |= {"train_judge": recipe.judge.name, "train_judge_detail": training_judge_detail(recipe, round_idx)}
                 judged |= {f"train_{key}": value for key, value in judge_comparisons(training_judge, greedy_prompts, ours, theirs).items()}
-                del training_judge  # with the model it may have loaded for itself
     return frame, judged
 
 
