@@ -17,6 +17,7 @@ only add outputs. A round whose model was remade measures everything again.
 """
 
 import json
+import logging
 from pathlib import Path
 
 import luigi
@@ -25,6 +26,8 @@ from common.atomic import atomic_write_json
 from tasks.base import FileTarget, GpuTask, input_stamp, set_cpu_threads
 from tasks.evaluate import Evaluate
 from tasks.rounds import model_task
+
+log = logging.getLogger("selfplay")
 
 
 class Benchmark(GpuTask):
@@ -46,7 +49,13 @@ class Benchmark(GpuTask):
 
     def _records(self) -> list[dict]:
         path = Path(self.output().path)
-        return json.loads(path.read_text())["benchmarks"] if path.is_file() else []
+        if not path.is_file():
+            return []
+        try:
+            return list(json.loads(path.read_text())["benchmarks"])
+        except (ValueError, KeyError, TypeError):  # edited by hand or damaged: nothing in it is trusted, all is measured again
+            log.warning("%s is not a benchmarks file selfplay wrote; its benchmarks are measured again", path)
+            return []
 
     def outputs_present(self) -> bool:
         model = self.requires()["model"].output()

@@ -122,6 +122,12 @@ def test_benchmarks_added_to_a_finished_run_run_alone_and_only_what_is_new(finis
     assert third["benchmarks"][0]["tasks"]["selfplay_demo_bpb"]["n"] == 25
     assert third["benchmarks"][1] == second["benchmarks"][1]
 
+    # A benchmarks.json damaged by hand is not trusted: that round is measured again, and only that round.
+    (run_dir / "round_00" / "benchmarks.json").write_text("{not json")
+    ran = build(Iterate(recipe=more, runs_dir=str(runs), rounds=1))
+    assert ("Benchmark", 0) in ran and ("Benchmark", 1) not in ran
+    assert len(json.loads((run_dir / "round_00" / "benchmarks.json").read_text())["benchmarks"]) == 2
+
     # Any other change of the recipe is still refused.
     changed = write_recipe(tmp / "changed.yaml", evaluation={"benchmarks": [rolling]}, training={"beta": 0.5})
     with pytest.raises(RecipeError, match="changed: training.beta"):
@@ -144,13 +150,16 @@ def test_the_figure_of_a_round_equals_lm_evals_own_run_on_its_checkpoint(finishe
     run_dir = runs / "tiny_bench"
     ours = json.loads((run_dir / "round_01" / "benchmarks.json").read_text())["benchmarks"]
 
+    from lm_eval.tasks import TaskManager
+
     checkpoint = run_dir / "round_01" / "checkpoint"
     common = {"dtype": "float32", "device": "cpu", "batch_size": 8}
+    local_only = TaskManager(include_defaults=False)
     for task, limit, record in ((rolling, None, ours[0]), (SUMS_GEN, 6, ours[1])):
         config = task_file_config(BenchmarkSpec(task=task))
         own = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(run_dir / "base_model"),
                                                               "peft": str(checkpoint / "adapter"), **common},
-                                      tasks=[config], limit=limit, log_samples=False)
+                                      tasks=[config], limit=limit, log_samples=False, task_manager=local_only)
         name = config["task"]
         for metric, figure in record["tasks"][name]["metrics"].items():
             key = metric if " (" not in metric else metric.replace(" (", ",").rstrip(")")
@@ -158,7 +167,8 @@ def test_the_figure_of_a_round_equals_lm_evals_own_run_on_its_checkpoint(finishe
             assert figure["value"] == own["results"][name][key], (name, metric)
     # The merged export is the same policy within fp32 rounding of the fold.
     merged = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(checkpoint), **common},
-                                     tasks=[task_file_config(BenchmarkSpec(task=rolling))], log_samples=False)
+                                     tasks=[task_file_config(BenchmarkSpec(task=rolling))], log_samples=False,
+                                     task_manager=local_only)
     value = ours[0]["tasks"]["selfplay_demo_bpb"]["metrics"]["bits_per_byte"]["value"]
     assert merged["results"]["selfplay_demo_bpb"]["bits_per_byte,none"] == pytest.approx(value, rel=1e-5)
     # and it is the round's model, not the base: round 0's figure differs
