@@ -15,6 +15,7 @@ Every key has a type, a default and a help text; one command lists them (with a 
 beside the defaults when one is given):
 
     python -m configs.recipe --fields [configs/demo_dpo.yaml]
+    python -m configs.recipe --list          # the shipped recipes; `--recipe NAME` finds one from any directory
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo", "in
 @dataclass
 class ModelConfig:
     base_model: str | None = field(
-        default=None, metadata={"help": "HF path or hub id of the causal LM, or a GGUF file (a path or cache:NAME); null: the demo model."}
+        default=None,
+        metadata={"help": "HF path or hub id of the causal LM, or a GGUF file (a path or cache:NAME); demo: the shipped demo base "
+                          "(data/demo/base_model) whatever demo_model says; null: a demo model, the shipped one when demo_model, "
+                          "data.train and seed are those it was built with, else one built on data.train (said when it starts)."}
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of base_model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model (off: safer)."})
@@ -326,6 +330,34 @@ class EvalConfig:
     )
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+DEMO_BASE = "demo"  # model.base_model naming the shipped demo base (tasks/base_model.py)
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers the run logs to (data/tracking.py); they change nothing the run computes, so a run
+    directory may start, stop or change its tracking between commands."""
+
+    backends: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Any of tensorboard, mlflow, wandb, trackio (pip install -e \".[tracking]\"); [] = none. One tracker "
+                          "run per selfplay run: every training step, every round's held-out figures, the recipe, the greedy answers."},
+    )
+    project: str = field(default="selfplay", metadata={"help": "The tracker's project (MLflow experiment, wandb/trackio project)."})
+    run_name: str | None = field(default=None, metadata={"help": "The tracker run's name; null: the run directory's name."})
+    send_seconds: float = field(
+        default=2.0,
+        metadata={"help": "Training steps go to the trackers in batches, at most this often (0: each step as it ends); "
+                          "steps a killed run held unsent go with the resumed run's first batch."},
+    )
+    dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the local stores live (tensorboard/, mlflow.db, wandb/, trackio/); null: <runs-dir>/tracking. "
+                          "MLFLOW_TRACKING_URI, WANDB_MODE=online and TRACKIO_DIR point the clients elsewhere."},
+    )
+
+
 @dataclass
 class Recipe:
     name: str = field(
@@ -335,8 +367,10 @@ class Recipe:
     )
     algorithm: Algorithm = field(
         default="spin",
-        metadata={"help": "spin: ground truth vs the model's sample; sppo: "
-                          "soft win probabilities; dpo: best vs worst sample."},
+        metadata={"help": "spin: the data's response vs the model's own sample (SPIN); sppo: best vs worst of K samples by "
+                          "mean win probability, SPPO's loss; dpo: best vs worst of K by the judge (iterative DPO; with "
+                          "judge.name: self, Self-Rewarding; with judge.refine, SPaR-style pairs); inpo: those pairs with INPO's "
+                          "loss (the previous round and the base as references); dno: DNO-Prct, pairs kept above judge.min_margin."},
     )
     seed: int = field(
         default=0, metadata={"help": "Seeds the demo model's warm start, sampling, training's batch order and the adapter's initialisation."}
@@ -348,8 +382,13 @@ class Recipe:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     rounds: list[dict] = field(
-        default_factory=list, metadata={"help": "Per-round partial recipes; entry i is merged over round i + 1."}
+        default_factory=list,
+        metadata={"help": "Per-round partial recipes: entry i is merged over the recipe for round i + 1 (later rounds use "
+                          "the recipe as it is). A round may change generation, judge, training (not the LoRA shape: "
+                          "lora_r, lora_alpha, lora_target_modules) and evaluation, e.g. rounds: [{training: {learning_rate: "
+                          "3.0e-3}}, {training: {learning_rate: 1.0e-3, beta: 0.5}, generation: {temperature: 0.7}}]."},
     )
 
     def __post_init__(self) -> None:
@@ -367,6 +406,7 @@ class Recipe:
             raise RecipeError(f"{where}: judge.add_reference and judge.min_margin rank a judge's candidates; "
                               "algorithm spin has none (its chosen side is always the dataset's response)")
         self._check_refine(where)
+        self._check_tracking(where)
         check_evaluation(self, where)
         if self.judge.name in ("pairrm", "reward_model") and not self.judge.model:
             raise RecipeError(f"{where}: judge.model is required for judge {self.judge.name}")
@@ -474,6 +514,16 @@ class Recipe:
                 template.format(prompt="", response="")
             except (KeyError, IndexError, ValueError) as exc:
                 raise RecipeError(f"{where}: judge.refine_prompt: {exc!r}; write other braces as {{{{ and }}}}") from None
+
+    def _check_tracking(self, where: str) -> None:
+        backends = self.tracking.backends
+        for name in backends:
+            if name not in TRACKERS:
+                raise RecipeError(f"{where}: tracking.backends: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
+        if len(set(backends)) < len(backends):
+            raise RecipeError(f"{where}: tracking.backends names a tracker twice: {backends}")
+        if self.tracking.send_seconds < 0:
+            raise RecipeError(f"{where}: tracking.send_seconds must be >= 0, got {self.tracking.send_seconds}")
 
     @property
     def pass_score(self) -> float | None:
@@ -647,10 +697,43 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
+def shipped_recipes() -> list[str]:
+    """The names of the recipes shipped in this package's configs/ (installed with it)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """The recipe file `path` names: a file of that path (from the working directory) first; else a shipped
+    recipe, by name (`smollm2_spin_cpu`, with or without `.yaml`) or by its path in the repository
+    (`configs/smollm2_spin_cpu.yaml`), so the README's commands work from any directory once installed."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    name = given.name if given.parent in (Path("."), Path("configs")) else None
+    if name:
+        shipped = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        if shipped.is_file():
+            return shipped
+    raise RecipeError(f"recipe {path} not found: no such file, and no shipped recipe of that name "
+                      f"(shipped: {', '.join(shipped_recipes())}; `python -m configs.recipe --list` describes them)")
+
+
+def recipe_summary(path: Path) -> str:
+    """The first sentence of a recipe file's leading comment: what it runs."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text.startswith(("luigi ", "python ")):
+            break
+        lines.append(text)
+    # The first sentence: up to a full stop that ends no abbreviation ("et al.", "i.e.", "e.g.").
+    return re.split(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(?:\s|$)", " ".join(lines), maxsplit=1)[0]
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+    path = resolve_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -690,16 +773,23 @@ def _yaml_value(value: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m configs.recipe", description="What each key of a recipe means.")
-    parser.add_argument("--fields", action="store_true", required=True,
-                        help="list every key with its type, default and help")
-    parser.add_argument("recipe", nargs="?", help="a recipe YAML whose values are shown beside the defaults")
+    parser = argparse.ArgumentParser(prog="python -m configs.recipe", description="What each key of a recipe means, "
+                                     "and which recipes ship with the package.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--fields", action="store_true", help="list every key with its type, default and help")
+    what.add_argument("--list", action="store_true",
+                      help="list the shipped recipes, each usable as --recipe NAME from any directory")
+    parser.add_argument("recipe", nargs="?", help="a recipe (file or shipped name) whose values are shown beside the defaults")
     args = parser.parse_args(argv)
+    if args.list:
+        for name in shipped_recipes():
+            print(f"{name}: {recipe_summary(CONFIG_DIR / f'{name}.yaml')}")
+        return 0
     recipe = load_recipe(args.recipe) if args.recipe else None
     for row in recipe_fields(recipe):
         line = f"{row['key']}: {row['type']} = {_yaml_value(row['default'])}"
         if "value" in row and row["value"] != row["default"]:
-            line += f"  ({Path(args.recipe).name}: {_yaml_value(row['value'])})"
+            line += f"  ({resolve_recipe(args.recipe).name}: {_yaml_value(row['value'])})"
         print(line)
         print(f"    {row['help']}")
     return 0

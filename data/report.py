@@ -70,18 +70,22 @@ def sample_sizes(metrics: pd.DataFrame) -> str:
 def accuracy_change_vs_base(evals: pd.DataFrame) -> pd.DataFrame:
     """Per round, greedy accuracy minus the base's on the same held-out prompts, with the standard error
     of the per-prompt differences (paired: each prompt's difficulty cancels, so this SE is smaller than
-    the two rounds' SEs combined) and n, the prompts both rounds answered."""
+    the two rounds' SEs combined) and n, the prompts both rounds answered.
+
+    Accuracy is the accuracy column's: the mean verifier score (partial credit counts as given, not
+    rounded to right/wrong), or the right/wrong `correct` of eval files written before scores were kept."""
     from data.stats import mean_se
 
-    if "correct" not in evals:  # no verifier, or no round evaluated yet
+    column = "verifier_score" if "verifier_score" in evals else "correct"
+    if column not in evals:  # no verifier, or no round evaluated yet
         return pd.DataFrame()
-    greedy = evals[(evals.kind == "greedy") & evals.correct.notna()]
-    correct = greedy.pivot_table(index="prompt_id", columns="round", values="correct", aggfunc="first")
-    if 0 not in correct.columns:
+    greedy = evals[(evals.kind == "greedy") & evals[column].notna()]
+    scores = greedy.pivot_table(index="prompt_id", columns="round", values=column, aggfunc="first")
+    if 0 not in scores.columns:
         return pd.DataFrame()
     rows = []
-    for round_idx in sorted(c for c in correct.columns if c != 0):
-        both = correct[[0, round_idx]].dropna()
+    for round_idx in sorted(c for c in scores.columns if c != 0):
+        both = scores[[0, round_idx]].dropna()
         change, se = mean_se(both[round_idx].astype(float) - both[0].astype(float))
         rows.append({"round": int(round_idx), "change": change, "change_se": se, "n": len(both)})
     return pd.DataFrame(rows)
@@ -252,6 +256,58 @@ def pairing_section(run: Run) -> list[str]:
     return lines + [""]
 
 
+def loss_description(config: dict) -> str:
+    """The loss the rounds trained with, named even when the recipe left it to the algorithm's default,
+    with the NLL anchor when one was added."""
+    from configs.recipe import recipe_from_dict
+
+    training = config.get("training", {})
+    try:
+        name = recipe_from_dict(config, "run.yaml").loss
+    except Exception:  # a run.yaml from an older recipe: say what it recorded
+        name = training.get("loss") or "?"
+    text = f"**{name}**" + ("" if training.get("loss") else f" (the default for {config.get('algorithm', '?')})")
+    nll = training.get("nll_weight") or 0
+    return text + (f" + {nll:g} x the chosen response's per-token NLL" if nll else "")
+
+
+def base_description(run: Run, config: dict) -> str:
+    """Which base model round 0 is: a named one, the shipped demo base copied in, or a demo model built here."""
+    import json
+
+    from data.layout import BASE_MODEL_INFO
+
+    named = config.get("model", {}).get("base_model")
+    if named and named != "demo":
+        return f"`{named}`"
+    try:
+        info = json.loads((run.layout.base_model / BASE_MODEL_INFO).read_text())
+    except (OSError, ValueError):
+        info = {}
+    if info.get("copied_from"):
+        return "the shipped demo base (`data/demo/base_model`, copied)"
+    steps = info.get("sft_steps")
+    train = config.get("data", {}).get("train", "?")
+    return f"a demo model built in place ({steps} supervised steps on `{train}`)" if steps else "a demo model built in place"
+
+
+def reading_notes(metrics: pd.DataFrame, config: dict) -> list[str]:
+    """What two figures mean where a reader would otherwise be puzzled by them."""
+    notes = []
+    if "kl_vs_base" in metrics and metrics["kl_vs_base"].notna().any():
+        negative = (metrics["kl_vs_base"] < 0).any()
+        notes.append("KL vs base is a Monte-Carlo estimate: the mean over held-out prompts of log pi_r(y) - log pi_base(y) "
+                     "for answers y sampled from round r (evaluation.kl_samples per prompt). The true KL is never negative, "
+                     "but the estimate can be when round r is close to the base" + (", as here: a value within two standard "
+                     "errors of 0 means no drift was measured." if negative else "."))
+    training = config.get("training", {})
+    if (training.get("nll_weight") or 0) and "train_final_loss" in metrics:
+        notes.append(f"The final train loss includes the NLL anchor ({training['nll_weight']:g} x the chosen response's "
+                     "per-token negative log-likelihood), so it can stay above ln 2 = 0.693, the pairwise loss of a pair the "
+                     "policy does not yet separate: it is not a pairwise loss that went up.")
+    return [f"- {note}" for note in notes] + ([""] if notes else [])
+
+
 def _has(metrics: pd.DataFrame, column: str) -> bool:
     return column in metrics and metrics[column].notna().any()
 
@@ -342,8 +398,7 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
         f"# selfplay run `{run.name}`",
         "",
         f"Algorithm **{config.get('algorithm', '?')}**, judge **{config.get('judge', {}).get('name', '?')}**, "
-        f"loss **{config.get('training', {}).get('loss') or 'default'}**, base model "
-        f"`{config.get('model', {}).get('base_model') or 'demo (built in place)'}`, seed {run.config.get('seed', '?')}, "
+        f"loss {loss_description(config)}, base model {base_description(run, config)}, seed {run.config.get('seed', '?')}, "
         f"commit `{run.config.get('git_commit', '?')}`.",
         "",
         "Round 0 is the base model. Every figure is measured on held-out prompts that no round trains on.",
@@ -353,6 +408,7 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
         sample_sizes(metrics),
         "",
     ]
+    lines += reading_notes(metrics, config)
     sources = run.figure_sources()
     accuracy_by, judge_by = _accuracy_source(sources), _judge_source(sources)
     lines += [f"- accuracy: {accuracy_by}", f"- win vs prev, win vs base: {judge_by}", ""]

@@ -203,6 +203,12 @@ def eval_records(prompts: pd.DataFrame, round_idx: int, greedy: list, sampled: l
     return frame
 
 
+def eval_seed(seed: int, round_idx: int, shard_idx: int) -> int:
+    """The sampling seed of one Evaluate shard: a seed per round and per shard, so that shards do not draw
+    the same random numbers for their KL samples (shard 0 keeps the seed of an unsharded evaluation)."""
+    return seed + 7919 * (round_idx + 1) + 104_729 * shard_idx
+
+
 def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prompts: pd.DataFrame,
                    previous: pd.DataFrame | None, base: pd.DataFrame | None) -> tuple[pd.DataFrame, dict]:
     """Evaluate the model after `round_idx` rounds; `previous`/`base` are eval frames of round r-1 / 0."""
@@ -212,11 +218,12 @@ def evaluate_round(recipe, round_idx: int, model_path: str, base_path: str, prom
 
 def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, prompts: pd.DataFrame,
                   previous: pd.DataFrame | None, base: pd.DataFrame | None,
-                  all_prompts: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
+                  all_prompts: pd.DataFrame | None = None, shard_idx: int = 0) -> tuple[pd.DataFrame, dict]:
     """The eval frame of `prompts` (responses, log-probs, verifier scores) and what the evaluation judge said
     of their greedy responses: {"judge": name, "previous"/"base": P(ours wins) per prompt, "unparsed": n}.
     `all_prompts`: the round's whole held-out set when `prompts` is one shard of it (the Evaluate shard
-    tasks), so that what is measured is decided on the whole set, as one unsharded call decides it."""
+    tasks), so that what is measured is decided on the whole set, as one unsharded call decides it;
+    `shard_idx`: that shard's index, which seeds its sampling (shard 0 samples as an unsharded call)."""
     import torch
 
     from models.generation import generate_and_score
@@ -250,7 +257,7 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     with adapter_merged(model, packed=gen.backend == "static"):
         answers, pair_scores = generate_and_score(model, tokenizer, texts, SamplingSettings(
             num_samples=1 + ev.kl_samples, greedy_samples=1, temperature=1.0, max_new_tokens=ev.max_new_tokens,
-            batch_size=batch, seed=recipe.seed + 7919 * (round_idx + 1), backend=gen.backend, logps=True),
+            batch_size=batch, seed=eval_seed(recipe.seed, round_idx, shard_idx), backend=gen.backend, logps=True),
             continuations, f"eval r{round_idx}")
         frame = eval_records(prompts, round_idx, [a[:1] for a in answers], [a[1:] for a in answers], base)
         for row, (prompt_id, kind) in enumerate(zip(frame.prompt_id, frame.kind)):

@@ -75,9 +75,11 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   models, tests/test_real_model on SmolLM2; bench/README.md has the speed).
 
 Supported: decoder-only HF causal LMs whose layers are all full attention, with `sdpa` or `eager`
-attention (checked: Llama and Qwen2). Anything else (sliding-window or hybrid layers, flash/flex
-attention, encoder-decoder) falls back to the `hf` backend with a warning, as does a failed capture
-(to the eager step). Beam search, repetition penalties and top-k are not implemented.
+attention (checked: Llama and Qwen2). A config with one `sliding_window` for every layer and no
+`layer_types` (Mistral, Phi-3, Starcoder2) runs here when prompt plus new tokens fit in the window
+(where it masks nothing), and falls back to `hf` when they do not. Anything else (hybrid layers,
+flash/flex attention, encoder-decoder) falls back to the `hf` backend with a warning, as does a failed
+capture (to the eager step). Beam search, repetition penalties and top-k are not implemented.
 
 `vllm_generate` (the `vllm` backend)
 ------------------------------------
@@ -259,8 +261,22 @@ def _text_config(model):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def unsupported_reason(model) -> str | None:
-    """Why `static_generate` cannot run this model itself (None when it can)."""
+def _sliding_window(config) -> int | None:
+    """The attention window of every layer where a config sets one `sliding_window` and no `layer_types`
+    (Mistral, Phi-3, Starcoder2; Qwen2-style configs only with use_sliding_window), else None. With
+    `layer_types` a config says per layer which ones slide, and those are read from there."""
+    if getattr(config, "layer_types", None):
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window is not None and getattr(config, "use_sliding_window", True) else None
+
+
+def unsupported_reason(model, length: int | None = None) -> str | None:
+    """Why `static_generate` cannot run this model itself (None when it can). `length`: the most positions a
+    row will hold (prompt plus new tokens, or plus a continuation scored on the prompt). A model with one
+    sliding window for every layer runs here only where `length` fits in the window: there the window
+    masks nothing and the layers attend to every earlier token, as the decode loop's full-attention cache
+    does; longer, the window would drop the first tokens, and it goes to the hf backend."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported"
@@ -271,6 +287,10 @@ def unsupported_reason(model) -> str | None:
     others = sorted({t for t in layer_types if t != "full_attention"})
     if others:
         return f"layer types {others} (only full attention)"
+    window = _sliding_window(_text_config(model))
+    if window is not None and (length is None or length > window):
+        needs = "" if length is None else f", shorter than the {length} positions of prompt plus new tokens"
+        return f"a sliding window of {window} tokens{needs}"
     return None
 
 
@@ -350,7 +370,7 @@ class _Session:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             **self.extra_kwargs,
         )
@@ -399,7 +419,7 @@ class _Session:
                 input_ids=input_ids,
                 attention_mask=self.to_attention_mask(visible),
                 position_ids=position_ids,
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
                 **extra,
             ).logits[:, -1, :]
@@ -439,7 +459,7 @@ class _Session:
                 input_ids=input_ids[rows, start:end],
                 attention_mask=self.to_attention_mask(visible[rows, :, start:end, :end]),
                 position_ids=position_ids[rows, start:end],
-                past_key_values=prompt_cache,
+                cache=prompt_cache,
                 use_cache=True,
                 **part,
             ).logits[:, -1, :]
@@ -735,7 +755,9 @@ def static_generate(
     batch, width = input_ids.shape
     max_new = int(settings.max_new_tokens)
     device = input_ids.device
-    reason = "no new tokens" if max_new <= 0 else unsupported_reason(model)
+    longest_scored = max((len(ids) for items in continuations or [] for ids in items), default=0)
+    length = width + max(max_new, longest_scored)
+    reason = "no new tokens" if max_new <= 0 else unsupported_reason(model, length)
     if reason is not None:
         if max_new <= 0:
             empty = torch.empty((batch, 0), dtype=torch.long, device=device)
@@ -756,6 +778,9 @@ def static_generate(
     cache_len = width + max_new
     if on_cuda:
         cache_len = -(-cache_len // CUDA_CACHE_ROUND) * CUDA_CACHE_ROUND
+        window = _sliding_window(_text_config(model))
+        if window is not None:  # rounded up, the cache must stay within a window the rows fit in
+            cache_len = min(cache_len, window)
     temperature = float(settings.temperature) if settings.temperature and settings.temperature > 0 else 0.0
     mixed = greedy_rows is not None and temperature > 0 and bool(greedy_rows.any())
     key = _SessionKey(

@@ -281,7 +281,7 @@ def ranking_scores(result: JudgeResult, algorithm: str) -> np.ndarray:
 
 
 def select_pair(result: JudgeResult, algorithm: str, responses: list[str] | None = None,
-                finished: list[bool] | None = None) -> tuple[int, int] | None:
+                finished: list[bool] | None = None, choosable: list[bool] | None = None) -> tuple[int, int] | None:
     """(chosen, rejected) indices: best and worst by `ranking_scores`; None when every response ties.
 
     Coarse judges (a verifier's right/wrong) tie many responses at the top and the bottom. Among tied
@@ -292,17 +292,26 @@ def select_pair(result: JudgeResult, algorithm: str, responses: list[str] | None
     With `finished` (judge.unfinished: penalize), a sample cut at max_new_tokens ranks below every
     finished one whatever the judge said: the chosen side is the best finished sample (None when there
     is none), the rejected side the worst unfinished one when there is one.
+
+    With `choosable`, only those responses may be the chosen side (pair_round: an empty one never is).
+    The others rank by their scores like any response, so the rejected side is still the lowest-ranked
+    one; only among responses tied for the lowest score is one that may not be chosen rejected first, and
+    it makes a pair even with equal scores (a tied non-empty answer over an empty one).
     """
     key = ranking_scores(result, algorithm)
     valid = ~np.isnan(key)
     done = np.ones(len(key), dtype=bool) if finished is None else np.asarray(finished, dtype=bool)
-    top_pool = valid & done
+    allowed = np.ones(len(key), dtype=bool) if choosable is None else np.asarray(choosable, dtype=bool)
+    top_pool = valid & done & allowed
     bottom_pool = valid & ~done if (valid & ~done).any() else valid
     if not top_pool.any():
         return None
     top, bottom = key[top_pool].max(), key[bottom_pool].min()
-    if top == bottom and done[bottom_pool].all():
+    barred = bottom_pool & (key == bottom) & ~allowed  # tied for the lowest, and never to be chosen
+    if top == bottom and done[bottom_pool].all() and not barred.any():
         return None
+    if barred.any():
+        bottom_pool = barred
     counts = Counter(_normalized(r) for r in responses) if responses is not None else None
 
     def most_sampled(value: float, pool: np.ndarray) -> int:
@@ -459,9 +468,10 @@ def pair_round(recipe, generations, round_idx: int, judge=None, refiner=None) ->
             if penalize:
                 result = penalize_unfinished(result, finished)
             # An empty response is never chosen, whatever its score: the pair would teach the model to stop
-            # at once (and pairs.parquet refuses an empty chosen side). It can still be rejected.
-            choosable = [bool(r.strip()) and (done or not penalize) for r, done in zip(group.response, finished)]
-            picked = select_pair(result, recipe.algorithm, group.response.tolist(), None if all(choosable) else choosable)
+            # at once (and pairs.parquet refuses an empty chosen side). It is rejected where it ranks lowest.
+            nonempty = [bool(r.strip()) for r in group.response]
+            choosable = [full and (done or not penalize) for full, done in zip(nonempty, finished)]
+            picked = select_pair(result, recipe.algorithm, group.response.tolist(), finished if penalize else None, nonempty)
             if picked is None:
                 if penalize and not any(finished):
                     stats["skipped_unfinished"] += 1
@@ -560,14 +570,19 @@ class Refiner:
         return generate_texts(self.model, self.tokenizer, texts, settings, "refine")
 
 
-def make_refiner(recipe, model, tokenizer, round_idx: int) -> Refiner:
-    """The refiner of a round: `model` is the round's generator, sampling as generation.* says (vLLM
-    serves paths, not loaded models: refinements use transformers' generate then)."""
+REFINE_SEED_OFFSET = 99_991  # the refiner's seed: shard_seed(seed, round, this + judge shard), far from generation parts' indices
+
+
+def make_refiner(recipe, model, tokenizer, round_idx: int, shard_idx: int = 0) -> Refiner:
+    """The refiner of a round's judge shard `shard_idx`: `model` is the round's generator, sampling as
+    generation.* says (vLLM serves paths, not loaded models: refinements use transformers' generate then).
+    Each judge shard samples from a seed of its own, so shards do not draw the same random numbers."""
     from models.generation import SamplingSettings, shard_seed
 
     gen = recipe.generation
+    seed = shard_seed(recipe.seed, round_idx, REFINE_SEED_OFFSET + shard_idx)
     settings = SamplingSettings(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                                batch_size=gen.batch_size, seed=shard_seed(recipe.seed, round_idx, 99_991),
+                                batch_size=gen.batch_size, seed=seed,
                                 backend="hf" if gen.backend == "vllm" else gen.backend)
     return Refiner(model, tokenizer, recipe.judge.refine_prompt or REFINE_PROMPT, recipe.judge.refine_samples, settings)
 
@@ -587,10 +602,15 @@ def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep:
     has none to give), and only prompts where no sample passes are refined (the paper refines its
     negative responses; where a sample passes, best vs worst already makes a pair). Counts refinements_tried (prompts refined), refinements_passed (pairs
     made) and refinement_samples into `stats`; returns {prompt_id: pair row}.
+    With `judge.min_margin`, a refinement pair too is kept only when the rewrite's score exceeds the
+    original's by more than it (counted in refinements_small_margin; the prompt keeps its samples' pair).
     """
     import difflib
 
+    min_margin = recipe.judge.min_margin
     stats.update(refinements_tried=len(to_refine), refinements_passed=0, refinement_samples=0)
+    if min_margin:
+        stats["refinements_small_margin"] = 0
     if not to_refine:
         return {}
     requests = [(g.prompt.iloc[0], _first(g, "system"), g.response.iloc[i]) for _pid, g, i, _score in to_refine]
@@ -617,6 +637,9 @@ def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep:
             continue
         closeness = lambda k: difflib.SequenceMatcher(None, samples[k].text, original.response).ratio()  # noqa: E731
         best = max(passing, key=lambda k: (result.scores[k], closeness(k)))
+        if min_margin and not result.scores[best] - original_score > min_margin:
+            stats["refinements_small_margin"] += 1
+            continue
         refined = samples[best]
         pairs[pid] = {
             **{k: original.get(k) for k in keep if k in group.columns},

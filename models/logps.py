@@ -222,7 +222,7 @@ def shares_prompt(model) -> bool:
     config = inner.config
     if config.model_type not in SHARED_PROMPT_MODEL_TYPES or not _has_plain_head(model):
         return False
-    if getattr(inner, "is_gradient_checkpointing", False):
+    if getattr(inner, "is_activation_checkpointing", False):
         return False  # checkpointed layers do not return a cache
     layer_types = getattr(config, "layer_types", None) or []
     sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
@@ -298,17 +298,17 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor], share_prefix: bo
     prefix = shared_prefix(prompt_ids, prompt_lengths) if share_prefix else 0
     cache = None
     if prefix:
-        cache = decoder(input_ids=prompt_ids[:1, :prefix], use_cache=True).past_key_values
+        cache = decoder(input_ids=prompt_ids[:1, :prefix], use_cache=True).cache
         cache.batch_repeat_interleave(prompt_ids.shape[0])
     rest_positions = torch.arange(prefix, prompt_ids.shape[1], device=prompt_ids.device).expand(prompt_ids.shape[0], -1)
-    out = decoder(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask, position_ids=rest_positions, past_key_values=cache,
+    out = decoder(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask, position_ids=rest_positions, cache=cache,
                   use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_select_indices(prompt_of)
     last_prompt_hidden = out.last_hidden_state[torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_lengths - 1 - prefix]
     positions = prompt_lengths[prompt_of][:, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
     attention_mask = torch.cat([prompt_mask[prompt_of], completion_mask.long()], dim=1)
-    hidden = decoder(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+    hidden = decoder(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                      use_cache=True).last_hidden_state
     # what predicts completion token j: the prompt's last state for j = 0, the completion's state j - 1 after
     predictors = torch.cat([last_prompt_hidden[prompt_of][:, None], hidden[:, :-1]], dim=1)
@@ -360,10 +360,10 @@ def cached_prompt_logps(model, prompt_cache, prompt_mask: torch.Tensor, last_log
     prompt_cache.batch_select_indices(torch.tensor(prompts, device=device))
     if _has_plain_head(model):
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                     past_key_values=prompt_cache, use_cache=True).last_hidden_state
+                                     cache=prompt_cache, use_cache=True).last_hidden_state
     else:
         hidden = None
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=prompt_cache,
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=prompt_cache,
                        use_cache=True).logits
     first = (segment >= 0) & (within == 0)
     later = (segment[:, 1:] >= 0) & (within[:, 1:] > 0)  # predicted by the state one position before
@@ -381,16 +381,17 @@ def cached_prompt_logps(model, prompt_cache, prompt_mask: torch.Tensor, last_log
 
 @torch.no_grad()
 def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, device, progress: str | None = None,
-                  forward=None) -> tuple[list[float], list[int]]:
+                  forward=None, group_prompts: bool = True) -> tuple[list[float], list[int]]:
     """`sequence_logps` over many items without gradients, `batch_size` items a batch. Where the model
-    allows it (shares_prompt), items with the same prompt tokens share one forward of it (collate_groups);
-    otherwise batches are sorted by length to waste little padding. `forward(batch)` replaces
+    allows it (shares_prompt) and `group_prompts` is on, items with the same prompt tokens share one forward
+    of it (collate_groups); otherwise each item runs as one sequence, in batches sorted by length to waste
+    little padding (ceil(items / batch_size) of them, whatever the prompts). `forward(batch)` replaces
     sequence_logps(model, batch) (the trainer's FSDP root, models/fsdp.py)."""
     own_forward = forward is None
     forward = forward or (lambda batch: sequence_logps(model, batch))
     from common.progress import bar
 
-    shared = shares_prompt(model) and all(item.prompt_ids for item in items)
+    shared = group_prompts and shares_prompt(model) and all(item.prompt_ids for item in items)
     if shared:
         batches = group_by_prompt(items, batch_size)
     else:
@@ -421,10 +422,12 @@ def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, devic
 def pair_logps(model, tokenizer, chosen: list[Encoded], rejected: list[Encoded], pairs_per_batch: int, device,
                shared_prompt: bool = True, forward=None) -> list[tuple[float, float]]:
     """(chosen, rejected) summed log-probs of every pair, without gradients: each pair's prompt run once
-    where the model allows it (shares_prompt), else the sides as separate sequences. `forward` as in
-    batched_logps."""
+    where the model allows it (shares_prompt), else the sides as separate sequences, as the trainer's
+    forward then runs them (never grouped by prompt: under FSDP every process must run as many forwards,
+    and grouping gives shares with other prompts other numbers of batches). `forward` as in batched_logps."""
     if not (shared_prompt and pairs_share_prompt(model, chosen, rejected)):
-        sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps", forward)
+        sums, _ = batched_logps(model, tokenizer, chosen + rejected, 2 * pairs_per_batch, device, "reference logps", forward,
+                                group_prompts=False)
         return list(zip(sums[: len(chosen)], sums[len(chosen) :]))
     from common.progress import bar
 

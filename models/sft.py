@@ -139,6 +139,17 @@ def demo_build_settings(recipe) -> dict:
     return {"demo_model": asdict(recipe.demo_model), "train": recipe.data.train, "seed": recipe.seed}
 
 
+def shipped_base_differences(recipe) -> list[str]:
+    """The recipe keys whose values differ from the ones the shipped demo base was built with (empty: it fits)."""
+    record = demo_base_dir() / BUILD_RECORD
+    if not record.is_file():
+        return ["(no shipped demo base in this install)"]
+    built, wanted = json.loads(record.read_text())["settings"], demo_build_settings(recipe)
+    keys = [f"demo_model.{k}" for k in wanted["demo_model"] if wanted["demo_model"][k] != built["demo_model"].get(k)]
+    keys += [name for key, name in (("train", "data.train"), ("seed", "seed")) if wanted[key] != built[key]]
+    return keys
+
+
 def shipped_demo_base(recipe) -> Path | None:
     """data/demo/base_model when it was built with exactly this recipe's settings, else None."""
     record = demo_base_dir() / BUILD_RECORD

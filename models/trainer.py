@@ -234,6 +234,25 @@ def _save_trainer_checkpoint(work_dir: Path, step: int, trainer_state: dict, sch
     return final
 
 
+def _load_trainer_checkpoint(path: Path) -> dict:
+    """A trainer checkpoint's state.pt, unpickled by torch's weights-only loader: tensors and plain Python
+    values (what _save_trainer_checkpoint writes), nothing else. round_NN/train_work/ may be on a shared
+    filesystem (--shared-run); a full unpickler would run whatever code someone put there on every box
+    that resumes."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a reference to {found.group(1).rstrip('.')}" if found else "something else"
+        raise TrainingError(
+            f"{path} holds {what}, not only tensors and plain values; refusing to unpickle it: delete {path.parent} "
+            f"to resume from the checkpoint before it"
+        ) from None
+
+
 def _stop_requested(accelerator) -> bool:
     """Whether a SIGTERM/SIGINT asked to stop, in any process: all ranks must stop after the same step."""
     asked = interrupt.received() is not None
@@ -244,7 +263,9 @@ def _stop_requested(accelerator) -> bool:
 
 
 def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, round_idx: int, root_model: str,
-                root_path: str | None = None) -> dict:
+                root_path: str | None = None, on_step=None) -> dict:
+    """`on_step(history)`: called on the main process after each step with the round's figures so far, one entry
+    per step, those restored from a trainer checkpoint included (an experiment tracker, data/tracking.py)."""
     from accelerate import Accelerator
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -323,7 +344,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     step, history = 0, []
     resume = _latest_checkpoint(work_dir)
     if resume is not None:
-        state = torch.load(resume / "state.pt", weights_only=False)
+        state = _load_trainer_checkpoint(resume / "state.pt")
         if state.get("fsdp", False) != fsdp:
             raise TrainingError(
                 f"trainer checkpoint {resume} was written {'with' if state.get('fsdp') else 'without'} FSDP; resume it under "
@@ -425,6 +446,8 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         entry.update(step=step, epoch=step * per_step / batches_per_epoch, learning_rate=scheduler.get_last_lr()[0],
                      grad_norm=float(grad_norm), seconds=time.perf_counter() - step_start, tokens=tokens, tokens_run=tokens_run)
         history.append(entry)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(history)
         progress.update(1)
         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
         stop = step < total_steps and _stop_requested(accelerator)
@@ -482,17 +505,27 @@ def run_job(job: dict) -> dict:
     from configs.recipe import recipe_from_dict
     from data.schema import PAIRS, read_artifact
 
+    from data.tracking import step_logger
+
     recipe = recipe_from_dict(job["recipe"], "train job")
     frames = [read_artifact(path, PAIRS) for path in job["pair_files"]]
     pairs = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    return train_round(recipe, job["parent"], pairs, job["work_dir"], job["out_dir"], job["round_idx"], job["root_model"],
-                       job.get("root_path"))
+    on_step = step_logger(recipe, job.get("run_dir"), job["round_idx"])  # None without trackers
+    try:
+        return train_round(recipe, job["parent"], pairs, job["work_dir"], job["out_dir"], job["round_idx"], job["root_model"],
+                           job.get("root_path"), on_step)
+    finally:
+        if on_step is not None:
+            on_step.close()
 
 
 if __name__ == "__main__":
     import sys
 
+    from common.quiet import quiet_library_noise
+
     logging.basicConfig(level=logging.INFO, format="selfplay: %(message)s")
+    quiet_library_noise()
     # Under `accelerate launch` the Train task passes its signals on to this process group; a process may get
     # the same signal twice (from the task and from accelerate), so a repeat must not skip the checkpoint.
     interrupt.install(repeat_stops_at_once=False)

@@ -39,7 +39,8 @@ import yaml
 
 from common import interrupt
 from common.atomic import atomic_path, atomic_write_json
-from common.errors import RecipeError, RunLockedError, SelfplayError
+from common.errors import DataError, ModelError, RecipeError, RunLockedError, SelfplayError
+from common.quiet import quiet_library_noise
 from configs.recipe import CONFIG_DIR, load_recipe, recipe_from_dict
 from data.layout import RunLayout
 from tasks import lock
@@ -65,6 +66,7 @@ class _OneLineUserErrors(logging.Filter):
 
 
 def _setup_logging() -> None:
+    quiet_library_noise()
     logging.getLogger("luigi-interface").addFilter(_OneLineUserErrors())
     log = logging.getLogger("selfplay")
     if not log.handlers:
@@ -83,7 +85,9 @@ _setup_logging()
 # builds its scheduler, so values set here at import time apply; an option the user's configuration
 # sets is never overridden. (A central scheduler: set `[core] local_scheduler = false` there.)
 LUIGI_DEFAULTS = {
-    "core": {"local_scheduler": True, "log_level": "INFO"},
+    # Luigi's own INFO lines (scheduling chatter, the execution summary) behind `--log-level INFO`: by default a
+    # command prints our one line per finished task, progress bars, warnings and errors.
+    "core": {"local_scheduler": True, "log_level": "WARNING"},
     "worker": {"check_complete_on_run": True, "keep_alive": False},
     "resources": {"gpu": 1},  # every task that holds the GPU asks for gpu=1: two never share it
     "retcode": {  # any failure exits non-zero
@@ -222,9 +226,10 @@ def check_run_dir(run_dir: Path, recipe) -> None:
     except RecipeError:  # a key since removed or renamed: compared as recorded, so it shows as changed
         pass
     current = recipe.to_dict()
+    # Tracking changes nothing the run computes: a run may start or stop logging to a tracker between commands.
     # Benchmarks only add outputs (a Benchmark task per round; nothing a round computes depends on them), so
     # a finished run may gain or lose some: Iterate records the new list in run.yaml (record_benchmarks).
-    changed = sorted(key for key in _diff_keys(recorded, current) if key not in MAY_CHANGE)
+    changed = sorted(key for key in _diff_keys(recorded, current) if not key.startswith("tracking") and key not in MAY_CHANGE)
     if changed:
         raise RecipeError(
             f"{run_yaml} was made by a different recipe (changed: {', '.join(changed[:5])}); "
@@ -267,7 +272,8 @@ def set_cpu_threads() -> None:
 
 
 class RunTask(luigi.Task):
-    recipe = luigi.Parameter(default=str(DEFAULT_RECIPE), description="Path of the YAML recipe.")
+    recipe = luigi.Parameter(default=str(DEFAULT_RECIPE), description="A recipe file, or a shipped recipe by name "
+                             "(`python -m configs.recipe --list`; configs/NAME.yaml works from any directory).")
     run_name = luigi.Parameter(default="", description="Run directory name; default: the recipe's name.")
     runs_dir = luigi.Parameter(default="runs", description="Where run directories live.")
     wait_for_lock = luigi.BoolParameter(
@@ -282,26 +288,29 @@ class RunTask(luigi.Task):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if in_command_line() and _command["started"] is None:  # the command line makes its own task first
+            _command["started"] = time.time()
         # One writer per run directory: the command takes the lock when its first task is made, which
         # the luigi command line does before it schedules anything (tasks/lock.py).
-        self.took_lock = self.lock_run_dir()
+        with refused_in_command_line():
+            self.took_lock = self.lock_run_dir()
 
     def lock_run_dir(self) -> bool:
-        in_command_line = luigi.cmdline_parser.CmdlineParser.get_instance() is not None
+        command_line = in_command_line()
         if self.shared_run:  # luigid, not the lock, keeps two commands from running one task (README: several boxes)
-            if in_command_line:
+            if command_line:
                 interrupt.install()
             return False
         try:
             took = lock.acquire(self.run_dir, wait=self.wait_for_lock)
         except RunLockedError as exc:
-            if in_command_line:
+            if command_line:
                 # The luigi command line is making its task: refuse in one line, with our own exit status
                 # (luigi would log a traceback and exit with its unhandled_exception code).
                 log.error("%s", exc)
                 raise SystemExit(lock.EXIT_CODE) from None
             raise
-        if in_command_line:  # from here on SIGTERM/SIGINT stop at the next saved point (common/interrupt.py)
+        if command_line:  # from here on SIGTERM/SIGINT stop at the next saved point (common/interrupt.py)
             interrupt.install()
         return took
 
@@ -354,10 +363,40 @@ class RunTask(luigi.Task):
         """Whether this task's own outputs are there (its inputs aside)."""
         return all(target.exists() for target in luigi.task.flatten(self.output()))
 
+    def nothing_to_do(self) -> str:
+        """What the command says when this, its task, was complete already."""
+        return f"{self.short_name} of run '{self.run_dir.name}' is complete"
+
     def on_failure(self, exception):
         if isinstance(exception, SelfplayError):
             return f"selfplay: {exception}"
         return super().on_failure(exception)
+
+
+def in_command_line() -> bool:
+    """Whether the `luigi` command line is running (not luigi.build from Python: a test, a notebook)."""
+    return luigi.cmdline_parser.CmdlineParser.get_instance() is not None
+
+
+@contextlib.contextmanager
+def refused_in_command_line():
+    """A mistake in the user's input (recipe, data, model path), found while the command line makes its task,
+    before anything is scheduled: printed as our one line and exit USER_ERROR_EXIT, where Luigi would log
+    "Uncaught exception in luigi" and exit with its unhandled_exception code. From Python it is raised."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        if not in_command_line():
+            raise
+        log.error("%s", exc)
+        raise SystemExit(USER_ERROR_EXIT) from None
+
+
+# The exit status of a command refused because its input is wrong: 2, as for a misspelled option (the
+# command line's own usage error). Luigi's codes ([retcode]) are 10 to 40; tasks/lock.py's is 11.
+USER_ERROR_EXIT = 2
+USER_ERRORS = (RecipeError, DataError, ModelError)
+_command: dict = {"started": None}
 
 
 def _guarded_run(run):
@@ -391,12 +430,40 @@ def _give_back_when_the_worker_stops() -> None:
         finally:
             lock.release_all()
             interrupt.restore()
+            if in_command_line():
+                _say_why_the_command_stopped(self)
 
     __exit__.gives_back_run_locks = True
     Worker.__exit__ = __exit__
 
 
 _give_back_when_the_worker_stops()
+
+
+def _say_why_the_command_stopped(worker) -> None:
+    """The command's last line when a task failed: how long it ran and the first failure's reason (a stop by
+    SIGINT/SIGTERM says what was saved and to rerun the same command), after Luigi's own error lines. When
+    nothing had to run, a line that says so (with Luigi's INFO lines hidden, the command would print nothing)."""
+    history = worker._add_task_history
+    failed = [task for task, status, _ in history if status == "FAILED" and isinstance(task, RunTask)]
+    if not failed:
+        root = history[0][0] if history else None  # the command's task is scheduled first
+        if isinstance(root, RunTask) and [status for task, status, _ in history if task is root] == ["DONE"]:
+            log.info("nothing to do: %s", root.nothing_to_do())
+        return
+    task = failed[0]
+    try:  # the reason the task's process gave (on_failure), as the scheduler keeps it: workers may be forked
+        reason = json.loads(worker._scheduler.fetch_error(task.task_id)["error"])
+    except Exception:  # the line is a courtesy: never let it hide the failure itself
+        reason = None
+    if not (isinstance(reason, str) and reason.startswith("selfplay: ")):
+        reason = "failed with the error above"
+    else:
+        reason = reason.removeprefix("selfplay: ")
+    seconds = time.time() - _command["started"] if _command["started"] else None
+    took = f" after {seconds:.0f}s" if seconds is not None else ""
+    more = f" ({len(failed) - 1} more task{'s' if len(failed) > 2 else ''} failed)" if len(failed) > 1 else ""
+    log.error("stopped%s: %s: %s%s", took, task.short_name, reason, more)
 
 
 class ShardTask(RunTask):
@@ -451,4 +518,5 @@ class GpuTask(RunTask):
 @RunTask.event_handler(luigi.Event.PROCESSING_TIME)
 def _log_task_time(task, seconds):
     outputs = ", ".join(t.path for t in luigi.task.flatten(task.output()))
-    log.info("%s done in %.1fs%s", task.task_family, seconds, f" -> {outputs}" if outputs else "")
+    if outputs:  # a task without outputs (Iterate) ends the command with a line of its own
+        log.info("%s done in %.1fs -> %s", task.task_family, seconds, outputs)

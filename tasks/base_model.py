@@ -13,6 +13,7 @@ directory is the model every later stage loads.
 """
 
 import json
+import logging
 import shlex
 import shutil
 import sys
@@ -21,10 +22,12 @@ from pathlib import Path
 
 import yaml
 
+from configs.recipe import DEMO_BASE
 from data.layout import BASE_MODEL_INFO
 from tasks.base import DirTarget, FileTarget, GpuTask, RunTask, git_commit, package_versions, set_cpu_threads
 
 DEMO_ROOT = "selfplay-demo"  # root_model of checkpoints descending from the built demo model
+log = logging.getLogger("selfplay")
 
 
 class RunSetup(RunTask):
@@ -57,7 +60,7 @@ class BaseModel(GpuTask):
         from models.gguf import is_gguf_spec
 
         base = self.config.model.base_model
-        return self.output().path if base is None or is_gguf_spec(base) else base
+        return self.output().path if base in (None, DEMO_BASE) or is_gguf_spec(base) else base
 
     @property
     def root_model(self) -> str:
@@ -69,14 +72,19 @@ class BaseModel(GpuTask):
         with self.output().temporary_path() as tmp:
             from models.gguf import is_gguf_spec
 
-            if recipe.model.base_model is None:
-                from models.sft import build_demo_base, shipped_demo_base
+            if recipe.model.base_model in (None, DEMO_BASE):
+                from models.sft import build_demo_base, demo_base_dir, shipped_base_differences, shipped_demo_base
 
-                shipped = shipped_demo_base(recipe)
-                if shipped is not None:  # the shipped warm start was built with exactly these settings
+                # `demo` names the shipped base whatever the recipe's demo_model says; null takes it only when it
+                # was built with exactly these settings, and otherwise says why it builds another.
+                shipped = demo_base_dir() if recipe.model.base_model == DEMO_BASE else shipped_demo_base(recipe)
+                if shipped is not None:
                     shutil.copytree(shipped, tmp, dirs_exist_ok=True)
                     info = {"copied_from": str(shipped), **json.loads((Path(tmp) / "demo_build.json").read_text())}
                 else:
+                    log.info("model.base_model is null and %s differ from the shipped demo base's: building a demo model "
+                             "on %s (%d supervised steps); model.base_model: demo uses the shipped one instead",
+                             ", ".join(shipped_base_differences(recipe)), recipe.data.train, recipe.demo_model.sft_steps)
                     info = build_demo_base(recipe, Path(tmp))
             elif is_gguf_spec(recipe.model.base_model):
                 from models.gguf import convert_gguf, resolve_gguf

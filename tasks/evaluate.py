@@ -69,7 +69,7 @@ class EvaluateShard(ShardTask, GpuTask):
         if len(mine):
             with self.hold_gpus(1):
                 frame, judged = evaluate_rows(recipe, self.round_idx, deps["model"].model_path, deps["base"].model_path,
-                                              mine, previous, base, all_prompts=prompts)
+                                              mine, previous, base, all_prompts=prompts, shard_idx=self.shard_idx)
         else:  # more shards than held-out prompts
             import pandas as pd
 
@@ -108,6 +108,9 @@ class Evaluate(RunTask):
             write_parquet(frame, tmp, EVAL)
         with self.output()["metrics"].temporary_path() as tmp:
             atomic_write_json(tmp, report)
+        from data.tracking import track_run
+
+        track_run(self.config, self.run_dir)  # experiment trackers: this round's figures, and what they missed
 
 
 EvaluateShard.merge_family = Evaluate

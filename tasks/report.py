@@ -30,3 +30,7 @@ class Report(RunTask):
 
         with self.output().temporary_path() as tmp:
             write_report(self.run_dir, tmp, self.config.evaluation.report_prompts)
+        from data.tracking import track_run
+
+        # Experiment trackers: the report's side-by-side greedy answers as a table.
+        track_run(self.config, self.run_dir, answers_rounds=self.rounds, answer_prompts=self.config.evaluation.report_prompts)

@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.errors import ModelError, RecipeError
+from configs.recipe import DEMO_BASE
 
 MODEL_JUDGES = ("pairrm", "reward_model")
 
@@ -112,7 +113,7 @@ def preflight(recipe, rounds: int) -> None:
     base = recipe.model.base_model
     if is_gguf_spec(base):
         check_gguf(resolve_gguf(base), named=base)
-    elif base:
+    elif base and base != DEMO_BASE:  # `demo`: the shipped demo base, not a path
         check_model_path(base)
     round_recipes = [recipe.for_round(r) for r in range(1, rounds + 1)]
     if recipe.evaluation.benchmarks:

@@ -193,7 +193,7 @@ class JudgeShard(ShardTask, GpuTask):
                     from models.judges import make_refiner
 
                     refiner_tokenizer, refiner_model = model_at(generator_path)
-                    refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx)
+                    refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx, self.shard_idx)
             pairs, stats = pair_round(recipe, generations, self.round_idx, judge, refiner)
         stats.update(who)
         self.write_part(pairs, stats)
@@ -282,6 +282,7 @@ class Train(GpuTask):
         job = {
             "recipe": recipe.to_dict(), "parent": parent, "pair_files": pair_files, "work_dir": str(work_dir),
             "round_idx": self.round_idx, "root_model": root_model, "root_path": root_path,
+            "run_dir": str(self.run_dir),  # experiment trackers (data/tracking.py) keep what they were sent there
         }
         # Under accelerate its processes use the GPUs held here (CUDA_VISIBLE_DEVICES is handed down to them).
         gpus = recipe.training.num_processes if recipe.training.launcher == "accelerate" else 1

@@ -54,3 +54,46 @@ def test_base_model_task_copies_the_shipped_base(tmp_path):
     out = Path(task.output().path)
     assert compare_weights(out, demo_base_dir()) == 0.0
     assert json.loads((out / "base_model.json").read_text())["copied_from"] == str(demo_base_dir())
+
+
+def test_base_model_demo_names_the_shipped_base_whatever_the_data_and_the_differences_are_said(tmp_path):
+    import yaml
+
+    from models.sft import shipped_base_differences
+    from tasks.requirements import preflight
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"prompt": "Add 2 and 3.", "response": "5"}) + "\n")
+    recipe_path = tmp_path / "mine.yaml"
+    recipe_path.write_text(yaml.safe_dump({"model": {"base_model": "demo"}, "data": {"train": str(data), "eval": str(data)},
+                                           "evaluation": {"num_prompts": 1}}))
+    recipe = load_recipe(recipe_path)
+    preflight(recipe, 1)  # `demo` is not a model path to check
+    assert luigi.build([BaseModel(recipe=str(recipe_path), runs_dir=str(tmp_path / "runs"))], local_scheduler=True)
+    copied = tmp_path / "runs" / "mine" / "base_model"
+    assert compare_weights(copied, demo_base_dir()) == 0.0
+    assert json.loads((copied / "base_model.json").read_text())["copied_from"] == str(demo_base_dir())
+    # With base_model null the same data builds a base of its own, and says which settings made it do so.
+    recipe.model.base_model = None
+    recipe.demo_model.sft_steps = 10
+    assert shipped_base_differences(recipe) == ["demo_model.sft_steps", "data.train"]
+    assert shipped_base_differences(load_recipe(CONFIGS / "demo_spin.yaml")) == []
+
+
+def test_a_round_that_trained_nothing_is_said_with_why_and_what_to_change(tmp_path):
+    from data.advice import untrained_round, untrained_rounds
+
+    run_dir = tmp_path / "run"
+    for round_idx, steps, judged in ((1, 4, {"prompts": 12, "pairs": 11, "skipped_identical": 1}),
+                                     (2, 0, {"prompts": 12, "pairs": 0, "skipped_identical": 12, "skipped_ties": 0}),
+                                     (3, 0, {"prompts": 12, "pairs": 0, "skipped_ties": 9, "skipped_unfinished": 3})):
+        (run_dir / f"round_{round_idx:02d}" / "checkpoint").mkdir(parents=True)
+        (run_dir / f"round_{round_idx:02d}" / "checkpoint" / "training_log.json").write_text(json.dumps({"stats": {"steps": steps}}))
+        (run_dir / f"round_{round_idx:02d}" / "judge_meta.json").write_text(json.dumps(judged))
+    assert untrained_round(run_dir, 1) is None
+    lines = untrained_rounds(run_dir, 3)
+    assert len(lines) == 2
+    assert lines[0].startswith("round 2 trained nothing: 0 pairs from 12 prompts (12 skipped: the model's sample equals the data's "
+                               "response") and "model.base_model names one, `demo` the shipped demo base" in lines[0]
+    assert lines[1].startswith("round 3 trained nothing: 0 pairs from 12 prompts (9 skipped: all samples of the prompt scored "
+                               "the same") and "raise generation.num_samples or generation.temperature" in lines[1]

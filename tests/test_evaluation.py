@@ -145,3 +145,21 @@ def test_verifier_win_rate_and_mean_se_by_hand():
     assert evaluation.mean_se([2.0]) == (2.0, pytest.approx(float("nan"), nan_ok=True))
     assert evaluation.distinct_n(["a b a", "a b"], 1) == pytest.approx(2 / 5)
     assert evaluation.distinct_n(["a b a", "a b"], 2) == pytest.approx(2 / 3)
+
+
+def test_each_evaluate_shard_samples_from_a_seed_of_its_own(tmp_path):
+    """Two Evaluate shards holding the same prompt text (under two ids): with one seed for every shard they
+    drew the same random numbers and so the same KL samples; each shard's own seed gives others. The
+    greedy answers, which draw nothing, are the same."""
+    from conftest import save_tiny_llama_root
+
+    root, _tok = save_tiny_llama_root(tmp_path / "root", hidden_size=32, num_layers=1, num_heads=2, max_positions=128)
+    recipe = recipe_from_dict({"model": {"base_model": root, "precision": "fp32"}, "generation": {"batch_size": 8},
+                               "evaluation": {"num_prompts": 2, "kl_samples": 2, "max_new_tokens": 6}})
+    prompts = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["What is 2 + 2?"] * 2, "system": [None] * 2,
+                            "reference": ["4"] * 2, "answer": ["4"] * 2})
+    frames = [evaluation.evaluate_rows(recipe, 0, root, root, prompts.iloc[[shard]], None, None, all_prompts=prompts,
+                                       shard_idx=shard)[0] for shard in (0, 1)]
+    greedy, samples = ([frame[frame.kind == kind].response.tolist() for frame in frames] for kind in ("greedy", "sample"))
+    assert greedy[0] == greedy[1]
+    assert samples[0] != samples[1]

@@ -602,6 +602,62 @@ def test_unsupported_models_are_detected():
     assert unsupported_reason(tiny_model("llama")) is None
 
 
+def windowed_model(family: str, window: int):
+    """A tiny model of a family whose config sets one `sliding_window` for all layers and no `layer_types`."""
+    import transformers
+
+    config_class, model_class = (getattr(transformers, f"{family}{kind}") for kind in ("Config", "ForCausalLM"))
+    torch.manual_seed(0)
+    config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, sliding_window=window,
+                          pad_token_id=PAD, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    assert not getattr(config, "layer_types", None)
+    model = model_class._from_config(config, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["Mistral", "Phi3", "Starcoder2"])
+def test_a_sliding_window_the_rows_outgrow_falls_back_to_hf(family, caplog):
+    """One `sliding_window` for every layer (no `layer_types`): where prompt plus new tokens fit in it, the
+    window masks nothing and the decode loop runs the model; longer, the hf backend does (the static cache
+    and its mask would not match the window's), and the tokens are plain generate's either way."""
+    model = windowed_model(family, window=8)
+    input_ids, attention_mask = left_padded([5, 3, 5])
+    assert unsupported_reason(model, 8) is None and "sliding window of 8" in unsupported_reason(model, 9)
+    assert "sliding window of 8" in unsupported_reason(model)  # no length: it cannot know that the rows fit
+    for max_new, falls_back in ((3, False), (12, True)):
+        release_sessions()
+        caplog.clear()
+        ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=max_new), [])
+        assert torch.equal(ours, hf_greedy(model, input_ids, attention_mask, max_new, [])), max_new
+        assert ("using the hf backend" in caplog.text) == falls_back
+        assert (model in _SESSIONS) == (not falls_back)
+
+
+def test_continuations_longer_than_a_sliding_window_are_scored_by_a_log_prob_pass():
+    """Scored continuations count as the rows' length too: each must fit in the window with its prompt (laid
+    end to end in one row, they need not fit together: none attends to another). Either way every score
+    equals a separate log-prob pass."""
+    from models.generation import generate_and_score
+    from models.logps import Encoded, batched_logps
+    from models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    model = windowed_model("Mistral", window=8)
+    model.resize_token_embeddings(len(tokenizer))
+    prompts = ["ab", "xyz"]
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+    settings = SamplingSettings(temperature=0, max_new_tokens=3, batch_size=4, backend="static")
+    for texts, static in (([["cde", "fgh", "ij"], ["q"]], True), ([["cdefghij"], ["q"]], False)):
+        continuations = [[tokenizer(c, add_special_tokens=False).input_ids for c in cs] for cs in texts]
+        expected = batched_logps(model, tokenizer, [Encoded(p, c) for p, cs in zip(ids, continuations) for c in cs], 8, "cpu")[0]
+        release_sessions()
+        _, scores = generate_and_score(model, tokenizer, prompts, settings, continuations)
+        assert [x for row in scores for x in row] == pytest.approx(expected, abs=1e-4)
+        assert (model in _SESSIONS) == static
+
+
 # --- GPU ------------------------------------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -339,6 +339,10 @@ def interrupt_training(tmp_path, recipe, runs, round_idx: int, signum: int, clea
     assert proc.wait(timeout=120) == TASK_FAILED
     output = log_path.read_text()
     assert f"{signal.Signals(signum).name}: training of round {round_idx} stopped after step" in output, output[-3000:]
+    # The command's last line says how long it ran, what stopped, what was saved and what to do.
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("selfplay: stopped after ") and f"Train of round {round_idx}: {signal.Signals(signum).name}: " \
+        f"training of round {round_idx} stopped after step" in last and last.endswith("rerun the same command to resume"), last
     checkpoints = list((round_dir / "train_work").glob("checkpoint-*/state.pt"))
     total = json.loads((clean_dir / round_dir.name / "checkpoint" / "training_log.json").read_text())["stats"]["steps"]
     assert len(checkpoints) == 1 and 0 < int(checkpoints[0].parent.name.split("-")[1]) < total

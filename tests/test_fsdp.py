@@ -78,9 +78,21 @@ def launch_fsdp(sharded_job: dict) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG, "--num_processes", "2",
                "-m", "models.trainer", str(job_file)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return done.stdout + done.stderr
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as done:
+        try:
+            stdout, stderr = done.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            # The launcher starts each process in a session of its own: processes left waiting on each other
+            # are killed one by one, or they would hold the pipes open.
+            import psutil  # accelerate's dependency
+
+            launcher = psutil.Process(done.pid)
+            for process in [*launcher.children(recursive=True), launcher]:
+                process.kill()
+            stdout, stderr = done.communicate()
+            pytest.fail("the FSDP processes were still running after 300 s:\n" + stderr[-3000:])
+    assert done.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return stdout + stderr
 
 
 def test_fsdp_run_sharded_the_policy_over_two_processes(runs):
@@ -118,7 +130,7 @@ def test_fsdp_losses_and_reference_logps_equal_one_process(runs):
 
 def test_fsdp_trainer_checkpoint_holds_the_whole_adapter(runs):
     one, sharded, _ = runs
-    expected, got = (torch.load(trainer._latest_checkpoint(run / "work") / "state.pt", weights_only=False) for run in (one, sharded))
+    expected, got = (torch.load(trainer._latest_checkpoint(run / "work") / "state.pt", weights_only=True) for run in (one, sharded))
     assert got["fsdp"] and got["step"] == expected["step"]
     for name, value in expected["adapter"].items():
         torch.testing.assert_close(got["adapter"][name], value, rtol=0, atol=TOLERANCE, msg=name)
@@ -139,6 +151,26 @@ def test_fsdp_run_resumed_from_a_trainer_checkpoint_ends_as_the_uninterrupted_ru
     history = json.loads((resumed / "out" / "training_log.json").read_text())["history"]
     want = json.loads((one / "out" / "training_log.json").read_text())["history"]
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in want], rel=0, abs=TOLERANCE)
+
+
+def test_fsdp_without_the_shared_prompt_runs_as_many_forwards_on_every_process(runs):
+    """training.shared_prompt: false. The reference pass then runs each side as its own sequence, in
+    batches of the same size on both processes: grouped by prompt, the shares of 4 and 3 pairs (the shorter
+    padded with its last pair, a prompt then holding four rows) made 2 and 3 batches here, and the process
+    with fewer forwards left the other waiting for ever in FSDP's all-gather."""
+    one, _, _ = runs
+    tmp = one.parent
+    root_path, pair_file = str(tmp / "root"), tmp / "unshared_pairs.parquet"
+    pairs = make_pairs()
+    pairs.loc[3, "prompt"] += " long" * 6  # process 1 takes pairs 1, 3, 5 and 5: by length p1, p5, p3
+    write_parquet(pairs, pair_file)
+    trainer.run_job(job(root_path, pair_file, tmp / "one_unshared", recipe_dict(root_path, grad_accum_steps=2, shared_prompt=False)))
+    launch_fsdp(job(root_path, pair_file, tmp / "fsdp_unshared", recipe_dict(root_path, grad_accum_steps=1, shared_prompt=False)))
+    expected, got = (pd.read_parquet(tmp / run / "work" / "ref_logps.parquet") for run in ("one_unshared", "fsdp_unshared"))
+    pd.testing.assert_frame_equal(got, expected, rtol=0, atol=TOLERANCE)
+    expected, got = (load_file(tmp / run / "out" / "adapter" / "adapter_model.safetensors") for run in ("one_unshared", "fsdp_unshared"))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=TOLERANCE, msg=name)
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -179,7 +179,8 @@ def test_self_judge_pairwise_asks_both_orders_and_cancels_position_bias(monkeypa
     assert_valid_matrix(result.prob_matrix)
 
 
-def test_self_judge_with_a_real_tiny_model_never_crashes():
+def tiny_byte_llama():
+    """(a randomly initialised one-layer Llama, the byte tokenizer it reads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from models.tokenizer import build_byte_tokenizer
@@ -189,6 +190,11 @@ def test_self_judge_with_a_real_tiny_model_never_crashes():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
                                          eos_token_id=tok.eos_token_id))
+    return model, tok
+
+
+def test_self_judge_with_a_real_tiny_model_never_crashes():
+    model, tok = tiny_byte_llama()
     judge = SelfJudge(model, tok, "pointwise", batch_size=4, max_new_tokens=4)
     [result] = judge.judge([JudgeGroup("What is 1 + 1?", ["2", "3"])])
     assert result.unparsed == 2 and np.allclose(result.prob_matrix, 0.5)  # a random model answers nonsense

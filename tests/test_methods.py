@@ -13,10 +13,9 @@ import torch
 from configs.recipe import recipe_from_dict
 from models import loading
 from models.logps import batched_logps
-from models.tokenizer import build_byte_tokenizer
 from models.trainer import encode_pairs, train_round
 from conftest import save_tiny_llama_root
-from test_judges import ScoredJudge
+from test_judges import ScoredJudge, tiny_byte_llama
 
 CPU = torch.device("cpu")
 
@@ -87,6 +86,22 @@ def test_an_empty_response_is_never_chosen():
     assert stats["skipped_empty"] == 1 and stats["skipped_unfinished"] == 0
 
 
+@pytest.mark.parametrize("algorithm", ["dpo", "sppo"])
+def test_an_empty_response_is_rejected_only_where_it_ranks_lowest(algorithm):
+    from models.judges import pair_round
+
+    # A graded judge gives the empty answer 0.5 and "wrong" 0.2: "wrong" is the worst sample and the
+    # rejected side; the empty one is neither side. Where the empty answer ties the worst, it is rejected.
+    gens = generations([["", "wrong", "right"], ["", "meh", "ok"]], ["x", "y"])
+    judge = ScoredJudge({"": 0.5, "wrong": 0.2, "right": 1.0, "meh": 0.0, "ok": 0.7})
+    recipe = recipe_from_dict({"algorithm": algorithm, "judge": {"name": "verifier"}, "generation": {"num_samples": 3}})
+    pairs, _ = pair_round(recipe, gens, 1, judge)
+    assert list(zip(pairs.prompt_id, pairs.chosen, pairs.rejected)) == [("p0", "right", "wrong"), ("p1", "ok", "meh")]
+    judge.table["meh"] = 0.5  # p1: the empty answer ties "meh" for the lowest score
+    pairs, _ = pair_round(recipe, gens, 1, judge)
+    assert list(zip(pairs.prompt_id, pairs.chosen, pairs.rejected)) == [("p0", "right", "wrong"), ("p1", "ok", "")]
+
+
 def dno_recipe(**judge):
     return recipe_from_dict({"algorithm": "dno", "judge": {"name": "verifier", **judge}, "generation": {"num_samples": 3}})
 
@@ -126,6 +141,21 @@ def test_the_margin_filter_drops_pairs_the_judge_barely_separates():
     pairs, stats = pair_round(dno_recipe(min_margin=0.3), gens, 1, judge)
     assert list(pairs.chosen) == ["d"] and stats["skipped_small_margin"] == 1
     assert pairs.chosen_score.iloc[0] - pairs.rejected_score.iloc[0] > 0.3
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "inpo"])
+def test_the_margin_of_dpo_and_inpo_is_taken_on_the_judges_scores_not_win_rates(algorithm):
+    from models.judges import pair_round
+
+    # Scores 3.0 and 2.0 are 1.0 apart: kept at min_margin 0.5. Their win rates (Bradley-Terry, self counted
+    # 1/2) are 0.62 and 0.38, 0.23 apart: a filter on those would drop the pair.
+    judge = ScoredJudge({"good": 3.0, "fair": 2.0})
+    recipe = recipe_from_dict({"algorithm": algorithm, "judge": {"name": "verifier", "min_margin": 0.5},
+                               "generation": {"num_samples": 2}})
+    pairs, stats = pair_round(recipe, generations([["good", "fair"]], ["x"]), 1, judge)
+    assert list(zip(pairs.chosen, pairs.rejected)) == [("good", "fair")] and stats["skipped_small_margin"] == 0
+    assert (pairs.chosen_score.iloc[0], pairs.rejected_score.iloc[0]) == (3.0, 2.0)
+    assert pairs.chosen_win_prob.iloc[0] - pairs.rejected_win_prob.iloc[0] < 0.5
 
 
 def test_spin_pairs_say_where_each_side_came_from():
@@ -198,6 +228,27 @@ def test_a_refinement_replaces_a_pair_of_two_failing_answers_and_changes_least()
     assert stats["refinements_passed"] == 1 and stats["pairs"] == 1
 
 
+def test_refinement_pairs_are_held_to_the_margin_filter():
+    from models.judges import pair_round
+
+    # Both samples fail (pass_score 0.5) and are 0.8 apart; the rewrite passes, 0.3 above the answer it rewrites.
+    gens = generations([["a so", "b"]], ["x"])
+    judge = ScoredJudge({"a so": 0.3, "b": -0.5, "a so!": 0.6})
+
+    def pairs_with(min_margin):
+        recipe = recipe_from_dict({"algorithm": "inpo", "generation": {"num_samples": 2}, "judge": {
+            "name": "reward_model", "model": "rm", "refine": True, "pass_score": 0.5, "min_margin": min_margin}})
+        pairs, stats = pair_round(recipe, gens, 1, judge, ScriptedRefiner({"a so": ["a so!"]}))
+        return list(zip(pairs.chosen, pairs.rejected, pairs.chosen_source)), stats
+
+    made, stats = pairs_with(0.35)  # the rewrite is not far enough above: the samples' pair, 0.8 apart, stays
+    assert made == [("a so", "b", "sample")]
+    assert stats["refinements_small_margin"] == 1
+    assert stats["refinements_passed"] == 0 and stats["skipped_small_margin"] == 0
+    made, stats = pairs_with(0.25)  # it is: it replaces the samples' pair
+    assert made == [("a so!", "a so", "refinement")] and stats["refinements_small_margin"] == 0
+
+
 def test_refinement_options_are_checked_at_load():
     from models.judges import REFINE_PROMPT
     from common.errors import RecipeError
@@ -219,15 +270,9 @@ def test_refinement_options_are_checked_at_load():
 
 
 def test_the_refiner_samples_rewrites_from_the_refinement_prompt(monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from models.judges import make_refiner
 
-    tok = build_byte_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id))
+    model, tok = tiny_byte_llama()
     recipe = dpo_recipe(refine=True, refine_samples=3, refine_prompt="Fix {response} for: {prompt}")
     refiner = make_refiner(recipe, model, tok, round_idx=1)
     seen, encode = [], type(tok).__call__
@@ -240,6 +285,20 @@ def test_the_refiner_samples_rewrites_from_the_refinement_prompt(monkeypatch):
     [rewrites] = refiner.refine([("What is 1 + 1?", None, "3")])
     assert len(rewrites) == 3 and all(isinstance(r.text, str) and r.token_ids for r in rewrites)
     assert any("Fix 3 for: What is 1 + 1?" in text for text in seen)  # the recipe's prompt, chat-formatted
+
+
+def test_each_judge_shard_refines_from_a_seed_of_its_own():
+    from models.judges import make_refiner
+
+    model, tok = tiny_byte_llama()
+    recipe = recipe_from_dict({"algorithm": "dpo", "judge": {"name": "verifier", "refine": True, "refine_samples": 2},
+                               "generation": {"num_samples": 3, "max_new_tokens": 8}})
+    # Two shards that each refine their first failed answer: the same request here, so the same random
+    # numbers would give the same rewrites; each shard's own seed gives others, and the same shard the same.
+    request = [("What is 1 + 1?", None, "3")]
+    rewrites = {shard: [r.text for r in make_refiner(recipe, model, tok, 1, shard).refine(request)[0]] for shard in (0, 1)}
+    assert rewrites[0] != rewrites[1]
+    assert [r.text for r in make_refiner(recipe, model, tok, 1, 1).refine(request)[0]] == rewrites[1]
 
 
 def test_the_report_says_who_judged_and_what_pairing_counted(tmp_path):

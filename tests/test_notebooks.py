@@ -214,3 +214,25 @@ def test_compare_runs_runs_every_cell(tiny_runs, kernel_name, tmp_path):
     assert _images(nb) >= 2
     # From the repository root too, with the two runs of the parameters' default shape.
     execute(COMPARE, REPO, kernel_name, run_dirs=run_dirs[:2])
+
+
+@pytest.mark.slow
+def test_the_installed_notebooks_run_on_any_run_directory_from_anywhere(tiny_runs, kernel_name, tmp_path):
+    """`python -m data.notebooks` from a directory with no checkout, on the installed package (no PYTHONPATH):
+    the notebook is written beside its outputs with run_dir set, executed, with an HTML copy."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = tmp_path / "elsewhere" / "drift.ipynb"
+    result = subprocess.run([sys.executable, "-m", "data.notebooks", "iteration_drift", str(tiny_runs["spin"]), "--out", str(out),
+                             "--html"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [str(out), str(out.with_suffix(".html"))]
+    nb = nbformat.read(out, as_version=4)
+    assert f"run '{tiny_runs['spin'].name}'" in _text(nb) and _images(nb) >= 5
+    assert "round 2" in out.with_suffix(".html").read_text()
+    bad = subprocess.run([sys.executable, "-m", "data.notebooks", "iteration_drift", str(tmp_path)], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and f"selfplay: {tmp_path}: not a run directory (no run.yaml)" in bad.stderr

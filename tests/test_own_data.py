@@ -163,6 +163,16 @@ def test_command_from_another_directory_uses_the_local_scheduler_and_exit_codes(
     output = good.stdout + good.stderr
     assert good.returncode == 0 and "Failed connecting to remote scheduler" not in output, output[-2000:]
     assert (elsewhere / "runs" / "tiny_spin" / "round_01" / "metrics.json").is_file()
+    # What it prints: one line per finished task and progress bars, no Luigi scheduling chatter, the total time last.
+    lines = output.strip().splitlines()
+    assert not [line for line in lines if line.startswith(("INFO:", "DEBUG:")) or "Informed scheduler" in line], output[-3000:]
+    done = [line for line in lines if " done in " in line]
+    # 11 tasks: RunSetup ran above; Iterate ends with its own line.
+    assert len(done) == 11 and all(line.startswith("selfplay: ") for line in done), output[-3000:]  # grep "^selfplay"
+    assert lines[-1].startswith("selfplay: 1 round of run 'tiny_spin' complete; this command took "), lines[-1]
+    again, _ = luigi_cli(elsewhere, "Iterate", "--rounds", "1", "--recipe", good_recipe)
+    assert again.returncode == 0 and (again.stdout + again.stderr).strip().splitlines() == [
+        "selfplay: nothing to do: run 'tiny_spin' is complete through round 1; report: runs/tiny_spin/report.md"]
 
     # A task that fails at run time (the user's verifier has a bug) exits with [retcode] task_failed.
     checks = tmp_path / "buggy.py"

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from common.errors import RecipeError
-from configs.recipe import CONFIG_DIR, deep_merge, load_recipe, main, recipe_fields, recipe_from_dict
+from configs.recipe import (CONFIG_DIR, deep_merge, load_recipe, main, recipe_fields, recipe_from_dict, resolve_recipe,
+                            shipped_recipes)
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -118,7 +119,7 @@ def test_defaults_by_algorithm():
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(RecipeError, match="nope.yaml not found: no such file, and no shipped recipe"):
         load_recipe(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("training: [unclosed")
@@ -216,3 +217,61 @@ def test_inpo_defaults_and_its_eta_and_tau(tmp_path):
         load_recipe(write(tmp_path, {"training": {"inpo_tau": 0.1}}))
     # The loss works on any pairs: iterative DPO's pairs with INPO's loss.
     assert recipe_from_dict({**inpo, "algorithm": "dpo", "training": {"loss": "inpo"}}).loss == "inpo"
+
+
+def test_shipped_recipes_resolve_by_name_and_by_configs_path_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    for spec in ("smollm2_spin_cpu", "smollm2_spin_cpu.yaml", "configs/smollm2_spin_cpu.yaml"):
+        assert resolve_recipe(spec) == CONFIG_DIR / "smollm2_spin_cpu.yaml"
+        assert load_recipe(spec).name == "smollm2_spin_cpu"
+    # A file of that path in the working directory wins over the shipped one.
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "smollm2_spin_cpu.yaml").write_text("name: mine\n")
+    assert load_recipe("configs/smollm2_spin_cpu.yaml").name == "mine"
+    assert load_recipe("smollm2_spin_cpu").name == "smollm2_spin_cpu"  # a bare name is not a file here
+    # Only a bare name or configs/NAME is looked up among the shipped recipes, never another directory's path.
+    with pytest.raises(RecipeError, match="shipped: demo_dno, demo_dpo.*smollm2_spin_cpu"):
+        load_recipe("elsewhere/smollm2_spin_cpu.yaml")
+    with pytest.raises(RecipeError, match="recipe smollm2_spin not found"):
+        load_recipe("smollm2_spin")
+
+
+def test_list_names_every_shipped_recipe_with_what_it_runs(capsys):
+    assert main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == shipped_recipes() == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    by_name = dict(line.split(": ", 1) for line in lines)
+    assert by_name["demo_dno"].startswith("DNO (Direct Nash Optimization, Rosset et al. 2024), its practical")
+    assert by_name["smollm2_spin_cpu"] == ("SPIN on SmolLM2-135M-Instruct, on a CPU: the demo's verifiable tasks, ground "
+                                           "truth vs the model's own sample, LoRA in fp32")
+
+
+def test_installed_package_finds_shipped_recipes_from_another_directory(tmp_path):
+    """The README's commands, run from a directory with no checkout in it, on the installed package (no PYTHONPATH)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    fields = subprocess.run([sys.executable, "-m", "configs.recipe", "--fields", "configs/smollm2_spin_cpu.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert fields.returncode == 0, fields.stderr[-2000:]
+    assert "(smollm2_spin_cpu.yaml: cache:smollm2-135m-instruct)" in fields.stdout
+    setup = subprocess.run([sys.executable, "-m", "luigi", "--module", "pipeline", "RunSetup", "--recipe", "smollm2_spin_cpu",
+                            "--runs-dir", "runs"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert setup.returncode == 0, setup.stderr[-2000:]
+    record = yaml.safe_load((tmp_path / "runs" / "smollm2_spin_cpu" / "run.yaml").read_text())
+    assert record["recipe"]["model"]["base_model"] == "cache:smollm2-135m-instruct"
+
+
+def test_algorithm_help_names_every_algorithm_and_the_rounds_example_is_a_valid_recipe():
+    import typing
+
+    from configs.recipe import Algorithm
+
+    rows = {row["key"]: row for row in recipe_fields()}
+    for algorithm in typing.get_args(Algorithm):
+        assert f"{algorithm}:" in rows["algorithm"]["help"], algorithm
+    example = rows["rounds"]["help"].split("e.g. ", 1)[1].rstrip(".")
+    recipe = recipe_from_dict(yaml.safe_load(example))
+    assert recipe.for_round(2).training.learning_rate == 1e-3 and recipe.for_round(2).generation.temperature == 0.7

@@ -131,9 +131,16 @@ def assert_one_line_failure(result, *fragments):
 
 
 def test_cli_misspelled_recipe_key_is_one_line_and_nonzero(tmp_path):
+    from tasks.base import USER_ERROR_EXIT
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  learnig_rate: 0.1\n")
-    assert_one_line_failure(run_cli(tmp_path, "Iterate", "--recipe", str(bad)), str(bad), "training.learnig_rate")
+    result = run_cli(tmp_path, "Iterate", "--recipe", str(bad))
+    assert_one_line_failure(result, str(bad), "training.learnig_rate")
+    # Our own message and exit code for "your input is wrong", not Luigi's for an exception it did not expect.
+    assert result.returncode == USER_ERROR_EXIT == 2
+    assert (result.stdout + result.stderr).strip().splitlines() == [
+        f"selfplay: {bad}: unknown key 'training.learnig_rate' (did you mean 'training.learning_rate'?)"]
 
 
 def test_cli_base_model_that_is_not_a_model(tmp_path):

@@ -69,6 +69,24 @@ def test_shared_prompt_gives_the_log_probs_and_gradients_of_two_full_sequences(p
         torch.testing.assert_close(shared_grads[name], flat_grads[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_pairs_with_the_same_prompt_in_one_batch_share_all_of_it_but_its_last_token(monkeypatch):
+    """Two pairs of one prompt (two judged rounds' pairs mixed, or a prompt asked twice) in one batch: every
+    row starts with the whole prompt, yet the shared prefix stops a token short of it, since the prompt's
+    last position must still run per row to predict each completion's first token."""
+    import models.logps as logps
+
+    model = tiny_lora_llama().eval()
+    prompt = [5, 9, 11, 3, 40, 7, 21]
+    chosen, rejected = [Encoded(prompt, [12, 13]), Encoded(prompt, [44])], [Encoded(prompt, [50, 51, 52]), Encoded(prompt, [60, 61])]
+    prefixes_run = []
+    monkeypatch.setattr(logps, "shared_prefix", lambda *a, f=logps.shared_prefix: prefixes_run.append(f(*a)) or prefixes_run[-1])
+    with torch.no_grad():
+        flat_sums, _ = sequence_logps(model, collate(chosen + rejected, pad_id=0))
+        shared_sums, _ = sequence_logps(model, collate_pairs(chosen, rejected, pad_id=0))
+    torch.testing.assert_close(shared_sums, flat_sums, atol=1e-4, rtol=0)
+    assert prefixes_run == [len(prompt) - 1]
+
+
 class _Tok:
     pad_token_id = 0
 

@@ -188,3 +188,47 @@ def test_a_work_directory_is_cleared_exactly_when_its_inputs_were_redone(tmp_pat
     (work / "inputs.json").unlink()  # a work directory that records no inputs
     assert prepare_with_a_part() is False
     assert prepare_with_a_part() is True
+
+
+class RunsCodeWhenUnpickled:
+    """What someone who can write to a shared run directory could put in a trainer checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_trainer_checkpoint_is_unpickled_as_weights_only(root, tmp_path):
+    recipe = make_recipe(root, "dpo", epochs=1, save_steps=1)  # 8 pairs, 4 a step: checkpoints 1 and 2
+    pairs, work = make_pairs(), tmp_path / "work"
+    trainer.train_round(recipe, root, pairs, work, tmp_path / "whole", 1, "root", root)
+    # The round's own checkpoint resumes: what it holds loads without the full unpickler.
+    state = torch.load(work / "checkpoint-2" / "state.pt", weights_only=True)
+    for file in (work / "checkpoint-2").iterdir():
+        file.unlink()
+    (work / "checkpoint-2").rmdir()
+    trainer.train_round(recipe, root, pairs, work, tmp_path / "resumed", 1, "root", root)
+    assert all(torch.equal(adapter(tmp_path / "resumed")[k], w) for k, w in adapter(tmp_path / "whole").items())
+    # A checkpoint with anything else in it is refused in one line, and what it holds never runs.
+    marker = tmp_path / "marker"
+    torch.save({**state, "history": [RunsCodeWhenUnpickled(marker)]}, work / "checkpoint-2" / "state.pt")
+    with pytest.raises(trainer.TrainingError, match=r"checkpoint-2/state.pt holds a reference to exec, not only tensors "
+                                                    r"and plain values; refusing to unpickle it") as refused:
+        trainer.train_round(recipe, root, pairs, work, tmp_path / "again", 1, "root", root)
+    assert "\n" not in str(refused.value)
+    assert not marker.exists()
+
+
+def test_the_logged_reward_accuracy_counts_ties_as_no_wins():
+    from models.losses import PreferenceBatch
+
+    # At a round's first step the policy is its reference: rewards 0 and 0 on every pair, nothing won yet.
+    logps = torch.tensor([-3.0, -5.0, -7.5])
+    tied = PreferenceBatch(policy_chosen_logps=logps, policy_rejected_logps=logps - 1, ref_chosen_logps=logps,
+                           ref_rejected_logps=logps - 1, beta=0.1)
+    assert trainer._figures(torch.tensor(0.69), tied)["rewards/accuracy"] == 0.0
+    won = PreferenceBatch(policy_chosen_logps=logps + torch.tensor([0.5, 0, 0]), policy_rejected_logps=logps - 1,
+                          ref_chosen_logps=logps, ref_rejected_logps=logps - 1, beta=0.1)
+    assert trainer._figures(torch.tensor(0.69), won)["rewards/accuracy"] == pytest.approx(1 / 3)
