@@ -33,6 +33,7 @@ from typing import Any, Literal
 import yaml
 
 from common.errors import RecipeError
+from configs.evaluation import check_evaluation
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -315,6 +316,18 @@ class EvalConfig:
         default=1, metadata={"help": "Luigi tasks a round's evaluation is split into, each on one GPU (the held-out "
                                      "prompts dealt out in order); figures are the same whatever the number of workers."}
     )
+    judge_model: str | None = field(
+        default=None,
+        metadata={"help": "The referee's model, apart from the training judge: a PairRM or reward model (evaluation.judge "
+                          "pairrm, reward_model) or a causal LM as self-judge (evaluation.judge self); null: judge.model, "
+                          "or the base model for self. report.md gives both judges' agreement."},
+    )
+    benchmarks: list = field(
+        default_factory=list,
+        metadata={"help": "lm-evaluation-harness tasks run on every round's policy (a Benchmark task each, pip install -e "
+                          "'.[eval]'): a task name or a local task YAML (relative to where the command runs), or "
+                          "{task, num_fewshot, limit, batch_size, apply_chat_template}; may be added to a finished run."},
+    )
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
@@ -394,6 +407,7 @@ class Recipe:
                               "algorithm spin has none (its chosen side is always the dataset's response)")
         self._check_refine(where)
         self._check_tracking(where)
+        check_evaluation(self, where)
         if self.judge.name in ("pairrm", "reward_model") and not self.judge.model:
             raise RecipeError(f"{where}: judge.model is required for judge {self.judge.name}")
         if self.training.loss == "sppo" and self.algorithm != "sppo":

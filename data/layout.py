@@ -7,6 +7,7 @@
         pairs.parquet, judge_meta.json             PAIRS_FILE, JUDGE_META
         checkpoint/                                CHECKPOINT (training_log.json inside: TRAINING_LOG)
         eval.parquet, metrics.json                 EVAL_FILE, METRICS
+        benchmarks.json                            BENCHMARKS (lm-eval's results, when evaluation.benchmarks is set)
         generate_work/, train_work/                GENERATE_WORK, TRAIN_WORK (resumable parts; not artifacts)
         generations.shards/, pairs.shards/,        GENERATIONS_SHARDS, PAIRS_SHARDS, EVAL_SHARDS: shard-NNNNN.parquet
         eval.shards/                               and shard-NNNNN.json per shard task (merged into the files above)
@@ -37,6 +38,7 @@ TRAINING_LOG = "training_log.json"
 TRAIN_WORK = "train_work"
 EVAL_FILE = "eval.parquet"
 METRICS = "metrics.json"
+BENCHMARKS = "benchmarks.json"
 REPORT = "report.md"
 PLOTS = "plots"
 ROUND_DIR = re.compile(r"^round_(\d+)$")
@@ -141,3 +143,6 @@ class RunLayout:
 
     def metrics(self, round_idx: int) -> Path:
         return self.round_dir(round_idx) / METRICS
+
+    def benchmarks(self, round_idx: int) -> Path:
+        return self.round_dir(round_idx) / BENCHMARKS

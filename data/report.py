@@ -329,6 +329,89 @@ def reading_notes(metrics: pd.DataFrame, config: dict) -> list[str]:
     return [f"- {note}" for note in notes] + ([""] if notes else [])
 
 
+def _has(metrics: pd.DataFrame, column: str) -> bool:
+    return column in metrics and metrics[column].notna().any()
+
+
+def length_control_section(metrics: pd.DataFrame) -> list[str]:
+    """Each round's win rates beside their length-controlled rates and the mean length of both sides."""
+    labels = [(label, title) for label, title in (("previous", "prev"), ("base", "base")) if _has(metrics, f"win_rate_vs_{label}_lc")]
+    if not labels:
+        return []
+    lines = ["## Win rates controlled for length", "",
+             "Length-controlled (LC) win rates as AlpacaEval 2 defines them (Dubois et al. 2024): the judge's preference "
+             "fitted as a logistic function of a model term and the length difference, and the rate it predicts at equal "
+             "length (data/comparisons.py); ± one standard error (bootstrap over prompts for LC). Lengths are the mean "
+             "characters of the round's greedy answers and of the other side's. A raw rate well above its LC rate is a "
+             "gain length explains.", "",
+             "| round | " + " | ".join(f"win vs {title} | LC win vs {title} | chars (ours / {title})" for _, title in labels) + " |",
+             "|" + "---|" * (1 + 3 * len(labels))]
+    for row in metrics[metrics[f"win_rate_vs_{labels[0][0]}_lc"].notna()].to_dict("records"):
+        cells = []
+        for label, _ in labels:
+            name = f"win_rate_vs_{label}"
+            cells += [_cell(row.get(name), "{:.3f}", row.get(f"{name}_se")), _cell(row.get(f"{name}_lc"), "{:.3f}", row.get(f"{name}_lc_se")),
+                      f"{_cell(row.get(f'{name}_chars_ours'), '{:.0f}')} / {_cell(row.get(f'{name}_chars_theirs'), '{:.0f}')}"]
+        lines.append(f"| {int(row['round'])} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _judge_name(name, detail) -> str:
+    return f"`{name}`" + (f" ({detail})" if detail else "")
+
+
+def referee_section(run: Run, metrics: pd.DataFrame) -> list[str]:
+    """Who judged the held-out comparisons besides the referee, how often the two agree, and a one-line flag
+    for rounds where the training judge sees a gain the referee does not."""
+    from data.comparisons import reward_hacking_rounds
+
+    judges = run.judges()
+    if not judges:
+        return []
+    referee = _by_round({r: _judge_name(j[0], j[1]) for r, j in judges.items()})
+    training = _by_round({r: _judge_name(j[2], j[3]) for r, j in judges.items()})
+    lines = ["## Referee and training judge", "",
+             f"The win rates above are the referee's: {referee}. The training pairs were judged by {training}, which judged "
+             "the same held-out comparisons too. Agreement: the share of comparisons where both gave the same verdict "
+             "(ours / tie / theirs) and Cohen's kappa (agreement beyond chance), ± one standard error.", "",
+             "| round | training judge: win vs base | referee: win vs base | agreement vs base | kappa vs base | "
+             "agreement vs prev | kappa vs prev |", "|---|---|---|---|---|---|---|"]
+    rows = metrics[metrics["round"].isin(list(judges))].to_dict("records")
+    for row in rows:
+        cells = [_cell(row.get(k), "{:.3f}", row.get(f"{k}_se")) for k in (
+            "train_judge_win_rate_vs_base", "win_rate_vs_base", "judge_agreement_vs_base", "judge_kappa_vs_base",
+            "judge_agreement_vs_previous", "judge_kappa_vs_previous")]
+        lines.append(f"| {int(row['round'])} | " + " | ".join(cells) + " |")
+    flagged = reward_hacking_rounds(rows)
+    if flagged:
+        lines += ["", f"**Flag: round{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))}: the training judge's "
+                      "win rate vs base is more than two standard errors above 1/2 while the referee's is not: the policy may "
+                      "be learning what its training judge rewards rather than what the referee prefers (reward hacking).**"]
+    return lines + [""]
+
+
+def benchmarks_section(run: Run) -> list[str]:
+    """lm-eval's figures of every round, ± its standard errors, with the versions they depend on."""
+    table = run.benchmarks()
+    if table.empty:
+        return []
+    rounds = sorted(table["round"].unique())
+    versions = ", ".join(sorted({str(v) for v in table.lm_eval_version.dropna()}))
+    lines = ["## Benchmarks (lm-evaluation-harness)", "",
+             f"lm-eval {versions}, run on each round's policy (round 0: the base); ± lm-eval's own standard error "
+             "(- where it gives none); n: documents scored. Results move between lm-eval and task versions: compare "
+             "figures of the same versions only.", "",
+             "| benchmark | task | metric | " + " | ".join(f"round {r}" for r in rounds) + " | n | task version |",
+             "|" + "---|" * (5 + len(rounds))]
+    for (benchmark, task, metric), rows in table.groupby(["benchmark", "task", "metric"], sort=False):
+        by_round = rows.set_index("round")
+        cells = [_cell(by_round["value"].get(r), "{:.4f}", by_round["se"].get(r)) for r in rounds]
+        n = "/".join(str(int(v)) for v in sorted(rows.n.dropna().unique())) or "-"
+        task_versions = "/".join(sorted({str(v) for v in rows.task_version.dropna()})) or "-"
+        lines.append(f"| {_quote(benchmark)} | {task} | {metric} | " + " | ".join(cells) + f" | {n} | {task_versions} |")
+    return lines + [""]
+
+
 def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
     metrics = run.metrics()
     config = run.config.get("recipe", {})
@@ -361,6 +444,7 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
             lines += [f"| {int(r['round'])} | " + " | ".join(_cell(r[c], "{:.2f}") for c in by_task) + " |"
                       for r in metrics.to_dict("records")]
             lines.append("")
+    lines += length_control_section(metrics) + referee_section(run, metrics) + benchmarks_section(run)
     lines += pairing_section(run)
     lines += [f"![{p.stem}]({p.relative_to(run.dir).as_posix()})" for p in plots]
     table = run.side_by_side(num_prompts)

@@ -9,6 +9,7 @@
     run.evals()            # every round's eval.parquet, stacked
     run.pairs()            # every round's pairs.parquet, stacked
     run.generations()      # every round's generations.parquet, stacked
+    run.benchmarks()       # one row per round, lm-eval benchmark, task and metric: value, se (lm-eval's), n, versions
     run.judge_stats()      # one row per judged round: pairs made, ties and identical pairs skipped
     run.matrix_spread()    # one row per pair that kept its judge's win-probability matrix (SPPO, DPO)
     stack_metrics([run_a, run_b])  # several runs' metrics() stacked, with a `run` column
@@ -38,6 +39,16 @@ FIGURES = (
 WITH_SE = ("accuracy", "win_rate_vs_previous", "win_rate_vs_base", "kl_vs_base", "implicit_reward_accuracy",
            "implicit_reward_margin")
 COUNTS = ("prompts", "implicit_reward_pairs")
+# Beside each win rate: its length-controlled rate and both sides' mean length; a training judge's rates and
+# its agreement with the referee, where one judged apart from it (data/comparisons.py). Each with `_se`.
+COMPARISON_FIGURES = tuple(
+    f"{figure}_vs_{label}{suffix}"
+    for label in ("previous", "base")
+    for figure, suffixes in (("win_rate", ("_lc", "_lc_se", "_chars_ours", "_chars_theirs")),
+                             ("train_judge_win_rate", ("", "_se", "_lc", "_lc_se")),
+                             ("judge_agreement", ("", "_se")), ("judge_kappa", ("", "_se")))
+    for suffix in suffixes
+)
 
 
 class Run:
@@ -85,6 +96,7 @@ class Run:
             row = {"round": round_idx, **{k: ev.get(k) for k in FIGURES}}
             row.update({f"{k}_se": ev.get(f"{k}_se") for k in WITH_SE})
             row.update({k: ev.get(k) for k in COUNTS})
+            row.update({k: ev[k] for k in COMPARISON_FIGURES if k in ev})
             row.update({f"accuracy/{task}": acc for task, acc in (ev.get("accuracy_by_task") or {}).items()})
             for label in ("previous", "base"):
                 by_task = ev.get(f"win_rate_vs_{label}_by_task") or {}
@@ -106,6 +118,23 @@ class Run:
                 rows.append({"round": round_idx, "verifier": ev.get("verifier"), "verifier_answers": ev.get("verifier_answers"),
                              "eval_judge": ev.get("eval_judge"), "eval_judge_detail": ev.get("eval_judge_detail")})
         return pd.DataFrame(rows, columns=["round", "verifier", "verifier_answers", "eval_judge", "eval_judge_detail"])
+
+    def benchmarks(self) -> pd.DataFrame:
+        """One row per round, benchmark, lm-eval task and metric (value, se, n, num_fewshot, task_version,
+        lm_eval_version), as Benchmark wrote them into metrics.json; empty when no round has any."""
+        rows = [{"round": round_idx, **row} for round_idx in self.rounds()
+                for row in (self.round_metrics(round_idx) or {}).get("benchmarks") or []]
+        return pd.DataFrame(rows, columns=["round", *BENCHMARK_COLUMNS])
+
+    def judges(self) -> dict:
+        """{round: (referee, its detail, training judge, its detail)} for rounds where a training judge judged
+        the held-out comparisons apart from the referee."""
+        found = {}
+        for round_idx in self.rounds():
+            ev = (self.round_metrics(round_idx) or {}).get("eval") or {}
+            if ev.get("train_judge"):
+                found[round_idx] = (ev.get("eval_judge"), ev.get("eval_judge_detail"), ev["train_judge"], ev.get("train_judge_detail"))
+        return found
 
     def loss_curves(self) -> pd.DataFrame:
         frames = []
@@ -180,6 +209,7 @@ class Run:
         return pd.DataFrame(rows, columns=list(MATRIX_SPREAD))
 
 
+BENCHMARK_COLUMNS = ("benchmark", "task", "metric", "value", "se", "n", "num_fewshot", "task_version", "lm_eval_version")
 JUDGE_STATS = ("round", "prompts", "pairs", "skipped_ties", "skipped_identical", "unparsed_judgements")
 MATRIX_SPREAD = ("round", "prompt_id", "k", "score_gap", "win_prob_gap", "matrix_std", "decisiveness")
 

@@ -10,6 +10,10 @@ that every later round scores. Figures, all on prompts no round trains on:
 - win_rate_vs_previous / win_rate_vs_base: greedy response of round r against that of round r-1 /
   the base, by the evaluation judge (both orders for pairwise judges; ties count one half). The
   self-judge is the *base* model here, a fixed referee, not the model being graded; per task kind too;
+  beside each, `_lc`: the length-controlled rate (AlpacaEval 2's, data/comparisons.py) and both sides'
+  mean length in characters; where the training judge is not this referee (evaluation.judge,
+  evaluation.judge_model; models/referee.py), its own `train_judge_win_rate_vs_*` and its agreement
+  with the referee (`judge_agreement_vs_*`, `judge_kappa_vs_*`);
 - length: mean, median and 90th percentile of response tokens;
 - distinct_1 / distinct_2: unique n-grams over all n-grams of the samples (diversity, collapse);
 - kl_vs_base: Monte-Carlo KL(pi_r || pi_base) = mean over samples y ~ pi_r of log pi_r(y) - log pi_base(y),
@@ -137,10 +141,11 @@ def eval_judge_detail(recipe, judge_name: str | None) -> str | None:
     """What stands behind the evaluation judge: the verifier, the judge model, or the self-judge's referee."""
     if judge_name == "verifier":
         return recipe.judge.verifier or "exact"
+    referee = recipe.evaluation.judge_model  # a referee's own model, apart from the training judge's
     if judge_name in ("pairrm", "reward_model"):
-        return recipe.judge.model
+        return referee or recipe.judge.model
     if judge_name == "self":
-        return f"the base model as referee, {recipe.judge.self_mode}"
+        return f"{referee or 'the base model'} as referee, {recipe.judge.self_mode}"
     return None
 
 
@@ -224,8 +229,8 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     from models.generation import generate_and_score
     from models.sampling import SamplingSettings
     from models.judge_types import row_of
-    from models.judges import make_judge
     from models.loading import adapter_merged, has_adapter, load_policy, load_tokenizer, set_adapter_enabled
+    from models.referee import make_referee, make_training_judge, training_judge_detail
     from models.verifiers import can_verify, load_verifier
 
     ev = recipe.evaluation
@@ -298,15 +303,19 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
         sample_items = [items[i] for i in sample_rows.index]
         frame.loc[sample_rows.index, "base_logp"] = batched_logps(base_model, base_tokenizer, sample_items, batch, device, "eval base logps")[0]
         if judge_name:
-            judge = make_judge(judge_name, recipe, base_model, base_tokenizer)
             ours = greedy_rows.response.tolist()
             greedy_prompts = by_prompt.loc[greedy_rows.prompt_id].reset_index()
-            judged["unparsed"] = 0  # self-judge answers with no verdict (ties), both comparisons
-            for label, other in (("previous", previous), ("base", base)):
-                theirs = other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
-                results = judge_pairs(judge, greedy_prompts, ours, theirs)
-                judged[label] = [float(result.prob_matrix[0, 1]) for result in results]
-                judged["unparsed"] += sum(result.unparsed for result in results)
+            theirs = {label: other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
+                      for label, other in (("previous", previous), ("base", base))}
+            # The referee (evaluation.judge) reports the win rates; a training judge apart from it judges the same
+            # comparisons, for their agreement (models/referee.py). Lengths feed the length-controlled rates.
+            judged |= judge_comparisons(make_referee(judge_name, recipe, base_model, base_tokenizer), greedy_prompts, ours, theirs)
+            judged |= {"ours_chars": [len(text) for text in ours]}
+            judged |= {f"{label}_chars": [len(text) for text in texts] for label, texts in theirs.items()}
+            training_judge = make_training_judge(recipe, round_idx, judge_name, model_path, base_model, base_tokenizer, whole)
+            if training_judge is not None:
+                judged |= {"train_judge": recipe.judge.name, "train_judge_detail": training_judge_detail(recipe, round_idx)}
+                judged |= {f"train_{key}": value for key, value in judge_comparisons(training_judge, greedy_prompts, ours, theirs).items()}
     return frame, judged
 
 
@@ -357,10 +366,22 @@ def quantization_cost(frame: pd.DataFrame) -> dict:
     return cost
 
 
+def judge_comparisons(judge, prompts: pd.DataFrame, ours: list[str], theirs: dict[str, list[str]]) -> dict:
+    """P(ours beats theirs) per prompt for each comparison in `theirs` ('previous', 'base'), by `judge`, and its
+    answers with no verdict in them (`unparsed`: self-judge ties), as Evaluate's judgements record them."""
+    judged: dict = {"unparsed": 0}
+    for label, other in theirs.items():
+        results = judge_pairs(judge, prompts, ours, other)
+        judged[label] = [float(result.prob_matrix[0, 1]) for result in results]
+        judged["unparsed"] += sum(result.unparsed for result in results)
+    return judged
+
+
 def eval_metrics(recipe, round_idx: int, frame: pd.DataFrame, prompts: pd.DataFrame, previous: pd.DataFrame | None,
                  judged: dict) -> dict:
     """The figures of metrics.json from the eval frame of every held-out prompt and what the judge said
     (evaluate_rows; the shards' frames and judgements put together in order, when sharded)."""
+    from data.comparisons import comparison_figures
     from models.verifiers import load_verifier
 
     verifier = load_verifier(recipe.judge.verifier)
@@ -410,6 +431,8 @@ def eval_metrics(recipe, round_idx: int, frame: pd.DataFrame, prompts: pd.DataFr
                 if "task" in greedy_prompts:
                     by_task = pd.Series(probs).groupby(greedy_prompts["task"].to_numpy()).mean()
                     metrics[f"win_rate_vs_{label}_by_task"] = {k: float(v) for k, v in by_task.items()}
+            # Length-controlled rates and both sides' lengths; a training judge's rates and agreement (data/comparisons.py).
+            metrics |= comparison_figures(judged)
     else:
         metrics["kl_vs_base"] = 0.0
         if "fp_logp" in frame:

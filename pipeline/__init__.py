@@ -6,6 +6,7 @@ its own behaves the same. Nothing of the project imports this module; it sits ab
 """
 
 import tasks.base_model  # noqa: F401
+import tasks.benchmark  # noqa: F401
 import tasks.evaluate  # noqa: F401
 import tasks.iterate  # noqa: F401
 import tasks.report  # noqa: F401

@@ -227,12 +227,33 @@ def check_run_dir(run_dir: Path, recipe) -> None:
         pass
     current = recipe.to_dict()
     # Tracking changes nothing the run computes: a run may start or stop logging to a tracker between commands.
-    changed = sorted(key for key in _diff_keys(recorded, current) if not key.startswith("tracking"))
+    # Benchmarks only add outputs (a Benchmark task per round; nothing a round computes depends on them), so
+    # a finished run may gain or lose some: Iterate records the new list in run.yaml (record_benchmarks).
+    changed = sorted(key for key in _diff_keys(recorded, current) if not key.startswith("tracking") and key not in MAY_CHANGE)
     if changed:
         raise RecipeError(
             f"{run_yaml} was made by a different recipe (changed: {', '.join(changed[:5])}); "
             "use another --run-name, or delete the run directory to start over"
         )
+
+
+MAY_CHANGE = ("evaluation.benchmarks",)
+
+
+def record_benchmarks(run_dir: Path, recipe) -> None:
+    """run.yaml's recipe with the benchmarks `recipe` asks for now, where they changed since it was written
+    (check_run_dir lets them): run.yaml stays the record of what the run's outputs were made by."""
+    run_yaml = RunLayout(run_dir).run_yaml
+    if not run_yaml.is_file():
+        return
+    record = yaml.safe_load(run_yaml.read_text())
+    evaluation = record["recipe"].setdefault("evaluation", {})
+    if evaluation.get("benchmarks", []) == recipe.evaluation.benchmarks:
+        return
+    log.info("%s: evaluation.benchmarks changed; the Benchmark tasks run what is new", run_yaml)
+    evaluation["benchmarks"] = recipe.evaluation.benchmarks
+    with atomic_path(run_yaml) as tmp:
+        tmp.write_text(yaml.safe_dump(record, sort_keys=False))
 
 
 def _diff_keys(old, new, prefix: str = "") -> list[str]:

@@ -129,10 +129,13 @@ def merge_eval_shards(shard_outputs: list[dict]):
         frame = pd.concat([f[~pair] for f, pair in zip(frames, is_pair)] + [f[pair] for f, pair in zip(frames, is_pair)],
                           ignore_index=True)
     judged_parts = [part for part in judged_parts if part]  # an empty shard judged nothing
-    judged = {"judge": judged_parts[0]["judge"]}
-    for label in ("previous", "base"):
-        if label in judged_parts[0]:
-            judged[label] = [p for part in judged_parts for p in part[label]]
-    if "unparsed" in judged_parts[0]:
-        judged["unparsed"] = sum(part["unparsed"] for part in judged_parts)
+    # Per-prompt lists (verdicts, lengths) are put together in shard order, counts added up, names kept.
+    judged = {}
+    for key, first in judged_parts[0].items():
+        if isinstance(first, list):
+            judged[key] = [p for part in judged_parts for p in part[key]]
+        elif isinstance(first, int) and not isinstance(first, bool):
+            judged[key] = sum(part[key] for part in judged_parts)
+        else:
+            judged[key] = first
     return frame, judged

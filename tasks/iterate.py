@@ -18,7 +18,7 @@ import luigi
 
 from common.errors import RecipeError
 from tasks import lock
-from tasks.base import RunTask, refused_in_command_line
+from tasks.base import RunTask, record_benchmarks, refused_in_command_line
 from tasks.evaluate import Evaluate
 from tasks.report import Report
 from tasks.run_state import check_run_state
@@ -41,6 +41,7 @@ class Iterate(RunTask):
                 check_trackers(self.config.tracking, self.run_dir)  # installed, and their directory writable
                 # A run directory edited by hand (tasks/run_state.py), every round's tasks walked from its Evaluate.
                 check_run_state(self, lambda round_idx: self.clone(Evaluate, round_idx=round_idx))
+                record_benchmarks(self.run_dir, self.config)  # the one recipe key a finished run may change besides tracking
         except BaseException:
             if self.took_lock:  # nothing will run: a process that goes on (a notebook) must not keep it
                 lock.release(self.run_dir)

@@ -2,13 +2,14 @@
 
     luigi --module pipeline Report --rounds 3
 
-Reads what Evaluate wrote (through data/runs.py) and renders it with data/report.py; the PNG plots go
+Reads what Evaluate and Benchmark wrote (through data/runs.py) and renders it with data/report.py; the PNG plots go
 to runs/<run>/plots/ and are written before report.md, the task's output.
 """
 
 import luigi
 
 from tasks.base import FileTarget, RunTask
+from tasks.benchmark import Benchmark
 from tasks.evaluate import Evaluate
 
 
@@ -16,7 +17,10 @@ class Report(RunTask):
     rounds = luigi.IntParameter(description="Rounds the report covers.")
 
     def requires(self):
-        return [self.clone(Evaluate, round_idx=r) for r in range(self.rounds + 1)]
+        evaluations = [self.clone(Evaluate, round_idx=r) for r in range(self.rounds + 1)]
+        # lm-eval benchmarks of every round, when the recipe names some (tasks/benchmark.py)
+        benchmarks = [self.clone(Benchmark, round_idx=r) for r in range(self.rounds + 1)] if self.config.evaluation.benchmarks else []
+        return evaluations + benchmarks
 
     def output(self):
         return FileTarget(str(self.layout.report))

@@ -6,11 +6,13 @@
 A run samples for hours before its Judge and Evaluate stages read the data again; whatever those
 stages would refuse is refused here first, in one line naming the file, row, field or key:
 
-- the base model path, and `judge.model` of a PairRM or reward-model judge (pairing or evaluating):
-  a local directory with a config.json, or something that looks like a hub id; a cached GGUF file
-  (`cache:NAME`) with its pinned sha256;
+- the base model path, `judge.model` of a PairRM or reward-model judge (pairing or evaluating), and
+  `evaluation.judge_model`, a referee's model: a local directory with a config.json, or something that
+  looks like a hub id; a cached GGUF file (`cache:NAME`) with its pinned sha256;
 - `model.precision` and `model.quantization` on this machine's device: bf16 on a GPU without it, or a
   4-bit quantisation the installed bitsandbytes cannot do there (it is asked to, on a few numbers);
+- `evaluation.benchmarks`: lm-eval is installed (else the install command), every task name exists in
+  it, every local task file parses and its data files are there (models/benchmarks.py);
 - `judge.verifier` of every round: a built-in name, or a function that imports and can be called
   as fn(prompt, response, row);
 - the training data (SPIN: a ground truth in every row; the verifier judge: an answer its verifier
@@ -61,6 +63,20 @@ def check_model_judge(recipe, judge_name: str | None, key: str) -> None:
         raise ModelError(f"judge.model: {exc}") from None
 
 
+def check_referee(recipe, judge_name: str | None) -> None:
+    """The evaluation judge's model: `evaluation.judge_model` when one is named (a PairRM, reward model or
+    self-judge referee apart from the training judge), else judge.model as check_model_judge checks it."""
+    from models.loading import check_model_path
+
+    if recipe.evaluation.judge_model is None:
+        check_model_judge(recipe, judge_name, "evaluation judge")
+        return
+    try:
+        check_model_path(recipe.evaluation.judge_model)
+    except ModelError as exc:
+        raise ModelError(f"evaluation.judge_model: {exc}") from None
+
+
 def check_train_data(recipe, frame, source: str) -> None:
     """What Judge will need of the training prompts of a round of `recipe` (its ground truth is checked on loading)."""
     from models.verifiers import load_verifier
@@ -77,7 +93,7 @@ def check_eval_data(recipe, frame, source: str) -> None:
 
     verifier = load_verifier(recipe.judge.verifier)
     judge_name = eval_judge_name(recipe, frame)
-    check_model_judge(recipe, judge_name, "evaluation judge")
+    check_referee(recipe, judge_name)
     if verifier.needs_answer and (judge_name == "verifier" or can_verify(verifier, frame)):
         purpose = "the evaluation judge" if judge_name == "verifier" else "the evaluation's accuracy"
         _answers(verifier, frame, source, purpose)
@@ -103,10 +119,17 @@ def preflight(recipe, rounds: int) -> None:
         check_model_path(base)
     check_model_device(recipe.model)
     round_recipes = [recipe.for_round(r) for r in range(1, rounds + 1)]
+    if recipe.evaluation.benchmarks:
+        from configs.evaluation import benchmark_specs
+        from models.benchmarks import check_benchmarks
+
+        check_benchmarks(benchmark_specs(recipe.evaluation.benchmarks, recipe.name))
     for round_recipe in round_recipes:  # judge and evaluation may change between rounds
         load_verifier(round_recipe.judge.verifier)
         if round_recipe.algorithm != "spin":
             check_model_judge(round_recipe, round_recipe.judge.name, "judge.name")
+        if round_recipe.evaluation.judge_model:  # a referee named whatever the held-out data (a hub dataset is read later)
+            check_referee(round_recipe, round_recipe.evaluation.judge)
     data = recipe.data
     if _is_local(data.train):
         train = load_prompts(data.train, data.train_split, data, require_reference=any(r.needs_reference for r in round_recipes))

@@ -249,3 +249,7 @@ def test_self_rewarding_two_rounds_the_judge_is_the_current_policy(tiny_recipe, 
         assert (run_dir / f"round_{r:02d}" / "checkpoint" / "_SUCCESS").is_file()
     report = (run_dir / "report.md").read_text()
     assert "judged by **the current policy**" in report and "| 2 |" in report.split("## Pairing")[1]
+    # The verifier referees the held-out comparisons; the self-judge that paired each round judged them too.
+    for r, detail in ((1, "the base model, pointwise"), (2, "the policy after round 1, pointwise")):
+        ev = json.loads((run_dir / f"round_{r:02d}" / "metrics.json").read_text())["eval"]
+        assert ev["train_judge"] == "self" and ev["train_judge_detail"] == detail and "judge_kappa_vs_base" in ev
