@@ -3,26 +3,51 @@
     luigi --module pipeline Report --rounds 3
 
 Reads what Evaluate wrote (through data/runs.py) and renders it with data/report.py; the PNG plots go
-to runs/<run>/plots/ and are written before report.md, the task's output.
+to runs/<run>/plots/ and are written before report.md, the task's output. With a validation split it
+also requires every round's Select, and says which round the run keeps, by which figure, each round's
+parent, and why the run stopped when it stopped early.
 """
 
 import luigi
 
 from tasks.base import FileTarget, RunTask
 from tasks.evaluate import Evaluate
+from tasks.rounds import Select
+
+
+def selecting(recipe) -> bool:
+    """Whether the run scores its rounds on a validation split (data.validation), and so selects them."""
+    from data.validation import validation_plan
+
+    return validation_plan(recipe.data)[0] != "none"
 
 
 class Report(RunTask):
     rounds = luigi.IntParameter(description="Rounds the report covers.")
+    requested_rounds = luigi.IntParameter(
+        default=0, significant=False, description="The --rounds asked for, when early stopping ended the run sooner.")
 
     def requires(self):
-        return [self.clone(Evaluate, round_idx=r) for r in range(self.rounds + 1)]
+        deps = [self.clone(Evaluate, round_idx=r) for r in range(self.rounds + 1)]
+        if selecting(self.config):
+            deps += [self.clone(Select, round_idx=r) for r in range(self.rounds + 1)]
+        return deps
 
     def output(self):
         return FileTarget(str(self.layout.report))
+
+    def outputs_present(self) -> bool:
+        """report.md, written after every figure it shows: a round evaluated or selected again since (in the
+        same command, after Iterate handed the round out) makes it stale."""
+        if not super().outputs_present():
+            return False
+        made = self.layout.report.stat().st_mtime_ns
+        inputs = [self.layout.metrics(r) for r in range(self.rounds + 1)]
+        inputs += [self.layout.selection(r) for r in range(self.rounds + 1)] if selecting(self.config) else []
+        return all(not path.is_file() or path.stat().st_mtime_ns <= made for path in inputs)
 
     def run(self):
         from data.report import write_report
 
         with self.output().temporary_path() as tmp:
-            write_report(self.run_dir, tmp, self.config.evaluation.report_prompts)
+            write_report(self.run_dir, tmp, self.config.evaluation.report_prompts, self.requested_rounds or None)
