@@ -163,6 +163,30 @@ def stop_line(records: list[dict], rounds: int) -> str:
             f"(iterate.patience {patience}): {figures}{left}")
 
 
+def best_record(record: dict, layout: RunLayout) -> dict:
+    """best.json after the selection `record`: the kept round, its validation figure and why it is kept. The
+    same while the kept round stays, so best/ is not rewritten when a later round fails to replace it."""
+    kept = record["kept_round"]
+    made = record if kept == record["round"] else read_selection(layout.selection(kept))
+    why = (f"iterate.select: last keeps the last round run (round {kept})" if record["select"] == "last"
+           else made["why"])
+    return {"round": kept, "select": record["select"], "select_by": record["select_by"],
+            "figure": made["figures"].get(record["select_by"]), "why": why}
+
+
+def record_parents(layout: RunLayout) -> None:
+    """run.yaml's `parents`: each trained round and the round it continued, as its training recorded it."""
+    import yaml
+
+    from common.atomic import atomic_write_bytes
+
+    record = yaml.safe_load(layout.run_yaml.read_text())
+    parents = recorded_parents(layout)
+    if record.get("parents") != parents:
+        record["parents"] = parents
+        atomic_write_bytes(layout.run_yaml, yaml.safe_dump(record, sort_keys=False).encode())
+
+
 # --- best/ and best.json ------------------------------------------------------------------------------
 
 def read_best(layout: RunLayout) -> dict | None:

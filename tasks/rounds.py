@@ -320,9 +320,8 @@ class Train(GpuTask):
 
     def run(self):
         set_cpu_threads()
-        from models.loading import check_same_root
-
         from data.selection import lineage
+        from models.loading import check_same_root
 
         recipe = self.config.for_round(self.round_idx)
         parent_task = parent_of(self, self.round_idx)
@@ -402,7 +401,7 @@ class Validate(GpuTask):
         write_parquet(frame, self.output().path, VALIDATION)
 
 
-class Select(RunTask):
+class Select(GpuTask):
     round_idx = luigi.IntParameter(description="Round number; 0 makes the base the first best.")
 
     @property
@@ -421,7 +420,8 @@ class Select(RunTask):
 
     def run(self):
         from data.schema import VALIDATION, read_artifact
-        from data.selection import decide, paired_gain, publish_best, read_selection, round_figures
+        from data.selection import (best_record, decide, paired_gain, publish_best, read_selection, record_parents,
+                                    round_figures, summary)
 
         recipe = self.config.for_round(max(1, self.round_idx))
         prompts, figure = validation_set(self, recipe)
@@ -434,14 +434,12 @@ class Select(RunTask):
             win_probs = None
             if figure == "win_rate_vs_best":
                 win_probs = self.judge_against(recipe, prompts, current, best)
-                from data.selection import summary
-
                 figures["win_rate_vs_best"] = summary(win_probs)
             gain = paired_gain(figure, current, best, win_probs)
         record = decide(self.round_idx, recipe.iterate, figure, previous, gain, figures)
         kept = record["kept_round"]
         publish_best(self.layout, best_record(record, self.layout), self.kept_source(kept))
-        record_parents(self)
+        record_parents(self.layout)
         with self.output().temporary_path() as tmp:
             atomic_write_json(tmp, record)
 
@@ -461,33 +459,3 @@ class Select(RunTask):
 
         base = model_task(self, 0)
         return model_directory(base.model_path, self.config.model.revision)
-
-
-def best_record(record: dict, layout) -> dict:
-    """best.json: the kept round, its validation figure and why it is kept. The same while the kept round
-    stays, so best/ is not rewritten when a later round fails to replace it."""
-    from data.selection import read_selection
-
-    kept = record["kept_round"]
-    made = record if kept == record["round"] else read_selection(layout.selection(kept))
-    if record["select"] == "last":
-        why = f"iterate.select: last keeps the last round run (round {kept})"
-    else:
-        why = made["why"]
-    return {"round": kept, "select": record["select"], "select_by": record["select_by"],
-            "figure": made["figures"].get(record["select_by"]), "why": why}
-
-
-def record_parents(task) -> None:
-    """run.yaml's `parents`: each trained round and the round it continued, as its training recorded it."""
-    import yaml
-
-    from common.atomic import atomic_write_bytes
-    from data.selection import recorded_parents
-
-    path = task.layout.run_yaml
-    record = yaml.safe_load(path.read_text())
-    parents = recorded_parents(task.layout)
-    if record.get("parents") != parents:
-        record["parents"] = parents
-        atomic_write_bytes(path, yaml.safe_dump(record, sort_keys=False).encode())
