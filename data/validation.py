@@ -113,7 +113,6 @@ def load_validation(recipe, train: pd.DataFrame | None = None, held_out: pd.Data
     kind, source = validation_plan(data)
     if kind == "none":
         return None
-    require_reference = recipe.iterate.select_by == "gt_logprob"
     if train is None:
         train = load_prompts(data.train, data.train_split, data, require_reference=recipe.needs_reference)
     if kind == "fraction":
@@ -125,7 +124,8 @@ def load_validation(recipe, train: pd.DataFrame | None = None, held_out: pd.Data
             raise DataError(f"data.validation_fraction {data.validation_fraction} leaves no training prompt")
     else:
         split = data.validation_split if _is_hub(source) else data.train_split
-        validation = load_prompts(source, split, data, require_reference=require_reference)
+        # Whether the rows hold what iterate.select_by needs is said by models.selection.selection_figure.
+        validation = load_prompts(source, split, data)
         check_apart(validation, train, f"the training prompts ({data.train})")
     if held_out is None:
         held_out = load_prompts(data.eval, data.eval_split, data)

@@ -245,6 +245,23 @@ def test_a_validation_split_that_shares_a_prompt_with_training_or_held_out_is_re
     assert len(load_prompts(train, "train", recipe.data)) == 20
 
 
+@pytest.mark.parametrize("select_by, rows, message", [
+    ("gt_logprob", [{"prompt_id": "v0", "prompt": "Name a colour."}],
+     "iterate.select_by gt_logprob needs a ground-truth response in every validation row"),
+    ("accuracy", [{"prompt_id": "v0", "prompt": "Name a colour."}], "iterate.select_by accuracy: verifier 'exact' cannot score"),
+    (None, [{"prompt_id": "v0", "prompt": "Name a colour."}], "iterate.select_by: nothing can score the validation prompts"),
+])
+def test_a_figure_the_recipe_cannot_compute_fails_before_any_compute(tiny_recipe, tmp_path, select_by, rows, message):
+    from tasks.iterate import Iterate
+
+    validation = write_jsonl(tmp_path / "validation.jsonl", rows)
+    recipe = tiny_recipe("spin", name="bad", data={"validation": validation}, iterate={"select_by": select_by},
+                         evaluation={"judge": "none"})
+    with pytest.raises(RecipeError, match=message):
+        Iterate(recipe=recipe, runs_dir=str(tmp_path / "runs"), rounds=1)
+    assert not (tmp_path / "runs" / "bad" / "round_00").exists()
+
+
 def test_the_demo_data_validates_on_its_own_split():
     recipe = recipe_from_dict({"data": {"train": "demo:train_20k"}, "iterate": {"validation_prompts": 50}})
     validation = validation_prompts(recipe)
@@ -454,6 +471,20 @@ def test_restart_from_best_generates_round_3_from_round_1(tiny_recipe, tmp_path)
     np.testing.assert_allclose(ref.chosen, [c for c, _ in expected], atol=1e-4)
     report = (run_dir / "report.md").read_text()
     assert "| 3 | 1 |" in report.split("## The round kept")[1]
+
+
+@pytest.mark.slow
+def test_mix_rounds_adds_the_share_of_earlier_rounds_pairs(tiny_recipe, tmp_path):
+    from data.schema import PAIRS, read_artifact
+    from tasks.iterate import Iterate
+    from test_pipeline import build
+
+    recipe = tiny_recipe("spin", name="mixed", training={"mix_rounds": [0.5, 0.25]})
+    build(Iterate(recipe=recipe, runs_dir=str(tmp_path / "runs"), rounds=3))
+    layout = RunLayout(tmp_path / "runs" / "mixed")
+    pairs = {r: len(read_artifact(layout.pairs(r), PAIRS)) for r in (1, 2, 3)}
+    trained = {r: json.loads(layout.training_log(r).read_text())["stats"]["pairs"] for r in (1, 2, 3)}
+    assert trained == {1: pairs[1], 2: pairs[2] + pairs[1] // 2, 3: pairs[3] + pairs[2] // 2 + pairs[1] // 4}
 
 
 @pytest.mark.slow
