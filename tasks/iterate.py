@@ -121,7 +121,16 @@ class Iterate(RunTask):
             return super().complete()
         self._made = self.rounds_made()
         last = self.last_round()
-        return last is not None and self.clone(Report, rounds=last).complete()
+        return last is not None and self.clone(Report, rounds=last).complete() and self._best_is(last)
+
+    def _best_is(self, last: int) -> bool:
+        """Whether best/ holds what the selection after round `last` keeps (best/ deleted by hand, or left
+        by a round since removed, is put back by run())."""
+        from data.selection import best_record, read_best, read_selection
+
+        best = read_best(self.layout)
+        wanted = best_record(read_selection(self.layout.selection(last)), self.layout)
+        return best is not None and {k: best.get(k) for k in wanted} == wanted
 
     def _stopped_record(self) -> tuple[list[dict], int] | None:
         """(selection records of rounds 0..k, k) when early stopping ended the run at k before --rounds."""
@@ -175,6 +184,12 @@ class Iterate(RunTask):
                 last = round_idx
                 break
         yield [self.clone(Evaluate, round_idx=last), self.clone(Report, rounds=last, requested_rounds=self.rounds)]
+        if not self._best_is(last):
+            from data.selection import best_record, publish_best
+
+            record = read_selection(self.layout.selection(last))
+            source = self.clone(Select, round_idx=last).kept_source(record["kept_round"])
+            publish_best(self.layout, best_record(record, self.layout), source)
         best = read_best(self.layout)
         if best is not None:
             log.info("run '%s' keeps round %d (%s): %s", self.run_dir.name, best["round"], self.layout.best, best["why"])

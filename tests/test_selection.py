@@ -406,6 +406,13 @@ def test_a_round_made_worse_keeps_the_round_before_it_and_best_loads_to_it(tiny_
     assert "**Round 1** is kept in `best/`" in report and "validation gt_logprob" in report
     metrics = json.loads(layout.metrics(2).read_text())["eval"]
     assert {"gt_logprob", "gt_logprob_se", "gt_logprob_vs_base", "gt_logprob_vs_base_se"} <= set(metrics)
+    # best/ deleted by hand: the same command puts it back, and runs no task of a round.
+    import shutil
+
+    layout.best.unlink()
+    shutil.rmtree(layout.best_store)
+    assert {family for family, _ in build(Iterate(recipe=recipe, runs_dir=str(runs), rounds=2))} == {"Iterate"}
+    assert read_best(layout)["round"] == 1 and (layout.best / "config.json").is_file()
 
 
 def trained_rounds(ran) -> list[int]:
