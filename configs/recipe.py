@@ -558,12 +558,12 @@ class Recipe:
     @property
     def no_validation(self) -> bool:
         """Whether the recipe turns the validation split off: data.validation none, or null with nothing set aside
-        for data that has no split of its own (only the demo's data has one we can know of before loading)."""
+        from a local training file (the demo's data has a split of its own, and a hub dataset may)."""
         data = self.data
         if data.validation == "none":
             return True
-        from_data = data.train.startswith("demo:") or not data.train.endswith((".parquet", ".jsonl", ".json"))
-        return data.validation is None and data.validation_fraction == 0 and not from_data
+        local_file = not data.train.startswith("demo:") and data.train.endswith((".parquet", ".jsonl", ".json"))
+        return data.validation is None and data.validation_fraction == 0 and local_file
 
     def _check_mix_and_reference(self, where: str) -> None:
         t = self.training
