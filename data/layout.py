@@ -14,7 +14,7 @@
         eval.shards/                               and shard-NNNNN.json per shard task (merged into the files above)
     runs/<run_name>/report.md, plots/              REPORT, PLOTS
     runs/<run_name>/best/, best.json               BEST, BEST_JSON: the kept round's model (from_pretrained-able) and
-                                                   why; `best` links to one complete copy in .best/ (BEST_STORE),
+                                                   why; `best` links to one complete copy in best.copies/ (BEST_STORE),
                                                    switched in one rename, and best.json links to best/best.json
 
 These names are the contract that notebooks and external checks rely on (the README's "Run the demo"):
@@ -48,7 +48,7 @@ VALIDATION_FILE = "validation.parquet"
 SELECTION = "selection.json"
 BEST = "best"
 BEST_JSON = "best.json"
-BEST_STORE = ".best"
+BEST_STORE = "best.copies"
 ROUND_DIR = re.compile(r"^round_(\d+)$")
 
 

@@ -21,7 +21,7 @@ once the round before it was selected, and never changes while its files stand.
 
 best/ is the kept round's model, loadable with from_pretrained, and best.json says which round and why.
 Both switch together in one rename (`publish_best`): `best` is a symbolic link to one complete copy in
-.best/ (hard links to the round's files where the filesystem allows), and best.json a link to
+best.copies/ (hard links to the round's files where the filesystem allows), and best.json a link to
 best/best.json, so a reader, or a command killed at any point, sees the old best or the new one whole.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.atomic import atomic_write_json
+from common.atomic import atomic_path, atomic_write_json, temporary_sibling
 from common.errors import DataError
 from data.layout import BEST_JSON, BEST_STORE, RunLayout, round_name
 from data.stats import mean_se
@@ -209,21 +209,13 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _switch_link(link: Path, target: str) -> None:
-    """Point the symbolic link `link` at `target` in one rename (a new link, renamed over the old)."""
-    tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex}")
+    """Point the symbolic link `link` at `target` in one rename (a new link, renamed over the old one)."""
+    tmp = temporary_sibling(link)
     os.symlink(target, tmp)
     try:
         os.replace(tmp, link)
-    except OSError:
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
@@ -240,42 +232,34 @@ def publish_best(layout: RunLayout, record: dict, source: str | Path) -> bool:
     best = layout.best
     if best.exists() and not best.is_symlink():
         raise DataError(f"{best} is not the link selfplay writes (made by hand?); move it away and rerun")
-    store = layout.best_store
-    store.mkdir(parents=True, exist_ok=True)
     name = f"{round_name(record['round'])}-{uuid.uuid4().hex[:12]}"
-    tmp = store / f".tmp-{name}"
-    shutil.copytree(source, tmp, copy_function=_link_or_copy)
-    if not (tmp / "config.json").is_file() and (tmp / "adapter" / "adapter_config.json").is_file():
-        # No merged export (training.save_merged: false): the adapter at the top level, which
-        # from_pretrained loads on its base (peft), beside the tokenizer.
-        for item in (tmp / "adapter").iterdir():
-            _link_or_copy(str(item), str(tmp / item.name))
-    # The copy's files are hard links to the round's own: a file written here is unlinked first, so
-    # writing it never writes into the round's file.
-    (tmp / BEST_JSON).unlink(missing_ok=True)
-    atomic_write_json(tmp / BEST_JSON, record)
-    (tmp / SUCCESS).unlink(missing_ok=True)
-    (tmp / SUCCESS).write_text(record["source_stamp"] + "\n")
-    _fsync_dir(tmp)
-    os.rename(tmp, store / name)
+    with atomic_path(layout.best_store / name, directory=True) as tmp:  # removed on any failure
+        shutil.copytree(source, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+        if not (tmp / "config.json").is_file() and (tmp / "adapter" / "adapter_config.json").is_file():
+            # No merged export (training.save_merged: false): the adapter at the top level, which
+            # from_pretrained loads on its base (peft), beside the tokenizer.
+            for item in (tmp / "adapter").iterdir():
+                _link_or_copy(str(item), str(tmp / item.name))
+        # The copy's files are hard links to the round's own: a file written here is unlinked first, so
+        # writing it never writes into the round's file.
+        for written in (BEST_JSON, SUCCESS):
+            (tmp / written).unlink(missing_ok=True)
+        atomic_write_json(tmp / BEST_JSON, record)
+        (tmp / SUCCESS).write_text(record["source_stamp"] + "\n")
     if not layout.best_json.is_symlink():  # fixed once: best.json is always the record inside best/
         layout.best_json.unlink(missing_ok=True)
         _switch_link(layout.best_json, f"{best.name}/{BEST_JSON}")
     _switch_link(best, f"{BEST_STORE}/{name}")
-    _fsync_dir(layout.dir)
     _tidy(layout, name)
     return True
 
 
 def _tidy(layout: RunLayout, current: str) -> None:
-    """Remove what earlier switches left: copies best/ no longer links to (or half made by a killed
-    command), and links a killed _switch_link made but never renamed."""
+    """Remove every copy but the one best/ links to: earlier ones, and those a killed command left half
+    made (one command writes a run at a time: tasks/lock.py)."""
     for old in layout.best_store.iterdir():
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
-    for stray in layout.dir.glob(f".{layout.best.name}.*"):
-        if stray.is_symlink():
-            stray.unlink(missing_ok=True)
 
 
 def mixed_share(frame: pd.DataFrame, share: float, seed: tuple) -> pd.DataFrame:

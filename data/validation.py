@@ -11,7 +11,9 @@ Where the split comes from (`data.validation`):
 - null: the demo's own `demo:validation` when the training data is a demo split, a hub training
   dataset's `data.validation_split` when it has one, else `data.validation_fraction` of the training
   prompts, set aside by a stable hash of the prompt id (the same prompts on every rerun and every round,
-  whatever `data.prompts_per_round` is), which no round then samples;
+  whatever `data.prompts_per_round` is), which no round then samples; those that are also held-out
+  prompts are left out of the split. Training data that is also the held-out data (the same file), or
+  so small that nothing is set aside, has no validation split: the run then keeps its last round;
 - none: no validation split (iterate.select must then be last, with no patience and no restart).
 
 A validation split is apart from both the training and the held-out prompts: one that shares a prompt
@@ -21,8 +23,11 @@ compute. The held-out prompts are never used to choose anything.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
+from pathlib import Path
 
 import pandas as pd
 
@@ -59,7 +64,31 @@ def validation_plan(data) -> tuple[str, str | None]:
         return "source", DEMO_VALIDATION
     if _is_hub(data.train) and _hub_has_split(data.train, data.validation_split):
         return "source", data.train
-    return ("fraction", None) if data.validation_fraction > 0 else ("none", None)
+    held_out_is_training = (data.train, data.train_split) == (data.eval, data.eval_split)
+    return ("fraction", None) if data.validation_fraction > 0 and not held_out_is_training else ("none", None)
+
+
+_SPLIT_CACHE: dict[str, bool] = {}
+
+
+def has_validation(recipe) -> bool:
+    """Whether the run has a validation split. With data.validation_fraction on local files, only when it sets
+    aside a prompt that is not held out (and leaves one to train on): a handful of training prompts, or
+    training data that is also the held-out data, has none, and the run keeps its last round (asked once
+    per version of the files)."""
+    kind, _ = validation_plan(recipe.data)
+    if kind != "fraction" or _is_hub(recipe.data.train):
+        return kind != "none"
+    data = recipe.data
+    stamps = [(p, Path(p).expanduser().stat().st_mtime_ns) for p in (data.train, data.eval)
+              if not p.startswith(DEMO_PREFIX) and Path(p).expanduser().is_file()]
+    key = json.dumps([dataclasses.asdict(data), stamps], default=str)
+    if key not in _SPLIT_CACHE:
+        train = load_prompts(data.train, data.train_split, data)
+        rest, validation = _split_off(train, data.validation_fraction)
+        validation = _apart(validation, load_prompts(data.eval, data.eval_split, data))
+        _SPLIT_CACHE[key] = not validation.empty and not rest.empty
+    return _SPLIT_CACHE[key]
 
 
 def set_aside(prompt_ids, fraction: float) -> list[bool]:
@@ -85,9 +114,16 @@ def _split_off(frame: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.D
     return frame[kept].reset_index(drop=True), validation
 
 
+def _apart(validation: pd.DataFrame, held_out: pd.DataFrame) -> pd.DataFrame:
+    """The prompts of `validation` that are not held-out prompts (by id or text)."""
+    texts, ids = set(_normalized(held_out.prompt)), set(held_out.prompt_id)
+    keep = [pid not in ids and text not in texts for pid, text in zip(validation.prompt_id, _normalized(validation.prompt))]
+    return validation[keep].reset_index(drop=True)
+
+
 def training_prompts(recipe, frame: pd.DataFrame) -> pd.DataFrame:
     """The training prompts without those the validation split set aside (data.validation_fraction)."""
-    if validation_plan(recipe.data)[0] != "fraction":
+    if validation_plan(recipe.data)[0] != "fraction" or not has_validation(recipe):
         return frame
     return _split_off(frame, recipe.data.validation_fraction)[0]
 
@@ -111,24 +147,20 @@ def load_validation(recipe, train: pd.DataFrame | None = None, held_out: pd.Data
     held-out prompts (read here unless given)."""
     data = recipe.data
     kind, source = validation_plan(data)
-    if kind == "none":
+    if not has_validation(recipe):
         return None
     if train is None:
         train = load_prompts(data.train, data.train_split, data, require_reference=recipe.needs_reference)
+    if held_out is None:
+        held_out = load_prompts(data.eval, data.eval_split, data)
     if kind == "fraction":
-        rest, validation = _split_off(train, data.validation_fraction)
-        if validation.empty:
-            raise DataError(f"data.validation_fraction {data.validation_fraction} of the {len(train)} training prompts sets "
-                            "none aside; raise it, or name a data.validation")
-        if rest.empty:
-            raise DataError(f"data.validation_fraction {data.validation_fraction} leaves no training prompt")
+        # Set aside from training, less any prompt that is also held out (the held-out prompts choose nothing).
+        validation = _apart(_split_off(train, data.validation_fraction)[1], held_out)
     else:
         split = data.validation_split if _is_hub(source) else data.train_split
         # Whether the rows hold what iterate.select_by needs is said by models.selection.selection_figure.
         validation = load_prompts(source, split, data)
         check_apart(validation, train, f"the training prompts ({data.train})")
-    if held_out is None:
-        held_out = load_prompts(data.eval, data.eval_split, data)
     check_apart(validation, held_out, f"the held-out prompts ({data.eval})")
     return validation
 

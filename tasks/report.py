@@ -17,9 +17,9 @@ from tasks.rounds import Select
 
 def selecting(recipe) -> bool:
     """Whether the run scores its rounds on a validation split (data.validation), and so selects them."""
-    from data.validation import validation_plan
+    from data.validation import has_validation
 
-    return validation_plan(recipe.data)[0] != "none"
+    return has_validation(recipe)
 
 
 class Report(RunTask):

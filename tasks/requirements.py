@@ -129,11 +129,23 @@ def preflight(recipe, rounds: int) -> None:
 
 def check_validation(recipe, train, held_out) -> None:
     """What Validate and Select will need of the validation split, read now from local files."""
-    from data.validation import validation_plan, validation_prompts
+    from data.validation import has_validation, validation_plan, validation_prompts
     from models.selection import selection_figure
     from models.verifiers import load_verifier
 
     kind, source = validation_plan(recipe.data)
+    if not has_validation(recipe):
+        it = recipe.iterate
+        for key, value, off in (("iterate.patience", it.patience, None), ("iterate.on_regress", it.on_regress, "continue"),
+                                ("iterate.select_by", it.select_by, None)):
+            if value != off:
+                raise RecipeError(f"{key}: {value} needs a validation split, and this data has none apart from training "
+                                  "and held-out (data.validation_fraction sets no prompt aside that is not held out); "
+                                  "name a data.validation")
+        if it.select == "best" and recipe.data.validation != "none":
+            log.info("no validation split (the training data sets no prompt aside that is not held out): the run keeps "
+                     "its last round; name a data.validation to keep the best one")
+        return
     if kind == "source" and not _is_local(source):
         return  # a hub dataset: Validate reads and checks it, before it scores anything
     validation = validation_prompts(recipe, train=train, held_out=held_out)

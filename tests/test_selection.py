@@ -166,7 +166,7 @@ def test_sigkill_while_best_is_switched_leaves_the_old_best_or_the_new_one_whole
     publish_best(layout, {"round": 1, "why": "after the kills"}, Path(sources[0]))
     assert consistent_best(layout) == 1
     assert [p.name for p in layout.best_store.iterdir()] == [os.readlink(layout.best).split("/")[-1]]
-    assert not list(layout.dir.glob(".best.*"))
+    assert not [p for p in layout.dir.rglob(".*")]  # no temporary left, of the copies or of the links
 
 
 def test_publishing_the_same_best_again_changes_nothing(tmp_path):
@@ -209,13 +209,15 @@ def test_mix_rounds_and_the_older_key():
     assert recipe_from_dict({**dno, "training": {"mix_rounds": [0.3, 0.15, 0.075]}}).mix_rounds == [0.3, 0.15, 0.075]
 
 
-def test_a_validation_fraction_is_set_aside_by_a_stable_hash_and_never_trained_on():
+def test_a_validation_fraction_is_set_aside_by_a_stable_hash_and_never_trained_on(tmp_path):
     ids = [f"id-{i}" for i in range(4000)]
     taken = set_aside(ids, 0.1)
     assert set_aside(ids, 0.1) == taken and 0.08 < np.mean(taken) < 0.12
     assert all(t <= w for t, w in zip(taken, set_aside(ids, 0.2)))  # a larger share takes a superset
     frame = pd.DataFrame({"prompt_id": ids, "prompt": [f"q {i}" for i in range(4000)]})
-    recipe = recipe_from_dict({"data": {"train": "my.jsonl", "validation_fraction": 0.1}})
+    train = write_jsonl(tmp_path / "train.jsonl", frame.to_dict("records"))
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt_id": "h", "prompt": "held out"}])
+    recipe = recipe_from_dict({"data": {"train": train, "eval": held, "validation_fraction": 0.1}})
     kept = training_prompts(recipe, frame)
     assert len(kept) == 4000 - sum(taken) and not set(kept.prompt_id) & {i for i, t in zip(ids, taken) if t}
 
@@ -223,6 +225,23 @@ def test_a_validation_fraction_is_set_aside_by_a_stable_hash_and_never_trained_o
 def write_jsonl(path: Path, rows) -> str:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
+
+
+def test_prompts_set_aside_leave_out_held_out_ones_and_data_with_none_has_no_split(tmp_path):
+    from data.validation import has_validation
+
+    rows = [{"prompt_id": f"t{i}", "prompt": f"What is {i} + 1?", "response": str(i + 1)} for i in range(300)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    taken = [row for row, t in zip(rows, set_aside([r["prompt_id"] for r in rows], 0.1)) if t]
+    held = write_jsonl(tmp_path / "held.jsonl", taken[:3])  # three of the prompts set aside are also held out
+    recipe = recipe_from_dict({"data": {"train": train, "eval": held}})
+    assert has_validation(recipe)
+    assert list(validation_prompts(recipe).prompt_id) == [row["prompt_id"] for row in taken[3:]]
+    # Training data that is the held-out data, or too small to set anything aside: no validation split.
+    for data in ({"train": train, "eval": train}, {"train": write_jsonl(tmp_path / "one.jsonl", rows[:1]), "eval": held}):
+        recipe = recipe_from_dict({"data": data})
+        assert not has_validation(recipe) and validation_prompts(recipe) is None
+        assert len(training_prompts(recipe, pd.DataFrame({"prompt_id": ["t1", "t2"], "prompt": ["a", "b"]}))) == 2
 
 
 def test_a_validation_split_that_shares_a_prompt_with_training_or_held_out_is_refused(tmp_path):
