@@ -345,7 +345,25 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4, requested_r
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | Path, out_md: str | Path, num_prompts: int = 4, requested_rounds: int | None = None) -> None:
+# The last line of report.md: the rounds it covers (tasks/report.py tells a report of fewer rounds by it).
+REPORT_OF = "<!-- selfplay report of rounds 0-{rounds} -->"
+
+
+def report_rounds(path: str | Path) -> int | None:
+    """The last round a report.md covers, or None for one written before reports said so."""
+    lines = Path(path).read_text().rstrip().splitlines()
+    prefix, suffix = REPORT_OF.split("{rounds}")
+    last = lines[-1] if lines else ""
+    if last.startswith(prefix) and last.endswith(suffix) and last[len(prefix):-len(suffix)].isdigit():
+        return int(last[len(prefix):-len(suffix)])
+    return None
+
+
+def write_report(run_dir: str | Path, out_md: str | Path, num_prompts: int = 4, requested_rounds: int | None = None,
+                 rounds: int | None = None) -> None:
     run = Run(run_dir)
     plots = plot_run(run, run.layout.plots)
-    Path(out_md).write_text(render_report(run, plots, num_prompts, requested_rounds))
+    text = render_report(run, plots, num_prompts, requested_rounds)
+    if rounds is not None:
+        text += "\n" + REPORT_OF.format(rounds=rounds) + "\n"
+    Path(out_md).write_text(text)

@@ -113,9 +113,21 @@ def describe_gain(select_by: str, gain: dict) -> str:
     return f"{name} {gain['diff']:+.3f} ± {gain['se']:.3f} ({z_text}, n = {gain['n']})"
 
 
+RECORD_KEYS = ("round", "select_by", "best_round", "kept_round", "rounds_without_gain", "stop", "parent_of_next", "figures")
+
+
 def read_selection(path: str | Path) -> dict | None:
+    """A round's selection.json (None when there is none); one that is not a selection record is a DataError."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not set(RECORD_KEYS) <= set(record):
+        raise DataError(f"{path}: not a selection record (edited by hand?); delete it and the run makes it again")
+    return record
 
 
 def parent_round(recipe, layout: RunLayout, round_idx: int) -> int:

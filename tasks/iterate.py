@@ -107,8 +107,9 @@ class Iterate(RunTask):
         --resume-stopped, or rounds after it were run before); None while a selection it depends on is not made."""
         from data.selection import read_selection
 
+        known: dict[str, bool] = {}  # each task checked once however many rounds reach it (tasks/base.py)
         for round_idx in range(1, self.rounds + 1):
-            if not self.clone(Select, round_idx=round_idx).complete():
+            if not self.clone(Select, round_idx=round_idx)._complete(known):
                 return None
             record = read_selection(self.layout.selection(round_idx))
             if record["stop"] and round_idx < self.rounds and not self.resume_stopped \

@@ -37,17 +37,18 @@ class Report(RunTask):
         return FileTarget(str(self.layout.report))
 
     def outputs_present(self) -> bool:
-        """report.md, written after every figure it shows: a round evaluated or selected again since (in the
-        same command, after Iterate handed the round out) makes it stale."""
+        """report.md, of the rounds this report covers: Iterate hands out Report(rounds=k) only once the rounds are
+        made, so a report.md of fewer rounds is one to write again (see data.report.REPORT_OF)."""
+        from data.report import report_rounds
+
         if not super().outputs_present():
             return False
-        made = self.layout.report.stat().st_mtime_ns
-        inputs = [self.layout.metrics(r) for r in range(self.rounds + 1)]
-        inputs += [self.layout.selection(r) for r in range(self.rounds + 1)] if selecting(self.config) else []
-        return all(not path.is_file() or path.stat().st_mtime_ns <= made for path in inputs)
+        covered = report_rounds(self.layout.report)
+        return covered is None or covered == self.rounds
 
     def run(self):
         from data.report import write_report
 
         with self.output().temporary_path() as tmp:
-            write_report(self.run_dir, tmp, self.config.evaluation.report_prompts, self.requested_rounds or None)
+            write_report(self.run_dir, tmp, self.config.evaluation.report_prompts, self.requested_rounds or None,
+                         self.rounds)
