@@ -4,7 +4,8 @@
     python bench/bench_scheduling.py --rounds 3 --shards 8   # Generate, Judge, Evaluate in 8 shard tasks each
 
 Every output of an N-round run is faked (empty files, `_SUCCESS` in directory outputs, a real run.yaml),
-then `Iterate(rounds=N).complete()` is timed and the completeness checks of outputs are counted: with
+then the completeness of every round's Evaluate and Select and of the Report is timed and the checks of
+outputs are counted: with
 completeness re-walked through every dependency path this grows about 3^N (Train(r) reaches Train(r-1)
 by three paths); with it computed once per task per check it grows linearly.
 """
@@ -12,6 +13,7 @@ by three paths); with it computed once per task per check it grows linearly.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ def fake_complete_run(task) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data.layout import RUN_YAML
+    from data.layout import RUN_YAML, SELECTION
     from data.schema import ARTIFACT_SCHEMAS
     from tasks.base import DirTarget
 
@@ -50,6 +52,9 @@ def fake_complete_run(task) -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 columns = ARTIFACT_SCHEMAS[path.name].columns
                 pq.write_table(pa.table({name: pa.array([], type=kind) for name, kind in columns.items()}), path)
+            elif path.name == SELECTION:  # the record Iterate reads to decide which rounds to hand out
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(fake_selection(current.round_idx)))
             elif path.suffix == ".json":
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("{}")
@@ -60,6 +65,18 @@ def fake_complete_run(task) -> None:
 
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo_spin.yaml"
+
+
+def fake_selection(round_idx: int) -> dict:
+    """A selection record of a run whose rounds never beat the base (data.selection.decide)."""
+    from configs.recipe import IterateConfig
+    from data.selection import decide
+
+    figures = {"accuracy": {"mean": 0.0, "se": 0.0, "n": 1}}
+    record = decide(0, IterateConfig(), "accuracy", None, None, figures)
+    for r in range(1, round_idx + 1):
+        record = decide(r, IterateConfig(), "accuracy", record, {"diff": 0.0, "se": 0.0, "n": 1, "z": 0.0}, figures)
+    return record
 
 
 def sharded_recipe(shards: int, directory: Path) -> str:
@@ -85,7 +102,10 @@ def measure(rounds: int, runs_dir: Path, recipe: str = str(DEMO_RECIPE)) -> tupl
     from tasks.evaluate import Evaluate
     from tasks.report import Report
 
+    from tasks.rounds import Select
+
     tasks = [Evaluate(recipe=recipe, runs_dir=str(runs_dir), round_idx=r) for r in range(1, rounds + 1)]
+    tasks += [Select(recipe=recipe, runs_dir=str(runs_dir), round_idx=r) for r in range(rounds + 1)]
     tasks.append(Report(recipe=recipe, runs_dir=str(runs_dir), rounds=rounds))
     for task in tasks:
         fake_complete_run(task)
@@ -125,7 +145,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             recipe = sharded_recipe(args.shards, Path(tmp))
             seconds, checks = measure(rounds, Path(tmp), recipe)
-            line = f"rounds {rounds:2d}: Evaluate(1..N) and Report complete(): {checks:8d} output checks, {seconds:8.3f} s"
+            line = f"rounds {rounds:2d}: Evaluate(1..N), Select(0..N) and Report complete(): {checks:8d} output checks, {seconds:8.3f} s"
             if rounds == args.rounds:
                 line += f"; luigi.build(Iterate) with nothing to run: {build_seconds(rounds, Path(tmp), recipe):.2f} s"
         print(line, flush=True)

@@ -91,6 +91,22 @@ class DataConfig:
     eval: str = field(default="demo:heldout", metadata={"help": "Held-out prompts, never trained on."})
     train_split: str = field(default="train", metadata={"help": "Split name when `train` is a hub dataset."})
     eval_split: str = field(default="test", metadata={"help": "Split name when `eval` is a hub dataset."})
+    validation: str | None = field(
+        default=None,
+        metadata={"help": "Validation prompts, scored every round to pick the best round and stop early "
+                          "(iterate.select_by), never trained on, apart from data.eval: demo:<split>, .parquet, "
+                          ".jsonl or hub id; null: demo:validation for the demo's data, a hub dataset's "
+                          "validation_split, else data.validation_fraction of the training prompts; none: no "
+                          "validation split."},
+    )
+    validation_split: str = field(
+        default="validation", metadata={"help": "Split name when `validation` (or, with it null, `train`) is a hub dataset."}
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "With no validation split: the share of the training prompts set aside for it, chosen by a "
+                          "stable hash of the prompt id (the same on every rerun), never trained on; 0: none."},
+    )
     layout: Literal["auto", "prompt_response", "messages"] = field(
         default="auto",
         metadata={"help": "prompt_response: prompt and response columns; messages: chat turns; auto: "
@@ -273,7 +289,26 @@ class TrainingConfig:
                                 "gradient checkpointing; same log-probs, fewer tokens); false runs two full sequences per pair."}
     )
     mix_previous_round: bool | None = field(
-        default=None, metadata={"help": "Train on this round's pairs plus the previous round's; null: on for SPIN."}
+        default=None,
+        metadata={"help": "The older spelling of mix_rounds: true is mix_rounds [1.0], false is []; null: mix_rounds decides."},
+    )
+    mix_rounds: list[float] | None = field(
+        default=None,
+        metadata={"help": "Share of each earlier round's pairs added to this round's: entry k (from 0) for the round k + 1 "
+                          "before it, in the line this round continues. [1.0]: SPIN's official recipe (the previous "
+                          "round's pairs whole); [0.3, 0.15, 0.075]: DNO's (Rosset et al. 2024, Sec. 5.1: at most 30% "
+                          "from t-1, 15% from t-2, ...); []: this round's only; null: [1.0] for SPIN, [] otherwise."},
+    )
+    reference: Literal["previous", "base", "ema"] = field(
+        default="previous",
+        metadata={"help": "The reference pi_ref of the loss: previous = the model the round continues (SPIN, SPPO); "
+                          "base = the base model, the adapter switched off (RLHFlow's iterative DPO); ema = an "
+                          "exponential average of the adapter across rounds (training.reference_ema)."},
+    )
+    reference_ema: float | None = field(
+        default=None,
+        metadata={"help": "reference: ema: the weight the average keeps, ref_r = w * ref_{r-1} + (1 - w) * adapter_r, "
+                          "in [0, 1) (0: the previous round; near 1: the base); null: 0.5."},
     )
     nll_weight: float = field(
         default=0.0, metadata={"help": "Weight of the chosen response's per-token NLL added to the loss (Iterative RPO)."}
@@ -359,6 +394,42 @@ class TrackingConfig:
 
 
 @dataclass
+class IterateConfig:
+    """Which round the run keeps and when it stops, judged on the validation split (data.validation)."""
+
+    select: Literal["best", "last"] = field(
+        default="best",
+        metadata={"help": "best: runs/<run>/best/ is the round with the best validation figure (round 0, the base, "
+                          "included); last: the last round run."},
+    )
+    select_by: Literal["accuracy", "win_rate_vs_best", "gt_logprob"] | None = field(
+        default=None,
+        metadata={"help": "The validation figure: accuracy (the verifier), win_rate_vs_best (the evaluation judge, "
+                          "the round's greedy answers against the best round's), gt_logprob (mean per-token "
+                          "log-likelihood of the ground truth; no judge); null: accuracy where the verifier can "
+                          "score the validation rows, else win_rate_vs_best where there is a judge, else gt_logprob."},
+    )
+    min_gain: float = field(
+        default=1.0,
+        metadata={"help": "A round replaces the best only when its paired validation difference with it exceeds "
+                          "this many standard errors."},
+    )
+    patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop after this many rounds in a row fail to replace the best (1: a round that does not "
+                          "beat the best ends the run); null: never stop early."},
+    )
+    on_regress: Literal["continue", "restart_from_best"] = field(
+        default="continue",
+        metadata={"help": "After a round that does not replace the best: continue from it, or restart_from_best: the "
+                          "next round generates from, takes its reference from and continues the adapter of the best round."},
+    )
+    validation_prompts: int = field(
+        default=200, metadata={"help": "Validation prompts scored each round: the first N of the validation split."}
+    )
+
+
+@dataclass
 class Recipe:
     name: str = field(
         default="demo_spin",
@@ -383,6 +454,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     rounds: list[dict] = field(
         default_factory=list,
         metadata={"help": "Per-round partial recipes: entry i is merged over the recipe for round i + 1 (later rounds use "
@@ -488,6 +560,8 @@ class Recipe:
                 f"{where}: generation.max_new_tokens ({g.max_new_tokens}) leaves no room for a prompt in training.max_length ({t.max_length})"
             )
         self._check_inpo(where)
+        self._check_rounds_kept(where)
+        self._check_mix_and_reference(where)
 
     def _check_refine(self, where: str) -> None:
         j = self.judge
@@ -524,6 +598,52 @@ class Recipe:
             raise RecipeError(f"{where}: tracking.backends names a tracker twice: {backends}")
         if self.tracking.send_seconds < 0:
             raise RecipeError(f"{where}: tracking.send_seconds must be >= 0, got {self.tracking.send_seconds}")
+
+    def _check_rounds_kept(self, where: str) -> None:
+        """iterate: which round is kept and when the run stops, each needing a validation split."""
+        it, data = self.iterate, self.data
+        if it.patience is not None and it.patience < 1:
+            raise RecipeError(f"{where}: iterate.patience must be at least 1 (rounds in a row that fail to beat the best), "
+                              f"got {it.patience}; null turns early stopping off")
+        if it.min_gain < 0:
+            raise RecipeError(f"{where}: iterate.min_gain must be >= 0 (standard errors), got {it.min_gain}")
+        if it.validation_prompts <= 0:
+            raise RecipeError(f"{where}: iterate.validation_prompts must be positive, got {it.validation_prompts}")
+        if not 0 <= data.validation_fraction < 1:
+            raise RecipeError(f"{where}: data.validation_fraction must be in [0, 1), got {data.validation_fraction}")
+        if self.no_validation:
+            for key, value, off in (("iterate.select", it.select, "last"), ("iterate.patience", it.patience, None),
+                                    ("iterate.on_regress", it.on_regress, "continue")):
+                if value != off:
+                    why = ("data.validation is none" if data.validation == "none" else
+                           "data.validation is null and data.validation_fraction 0 sets no training prompt aside")
+                    raise RecipeError(f"{where}: {key}: {value} needs a validation split: {why}")
+
+    @property
+    def no_validation(self) -> bool:
+        """Whether the recipe turns the validation split off: data.validation none, or null with nothing set aside
+        from a local training file (the demo's data has a split of its own, and a hub dataset may)."""
+        data = self.data
+        if data.validation == "none":
+            return True
+        local_file = not data.train.startswith("demo:") and data.train.endswith((".parquet", ".jsonl", ".json"))
+        return data.validation is None and data.validation_fraction == 0 and local_file
+
+    def _check_mix_and_reference(self, where: str) -> None:
+        t = self.training
+        if t.mix_rounds is not None:
+            if t.mix_previous_round is not None:
+                raise RecipeError(f"{where}: training.mix_previous_round is the older spelling of training.mix_rounds; set one")
+            for i, share in enumerate(t.mix_rounds):
+                if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+                    raise RecipeError(f"{where}: training.mix_rounds[{i}] must be a share in [0, 1], got {share!r}")
+        if t.reference_ema is not None:
+            if t.reference != "ema":
+                raise RecipeError(f"{where}: training.reference_ema applies to training.reference: ema only")
+            if not 0 <= t.reference_ema < 1:
+                raise RecipeError(f"{where}: training.reference_ema must be in [0, 1), got {t.reference_ema}")
+        if t.reference != "previous" and self.loss == "simpo":
+            raise RecipeError(f"{where}: training.reference {t.reference}: loss simpo has no reference model")
 
     @property
     def pass_score(self) -> float | None:
@@ -578,10 +698,24 @@ class Recipe:
         return self.training.loss or {"sppo": "sppo", "inpo": "inpo"}.get(self.algorithm, "dpo_sigmoid")
 
     @property
+    def mix_rounds(self) -> list[float]:
+        """The share of each earlier round's pairs this round adds (entry k: the round k + 1 before it).
+
+        SPIN's official recipe trains iteration t on its synthetic set plus iteration t-1's (uclaml/SPIN),
+        hence [1.0] for SPIN; the older `mix_previous_round: true` means the same."""
+        t = self.training
+        if t.mix_rounds is not None:
+            return [float(share) for share in t.mix_rounds]
+        mix = self.algorithm == "spin" if t.mix_previous_round is None else t.mix_previous_round
+        return [1.0] if mix else []
+
+    @property
     def mix_previous_round(self) -> bool:
-        # SPIN's official recipe trains iteration t on its synthetic set plus iteration t-1's.
-        mix = self.training.mix_previous_round
-        return self.algorithm == "spin" if mix is None else mix
+        return bool(self.mix_rounds) and self.mix_rounds[0] > 0
+
+    @property
+    def reference_ema(self) -> float:
+        return 0.5 if self.training.reference_ema is None else self.training.reference_ema
 
     def for_round(self, round_idx: int) -> "Recipe":
         """The recipe with `rounds[round_idx - 1]` merged over it (rounds past the list use the defaults)."""

@@ -8,10 +8,15 @@
         checkpoint/                                CHECKPOINT (training_log.json inside: TRAINING_LOG)
         eval.parquet, metrics.json                 EVAL_FILE, METRICS
         benchmarks.json                            BENCHMARKS (lm-eval's results, when evaluation.benchmarks is set)
+        validation.parquet, selection.json         VALIDATION_FILE, SELECTION: the round scored on the validation
+                                                   split, and what that decided (the kept round, early stopping)
         generate_work/, train_work/                GENERATE_WORK, TRAIN_WORK (resumable parts; not artifacts)
         generations.shards/, pairs.shards/,        GENERATIONS_SHARDS, PAIRS_SHARDS, EVAL_SHARDS: shard-NNNNN.parquet
         eval.shards/                               and shard-NNNNN.json per shard task (merged into the files above)
     runs/<run_name>/report.md, plots/              REPORT, PLOTS
+    runs/<run_name>/best/, best.json               BEST, BEST_JSON: the kept round's model (from_pretrained-able) and
+                                                   why; `best` links to one complete copy in best.copies/ (BEST_STORE),
+                                                   switched in one rename, and best.json links to best/best.json
 
 These names are the contract that notebooks and external checks rely on (the README's "Run the demo"):
 never rename them. `RunLayout(run_dir)` spells the paths of one run.
@@ -41,6 +46,11 @@ METRICS = "metrics.json"
 BENCHMARKS = "benchmarks.json"
 REPORT = "report.md"
 PLOTS = "plots"
+VALIDATION_FILE = "validation.parquet"
+SELECTION = "selection.json"
+BEST = "best"
+BEST_JSON = "best.json"
+BEST_STORE = "best.copies"
 ROUND_DIR = re.compile(r"^round_(\d+)$")
 
 
@@ -146,3 +156,21 @@ class RunLayout:
 
     def benchmarks(self, round_idx: int) -> Path:
         return self.round_dir(round_idx) / BENCHMARKS
+
+    def validation(self, round_idx: int) -> Path:
+        return self.round_dir(round_idx) / VALIDATION_FILE
+
+    def selection(self, round_idx: int) -> Path:
+        return self.round_dir(round_idx) / SELECTION
+
+    @property
+    def best(self) -> Path:
+        return self.dir / BEST
+
+    @property
+    def best_json(self) -> Path:
+        return self.dir / BEST_JSON
+
+    @property
+    def best_store(self) -> Path:
+        return self.dir / BEST_STORE

@@ -30,11 +30,12 @@ TABLE = [
     ("distinct_2", "distinct-2", "{:.3f}"),
     ("pairs", "pairs", "{:.0f}"),
     ("train_final_loss", "final train loss", "{:.4f}"),
+    ("gt_logprob", "GT log-lik/token", "{:.3f}"),
 ]
 # What each plotted figure is drawn against: probabilities on 0..1 (with the chance line where there is one);
 # the others from 0, so that a change of a few hundredths is not drawn as a cliff.
 PROBABILITIES = {"accuracy": None, "win_rate_vs_previous": 0.5, "win_rate_vs_base": 0.5, "implicit_reward_accuracy": 0.5,
-                 "train_reward_accuracy": 0.5, "distinct_1": None, "distinct_2": None}
+                 "train_reward_accuracy": 0.5, "distinct_1": None, "distinct_2": None, "win_rate_vs_best": 0.5}
 
 
 def _missing(value) -> bool:
@@ -122,6 +123,54 @@ def quantization_section(run: Run) -> list[str]:
                      f"nf4 (round 0 above) {cost['accuracy_change'] + cost['full_precision_accuracy']:.3f}; change "
                      f"{cost['accuracy_change']:+.3f} ± {cost.get('accuracy_change_se', float('nan')):.3f} (paired over the same "
                      f"{cost['prompts']} prompts).")
+    return lines + [""]
+
+
+def gt_logprob_change_section(metrics: pd.DataFrame) -> list[str]:
+    """The held-out ground truth's mean per-token log-likelihood, each round minus the base, paired: a figure
+    no judge enters (models.evaluation.ground_truth_logprobs)."""
+    if "gt_logprob_vs_base" not in metrics or not metrics["gt_logprob_vs_base"].notna().any():
+        return []
+    lines = ["Ground-truth log-likelihood per token (held-out, judge-free), change from the base, paired over the same "
+             "prompts (± one standard error of the per-prompt differences):", "",
+             "| round | GT log-lik/token | change vs round 0 | in standard errors |", "|---|---|---|---|"]
+    for row in metrics[metrics["gt_logprob_vs_base"].notna()].to_dict("records"):
+        change, se = row["gt_logprob_vs_base"], row.get("gt_logprob_vs_base_se")
+        ratio = change / se if not _missing(se) and se > 0 else float("nan")
+        lines.append(f"| {int(row['round'])} | {_cell(row.get('gt_logprob'), '{:.3f}', row.get('gt_logprob_se'))} | "
+                     f"{change:+.3f} ± {'-' if _missing(se) else f'{se:.3f}'} | {'-' if _missing(ratio) else f'{ratio:+.1f}'} |")
+    return lines + [""]
+
+
+def selection_section(run: Run, requested_rounds: int | None = None) -> list[str]:
+    """Which round the run keeps and why, each round's validation figure and parent, and an early stop."""
+    selections = run.selections()
+    if selections.empty:
+        return []
+    best = run.best()
+    figure = selections.select_by.iloc[-1]
+    lines = ["## The round kept", ""]
+    if best is not None:
+        lines += [f"**Round {best['round']}** is kept in `best/` (`best.json`; iterate.select: {best['select']}, "
+                  f"by validation `{figure}`): {best['why']}.", ""]
+    lines += ["Every round is scored on the validation split (never trained on, apart from the held-out prompts, "
+              "which choose nothing); a round replaces the best when its paired gain exceeds iterate.min_gain "
+              "standard errors.", "",
+              f"| round | parent | validation {figure} | gain vs best so far | best after | kept |", "|---|---|---|---|---|---|"]
+    for row in selections.to_dict("records"):
+        gain = "-" if _missing(row["gain"]) else (f"{row['gain']:+.3f} ± {row['gain_se']:.3f} vs round "
+                                                  f"{int(row['compared_with'])} ({row['gain_z']:+.1f} SE)")
+        parent = "-" if _missing(row["parent"]) else str(int(row["parent"]))
+        lines.append(f"| {int(row['round'])}{' (stop)' if row['stop'] else ''} | {parent} | "
+                     f"{_cell(row['figure'], '{:.3f}', row['figure_se'])} | {gain} | {int(row['best_round'])} | "
+                     f"{int(row['kept_round'])} |")
+    stopped = selections[selections.stop]
+    if not stopped.empty and int(stopped["round"].iloc[-1]) == int(selections["round"].max()):
+        from data.selection import read_selection, stop_line
+
+        records = [read_selection(run.layout.selection(int(r))) for r in selections["round"]]
+        last = int(selections["round"].max())
+        lines += ["", "The run " + stop_line(records, max(requested_rounds or last, last)) + "."]
     return lines + [""]
 
 
@@ -412,7 +461,7 @@ def benchmarks_section(run: Run) -> list[str]:
     return lines + [""]
 
 
-def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
+def render_report(run: Run, plots: list[Path], num_prompts: int = 4, requested_rounds: int | None = None) -> str:
     metrics = run.metrics()
     config = run.config.get("recipe", {})
     lines = [
@@ -435,6 +484,8 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
     lines += [f"- accuracy: {accuracy_by}", f"- win vs prev, win vs base: {judge_by}", ""]
     lines += accuracy_change_section(run)
     lines += quantization_section(run)
+    lines += gt_logprob_change_section(metrics)
+    lines += selection_section(run, requested_rounds)
     for prefix, title in (("accuracy/", f"Accuracy by task kind ({accuracy_by})"),
                           ("win_rate_vs_base/", f"Win rate vs base by task kind ({judge_by})")):
         by_task = [c for c in metrics.columns if c.startswith(prefix)]
@@ -456,7 +507,25 @@ def render_report(run: Run, plots: list[Path], num_prompts: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | Path, out_md: str | Path, num_prompts: int = 4) -> None:
+# The last line of report.md: the rounds it covers (tasks/report.py tells a report of fewer rounds by it).
+REPORT_OF = "<!-- selfplay report of rounds 0-{rounds} -->"
+
+
+def report_rounds(path: str | Path) -> int | None:
+    """The last round a report.md covers, or None for one written before reports said so."""
+    lines = Path(path).read_text().rstrip().splitlines()
+    prefix, suffix = REPORT_OF.split("{rounds}")
+    last = lines[-1] if lines else ""
+    if last.startswith(prefix) and last.endswith(suffix) and last[len(prefix):-len(suffix)].isdigit():
+        return int(last[len(prefix):-len(suffix)])
+    return None
+
+
+def write_report(run_dir: str | Path, out_md: str | Path, num_prompts: int = 4, requested_rounds: int | None = None,
+                 rounds: int | None = None) -> None:
     run = Run(run_dir)
     plots = plot_run(run, run.layout.plots)
-    Path(out_md).write_text(render_report(run, plots, num_prompts))
+    text = render_report(run, plots, num_prompts, requested_rounds)
+    if rounds is not None:
+        text += "\n" + REPORT_OF.format(rounds=rounds) + "\n"
+    Path(out_md).write_text(text)

@@ -12,6 +12,8 @@
     run.benchmarks()       # one row per round, lm-eval benchmark, task and metric: value, se (lm-eval's), n, versions
     run.judge_stats()      # one row per judged round: pairs made, ties and identical pairs skipped
     run.matrix_spread()    # one row per pair that kept its judge's win-probability matrix (SPPO, DPO)
+    run.selections()       # one row per selected round: its validation figure, the gain over the best, kept, parent
+    run.best()             # best.json: the round the run keeps and why (None before the first selection)
     stack_metrics([run_a, run_b])  # several runs' metrics() stacked, with a `run` column
 
 Files are validated against data/schema.py as they are read.
@@ -34,10 +36,11 @@ from data.schema import EVAL, GENERATIONS, PAIRS, ArtifactSchema, read_artifact
 FIGURES = (
     "accuracy", "win_rate_vs_previous", "win_rate_vs_base", "kl_vs_base", "implicit_reward_accuracy",
     "implicit_reward_margin", "mean_length", "length_p50", "length_p90", "distinct_1", "distinct_2",
+    "gt_logprob", "gt_logprob_vs_base",
 )
 # Figures that are means over held-out prompts (or pairs) also record `<figure>_se`, their standard error.
 WITH_SE = ("accuracy", "win_rate_vs_previous", "win_rate_vs_base", "kl_vs_base", "implicit_reward_accuracy",
-           "implicit_reward_margin")
+           "implicit_reward_margin", "gt_logprob", "gt_logprob_vs_base")
 COUNTS = ("prompts", "implicit_reward_pairs")
 # Beside each win rate: its length-controlled rate and both sides' mean length; a training judge's rates and
 # its agreement with the referee, where one judged apart from it (data/comparisons.py). Each with `_se`.
@@ -168,6 +171,35 @@ class Run:
         prompts = greedy.drop_duplicates("prompt_id").set_index("prompt_id").prompt
         table.insert(0, "prompt", prompts.loc[table.index])
         return table.loc[prompt_ids]
+
+    def selections(self) -> pd.DataFrame:
+        """One row per round with a selection.json (data/selection.py): select_by, its validation figure ± SE
+        (n), the paired gain over the best round so far (diff, se, z), whether it replaced it, the best and
+        kept round after it, whether the run stopped there, and the round it continued (parent)."""
+        from data.selection import read_selection, recorded_parents
+
+        parents = recorded_parents(self.layout)
+        rows = []
+        for round_idx in self.rounds():
+            record = read_selection(self.layout.selection(round_idx))
+            if record is None:
+                continue
+            figure = (record.get("figures") or {}).get(record["select_by"]) or {}
+            gain = record.get("gain") or {}
+            rows.append({"round": round_idx, "select_by": record["select_by"], "figure": figure.get("mean"),
+                         "figure_se": figure.get("se"), "figure_n": figure.get("n"), "gain": gain.get("diff"),
+                         "gain_se": gain.get("se"), "gain_z": gain.get("z"), "compared_with": record.get("compared_with"),
+                         "replaced": record["replaced"], "best_round": record["best_round"],
+                         "kept_round": record["kept_round"], "stop": record["stop"], "why": record.get("why"),
+                         "parent": parents.get(round_idx, None if round_idx == 0 else round_idx - 1),
+                         **{f"validation_{name}": value.get("mean") for name, value in (record.get("figures") or {}).items()},
+                         **{f"validation_{name}_se": value.get("se") for name, value in (record.get("figures") or {}).items()}})
+        return pd.DataFrame(rows)
+
+    def best(self) -> dict | None:
+        from data.selection import read_best
+
+        return read_best(self.layout)
 
     def judge_stats(self) -> pd.DataFrame:
         """One row per round with a judge_meta.json: prompts, pairs, skipped_ties, skipped_identical, ..."""

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from common.atomic import atomic_path
 from common.errors import DataError
-from data.layout import EVAL_FILE, GENERATIONS_FILE, PAIRS_FILE
+from data.layout import EVAL_FILE, GENERATIONS_FILE, PAIRS_FILE, VALIDATION_FILE
 
 PROB_MATRIX = pa.list_(pa.list_(pa.float64()))
 
@@ -88,7 +88,17 @@ EVAL = ArtifactSchema(
     non_empty=("prompt_id", "prompt"),
     unique=("prompt_id", "kind", "sample_index"),
     optional=(("correct", pa.bool_()), ("verifier_score", pa.float64()), ("base_logp", pa.float64()), ("finished", pa.bool_()),
-              ("token_ids", pa.list_(pa.int64()))),
+              ("token_ids", pa.list_(pa.int64())), ("gt_logprob", pa.float64())),
+)
+
+# round_NN/validation.parquet: one row per validation prompt, what models/selection.py measured of the round.
+VALIDATION = ArtifactSchema(
+    "validation",
+    {"prompt_id": pa.string(), "round": pa.int64()},
+    non_empty=("prompt_id",),
+    unique=("prompt_id",),
+    optional=(("prompt", pa.string()), ("response", pa.string()), ("num_tokens", pa.int64()), ("finished", pa.bool_()),
+              ("verifier_score", pa.float64()), ("gt_logprob", pa.float64()), ("gt_tokens", pa.float64())),
 )
 
 
@@ -159,7 +169,7 @@ def read_artifact(path: str | Path, schema: ArtifactSchema) -> pd.DataFrame:
     return df
 
 
-ARTIFACT_SCHEMAS = {GENERATIONS_FILE: GENERATIONS, PAIRS_FILE: PAIRS, EVAL_FILE: EVAL}
+ARTIFACT_SCHEMAS = {GENERATIONS_FILE: GENERATIONS, PAIRS_FILE: PAIRS, EVAL_FILE: EVAL, VALIDATION_FILE: VALIDATION}
 
 
 def _same_kind(found: pa.DataType, wanted: pa.DataType) -> bool:

@@ -27,6 +27,20 @@ Strict is `data.demo_tasks:check` (the bare answer: what a change of format alon
 is `data.lenient:check` (the answer the sentence arrives at: the skill). The verifier judge of DPO
 and SPPO uses the lenient check, so their pairs reward right answers, not the format.
 
+Every run also scores its rounds on the validation split (data/demo/validation.jsonl, the same task
+kinds, `iterate.validation_prompts` of them; never trained on, apart from the held-out prompts) and keeps
+its best round there (iterate.select: best, by lenient accuracy).
+
+    python experiments/smollm2.py --selection --out experiments/results/smollm2/selection
+
+`--selection` is the experiment of the kept round: SPIN at each of `--spin-lrs` (the learning rate chosen
+by the validation figure of each run's kept round, never by held-out), iterative DPO and SPPO, three
+rounds each with selection on, and the supervised control (its round chosen on validation the same way);
+selection.md / selection.json give each arm's kept round on the held-out prompts against its round 0 and
+against the control, strict and lenient, paired, ± one standard error. `--unstable-demo` runs the demo
+SPIN recipe at ten times its learning rates with `iterate.patience: 1` and says which rounds early
+stopping saved and which round it kept.
+
 `--scale tiny` runs the same steps on a tiny random Llama (tests/test_experiment.py keeps it working);
 `--scale cpu` was sized for at most an hour per method on 2 idle CPU cores (see SCALES); with the static
 backend and packed weights each method took 9-10 minutes (39 minutes for all four, 2026-12-02).
@@ -54,6 +68,7 @@ STRICT = "data.demo_tasks:check"
 LENIENT = "data.lenient:check"
 DEMO_TRAIN = REPO / "data" / "demo" / "train.jsonl"
 DEMO_HELDOUT = REPO / "data" / "demo" / "heldout.jsonl"
+DEMO_VALIDATION = REPO / "data" / "demo" / "validation.jsonl"
 PASS_AT = (1, 8)
 
 # Settings common to every method; the per-scale sizes below go over them.
@@ -67,6 +82,8 @@ COMMON = {
                  "lora_r": 16, "lora_alpha": 32,
                  "lora_target_modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "save_steps": 8},
     "evaluation": {"max_new_tokens": 32, "kl_samples": 1, "report_prompts": 4},
+    # The round kept: the best by lenient accuracy on the validation split (the recipes' verifier).
+    "iterate": {"select": "best", "select_by": "accuracy", "min_gain": 1.0},
 }
 SCALES = {
     # Sized for at most an hour per method on 2 idle cores, from the stage times of one round of the
@@ -78,13 +95,13 @@ SCALES = {
     # 150 s + 3 x 300 s of evaluation: <= 60 min (pairs are fewer: only prompts with a right and a
     # wrong sample make one). SPIN: 3 x (48 s + 240 s) + 17.5 min = ~32 min. The control: 3 x
     # (320 sequences of full fine-tuning + 300 s) = ~25 min.
-    "cpu": {"data": {"prompts_per_round": 160}, "evaluation": {"num_prompts": 150}},
+    "cpu": {"data": {"prompts_per_round": 160}, "evaluation": {"num_prompts": 150}, "iterate": {"validation_prompts": 150}},
     # For the test that keeps this script working: a tiny random Llama, seconds per round.
     "tiny": {"data": {"prompts_per_round": 8},
              "generation": {"max_new_tokens": 6, "batch_size": 32},
              "training": {"epochs": 1, "batch_size": 4, "lora_r": 4, "lora_alpha": 8,
                           "lora_target_modules": "all-linear", "save_steps": 2},
-             "evaluation": {"num_prompts": 6, "max_new_tokens": 6}},
+             "evaluation": {"num_prompts": 6, "max_new_tokens": 6}, "iterate": {"validation_prompts": 6}},
 }
 ALGORITHMS = {
     "spin": {"algorithm": "spin", "judge": {"name": "ground_truth"}, "generation": {"num_samples": 1},
@@ -382,6 +399,235 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
     return rows
 
 
+# --- the kept round (--selection) and early stopping (--unstable-demo) -------------------------------------
+
+def selection_records(run_dir: Path) -> list[dict]:
+    """Every round's selection.json of a run (rounds 0..k, as far as they go)."""
+    from data.layout import RunLayout
+    from data.selection import read_selection
+
+    records = []
+    while (record := read_selection(RunLayout(run_dir).selection(len(records)))) is not None:
+        records.append(record)
+    return records
+
+
+def select_control(recipe_path: str, base_path: str, spin_run: Path, control_dir: Path, rounds: int) -> list[dict]:
+    """The control's rounds scored on the validation split and selected by the pipeline's own rule
+    (data.selection.decide): the same figure, min_gain and prompts as the self-play arms."""
+    from configs.recipe import load_recipe
+    from data.layout import RunLayout, round_name
+    from data.schema import VALIDATION, read_artifact, write_parquet
+    from data.selection import decide, paired_gain, round_figures
+    from data.validation import validation_prompts
+    from models.selection import score_validation
+
+    recipe = load_recipe(recipe_path)
+    prompts = validation_prompts(recipe)
+    frames = {0: read_artifact(RunLayout(spin_run).validation(0), VALIDATION)}  # the same base on the same prompts
+    records = [decide(0, recipe.iterate, "accuracy", None, None, round_figures(frames[0]))]
+    for round_idx in range(1, rounds + 1):
+        path = control_dir / round_name(round_idx) / "validation.parquet"
+        if not path.is_file():
+            write_parquet(score_validation(recipe, round_idx, str(path.parent), base_path, prompts, "accuracy"), path, VALIDATION)
+        frames[round_idx] = read_artifact(path, VALIDATION)
+        gain = paired_gain("accuracy", frames[round_idx], frames[records[-1]["best_round"]])
+        records.append(decide(round_idx, recipe.iterate, "accuracy", records[-1], gain, round_figures(frames[round_idx])))
+    return records
+
+
+def held_out_scored(run_dir: Path | None, control_dir: Path | None, round_idx: int, base_run: Path) -> list[dict]:
+    """Strict and lenient verdicts of one round's greedy held-out answers (the control's round 0 is the base's)."""
+    from data.layout import RunLayout, round_name
+    from data.schema import EVAL, read_artifact
+
+    if run_dir is None and round_idx > 0:
+        path = control_dir / round_name(round_idx) / "eval.parquet"
+    else:
+        path = RunLayout(run_dir or base_run).eval(round_idx)
+    return scored_greedy(read_artifact(path, EVAL))
+
+
+def arm_summary(records: list[dict], scored: dict[int, list[dict]], control_kept: list[dict]) -> dict:
+    """An arm's kept round: its validation figures by round, and on the held-out prompts its accuracy and its
+    paired changes from round 0 and from the control's kept round."""
+    kept = records[-1]["kept_round"]
+    return {
+        "kept_round": kept,
+        "rounds_run": len(records) - 1,
+        "stopped": bool(records[-1]["stop"]),
+        "validation": [{"round": r["round"], **r["figures"]["accuracy"], "replaced": r["replaced"],
+                        "gain": r["gain"]} for r in records],
+        "held_out": accuracy_table(scored[kept])["all"],
+        "vs_round_0": change_vs_base(scored[0], scored[kept]),
+        "vs_control": change_vs_base(control_kept, scored[kept]),
+    }
+
+
+def in_se(change: dict, measure: str) -> float:
+    se = change[f"{measure}_se"]
+    return change[measure] / se if se and se > 0 else (0.0 if change[measure] == 0 else math.copysign(math.inf, change[measure]))
+
+
+def render_selection(record: dict) -> str:
+    arms = record["arms"]
+    rounds = record["rounds"]
+    lines = [f"SmolLM2-135M-Instruct, tasks {', '.join(record['tasks'])}, scale `{record['scale']}`, seed {record['seed']}, "
+             f"{record['hardware']}, {record['date']}. Each arm ran {rounds} rounds with selection on (iterate.select: best, "
+             f"by lenient accuracy on {record['validation_prompts']} validation prompts, min_gain {record['min_gain']:g} SE); "
+             f"held-out: {record['heldout_prompts']} prompts no choice saw. SPIN's learning rate was chosen among "
+             f"{', '.join(record['spin_candidates'])} by the validation figure of each run's kept round: "
+             f"**{record['spin_chosen']}**.", "",
+             "Validation accuracy (lenient) by round ± one standard error; * the round kept:", "",
+             "| arm | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |", "|---|" + "---|" * (rounds + 1)]
+    for name, arm in arms.items():
+        by_round = {row["round"]: row for row in arm["validation"]}
+        cells = ["-" if r not in by_round else
+                 f"{by_round[r]['mean']:.3f} ± {by_round[r]['se']:.3f}{' *' if r == arm['kept_round'] else ''}"
+                 for r in range(rounds + 1)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "The kept round on the held-out prompts, strict / lenient ± one standard error; its change from round 0 "
+              "and from the supervised control's kept round, paired over the same prompts (± the standard error of the "
+              "per-prompt differences; in standard errors in brackets):", "",
+              "| arm | kept | held-out accuracy | vs its round 0 | vs the control |", "|---|---|---|---|---|"]
+    for name, arm in arms.items():
+        acc, base, control = arm["held_out"], arm["vs_round_0"], arm["vs_control"]
+
+        def change(c):
+            return (f"{c['strict']:+.3f} ± {c['strict_se']:.3f} ({in_se(c, 'strict'):+.1f}) / "
+                    f"{c['lenient']:+.3f} ± {c['lenient_se']:.3f} ({in_se(c, 'lenient'):+.1f})")
+
+        lines.append(f"| {name} | {arm['kept_round']} | {acc['strict']:.3f} ± {acc['strict_se']:.3f} / "
+                     f"{acc['lenient']:.3f} ± {acc['lenient_se']:.3f} | {change(base)} | {change(control)} |")
+    goals = record["goals"]
+    lines += ["", f"- No arm's kept model below its base: {goals['none_below_base']}.",
+              f"- SPIN's kept model at least 2 standard errors above its base: {goals['spin_2se']}.",
+              f"- SPIN within one standard error of the control: {goals['spin_near_control']}."]
+    unstable = record.get("unstable")
+    if unstable:
+        lines += ["", render_unstable(unstable)]
+    return "\n".join(lines) + "\n"
+
+
+def goals(arms: dict, spin: str) -> dict:
+    below = [f"{name} ({measure} {arm['vs_round_0'][measure]:+.3f})" for name, arm in arms.items()
+             for measure in ("strict", "lenient") if arm["vs_round_0"][measure] < 0]
+    spin_arm = arms[spin]
+    spin_se = {m: in_se(spin_arm["vs_round_0"], m) for m in ("strict", "lenient")}
+    near = {m: abs(in_se(spin_arm["vs_control"], m)) <= 1 for m in ("strict", "lenient")}
+    return {
+        "none_below_base": "met" if not below else "not met: " + ", ".join(below),
+        "spin_2se": ("met" if min(spin_se.values()) >= 2 else "not met") +
+                    f" (strict {spin_se['strict']:+.1f} SE, lenient {spin_se['lenient']:+.1f} SE)",
+        "spin_near_control": ("met" if all(near.values()) else "not met") +
+                             f" (lenient {spin_arm['vs_control']['lenient']:+.3f} ± {spin_arm['vs_control']['lenient_se']:.3f})",
+    }
+
+
+def selection_experiment(args, common: dict, tasks: list[str], base_path: str) -> dict:
+    """SPIN at each of --spin-lrs, DPO and SPPO with selection on, the control selected the same way; the kept
+    rounds on held-out against round 0 and against the control."""
+    import pipeline  # noqa: F401 - registers the tasks
+    from tasks.iterate import Iterate
+
+    runs = args.out / "runs"
+    algorithms = args.algorithms.split(",")
+    arms, run_dirs, timings = {}, {}, {}
+    names = []
+    for name in algorithms:
+        variants = ([(f"spin_lr{lr}", {"training": {"learning_rate": float(lr)}}) for lr in args.spin_lrs.split(",")]
+                    if name == "spin" else [(name, {})])
+        for arm, overrides in variants:
+            recipe = deep_merge(deep_merge(deep_merge(common, ALGORITHMS[name]), overrides),
+                                {"name": arm, "model": {"base_model": base_path}})
+            recipe_path = write_recipe(args.out / "recipes" / f"{arm}.yaml", recipe)
+            start = time.time()
+            build(Iterate(recipe=recipe_path, runs_dir=str(runs), rounds=args.rounds))
+            timings[arm] = time.time() - start
+            run_dirs[arm] = runs / arm
+            names.append(arm)
+    spin_arms = [n for n in names if n.startswith("spin_")]
+    records = {name: selection_records(run_dirs[name]) for name in names}
+
+    def kept_accuracy(name):  # the validation accuracy of the round the run keeps
+        return records[name][records[name][-1]["kept_round"]]["figures"]["accuracy"]["mean"]
+
+    # SPIN's learning rate, chosen on validation only.
+    spin = max(spin_arms, key=kept_accuracy) if spin_arms else None
+    base_run = run_dirs[names[0]]
+    control_dir = args.out / "control"
+    control_records = None
+    if spin is not None:
+        start = time.time()
+        run_control(base_path, str(args.out / "recipes" / f"{spin}.yaml"), run_dirs[spin], control_dir, args.rounds)
+        control_records = select_control(str(args.out / "recipes" / f"{spin}.yaml"), base_path, run_dirs[spin], control_dir,
+                                         args.rounds)
+        timings["sft_control"] = time.time() - start
+    control_kept = control_records[-1]["kept_round"] if control_records else 0
+    control_scored = held_out_scored(None, control_dir, control_kept, base_run)
+    for name in names:
+        scored = {r: held_out_scored(run_dirs[name], None, r, base_run) for r in range(len(records[name]))}
+        arms[name] = arm_summary(records[name], scored, control_scored)
+    if control_records:
+        scored = {r: held_out_scored(None, control_dir, r, run_dirs[spin]) for r in range(args.rounds + 1)}
+        arms["sft_control"] = arm_summary(control_records, scored, control_scored)
+    record = {"scale": args.scale, "seed": args.seed, "rounds": args.rounds, "tasks": tasks, "hardware": hardware(),
+              "date": time.strftime("%Y-%m-%d"), "overrides": args.set, "validation_prompts": common["iterate"]["validation_prompts"],
+              "min_gain": common["iterate"]["min_gain"],
+              "heldout_prompts": common["evaluation"]["num_prompts"], "spin_candidates": spin_arms, "spin_chosen": spin,
+              "arms": arms, "timings_seconds": timings}
+    record["goals"] = goals({n: a for n, a in arms.items() if n in names and (not n.startswith("spin_") or n == spin)},
+                            spin) if spin else {}
+    return record
+
+
+def render_unstable(record: dict) -> str:
+    lines = [f"Early stopping: `{record['recipe']}` (the demo's SPIN recipe at ten times its learning rates, "
+             f"{', '.join(f'{lr:g}' for lr in record['learning_rates'])}) with iterate.patience 1 and --rounds "
+             f"{record['rounds_requested']}: it ran {record['rounds_run']} round(s) in {record['seconds']:.0f} s and saved "
+             f"{record['rounds_saved']} (about {record['seconds_saved']:.0f} s at its own pace), and kept round "
+             f"{record['kept_round']}. {record['stop_line']}.", "",
+             "| round | validation accuracy | held-out accuracy |", "|---|---|---|"]
+    for row in record["rounds"]:
+        lines.append(f"| {row['round']} | {row['validation']:.3f} ± {row['validation_se']:.3f} | "
+                     f"{row['held_out']:.3f} ± {row['held_out_se']:.3f} |")
+    return "\n".join(lines)
+
+
+def unstable_demo(out: Path, rounds: int) -> dict:
+    """The demo SPIN recipe at ten times its learning rates, with patience 1: the rounds early stopping saved."""
+    import pipeline  # noqa: F401 - registers the tasks
+    from configs.recipe import CONFIG_DIR
+    from data.layout import RunLayout
+    from data.runs import Run
+    from data.selection import read_best, stop_line
+    from tasks.iterate import Iterate
+
+    recipe = yaml.safe_load((CONFIG_DIR / "demo_spin.yaml").read_text())
+    recipe["training"]["learning_rate"] *= 10
+    for entry in recipe.get("rounds", []):
+        if "learning_rate" in entry.get("training", {}):
+            entry["training"]["learning_rate"] *= 10
+    recipe = deep_merge(recipe, {"name": "demo_spin_lr10x", "iterate": {"patience": 1}})
+    recipe_path = write_recipe(out / "recipes" / "demo_spin_lr10x.yaml", recipe)
+    start = time.time()
+    build(Iterate(recipe=recipe_path, runs_dir=str(out / "runs"), rounds=rounds))
+    seconds = time.time() - start
+    run_dir = out / "runs" / "demo_spin_lr10x"
+    records = selection_records(run_dir)
+    metrics = Run(run_dir).metrics().set_index("round")
+    ran = len(records) - 1
+    learning_rates = [recipe["training"]["learning_rate"]] + [e["training"]["learning_rate"] for e in recipe["rounds"]
+                                                               if "learning_rate" in e.get("training", {})]
+    return {"recipe": "demo_spin_lr10x", "learning_rates": learning_rates, "rounds_requested": rounds, "rounds_run": ran,
+            "rounds_saved": rounds - ran, "seconds": seconds, "seconds_saved": seconds / max(ran, 1) * (rounds - ran),
+            "kept_round": read_best(RunLayout(run_dir))["round"],
+            "stop_line": stop_line(records, rounds) if records[-1]["stop"] else "it did not stop early",
+            "rounds": [{"round": r["round"], "validation": r["figures"]["accuracy"]["mean"],
+                        "validation_se": r["figures"]["accuracy"]["se"], "held_out": metrics.loc[r["round"], "accuracy"],
+                        "held_out_se": metrics.loc[r["round"], "accuracy_se"]} for r in records]}
+
+
 def render(record: dict) -> str:
     rounds = record["rounds"]
     lines = [f"SmolLM2-135M-Instruct, tasks {', '.join(record['tasks'])}, scale `{record['scale']}`, seed {record['seed']}, "
@@ -457,6 +703,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("experiments/results/smollm2"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value for every method, e.g. --set data.prompts_per_round=64")
+    parser.add_argument("--selection", action="store_true",
+                        help="the kept-round experiment: selection.md/json (see the module docstring)")
+    parser.add_argument("--spin-lrs", default="2e-4,2e-5", help="SPIN's candidate learning rates for --selection")
+    parser.add_argument("--unstable-demo", type=int, default=0, metavar="ROUNDS",
+                        help="with --selection: also run the demo SPIN recipe at 10x its learning rates with patience 1 "
+                             "for up to ROUNDS rounds")
     args = parser.parse_args(argv)
 
     if args.rescore_base:
@@ -487,7 +739,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"--tasks: unknown task kinds {unknown}")
     common = deep_merge(common, {"data": {"train": write_split(DEMO_TRAIN, tasks, args.out / "data" / "train.jsonl"),
-                                          "eval": write_split(DEMO_HELDOUT, tasks, args.out / "data" / "heldout.jsonl")}})
+                                          "eval": write_split(DEMO_HELDOUT, tasks, args.out / "data" / "heldout.jsonl"),
+                                          "validation": write_split(DEMO_VALIDATION, tasks, args.out / "data" / "validation.jsonl")}})
 
     start = time.time()
     base_path = build_base(args.out, common)
@@ -507,6 +760,14 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_bytes(args.out / "base_samples.jsonl",
                            "".join(json.dumps(row, default=float) + "\n" for row in measured["records"]).encode())
         print(render_base(record))
+        return
+
+    if args.selection:
+        record = selection_experiment(args, common, tasks, base_path)
+        if args.unstable_demo:
+            record["unstable"] = unstable_demo(args.out, args.unstable_demo)
+        save(record, args.out, "selection", render_selection(record))
+        print(render_selection(record))
         return
 
     import pipeline  # noqa: F401 - registers the tasks

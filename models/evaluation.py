@@ -19,7 +19,9 @@ that every later round scores. Figures, all on prompts no round trains on:
 - kl_vs_base: Monte-Carlo KL(pi_r || pi_base) = mean over samples y ~ pi_r of log pi_r(y) - log pi_base(y),
   y being the sampled token ids themselves (`token_ids`), not a re-tokenisation of the decoded text;
 - implicit_reward_accuracy / margin: on the held-out pairs, r(y) = beta (log pi_r(y) - log pi_{r-1}(y))
-  (DPO's implicit reward, Rafailov et al. 2023, Eq. 5): how often r(chosen) > r(rejected), and by how much.
+  (DPO's implicit reward, Rafailov et al. 2023, Eq. 5): how often r(chosen) > r(rejected), and by how much;
+- gt_logprob: the mean per-token log-likelihood of each prompt's ground-truth response under the round's
+  policy (`ground_truth_logprobs`), a figure no judge enters; `gt_logprob_change` pairs it with the base's.
 
 Each mean over prompts comes with its standard error (`<figure>_se`, the sample standard deviation over
 sqrt(n)) and its n (`prompts`, `implicit_reward_pairs`): a change of one or two standard errors between
@@ -228,7 +230,6 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
 
     from models.generation import generate_and_score
     from models.sampling import SamplingSettings
-    from models.judge_types import row_of
     from models.loading import adapter_merged, has_adapter, load_policy, load_tokenizer, set_adapter_enabled
     from models.referee import make_referee, make_training_judge, training_judge_detail
     from models.verifiers import can_verify, load_verifier
@@ -254,6 +255,13 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     # runs twice under the policy; what is left (round 0's pairs) gets a log-prob pass of its own.
     prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     continuations, slots = pair_continuations(tokenizer, prompts, prompt_ids, base)
+    # Each prompt's ground truth rides the same prefill (gt_logprob).
+    gt_items = ground_truth_items(tokenizer, prompts)
+    gt_slots = {}
+    for i, item in enumerate(gt_items):
+        if item is not None and item.prompt_ids == prompt_ids[i]:
+            gt_slots[i] = len(continuations[i])
+            continuations[i].append(item.completion_ids)
     with adapter_merged(model, packed=gen.backend == "static"):
         answers, pair_scores = generate_and_score(model, tokenizer, texts, SamplingSettings(
             num_samples=1 + ev.kl_samples, greedy_samples=1, temperature=1.0, max_new_tokens=ev.max_new_tokens,
@@ -269,14 +277,15 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
         unscored = frame.index[frame.logp.isna()]
         if len(unscored):
             frame.loc[unscored, "logp"] = batched_logps(model, tokenizer, [items[i] for i in unscored], batch, device, "eval logps")[0]
+        gt = ground_truth_logprobs(model, tokenizer, prompts, batch, device, gt_items,
+                                   {i: pair_scores[i][j] for i, j in gt_slots.items()})
+    greedy_index = frame.index[frame.kind == "greedy"]
+    frame.loc[greedy_index, "gt_logprob"] = gt.gt_logprob.reindex(frame.prompt_id[greedy_index]).to_numpy()
     row_prompts = by_prompt.loc[frame.prompt_id].reset_index()
     verifier = load_verifier(recipe.judge.verifier)
     whole = prompts if all_prompts is None else all_prompts
     if can_verify(verifier, whole):
-        frame["verifier_score"] = [
-            verifier.score(row["prompt"], response, row_of(row.get("source_row")), row.get("answer"))
-            for row, response in zip(row_prompts.to_dict("records"), frame.response)
-        ]
+        frame["verifier_score"] = score_responses(verifier, row_prompts, frame.response)
         frame["correct"] = frame.verifier_score >= 0.5
 
     if round_idx == 0 and quantize:  # QLoRA: round 0 is the nf4 base; what the quantisation costs, against full precision
@@ -328,7 +337,6 @@ def full_precision_rows(recipe, base_path: str, tokenizer, texts: list[str], fra
     the greedy rows `fp_response` and `fp_num_tokens` (the full-precision base's greedy answer) and, with a
     verifier, `fp_verifier_score`, for its accuracy beside the nf4 base's on the same prompts."""
     from models.generation import generate_texts
-    from models.judge_types import row_of
     from models.loading import load_policy
     from models.sampling import SamplingSettings
 
@@ -343,10 +351,7 @@ def full_precision_rows(recipe, base_path: str, tokenizer, texts: list[str], fra
     frame.loc[samples, "fp_logp"] = batched_logps(model, tokenizer, [items[i] for i in samples], gen.batch_size, device,
                                                   "eval full-precision logps")[0]
     if verifier is not None:
-        frame.loc[greedy, "fp_verifier_score"] = [
-            verifier.score(row["prompt"], answer[0].text, row_of(row.get("source_row")), row.get("answer"))
-            for row, answer in zip(row_prompts.loc[greedy].to_dict("records"), answers)
-        ]
+        frame.loc[greedy, "fp_verifier_score"] = score_responses(verifier, row_prompts.loc[greedy], [a[0].text for a in answers])
 
 
 def quantization_cost(frame: pd.DataFrame) -> dict:
@@ -397,6 +402,10 @@ def eval_metrics(recipe, round_idx: int, frame: pd.DataFrame, prompts: pd.DataFr
         metrics["accuracy"], metrics["accuracy_se"] = mean_se(greedy_rows.verifier_score)
         if "task" in greedy_rows:
             metrics["accuracy_by_task"] = {k: float(v) for k, v in greedy_rows.groupby("task").verifier_score.mean().items()}
+    if "gt_logprob" in greedy_rows and greedy_rows.gt_logprob.notna().any():
+        figure = greedy_rows.gt_logprob.dropna()
+        metrics["gt_logprob"], metrics["gt_logprob_se"] = mean_se(figure)
+        metrics["gt_logprob_prompts"] = int(len(figure))
     metrics.update(
         mean_length=float(greedy_rows.num_tokens.mean()),
         length_p50=float(greedy_rows.num_tokens.median()),
@@ -438,3 +447,65 @@ def eval_metrics(recipe, round_idx: int, frame: pd.DataFrame, prompts: pd.DataFr
         if "fp_logp" in frame:
             metrics["quantization"] = quantization_cost(frame)
     return metrics
+
+
+def score_responses(verifier, rows: pd.DataFrame, responses) -> list[float]:
+    """`verifier`'s score of each response to its row (a prompts frame row: prompt, answer, source_row)."""
+    from models.judge_types import row_of
+
+    return [verifier.score(row["prompt"], response, row_of(row.get("source_row")), row.get("answer"))
+            for row, response in zip(rows.to_dict("records"), responses)]
+
+
+def ground_truth_items(tokenizer, prompts: pd.DataFrame) -> list[Encoded | None]:
+    """Per prompt, its ground-truth response encoded after its chat-formatted prompt (None without one)."""
+    items: list[Encoded | None] = []
+    references = prompts["reference"] if "reference" in prompts else pd.Series([None] * len(prompts))
+    systems = prompts["system"] if "system" in prompts else pd.Series([None] * len(prompts))
+    for prompt, reference, system in zip(prompts.prompt, references, systems):
+        system = system if isinstance(system, str) else None
+        items.append(None if not isinstance(reference, str) else encode(
+            tokenizer, format_prompt(tokenizer, prompt, system),
+            format_completion(tokenizer, prompt, clean_response(reference), system), EVAL_MAX_LENGTH))
+    return items
+
+
+def ground_truth_logprobs(model, tokenizer, prompts: pd.DataFrame, batch_size: int, device,
+                          items: list[Encoded | None] | None = None, scored: dict[int, float] | None = None) -> pd.DataFrame:
+    """Per prompt (index prompt_id): `gt_logprob`, the mean per-token log-likelihood of its ground-truth
+    response under `model`, log pi(y*|x) / |y*|, and `gt_tokens`, |y*|; NaN for a prompt without one.
+
+    y* is the response as the policy would write it (data.prompts.format_completion: the text and the
+    template's end of turn, which the policy must also produce), scored on the chat-formatted prompt. It
+    needs no judge, and it is the quantity SPIN's objective drives up: SPIN's optimum is the policy equal
+    to the data distribution (Chen et al. 2024, arXiv:2401.01335, Sec. 5). Per token, so prompts with long
+    answers do not outweigh the rest; means over prompts compare rounds on the same prompts.
+    `items`: ground_truth_items(tokenizer, prompts), when the caller has them; `scored`: {position: summed
+    log-prob} of items already scored elsewhere (Evaluate scores them on its generation's prefill); the
+    rest are scored here."""
+    items = ground_truth_items(tokenizer, prompts) if items is None else items
+    sums = dict(scored or {})
+    todo = [i for i, item in enumerate(items) if item is not None and i not in sums]
+    if todo:
+        sums.update(zip(todo, batched_logps(model, tokenizer, [items[i] for i in todo], batch_size, device,
+                                            "ground-truth logps")[0]))
+    tokens = [len(item.completion_ids) if item is not None else np.nan for item in items]
+    gt = [sums[i] / tokens[i] if items[i] is not None and tokens[i] else np.nan for i in range(len(items))]
+    return pd.DataFrame({"gt_logprob": gt, "gt_tokens": tokens}, index=pd.Index(prompts.prompt_id, name="prompt_id"))
+
+
+def gt_logprob_change(frame: pd.DataFrame, base: pd.DataFrame) -> dict:
+    """The round's held-out gt_logprob minus the base's, paired over the prompts both have it for: the mean
+    per-prompt difference, its standard error and n (metrics.json `gt_logprob_vs_base`, `_se`, `_prompts`)."""
+    def per_prompt(eval_frame: pd.DataFrame) -> pd.Series:
+        if "gt_logprob" not in eval_frame:
+            return pd.Series(dtype=float)
+        greedy = eval_frame[eval_frame.kind == "greedy"]
+        return greedy.set_index("prompt_id").gt_logprob.dropna()
+
+    now, then = per_prompt(frame), per_prompt(base)
+    both = now.index.intersection(then.index)
+    if len(both) == 0:
+        return {}
+    change, se = mean_se(now.loc[both].to_numpy() - then.loc[both].to_numpy())
+    return {"gt_logprob_vs_base": change, "gt_logprob_vs_base_se": se, "gt_logprob_vs_base_prompts": int(len(both))}

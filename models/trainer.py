@@ -6,9 +6,12 @@ against the previous round.
 1. Load the root weights (the run's base model, as loaded: full precision, or nf4 for QLoRA) and the
    policy's LoRA adapter: round r-1's, continued (`parent` is its checkpoint), or a fresh zero adapter
    in round 1 (`parent` is the base). Before any update the model *is* the reference pi_{r-1}.
-2. Reference log-probs of every chosen and rejected response, computed once with the adapter as it
-   is at the round's start and stored in work_dir/ref_logps.parquet, so training holds one model and
-   skips the reference forward.
+2. Reference log-probs of every chosen and rejected response, computed once and stored in
+   work_dir/ref_logps.parquet, so training holds one model and skips the reference forward. The
+   reference (`training.reference`) is the adapter as it is at the round's start (`previous`: the
+   model the round continues, as SPIN and SPPO take it), the adapter switched off (`base`: the initial
+   model, as RLHFlow's iterative DPO keeps it), or an exponential average of the adapter across
+   rounds (`ema`), loaded into the same adapter for the reference pass.
 3. Length-grouped batches (shuffled groups of similar length, then padded to the longest in the
    batch); chosen and rejected go through the model in one forward, each pair's prompt run once for both
    sides where the model allows it (training.shared_prompt, models/logps.py).
@@ -34,7 +37,7 @@ import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -52,6 +55,7 @@ from common.errors import Interrupted, TrainingError
 
 log = logging.getLogger("selfplay")
 KEEP_CHECKPOINTS = 2
+REFERENCE_EMA = "reference_ema.safetensors"  # in a round's checkpoint: the averaged adapter (training.reference: ema)
 INTERRUPTED_EXIT = 3  # the exit status of `python -m models.trainer` stopped by a signal (tasks/rounds.py)
 REFERENCE_FREE = {"simpo"}
 
@@ -263,7 +267,7 @@ def _stop_requested(accelerator) -> bool:
 
 
 def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, round_idx: int, root_model: str,
-                root_path: str | None = None, on_step=None) -> dict:
+                root_path: str | None = None, on_step=None, parent_round: int | None = None) -> dict:
     """`on_step(history)`: called on the main process after each step with the round's figures so far, one entry
     per step, those restored from a trainer checkpoint included (an experiment tracker, data/tracking.py)."""
     from accelerate import Accelerator
@@ -320,11 +324,16 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length, recipe.prompt_token_limit)
     loss_name = recipe.loss
     reference_start = time.perf_counter()
+    if cfg.reference == "ema" and fsdp:
+        raise TrainingError("training.reference: ema is not supported under FSDP; use previous or base")
+    ema_start = _parent_ema(parent, model) if cfg.reference == "ema" else None
     with policy_precision():  # a reference computed in another precision than the policy's differs from it at step 0
         if loss_name in REFERENCE_FREE:
             ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
         else:
-            ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, cfg.shared_prompt, forward)
+            with _reference_model(model, cfg.reference, ema_start):
+                ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, cfg.shared_prompt,
+                                       forward)
         base = None
         if loss_name in NEEDS_BASE_LOGPS:
             base = _base_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, continued, ref,
@@ -478,6 +487,8 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         "reference_seconds": reference_seconds,
         "shared_prompt": shared_prompt,
         "train_tokens_per_second": sum(h["tokens"] for h in timed) / max(1e-9, sum(h["seconds"] for h in timed)) if timed else None,
+        "parent_round": round_idx - 1 if parent_round is None else parent_round,
+        "reference": cfg.reference,
         "loss": loss_name,
         "beta": cfg.beta,
         "learning_rate": cfg.learning_rate,
@@ -495,6 +506,8 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
             set_peft_model_state_dict(export, get_peft_model_state_dict(model, state_dict=trained))
         else:
             export = accelerator.unwrap_model(policy).model
+        # Before saving, which folds the adapter into the weights of a full-precision export.
+        trained_adapter = get_peft_model_state_dict(export) if ema_start is not None else None
         # What saving needs: the merged weights (about the model's own size) or the adapter alone.
         needed = _nbytes(export.state_dict()) if cfg.save_merged else _nbytes(get_peft_model_state_dict(export))
         with full_disk_guard(out_dir, needed):
@@ -502,25 +515,83 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                 export, tokenizer, out_dir, parent=parent, root_model=root_model,
                 root_path=root_path, round_idx=round_idx, model_cfg=recipe.model, save_merged=cfg.save_merged, quantized=quantized,
             )
+        if ema_start is not None:
+            _save_ema(out_dir / REFERENCE_EMA, ema_start, trained_adapter, recipe.reference_ema)
         atomic_write_json(out_dir / TRAINING_LOG, {"stats": stats, "history": history})
     accelerator.wait_for_everyone()
     return stats
 
 
+def _parent_ema(parent: str, model) -> dict:
+    """The averaged adapter the round's reference is (training.reference: ema): the one the parent round saved,
+    else the adapter the round starts from (round 1's fresh adapter is the base; a parent trained without
+    an average starts one at its own adapter)."""
+    from peft import get_peft_model_state_dict
+
+    start_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    path = Path(parent) / REFERENCE_EMA
+    if not path.is_file():
+        return start_adapter
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    if set(saved) != set(start_adapter):
+        raise TrainingError(f"{path} does not fit this round's adapter (training.lora_target_modules changed?)")
+    return {k: saved[k].to(start_adapter[k].device, start_adapter[k].dtype) for k in start_adapter}
+
+
+@contextmanager
+def _reference_model(model, reference: str, ema: dict | None):
+    """Inside the block `model` is the round's reference: as it is (previous), its adapter switched off (base),
+    or its adapter replaced by the averaged one (ema) and put back after."""
+    from models.loading import root_weights
+
+    if reference == "previous":
+        yield model
+    elif reference == "base":
+        with root_weights(model):
+            yield model
+    else:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        own = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        set_peft_model_state_dict(model, ema)
+        try:
+            yield model
+        finally:
+            set_peft_model_state_dict(model, own)
+
+
+def _save_ema(path: Path, ema_before: dict, trained: dict, keep: float) -> None:
+    """The average after this round, parameter by parameter: keep * average before + (1 - keep) * trained
+    adapter. TR-DPO's soft update of the reference (Gorbatovski et al. 2024, arXiv:2404.09656, Sec. 3:
+    pi_ref <- alpha pi_theta + (1 - alpha) pi_ref_prev, on the weights), taken once per round on the adapter."""
+    from safetensors.torch import save_file
+
+    averaged = {k: (keep * ema_before[k].float().cpu() + (1 - keep) * trained[k].detach().float().cpu()).contiguous()
+                for k in trained}
+    save_file(averaged, str(path))
+
+
 def run_job(job: dict) -> dict:
-    """Entry used by the Train task in-process and by `accelerate launch -m models.trainer job.json`."""
+    """Entry used by the Train task in-process and by `accelerate launch -m models.trainer job.json`.
+
+    `pair_files`: [path, share, source round] per pairs file, this round's first (share 1); an earlier
+    round's share is a fixed random subset (training.mix_rounds, data.selection.mixed_share)."""
     from configs.recipe import recipe_from_dict
     from data.schema import PAIRS, read_artifact
+    from data.selection import mixed_share
 
     from data.tracking import step_logger
 
     recipe = recipe_from_dict(job["recipe"], "train job")
-    frames = [read_artifact(path, PAIRS) for path in job["pair_files"]]
+    frames = [mixed_share(read_artifact(path, PAIRS), share, (recipe.seed, job["round_idx"], source))
+              for path, share, source in job["pair_files"]]
     pairs = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     on_step = step_logger(recipe, job.get("run_dir"), job["round_idx"])  # None without trackers
     try:
         return train_round(recipe, job["parent"], pairs, job["work_dir"], job["out_dir"], job["round_idx"], job["root_model"],
-                           job.get("root_path"), on_step)
+                           job.get("root_path"), on_step, job.get("parent_round"))
     finally:
         if on_step is not None:
             on_step.close()

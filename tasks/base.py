@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import inspect
 import json
 import logging
 import os
@@ -263,6 +264,27 @@ def _diff_keys(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def predates_selection(run_dir: Path) -> bool:
+    """Whether the run directory was made before recipes had an `iterate` section (validation, selection)."""
+    run_yaml = RunLayout(run_dir).run_yaml
+    if not run_yaml.is_file():
+        return False
+    record = yaml.safe_load(run_yaml.read_text())
+    return isinstance(record, dict) and isinstance(record.get("recipe"), dict) and "iterate" not in record["recipe"]
+
+
+def as_before_selection(run_dir: Path, recipe):
+    """A run directory made before validation and selection existed runs as it did: no validation split (so
+    no training prompt is set aside mid-run), the last round kept, no early stopping. check_run_dir has
+    already refused a recipe that sets any of those keys otherwise."""
+    if not predates_selection(run_dir):
+        return recipe
+    data = recipe.to_dict()
+    data["data"]["validation"] = "none"
+    data["iterate"].update(select="last", patience=None, on_regress="continue")
+    return recipe_from_dict(data, recipe.name)
+
+
 def set_cpu_threads() -> None:
     """SELFPLAY_CPU_THREADS caps torch's CPU threads (useful when other jobs share the machine)."""
     import torch
@@ -328,10 +350,10 @@ class RunTask(luigi.Task):
 
     @cached_property
     def config(self):
-        """The validated recipe (configs.recipe.Recipe)."""
+        """The validated recipe (configs.recipe.Recipe), as the run directory runs it (as_before_selection)."""
         recipe = load_recipe(self.recipe)
         check_run_dir(self.run_dir_for(recipe), recipe)
-        return recipe
+        return as_before_selection(self.run_dir_for(recipe), recipe)
 
     def run_dir_for(self, recipe) -> Path:
         return Path(self.runs_dir) / (self.run_name or recipe.name)
@@ -401,14 +423,23 @@ _command: dict = {"started": None}
 
 def _guarded_run(run):
     """Every task's run(): under its command's lock (taken again if an earlier build in this process gave
-    it back), not started once a stop was asked for, and stopped by a signal as common/interrupt.py says."""
+    it back), not started once a stop was asked for, and stopped by a signal as common/interrupt.py says.
+    A run() that yields dynamic dependencies (Iterate) stays a generator, guarded while it runs."""
 
-    @functools.wraps(run)
-    def guarded(self):
-        self.lock_run_dir()
-        interrupt.install()  # until the worker stops: luigi.build in a notebook or test gets its handlers back
-        with interrupt.task_running(self.short_name):
-            return run(self)
+    if inspect.isgeneratorfunction(run):
+        @functools.wraps(run)
+        def guarded(self):
+            self.lock_run_dir()
+            interrupt.install()
+            with interrupt.task_running(self.short_name):
+                return (yield from run(self))
+    else:
+        @functools.wraps(run)
+        def guarded(self):
+            self.lock_run_dir()
+            interrupt.install()  # until the worker stops: luigi.build in a notebook or test gets its handlers back
+            with interrupt.task_running(self.short_name):
+                return run(self)
 
     guarded.guarded = True
     return guarded

@@ -99,6 +99,10 @@ class Evaluate(RunTask):
         previous = read_artifact(self.input()["previous"]["eval"].path, EVAL) if self.round_idx > 0 else None
         frame, judged = merge_eval_shards(self.input()["shards"])
         metrics = eval_metrics(recipe, self.round_idx, frame, prompts, previous, judged)
+        if self.round_idx > 0:  # judge-free: the ground truth's log-likelihood, paired with the base's
+            from models.evaluation import gt_logprob_change
+
+            metrics |= gt_logprob_change(frame, read_artifact(self.layout.eval(0), EVAL))
         report = {"round": self.round_idx, "eval": metrics}
         if self.round_idx > 0:
             report["train"] = json.loads((Path(self.requires()["model"].model_path) / TRAINING_LOG).read_text())

@@ -17,7 +17,10 @@ stages would refuse is refused here first, in one line naming the file, row, fie
   as fn(prompt, response, row);
 - the training data (SPIN: a ground truth in every row; the verifier judge: an answer its verifier
   can check in every row) and the held-out data (the answers the evaluation judge or the accuracy
-  will check), with `data.task_field` / `data.answer_field` columns present where they are named.
+  will check), with `data.task_field` / `data.answer_field` columns present where they are named;
+- the validation split (data/validation.py): apart from the training and held-out prompts, and
+  scorable by `iterate.select_by` (answers for the verifier's accuracy, a judge for win_rate_vs_best,
+  ground-truth responses for gt_logprob).
 
 Local files are read here; a hub dataset is checked by the same functions as Generate and Evaluate
 load it, still before they sample.
@@ -27,8 +30,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 from common.errors import ModelError, RecipeError
 from configs.recipe import DEMO_BASE
+
+log = logging.getLogger("selfplay")
 
 MODEL_JUDGES = ("pairrm", "reward_model")
 
@@ -131,11 +138,52 @@ def preflight(recipe, rounds: int) -> None:
         if round_recipe.evaluation.judge_model:  # a referee named whatever the held-out data (a hub dataset is read later)
             check_referee(round_recipe, round_recipe.evaluation.judge)
     data = recipe.data
+    train = None
     if _is_local(data.train):
         train = load_prompts(data.train, data.train_split, data, require_reference=any(r.needs_reference for r in round_recipes))
         for round_recipe in round_recipes:
             check_train_data(round_recipe, train, data.train)
+    held_out = None
     if _is_local(data.eval):
         held_out = load_prompts(data.eval, data.eval_split, data)
         for round_recipe in round_recipes:
             check_eval_data(round_recipe, held_out.head(round_recipe.evaluation.num_prompts), data.eval)
+    if _is_local(data.train) and held_out is not None:
+        check_validation(recipe, train, held_out)
+    if recipe.training.mix_previous_round is not None:
+        log.info("training.mix_previous_round is the older spelling of training.mix_rounds (%s means mix_rounds: %s)",
+                 str(recipe.training.mix_previous_round).lower(), recipe.mix_rounds)
+
+
+def check_validation(recipe, train, held_out) -> None:
+    """What Validate and Select will need of the validation split, read now from local files."""
+    from data.validation import has_validation, validation_plan, validation_prompts
+    from models.selection import selection_figure
+    from models.verifiers import load_verifier
+
+    kind, source = validation_plan(recipe.data)
+    if not has_validation(recipe):
+        it = recipe.iterate
+        for key, value, off in (("iterate.patience", it.patience, None), ("iterate.on_regress", it.on_regress, "continue"),
+                                ("iterate.select_by", it.select_by, None)):
+            if value != off:
+                raise RecipeError(f"{key}: {value} needs a validation split, and this data has none apart from training "
+                                  "and held-out (data.validation_fraction sets no prompt aside that is not held out); "
+                                  "name a data.validation")
+        if it.select == "best" and recipe.data.validation != "none":
+            log.info("no validation split (the training data sets no prompt aside that is not held out): the run keeps "
+                     "its last round; name a data.validation to keep the best one")
+        return
+    if kind == "source" and not _is_local(source):
+        return  # a hub dataset: Validate reads and checks it, before it scores anything
+    validation = validation_prompts(recipe, train=train, held_out=held_out)
+    if validation is None:
+        return
+    figure = selection_figure(recipe, validation)
+    if figure == "accuracy":
+        _answers(load_verifier(recipe.judge.verifier), validation, recipe.data.validation or "data.validation",
+                 "iterate.select_by accuracy")
+    elif figure == "win_rate_vs_best":
+        from models.evaluation import eval_judge_name
+
+        check_model_judge(recipe, eval_judge_name(recipe, validation), "iterate.select_by win_rate_vs_best")

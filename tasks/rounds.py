@@ -43,6 +43,31 @@ Trainer checkpoints live in round_NN/train_work/; a killed run resumes from the 
 
 With `training.launcher: accelerate` the task starts `accelerate launch --num_processes N` on the
 same code (DDP; see the README for FSDP) and waits for it.
+
+Validate(r): the model after round r (r = 0: the base) scored on the validation split.
+
+    luigi --module pipeline Validate --round-idx 1
+
+Writes round_NN/validation.parquet: per validation prompt the greedy answer, its verifier score and the
+ground truth's mean per-token log-likelihood, as iterate.select_by needs (models/selection.py).
+
+Select(r): what round r's validation figures decide (data/selection.py).
+
+    luigi --module pipeline Select --round-idx 1
+
+Compares round r with the best round so far, paired over the validation prompts, and writes
+round_NN/selection.json: whether round r is the new best, the round the run keeps (best/ and best.json,
+switched together), whether the run stops (iterate.patience) and which round the next one continues
+(iterate.on_regress). Select(r) requires Select(r-1), so each decision is taken once its predecessors'
+are written.
+
+Which round a round continues. With `iterate.on_regress: continue` round r continues round r-1, named in
+requires() like any input. With `restart_from_best` it continues the round Select(r-1) chose, which is
+not known until Select(r-1) has run; so Generate(r), Judge(r) and Train(r) require Select(r-1) (which
+itself requires every earlier round) and read the parent from its record when they run
+(`parent_of`). requires() stays the same whatever the record says, so Luigi's graph is deterministic;
+a task run alone (`luigi --module pipeline Train --round-idx 3`) runs the selections before it first;
+deleting a round's files reruns its Select and every round after it, whose parents may then change.
 """
 
 import json
@@ -54,7 +79,7 @@ import luigi
 
 from common import interrupt
 from common.atomic import atomic_write_json
-from common.errors import Interrupted, TrainingError
+from common.errors import Interrupted, RecipeError, TrainingError
 from tasks.base import (DirTarget, FileTarget, GpuTask, RunTask, ShardTask, prepare_shared_work_dir, prepare_work_dir,
                         read_shard_parts, set_cpu_threads)
 from tasks.base_model import BaseModel
@@ -66,6 +91,26 @@ if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that us
 def model_task(task, round_idx: int):
     """The task whose output is the model after `round_idx` rounds, with `task`'s run parameters."""
     return task.clone(BaseModel) if round_idx == 0 else task.clone(Train, round_idx=round_idx)
+
+
+def restarts(task) -> bool:
+    """Whether a round's parent depends on the selection before it (iterate.on_regress: restart_from_best)."""
+    return task.config.iterate.on_regress == "restart_from_best"
+
+
+def parent_requirement(task, round_idx: int):
+    """What round `round_idx`'s tasks require to know and load the model they continue: that model's task, or
+    with restart_from_best the selection that names it (and, through it, every earlier round)."""
+    if round_idx > 1 and restarts(task):
+        return task.clone(Select, round_idx=round_idx - 1)
+    return model_task(task, round_idx - 1)
+
+
+def parent_of(task, round_idx: int):
+    """The task of the model round `round_idx` continues, once its requirement is complete (in run())."""
+    from data.selection import parent_round
+
+    return model_task(task, parent_round(task.config, task.layout, round_idx))
 
 
 class GenerateShard(ShardTask, GpuTask):
@@ -80,7 +125,7 @@ class GenerateShard(ShardTask, GpuTask):
         return {"gpu": gen.tensor_parallel_size if gen.backend == "vllm" else 1}
 
     def requires(self):
-        return model_task(self, self.round_idx - 1)
+        return parent_requirement(self, self.round_idx)
 
     def output(self):
         part, meta = self.layout.generation_shard(self.round_idx, self.shard_idx)
@@ -89,20 +134,22 @@ class GenerateShard(ShardTask, GpuTask):
     def run(self):
         set_cpu_threads()
         from data.prompts import load_prompts, round_prompts
+        from data.validation import training_prompts
         from models.generation import generate_round
         from tasks.requirements import check_train_data
 
         recipe = self.config.for_round(self.round_idx)
+        parent = parent_of(self, self.round_idx)
         with self.hold_gpus(self.resources["gpu"]):
             prompts = load_prompts(
                 recipe.data.train, recipe.data.train_split, recipe.data, require_reference=recipe.needs_reference
             )
             check_train_data(recipe, prompts, recipe.data.train)  # a hub dataset was not read before scheduling
-            prompts = round_prompts(prompts, self.round_idx, recipe.data.prompts_per_round)
-            work_dir = prepare_shared_work_dir(self.layout.generate_work(self.round_idx), luigi.task.flatten(self.input()))
+            prompts = round_prompts(training_prompts(recipe, prompts), self.round_idx, recipe.data.prompts_per_round)
+            work_dir = prepare_shared_work_dir(self.layout.generate_work(self.round_idx), luigi.task.flatten(parent.output()))
             try:
                 frame, stats = generate_round(
-                    recipe, self.requires().model_path, prompts, self.round_idx, work_dir,
+                    recipe, parent.model_path, prompts, self.round_idx, work_dir,
                     root_path=model_task(self, 0).model_path, shard=(self.shard_idx, recipe.generation.shards),
                 )
             finally:
@@ -110,6 +157,7 @@ class GenerateShard(ShardTask, GpuTask):
                     from models.fast_generation import release_vllm
 
                     release_vllm()
+        stats["parent_round"] = getattr(parent, "round_idx", 0)
         self.write_part(frame, stats)
 
 
@@ -134,6 +182,7 @@ class Generate(RunTask):
 
         frame, metas = merge_shards(self.input())
         stats = generation_stats(frame, metas[0]["prompts"], metas[0]["prompts_too_long"])
+        stats["parent_round"] = metas[0].get("parent_round", self.round_idx - 1)
         with self.output()["generations"].temporary_path() as tmp:
             write_parquet(frame, tmp, GENERATIONS)
         with self.output()["meta"].temporary_path() as tmp:
@@ -147,7 +196,7 @@ class JudgeShard(ShardTask, GpuTask):
     shard_idx = luigi.IntParameter(description="Shard number, from 0 (of judge.shards).")
 
     def requires(self):
-        return {"generations": self.clone(Generate), "model": model_task(self, self.round_idx - 1)}
+        return {"generations": self.clone(Generate), "model": parent_requirement(self, self.round_idx)}
 
     def output(self):
         part, meta = self.layout.pairs_shard(self.round_idx, self.shard_idx)
@@ -170,7 +219,7 @@ class JudgeShard(ShardTask, GpuTask):
             if recipe.algorithm != "spin":
                 from models.loading import load_policy, load_tokenizer
 
-                generator_path, base_path = self.requires()["model"].model_path, model_task(self, 0).model_path
+                generator_path, base_path = parent_of(self, self.round_idx).model_path, model_task(self, 0).model_path
                 loaded = {}
 
                 def model_at(path: str):
@@ -253,9 +302,13 @@ class Train(GpuTask):
     round_idx = luigi.IntParameter(description="Round number, from 1.")
 
     def requires(self):
-        deps = {"pairs": self.clone(Judge), "parent": model_task(self, self.round_idx - 1), "base": model_task(self, 0)}
-        if self.round_idx > 1 and self.config.for_round(self.round_idx).mix_previous_round:
-            deps["previous_pairs"] = self.clone(Judge, round_idx=self.round_idx - 1)
+        deps = {"pairs": self.clone(Judge), "parent": parent_requirement(self, self.round_idx), "base": model_task(self, 0)}
+        mix = self.config.for_round(self.round_idx).mix_rounds
+        if self.round_idx > 1 and mix and not restarts(self):
+            # The rounds this one continues are the ones before it; with restart_from_best they are read from the
+            # selections, which the parent requirement already brings in with every earlier round's pairs.
+            deps["mixed_pairs"] = [self.clone(Judge, round_idx=self.round_idx - 1 - k)
+                                   for k in range(min(len(mix), self.round_idx - 1))]
         return deps
 
     def output(self):
@@ -267,22 +320,27 @@ class Train(GpuTask):
 
     def run(self):
         set_cpu_threads()
+        from data.selection import lineage
         from models.loading import check_same_root
 
         recipe = self.config.for_round(self.round_idx)
-        parent = self.requires()["parent"].model_path
+        parent_task = parent_of(self, self.round_idx)
+        parent = parent_task.model_path
         root_model = self.requires()["base"].root_model
         root_path = self.requires()["base"].model_path
         check_same_root(parent, root_model)
-        pair_files = [self.input()["pairs"]["pairs"].path]
-        if "previous_pairs" in self.input():
-            pair_files.append(self.input()["previous_pairs"]["pairs"].path)
-        inputs = [self.input()["pairs"]["pairs"], self.input()["parent"]]
+        # This round's pairs whole, then the share training.mix_rounds takes of each round it descends from.
+        pair_files = [[self.input()["pairs"]["pairs"].path, 1.0, self.round_idx]]
+        for share, earlier in zip(recipe.mix_rounds, lineage(recipe, self.layout, self.round_idx)):
+            if share > 0:
+                pair_files.append([str(self.layout.pairs(earlier)), share, earlier])
+        inputs = [self.input()["pairs"]["pairs"], parent_task.output()]
         work_dir = prepare_work_dir(self.layout.train_work(self.round_idx), inputs)
         job = {
             "recipe": recipe.to_dict(), "parent": parent, "pair_files": pair_files, "work_dir": str(work_dir),
             "round_idx": self.round_idx, "root_model": root_model, "root_path": root_path,
             "run_dir": str(self.run_dir),  # experiment trackers (data/tracking.py) keep what they were sent there
+            "parent_round": getattr(parent_task, "round_idx", 0),
         }
         # Under accelerate its processes use the GPUs held here (CUDA_VISIBLE_DEVICES is handed down to them).
         gpus = recipe.training.num_processes if recipe.training.launcher == "accelerate" else 1
@@ -309,3 +367,96 @@ class Train(GpuTask):
                 from models.trainer import run_job
 
                 run_job(job)
+
+
+def validation_set(task, recipe):
+    """The validation prompts (data/validation.py) and the figure that selects (models/selection.py)."""
+    from data.validation import validation_prompts
+    from models.selection import selection_figure
+
+    prompts = validation_prompts(recipe)
+    if prompts is None:
+        raise RecipeError(f"{task.short_name}: the recipe has no validation split (data.validation)")
+    return prompts, selection_figure(recipe, prompts)
+
+
+class Validate(GpuTask):
+    round_idx = luigi.IntParameter(description="Round number; 0 scores the base model.")
+
+    def requires(self):
+        return {"model": model_task(self, self.round_idx), "base": model_task(self, 0)}
+
+    def output(self):
+        return FileTarget(str(self.layout.validation(self.round_idx)))
+
+    def run(self):
+        set_cpu_threads()
+        from data.schema import VALIDATION, write_parquet
+        from models.selection import score_validation
+
+        recipe = self.config.for_round(max(1, self.round_idx))
+        prompts, figure = validation_set(self, recipe)
+        with self.hold_gpus(1):
+            frame = score_validation(recipe, self.round_idx, self.requires()["model"].model_path,
+                                     self.requires()["base"].model_path, prompts, figure)
+        write_parquet(frame, self.output().path, VALIDATION)
+
+
+class Select(GpuTask):
+    round_idx = luigi.IntParameter(description="Round number; 0 makes the base the first best.")
+
+    @property
+    def resources(self):  # the judge of win_rate_vs_best (select_by's default where no verifier can score) may hold a GPU
+        judged = self.config.iterate.select_by in (None, "win_rate_vs_best")
+        return {"gpu": 1} if judged and self.round_idx > 0 else {}
+
+    def requires(self):
+        deps = {"validation": self.clone(Validate)}
+        if self.round_idx > 0:
+            deps["previous"] = self.clone(Select, round_idx=self.round_idx - 1)
+        return deps
+
+    def output(self):
+        return FileTarget(str(self.layout.selection(self.round_idx)))
+
+    def run(self):
+        from data.schema import VALIDATION, read_artifact
+        from data.selection import (best_record, decide, paired_gain, publish_best, read_selection, record_parents,
+                                    round_figures, summary)
+
+        recipe = self.config.for_round(max(1, self.round_idx))
+        prompts, figure = validation_set(self, recipe)
+        current = read_artifact(self.layout.validation(self.round_idx), VALIDATION)
+        previous = gain = None
+        figures = round_figures(current)
+        if self.round_idx > 0:
+            previous = read_selection(self.layout.selection(self.round_idx - 1))
+            best = read_artifact(self.layout.validation(previous["best_round"]), VALIDATION)
+            win_probs = None
+            if figure == "win_rate_vs_best":
+                win_probs = self.judge_against(recipe, prompts, current, best)
+                figures["win_rate_vs_best"] = summary(win_probs)
+            gain = paired_gain(figure, current, best, win_probs)
+        record = decide(self.round_idx, recipe.iterate, figure, previous, gain, figures)
+        kept = record["kept_round"]
+        publish_best(self.layout, best_record(record, self.layout), self.kept_source(kept))
+        record_parents(self.layout)
+        with self.output().temporary_path() as tmp:
+            atomic_write_json(tmp, record)
+
+    def judge_against(self, recipe, prompts, current, best):
+        from models.selection import judge_vs_best
+
+        ours = current.set_index("prompt_id").response.loc[prompts.prompt_id].tolist()
+        theirs = best.set_index("prompt_id").response.loc[prompts.prompt_id].tolist()
+        with self.hold_gpus(1):
+            return judge_vs_best(recipe, model_task(self, 0).model_path, prompts, ours, theirs)
+
+    def kept_source(self, kept: int) -> Path:
+        """The directory best/ copies: the kept round's checkpoint, or the base model's files for round 0."""
+        if kept > 0:
+            return self.layout.checkpoint(kept)
+        from models.selection import model_directory
+
+        base = model_task(self, 0)
+        return model_directory(base.model_path, self.config.model.revision)

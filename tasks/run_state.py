@@ -70,13 +70,13 @@ def _rounds_text(rounds) -> str:
 
 def check_run_state(iterate, evaluate_task: Callable[[int], luigi.Task]) -> list[str]:
     """Log (and return) one line per hand edit that makes rounds run again; raise DataError for one
-    this command cannot repair. `evaluate_task(r)` is round r's last task: every task of the rounds is
-    reached from it."""
+    this command cannot repair. `evaluate_task(r)` is round r's last task (or a list of its last tasks:
+    Evaluate and Select): every task of the rounds is reached from it."""
     run_dir: Path = iterate.run_dir
     if not run_dir.is_dir():
         return []
     last = max([iterate.rounds, *rounds_on_disk(run_dir)])
-    tasks = _tasks([evaluate_task(r) for r in range(last + 1)])
+    tasks = _tasks(luigi.task.flatten([evaluate_task(r) for r in range(last + 1)]))
 
     for task in tasks:
         for target in _outputs(task):

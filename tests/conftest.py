@@ -24,6 +24,7 @@ TINY = {
     "training": {"epochs": 1, "batch_size": 8, "max_length": 96, "learning_rate": 0.001, "lora_r": 4,
                  "lora_alpha": 8, "save_steps": 2},
     "evaluation": {"num_prompts": 12, "max_new_tokens": 8, "kl_samples": 1, "report_prompts": 2},
+    "iterate": {"validation_prompts": 12},
 }
 ALGORITHMS = {
     "spin": {"algorithm": "spin", "judge": {"name": "ground_truth"}},

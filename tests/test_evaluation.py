@@ -95,7 +95,8 @@ def figures(monkeypatch):
     recipe = recipe_from_dict({"training": {"beta": BETA}, "evaluation": {"num_prompts": 4, "kl_samples": 2}})
     previous, base = round_0_frame(PREVIOUS_GREEDY, 2), round_0_frame(BASE_GREEDY, 1)
     frame, metrics = evaluation.evaluate_round(recipe, 1, "round_01/checkpoint", "base_model", prompts_frame(), previous, base)
-    assert scored_on_prefill == [4]  # the 4 sides of the held-out pairs, scored on the policy's run of their prompts
+    # The 4 sides of the held-out pairs and the 4 prompts' ground truths, scored on the policy's run of their prompts.
+    assert scored_on_prefill == [8]
     assert calls == [8]  # then the 8 samples under the base
     return frame, metrics
 
@@ -136,6 +137,17 @@ def test_implicit_reward_of_the_held_out_pairs(figures):
     assert metrics["implicit_reward_accuracy"] == pytest.approx(0.5)
     assert metrics["implicit_reward_margin"] == pytest.approx(0.025)
     assert metrics["implicit_reward_margin_se"] == pytest.approx(0.35 / math.sqrt(2) / math.sqrt(2))
+
+
+def test_ground_truth_log_likelihood_per_token(figures):
+    frame, metrics = figures
+    # Each ground truth (its text and the template's end of turn) scored on the prefill: policy_logp(text) =
+    # -len(text), over its tokens.
+    tokens = [len(item.completion_ids) for item in evaluation.ground_truth_items(build_byte_tokenizer(), prompts_frame())]
+    expected = [-len(answer) / n for answer, n in zip(ANSWERS, tokens)]
+    assert frame[frame.kind == "greedy"].gt_logprob.tolist() == pytest.approx(expected)
+    assert metrics["gt_logprob"] == pytest.approx(np.mean(expected)) and metrics["gt_logprob_prompts"] == 4
+    assert metrics["gt_logprob_se"] == pytest.approx(np.std(expected, ddof=1) / 2)
 
 
 def test_verifier_win_rate_and_mean_se_by_hand():

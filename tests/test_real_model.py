@@ -36,6 +36,7 @@ CI_RECIPE = {
     "training": {"epochs": 1, "batch_size": 8, "max_length": 128, "learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 16,
                  "lora_target_modules": ",".join(sorted(LLAMA_PROJECTIONS)), "save_steps": 1},
     "evaluation": {"num_prompts": 4, "max_new_tokens": 16, "kl_samples": 1, "report_prompts": 2},
+    "iterate": {"validation_prompts": 4},
 }
 
 

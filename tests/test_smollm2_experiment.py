@@ -150,3 +150,35 @@ def test_smollm2_experiment_runs_at_tiny_scale_with_strict_and_lenient_figures(t
     assert rescored.returncode == 0, rescored.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["results"] == record["results"]
     assert "verifier: data.lenient:check" in (out / "recipes" / "dpo.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_the_kept_round_experiment_runs_at_tiny_scale(tmp_path):
+    # --selection: SPIN at two learning rates (one chosen by validation), DPO, the control selected the same way.
+    from data.layout import RunLayout
+    from data.selection import read_best
+
+    root, _tok = save_tiny_llama_root(tmp_path / "root")
+    out = tmp_path / "exp"
+    command = [sys.executable, "experiments/smollm2.py", "--scale", "tiny", "--base-model", root, "--out", str(out),
+               "--selection", "--rounds", "2", "--algorithms", "spin,dpo", "--spin-lrs", "1e-3,1e-2", "--tasks", "add,count"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "selection.json").read_text())
+    assert record["spin_candidates"] == ["spin_lr1e-3", "spin_lr1e-2"] and record["spin_chosen"] in record["spin_candidates"]
+    chosen = record["spin_chosen"]
+    kept = {name: record["arms"][name]["kept_round"] for name in record["arms"]}
+    # The SPIN chosen is the one whose kept round did better on validation; each arm kept what its run kept.
+    accuracy = {name: record["arms"][name]["validation"][kept[name]]["mean"] for name in record["spin_candidates"]}
+    assert accuracy[chosen] == max(accuracy.values())
+    for name in ("spin_lr1e-3", "spin_lr1e-2", "dpo"):
+        assert read_best(RunLayout(out / "runs" / name))["round"] == kept[name]
+    # Paired over every held-out prompt; a run that kept its base has changed nothing.
+    for arm in record["arms"].values():
+        assert arm["vs_round_0"]["n"] == arm["vs_control"]["n"] == arm["held_out"]["n"]
+        if arm["kept_round"] == 0:
+            assert arm["vs_round_0"]["lenient"] == arm["vs_round_0"]["strict"] == 0
+    assert set(record["arms"]) == {"spin_lr1e-3", "spin_lr1e-2", "dpo", "sft_control"}
+    assert (out / "control" / "round_01" / "validation.parquet").is_file()
+    text = (out / "selection.md").read_text()
+    assert "SPIN's kept model at least 2 standard errors above its base" in text and "| sft_control |" in text
