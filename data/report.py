@@ -259,7 +259,12 @@ PAIRING = [
     ("prompts", "prompts"), ("pairs", "pairs"), ("skipped_ties", "all tied"), ("skipped_small_margin", "margin too small"),
     ("unparsed_judgements", "unreadable verdicts"), ("pairs_chosen_dataset", "dataset's answer chosen"),
     ("refinements_tried", "refinements tried"), ("refinements_passed", "refinements passed"),
+    # algorithm rest (models/self_training.py): what passed the judge and became a supervised example
+    ("samples", "samples"), ("samples_passed", "passed"), ("pass_rate", "pass rate"), ("prompts_passed", "prompts with a pass"),
+    ("examples", "examples kept"), ("skipped_over_cap", "over max_per_prompt"), ("rationalizations_tried", "rationalized"),
+    ("rationalizations_passed", "rationalizations passed"), ("rationalized_examples", "rationalized examples"),
 ]
+PAIRING_FORMAT = {"pass_rate": "{:.3f}"}  # the others are counts
 
 
 def judge_description(judge: dict) -> str | None:
@@ -278,7 +283,7 @@ def pairing_section(run: Run) -> list[str]:
     """How each round's pairs were made: who judged them, and what pairing made and skipped."""
     if run.algorithm == "spin":
         return []
-    lines = ["## Pairing", ""]
+    lines = ["## Examples kept" if run.algorithm == "rest" else "## Pairing", ""]
     described = judge_description(run.recipe.get("judge") or {})
     if described:
         lines += [described, ""]
@@ -296,7 +301,7 @@ def pairing_section(run: Run) -> list[str]:
             if key == "judge_is_generator":
                 cells.append("-" if _missing(value) else ("the generator (round r-1)" if value else "the base model"))
             else:
-                cells.append(_cell(value, "{:.0f}"))
+                cells.append(_cell(value, PAIRING_FORMAT.get(key, "{:.0f}")))
         lines.append(f"| {int(row['round'])} | " + " | ".join(cells) + " |")
     return lines + [""]
 
