@@ -14,9 +14,11 @@ The experiment, every method from the same converted base, on the tasks `--tasks
 the base has partial skill), with held-out prompts (data/demo/heldout.jsonl, no round trains on them):
 
 1. SPIN (ground truth vs the model's own sample), iterative DPO (K = 8, the lenient verifier picks a
-   right and a wrong sample) and SPPO (K = 8, the verifier's win probabilities, beta 0.1), `--rounds`
-   rounds each through the pipeline itself (luigi.build on Iterate, as `luigi --module pipeline
-   Iterate` runs it);
+   right and a wrong sample), SPPO (K = 8, the verifier's win probabilities, beta 0.1), and the
+   self-training family: ReST-EM (K = 8, the samples the verifier passes fitted by likelihood, each round
+   from the base) and STaR (one sample, a hinted retry where it fails, every round's examples, each round
+   from the base), `--rounds` rounds each through the pipeline itself (luigi.build on Iterate, as
+   `luigi --module pipeline Iterate` runs it);
 2. the control: the base fine-tuned on the ground truth (full fine-tuning) with as many training
    sequences per round as SPIN's round used (chosen + rejected of every pair, every epoch), evaluated
    after each round's share like a round;
@@ -112,6 +114,18 @@ ALGORITHMS = {
     # and tens of nats made the small model of experiments/improvement.py lose accuracy.
     "sppo": {"algorithm": "sppo", "judge": {"name": "verifier"}, "generation": {"num_samples": 8},
              "training": {"loss": "sppo", "beta": 0.1}},
+    # The self-training family (algorithm rest, loss nll): the samples the lenient verifier passes are fitted by
+    # their likelihood, each round from a fresh adapter on the base (training.init: base). Samples cut at the
+    # length limit are never kept (judge.unfinished: penalize): trained on, closed with the end of turn, they
+    # would teach the model to stop mid-sentence.
+    # ReST-EM (Singh et al. 2023): K = 8 as DPO and SPPO, at most 4 examples a prompt, distinct ones first.
+    "rest_em": {"algorithm": "rest", "judge": {"name": "verifier", "unfinished": "penalize", "max_per_prompt": 4},
+                "generation": {"num_samples": 8}, "training": {"init": "base"}},
+    # STaR (Zelikman et al. 2022): one sample a prompt; where it is wrong, one more with the answer as a hint,
+    # trained on without the hint if it passes; every round from the base on all the examples collected.
+    "star": {"algorithm": "rest", "judge": {"name": "verifier", "unfinished": "penalize", "rationalize": True,
+                                            "rationalize_samples": 1},
+             "generation": {"num_samples": 1}, "training": {"init": "base", "accumulate": True}},
 }
 # The control's full fine-tuning: a small learning rate, as for continued supervised training of a
 # chat model (LoRA's 2e-4 on all 135M weights would overwrite it).
@@ -698,7 +712,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="add,count,extreme,sort,subtract",
                         help="task kinds of the experiment (those where the base has partial skill)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--algorithms", default="spin,dpo,sppo", help="comma-separated; the control runs when spin does")
+    parser.add_argument("--algorithms", default="spin,dpo,sppo,rest_em,star",
+                        help="comma-separated; the control runs when spin does")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/smollm2"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

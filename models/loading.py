@@ -3,7 +3,8 @@
 How rounds chain. The run's root weights (its base model: full precision, or nf4 once for QLoRA)
 are never changed; the policy is ONE LoRA adapter carried across rounds. Train(r) loads the root
 plus round r-1's adapter (a fresh, zero adapter for round 1), takes the reference log-probs with
-that adapter as it is at the round's start (that is pi_{r-1}), then keeps training the same adapter.
+that adapter as it is at the round's start (that is pi_{r-1}), then keeps training the same adapter
+(with `training.init: base` it trains a fresh one instead, every round: models/trainer.py).
 Every consumer (Generate(r+1), the self-judge, Evaluate(r), Train(r+1)) loads root + the round's
 adapter through `load_policy`, so the model they use is the model that was trained. Folding the
 adapter into the weights instead loses the update: in bf16 small updates round away, and a merged

@@ -1,11 +1,13 @@
 """The Train stage: the policy's LoRA adapter, continued from the previous round, fitted with a DPO-family loss
-against the previous round.
+against the previous round (algorithm rest: fitted to its supervised examples by their likelihood, loss nll).
 
     train_round(recipe, parent, pairs, work_dir, out_dir, round_idx, root_model, root_path) -> stats
 
 1. Load the root weights (the run's base model, as loaded: full precision, or nf4 for QLoRA) and the
    policy's LoRA adapter: round r-1's, continued (`parent` is its checkpoint), or a fresh zero adapter
-   in round 1 (`parent` is the base). Before any update the model *is* the reference pi_{r-1}.
+   in round 1 (`parent` is the base). Before any update the model *is* the reference pi_{r-1}. With
+   `training.init: base` the adapter is fresh in every round (ReST-EM, STaR) and the parent's is swapped
+   in only for the reference pass; a round with nothing to train on keeps its parent's.
 2. Reference log-probs of every chosen and rejected response, computed once and stored in
    work_dir/ref_logps.parquet, so training holds one model and skips the reference forward. The
    reference (`training.reference`) is the adapter as it is at the round's start (`previous`: the

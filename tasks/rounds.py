@@ -27,7 +27,9 @@ the recipe's judge for every prompt's K x K win-probability matrix and keep best
 (models/judges.py). With judge.refine, the round's generator also rewrites answers that fail the
 judge (SPaR-style refinement pairs). Writes round_NN/pairs.parquet and round_NN/judge_meta.json (pairs
 made, ties and identical pairs skipped, judge answers that could not be parsed, refinements tried and
-passed). The judging is done by `judge.shards` JudgeShard(r, i) tasks, each with its block of the
+passed). Algorithm rest makes no pairs: the samples that pass the judge (and, with judge.rationalize, the
+generator's hinted answers that pass) are written to round_NN/selected.parquet as supervised examples
+(models/self_training.py). The judging is done by `judge.shards` JudgeShard(r, i) tasks, each with its block of the
 round's prompts (round_NN/pairs.shards/); Judge(r) puts their pairs together in order and adds up their
 counts.
 
@@ -36,9 +38,10 @@ Train(r): continue the policy's LoRA adapter on round r's preference pairs, with
     luigi --module pipeline Train --round-idx 1
 
 Loads the root weights plus round r-1's adapter (the policy after round r-1; a fresh adapter in round
-1), trains with the recipe's DPO-family loss (models/trainer.py) on round r's pairs (plus round r-1's
-when `training.mix_previous_round`, SPIN's default), and writes round_NN/checkpoint/: adapter/ (the
-policy), the merged export, tokenizer, training_log.json and, last, _SUCCESS.
+1, and in every round with `training.init: base`), trains with the recipe's DPO-family loss
+(models/trainer.py) on round r's pairs (algorithm rest: its examples, by their likelihood) plus the share
+`training.mix_rounds` (or `accumulate`) takes of earlier rounds', and writes round_NN/checkpoint/:
+adapter/ (the policy), the merged export, tokenizer, training_log.json and, last, _SUCCESS.
 Trainer checkpoints live in round_NN/train_work/; a killed run resumes from the newest one.
 
 With `training.launcher: accelerate` the task starts `accelerate launch --num_processes N` on the
