@@ -332,6 +332,10 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     reference_start = time.perf_counter()
     if cfg.reference == "ema" and fsdp:
         raise TrainingError("training.reference: ema is not supported under FSDP; use previous or base")
+    if parent_adapter is not None and fsdp and cfg.reference == "previous" and loss_name not in REFERENCE_FREE:
+        # The parent's adapter would be swapped into a sharded policy for the reference pass, as ema's average is.
+        raise TrainingError("training.init: base with training.reference: previous is not supported under FSDP; "
+                            "use reference base (the fresh adapter's start), or init previous")
     ema_start = _parent_ema(parent, model) if cfg.reference == "ema" else None
     if loss_name in REFERENCE_FREE:
         ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
