@@ -81,17 +81,7 @@ PAIRS = ArtifactSchema(
 # never the hinted one. A prompt has as many rows as examples kept (judge.max_per_prompt at most).
 SELECTED = ArtifactSchema(
     "selected",
-    {
-        "prompt_id": pa.string(),
-        "prompt": pa.string(),
-        "response": pa.string(),
-        "sample_index": pa.int64(),
-        "round": pa.int64(),
-        "num_tokens": pa.int64(),
-        "score": pa.float64(),
-        "judge": pa.string(),
-        "source": pa.string(),
-    },
+    {**GENERATIONS.columns, "score": pa.float64(), "judge": pa.string(), "source": pa.string()},
     non_empty=("prompt_id", "prompt", "response"),
     unique=("prompt_id", "source", "sample_index"),
     optional=(("reference", pa.string()), ("task", pa.string()), ("answer", pa.string()), ("system", pa.string()),

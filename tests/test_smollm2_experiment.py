@@ -156,6 +156,17 @@ def test_smollm2_experiment_runs_at_tiny_scale_with_strict_and_lenient_figures(t
     assert rescored.returncode == 0, rescored.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["results"] == record["results"]
     assert "verifier: data.lenient:check" in (out / "recipes" / "dpo.yaml").read_text()
+    # --keep-results: one method run again (its run is there: nothing to do) beside the others as they were measured.
+    again = subprocess.run(command + ["--rounds", "1", "--algorithms", "star", "--tasks", "add,count", "--keep-results"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    merged = json.loads((out / "results.json").read_text())
+    assert list(merged["results"]) == ["spin", "sft_control", "dpo", "rest_em", "star"]
+    assert merged["results"] == {name: record["results"][name] for name in merged["results"]}
+    assert set(merged["measured"]) == set(merged["results"]) and merged["round_0_matches"] == {"star": True}
+    refused = subprocess.run(command + ["--rounds", "2", "--algorithms", "star", "--tasks", "add,count", "--keep-results"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "was measured with rounds 1, this run has 2" in refused.stderr
 
 
 @pytest.mark.slow
