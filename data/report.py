@@ -303,6 +303,11 @@ def pairing_section(run: Run) -> list[str]:
             else:
                 cells.append(_cell(value, PAIRING_FORMAT.get(key, "{:.0f}")))
         lines.append(f"| {int(row['round'])} | " + " | ".join(cells) + " |")
+    if "examples" in stats:
+        empty = [int(r) for r, n in zip(stats["round"], stats["examples"]) if n == 0]
+        if empty:
+            lines += ["", f"Nothing passed the judge in round{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))}: "
+                          "nothing was trained there, and the round's model is its parent's."]
     return lines + [""]
 
 

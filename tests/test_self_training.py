@@ -394,5 +394,6 @@ def test_a_run_where_nothing_passes_trains_nothing_and_says_so(tmp_path, capfd):
     stats = json.loads(layout.training_log(1).read_text())["stats"]
     assert stats["trained"] is False and stats["steps"] == 0 and stats["examples"] == 0
     assert "train round 1: no example passed the judge; the round trains nothing" in capfd.readouterr().err
+    assert "Nothing passed the judge in round 1: nothing was trained there" in (layout.dir / "report.md").read_text()
     # The round's policy is its parent's, the base: a zero update.
     assert all(value.abs().max() == 0 for key, value in adapter(layout.checkpoint(1)).items() if "lora_B" in key)
