@@ -37,9 +37,9 @@ from configs.evaluation import check_evaluation
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
-Algorithm = Literal["spin", "sppo", "dpo", "inpo", "dno"]
+Algorithm = Literal["spin", "sppo", "dpo", "inpo", "dno", "rest"]
 JudgeName = Literal["ground_truth", "pairrm", "self", "reward_model", "verifier"]
-LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo", "inpo"]
+LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo", "inpo", "nll"]
 
 
 @dataclass
@@ -226,8 +226,30 @@ class JudgeConfig:
     refine_samples: int = field(default=4, metadata={"help": "Rewrites sampled per failing answer (judge.refine)."})
     pass_score: float | None = field(
         default=None,
-        metadata={"help": "A response passes the judge when its score is at least this (judge.refine); "
-                          "null: 0.5 for the verifier (a right answer), required for other judges."},
+        metadata={"help": "A response passes the judge when its score is at least this: algorithm rest keeps the samples "
+                          "that pass (ReST's threshold tau; a rising schedule is a rounds: override), judge.refine and "
+                          "judge.rationalize rewrite where none passes; within the judge's scores ([0, 1] for the "
+                          "verifier, [0, 5] for the pointwise self-judge); null: 0.5 for the verifier (a right "
+                          "answer), required for other judges."},
+    )
+    max_per_prompt: int | None = field(
+        default=None,
+        metadata={"help": "algorithm rest: at most this many passing samples of one prompt become examples, distinct "
+                          "ones first (highest score, then sample order); null: every sample that passes."},
+    )
+    rationalize: bool = field(
+        default=False,
+        metadata={"help": "algorithm rest, STaR's rationalization: where no sample passes, the round's model samples "
+                          "again with the ground-truth answer given as a hint (rationalize_prompt); the rewrites "
+                          "that pass are trained on after the prompt without the hint."},
+    )
+    rationalize_prompt: str | None = field(
+        default=None,
+        metadata={"help": "The hinted request, with {prompt} and {answer} in it (the answer: data.answer_field, else the "
+                          "ground-truth response); null: models.self_training.RATIONALIZE_PROMPT."},
+    )
+    rationalize_samples: int = field(
+        default=4, metadata={"help": "Hinted samples per prompt that no sample passed (judge.rationalize)."}
     )
     keep_identical: bool = field(
         default=False,
@@ -287,6 +309,18 @@ class TrainingConfig:
     shared_prompt: bool = field(
         default=True, metadata={"help": "Run each pair's prompt once for both sides (Llama/Qwen/Mistral-style models without "
                                 "gradient checkpointing; same log-probs, fewer tokens); false runs two full sequences per pair."}
+    )
+    init: Literal["previous", "base"] = field(
+        default="previous",
+        metadata={"help": "Where the round's adapter starts: previous = the model the round continues (its parent); "
+                          "base = a fresh adapter on the base model, trained on the round's examples (and what "
+                          "mix_rounds or accumulate add) as ReST-EM and STaR fine-tune the base afresh each iteration. The round's samples still come from its "
+                          "parent, and training.reference keeps its meaning."},
+    )
+    accumulate: bool = field(
+        default=False,
+        metadata={"help": "Add every earlier round's examples (or pairs) whole, in the line this round continues "
+                          "(STaR's outer loop over everything collected): mix_rounds with 1.0 for every earlier round."},
     )
     mix_previous_round: bool | None = field(
         default=None,
@@ -441,7 +475,8 @@ class Recipe:
         metadata={"help": "spin: the data's response vs the model's own sample (SPIN); sppo: best vs worst of K samples by "
                           "mean win probability, SPPO's loss; dpo: best vs worst of K by the judge (iterative DPO; with "
                           "judge.name: self, Self-Rewarding; with judge.refine, SPaR-style pairs); inpo: those pairs with INPO's "
-                          "loss (the previous round and the base as references); dno: DNO-Prct, pairs kept above judge.min_margin."},
+                          "loss (the previous round and the base as references); dno: DNO-Prct, pairs kept above judge.min_margin; "
+                          "rest: the samples that pass the judge as supervised examples (ReST, ReST-EM, STaR)."},
     )
     seed: int = field(
         default=0, metadata={"help": "Seeds the demo model's warm start, sampling, training's batch order and the adapter's initialisation."}
@@ -469,7 +504,7 @@ class Recipe:
             raise RecipeError(f"{where}: algorithm spin pairs by ground truth; set judge.name: ground_truth")
         if self.algorithm != "spin" and self.judge.name == "ground_truth":
             raise RecipeError(f"{where}: algorithm {self.algorithm} needs a judge (pairrm, self, reward_model, verifier)")
-        if self.algorithm != "spin" and self.generation.num_samples < 2:
+        if self.algorithm not in ("spin", "rest") and self.generation.num_samples < 2:
             raise RecipeError(f"{where}: generation.num_samples must be >= 2 for {self.algorithm} (it ranks samples)")
         if self.judge.keep_identical and self.algorithm != "spin":
             raise RecipeError(f"{where}: judge.keep_identical applies to algorithm spin only (its chosen side is the dataset's "
@@ -480,6 +515,7 @@ class Recipe:
         self._check_refine(where)
         self._check_tracking(where)
         check_evaluation(self, where)
+        self._check_rest(where)
         if self.judge.name in ("pairrm", "reward_model") and not self.judge.model:
             raise RecipeError(f"{where}: judge.model is required for judge {self.judge.name}")
         if self.training.loss == "sppo" and self.algorithm != "sppo":
@@ -508,6 +544,8 @@ class Recipe:
             "judge.batch_size": self.judge.batch_size,
             "judge.max_new_tokens": self.judge.max_new_tokens,
             "judge.refine_samples": self.judge.refine_samples,
+            "judge.rationalize_samples": self.judge.rationalize_samples,
+            "judge.max_per_prompt": self.judge.max_per_prompt,
             "training.batch_size": t.batch_size,
             "training.grad_accum_steps": t.grad_accum_steps,
             "training.beta": t.beta,
@@ -566,9 +604,10 @@ class Recipe:
     def _check_refine(self, where: str) -> None:
         j = self.judge
         if not j.refine:
-            for key in ("refine_prompt", "pass_score"):
-                if getattr(j, key) is not None:
-                    raise RecipeError(f"{where}: judge.{key} applies with judge.refine: true only")
+            if j.refine_prompt is not None:
+                raise RecipeError(f"{where}: judge.refine_prompt applies with judge.refine: true only")
+            if j.pass_score is not None and self.algorithm != "rest":
+                raise RecipeError(f"{where}: judge.pass_score applies with judge.refine: true only, or algorithm rest")
             return
         # A refined answer is scored alone, so the judge must score responses one by one; and its pair is
         # ranked by those scores, which SPPO's and DNO's win rates over the K samples are not.
@@ -598,6 +637,51 @@ class Recipe:
             raise RecipeError(f"{where}: tracking.backends names a tracker twice: {backends}")
         if self.tracking.send_seconds < 0:
             raise RecipeError(f"{where}: tracking.send_seconds must be >= 0, got {self.tracking.send_seconds}")
+
+    def _check_rest(self, where: str) -> None:
+        """algorithm rest: a judge that scores each response, a threshold within its scores, and STaR's hint template."""
+        j, t = self.judge, self.training
+        if self.algorithm != "rest":
+            for key, value, off in (("judge.max_per_prompt", j.max_per_prompt, None), ("judge.rationalize", j.rationalize, False)):
+                if value != off:
+                    raise RecipeError(f"{where}: {key} applies to algorithm rest only")
+            if t.loss == "nll":
+                raise RecipeError(f"{where}: training.loss nll fits the examples of algorithm rest; {self.algorithm} trains on pairs")
+        else:
+            # Each sample passes or fails on its own score, so the judge must give one per response.
+            if j.name == "pairrm" or (j.name == "self" and j.self_mode == "pairwise"):
+                raise RecipeError(f"{where}: algorithm rest keeps the samples whose own score passes judge.pass_score: it needs "
+                                  "a judge that scores each response (verifier, reward_model, or self with self_mode "
+                                  f"pointwise), not {'pairrm' if j.name == 'pairrm' else 'self with self_mode pairwise'}")
+            if j.pass_score is None and j.name != "verifier":
+                raise RecipeError(f"{where}: algorithm rest with judge {j.name} needs judge.pass_score (the score a kept "
+                                  "sample reaches: ReST's threshold)")
+            if t.loss not in (None, "nll"):
+                raise RecipeError(f"{where}: algorithm rest fits its examples by their likelihood (training.loss nll), "
+                                  f"not {t.loss}: it makes no pairs")
+            for key, value, off in (("judge.add_reference", j.add_reference, False), ("judge.min_margin", j.min_margin, 0.0),
+                                    ("judge.refine", j.refine, False), ("training.nll_weight", t.nll_weight, 0.0)):
+                if value != off:
+                    raise RecipeError(f"{where}: {key} shapes preference pairs; algorithm rest makes none "
+                                      "(judge.rationalize is its way to learn where no sample passes)")
+        if j.pass_score is not None and j.name in SCORE_RANGE:
+            low, high = SCORE_RANGE[j.name]
+            if not low <= j.pass_score <= high:
+                raise RecipeError(f"{where}: judge.pass_score {j.pass_score:g} is outside the scores judge {j.name} gives "
+                                  f"([{low:g}, {high:g}]): " + ("no response could ever pass" if j.pass_score > high
+                                                                 else "every response would pass"))
+        if not j.rationalize:
+            if j.rationalize_prompt is not None:
+                raise RecipeError(f"{where}: judge.rationalize_prompt applies with judge.rationalize: true only")
+            return
+        template = j.rationalize_prompt
+        if template is not None:
+            if "{prompt}" not in template or "{answer}" not in template:
+                raise RecipeError(f"{where}: judge.rationalize_prompt must contain {{prompt}} and {{answer}} (the hint)")
+            try:
+                template.format(prompt="", answer="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise RecipeError(f"{where}: judge.rationalize_prompt: {exc!r}; write other braces as {{{{ and }}}}") from None
 
     def _check_rounds_kept(self, where: str) -> None:
         """iterate: which round is kept and when the run stops, each needing a validation split."""
@@ -642,8 +726,14 @@ class Recipe:
                 raise RecipeError(f"{where}: training.reference_ema applies to training.reference: ema only")
             if not 0 <= t.reference_ema < 1:
                 raise RecipeError(f"{where}: training.reference_ema must be in [0, 1), got {t.reference_ema}")
-        if t.reference != "previous" and self.loss == "simpo":
-            raise RecipeError(f"{where}: training.reference {t.reference}: loss simpo has no reference model")
+        if t.reference != "previous" and self.loss in ("simpo", "nll"):
+            raise RecipeError(f"{where}: training.reference {t.reference}: loss {self.loss} has no reference model")
+        if t.accumulate and (t.mix_rounds is not None or t.mix_previous_round is not None):
+            raise RecipeError(f"{where}: training.accumulate is training.mix_rounds with 1.0 for every earlier round; set one")
+        if t.init == "base" and t.reference == "ema":
+            # The average is taken weight by weight over one continued adapter; a fresh adapter shares none with it.
+            raise RecipeError(f"{where}: training.reference ema averages one adapter continued across rounds; with "
+                              "training.init base each round starts a fresh one: use reference previous or base")
 
     @property
     def pass_score(self) -> float | None:
@@ -695,15 +785,19 @@ class Recipe:
 
     @property
     def loss(self) -> str:
-        return self.training.loss or {"sppo": "sppo", "inpo": "inpo"}.get(self.algorithm, "dpo_sigmoid")
+        return self.training.loss or {"sppo": "sppo", "inpo": "inpo", "rest": "nll"}.get(self.algorithm, "dpo_sigmoid")
 
     @property
     def mix_rounds(self) -> list[float]:
         """The share of each earlier round's pairs this round adds (entry k: the round k + 1 before it).
 
         SPIN's official recipe trains iteration t on its synthetic set plus iteration t-1's (uclaml/SPIN),
-        hence [1.0] for SPIN; the older `mix_previous_round: true` means the same."""
+        hence [1.0] for SPIN; the older `mix_previous_round: true` means the same. `training.accumulate` (STaR's
+        outer loop trains on everything collected) is 1.0 for every earlier round: EVERY_ROUND entries, more than
+        any run has rounds (the rounds a round descends from bound what is read)."""
         t = self.training
+        if t.accumulate:
+            return [1.0] * EVERY_ROUND
         if t.mix_rounds is not None:
             return [float(share) for share in t.mix_rounds]
         mix = self.algorithm == "spin" if t.mix_previous_round is None else t.mix_previous_round
@@ -735,6 +829,10 @@ class Recipe:
 
 
 INPO_DEFAULT_ETA_TAU = 1 / 3
+# The scores a judge gives one response, where they are bounded: a verifier's [0, 1] (models/verifiers.py), the
+# pointwise self-judge's 5-point rubric (models/judges.py). A reward model's are any real number.
+SCORE_RANGE = {"verifier": (0.0, 1.0), "self": (0.0, 5.0)}
+EVERY_ROUND = 10_000
 ROUND_OVERRIDABLE = {"generation", "judge", "training", "evaluation"}
 # Every round continues one LoRA adapter (models/loading.py), so its shape is fixed for the run.
 LORA_SHAPE = ("lora_r", "lora_alpha", "lora_target_modules")

@@ -5,6 +5,8 @@
     runs/<run_name>/round_<NN>/                    round_dir(run_dir, round_idx)
         generations.parquet, generate_meta.json    GENERATIONS_FILE, GENERATE_META
         pairs.parquet, judge_meta.json             PAIRS_FILE, JUDGE_META
+        selected.parquet                           SELECTED_FILE: algorithm rest's supervised examples, in the
+                                                   place of pairs.parquet (its judging shards: pairs.shards/)
         checkpoint/                                CHECKPOINT (training_log.json inside: TRAINING_LOG)
         eval.parquet, metrics.json                 EVAL_FILE, METRICS
         benchmarks.json                            BENCHMARKS (lm-eval's results, when evaluation.benchmarks is set)
@@ -34,6 +36,7 @@ GENERATIONS_FILE = "generations.parquet"
 GENERATE_META = "generate_meta.json"
 GENERATE_WORK = "generate_work"
 PAIRS_FILE = "pairs.parquet"
+SELECTED_FILE = "selected.parquet"
 JUDGE_META = "judge_meta.json"
 GENERATIONS_SHARDS = "generations.shards"
 PAIRS_SHARDS = "pairs.shards"
@@ -135,6 +138,9 @@ class RunLayout:
 
     def pairs(self, round_idx: int) -> Path:
         return self.round_dir(round_idx) / PAIRS_FILE
+
+    def selected(self, round_idx: int) -> Path:
+        return self.round_dir(round_idx) / SELECTED_FILE
 
     def judge_meta(self, round_idx: int) -> Path:
         return self.round_dir(round_idx) / JUDGE_META

@@ -284,7 +284,12 @@ PAIRING = [
     ("prompts", "prompts"), ("pairs", "pairs"), ("skipped_ties", "all tied"), ("skipped_small_margin", "margin too small"),
     ("unparsed_judgements", "unreadable verdicts"), ("pairs_chosen_dataset", "dataset's answer chosen"),
     ("refinements_tried", "refinements tried"), ("refinements_passed", "refinements passed"),
+    # algorithm rest (models/self_training.py): what passed the judge and became a supervised example
+    ("samples", "samples"), ("samples_passed", "passed"), ("pass_rate", "pass rate"), ("prompts_passed", "prompts with a pass"),
+    ("examples", "examples kept"), ("skipped_over_cap", "over max_per_prompt"), ("rationalizations_tried", "rationalized"),
+    ("rationalizations_passed", "rationalizations passed"), ("rationalized_examples", "rationalized examples"),
 ]
+PAIRING_FORMAT = {"pass_rate": "{:.3f}"}  # the others are counts
 
 
 def judge_description(judge: dict) -> str | None:
@@ -303,7 +308,7 @@ def pairing_section(run: Run) -> list[str]:
     """How each round's pairs were made: who judged them, and what pairing made and skipped."""
     if run.algorithm == "spin":
         return []
-    lines = ["## Pairing", ""]
+    lines = ["## Examples kept" if run.algorithm == "rest" else "## Pairing", ""]
     described = judge_description(run.recipe.get("judge") or {})
     if described:
         lines += [described, ""]
@@ -321,8 +326,13 @@ def pairing_section(run: Run) -> list[str]:
             if key == "judge_is_generator":
                 cells.append("-" if _missing(value) else ("the generator (round r-1)" if value else "the base model"))
             else:
-                cells.append(_cell(value, "{:.0f}"))
+                cells.append(_cell(value, PAIRING_FORMAT.get(key, "{:.0f}")))
         lines.append(f"| {int(row['round'])} | " + " | ".join(cells) + " |")
+    if "examples" in stats:
+        empty = [int(r) for r, n in zip(stats["round"], stats["examples"]) if n == 0]
+        if empty:
+            lines += ["", f"Nothing passed the judge in round{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))}: "
+                          "nothing was trained there, and the round's model is its parent's."]
     return lines + [""]
 
 

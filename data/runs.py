@@ -8,6 +8,7 @@
     run.loss_curves()      # round, step, loss, rewards/accuracy, ... of every training step
     run.evals()            # every round's eval.parquet, stacked
     run.pairs()            # every round's pairs.parquet, stacked
+    run.selected()         # every round's selected.parquet (algorithm rest's examples), stacked
     run.generations()      # every round's generations.parquet, stacked
     run.benchmarks()       # one row per round, lm-eval benchmark, task and metric: value, se (lm-eval's), n, versions
     run.judge_stats()      # one row per judged round: pairs made, ties and identical pairs skipped
@@ -31,7 +32,7 @@ import yaml
 
 from common.errors import DataError
 from data.layout import RunLayout
-from data.schema import EVAL, GENERATIONS, PAIRS, ArtifactSchema, read_artifact
+from data.schema import EVAL, GENERATIONS, PAIRS, SELECTED, ArtifactSchema, read_artifact
 
 FIGURES = (
     "accuracy", "win_rate_vs_previous", "win_rate_vs_base", "kl_vs_base", "implicit_reward_accuracy",
@@ -158,6 +159,9 @@ class Run:
 
     def pairs(self) -> pd.DataFrame:
         return self._stack(self.layout.pairs, PAIRS)
+
+    def selected(self) -> pd.DataFrame:
+        return self._stack(self.layout.selected, SELECTED)
 
     def generations(self) -> pd.DataFrame:
         return self._stack(self.layout.generations, GENERATIONS)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from common.atomic import atomic_path
 from common.errors import DataError
-from data.layout import EVAL_FILE, GENERATIONS_FILE, PAIRS_FILE, VALIDATION_FILE
+from data.layout import EVAL_FILE, GENERATIONS_FILE, PAIRS_FILE, SELECTED_FILE, VALIDATION_FILE
 
 PROB_MATRIX = pa.list_(pa.list_(pa.float64()))
 
@@ -71,6 +71,21 @@ PAIRS = ArtifactSchema(
               ("chosen_token_ids", pa.list_(pa.int64())), ("rejected_token_ids", pa.list_(pa.int64())),
               # where each side came from: sample (this round's), dataset (the data's response), refinement
               ("chosen_source", pa.string()), ("rejected_source", pa.string())),
+)
+
+# round_NN/selected.parquet (algorithm rest): the round's supervised examples, the samples that passed the judge
+# (and STaR's rationalizations). The generations' contract columns, so what reads generations reads these, plus
+# the judge's `score` and name; `source` says which sampling an example came from: `sample` (the round's own,
+# `sample_index` its index in generations.parquet) or `rationalization` (sampled with the answer as a hint in
+# `hinted_prompt`; `sample_index` its index among those hinted samples). `prompt` is the prompt trained on,
+# never the hinted one. A prompt has as many rows as examples kept (judge.max_per_prompt at most).
+SELECTED = ArtifactSchema(
+    "selected",
+    {**GENERATIONS.columns, "score": pa.float64(), "judge": pa.string(), "source": pa.string()},
+    non_empty=("prompt_id", "prompt", "response"),
+    unique=("prompt_id", "source", "sample_index"),
+    optional=(("reference", pa.string()), ("task", pa.string()), ("answer", pa.string()), ("system", pa.string()),
+              ("finished", pa.bool_()), ("token_ids", pa.list_(pa.int64())), ("hinted_prompt", pa.string())),
 )
 
 EVAL = ArtifactSchema(
@@ -169,7 +184,8 @@ def read_artifact(path: str | Path, schema: ArtifactSchema) -> pd.DataFrame:
     return df
 
 
-ARTIFACT_SCHEMAS = {GENERATIONS_FILE: GENERATIONS, PAIRS_FILE: PAIRS, EVAL_FILE: EVAL, VALIDATION_FILE: VALIDATION}
+ARTIFACT_SCHEMAS = {GENERATIONS_FILE: GENERATIONS, PAIRS_FILE: PAIRS, SELECTED_FILE: SELECTED, EVAL_FILE: EVAL,
+                    VALIDATION_FILE: VALIDATION}
 
 
 def _same_kind(found: pa.DataType, wanted: pa.DataType) -> bool:

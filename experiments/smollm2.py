@@ -14,9 +14,11 @@ The experiment, every method from the same converted base, on the tasks `--tasks
 the base has partial skill), with held-out prompts (data/demo/heldout.jsonl, no round trains on them):
 
 1. SPIN (ground truth vs the model's own sample), iterative DPO (K = 8, the lenient verifier picks a
-   right and a wrong sample) and SPPO (K = 8, the verifier's win probabilities, beta 0.1), `--rounds`
-   rounds each through the pipeline itself (luigi.build on Iterate, as `luigi --module pipeline
-   Iterate` runs it);
+   right and a wrong sample), SPPO (K = 8, the verifier's win probabilities, beta 0.1), and the
+   self-training family: ReST-EM (K = 8, the samples the verifier passes fitted by likelihood, each round
+   from the base) and STaR (one sample, a hinted retry where it fails, every round's examples, each round
+   from the base), `--rounds` rounds each through the pipeline itself (luigi.build on Iterate, as
+   `luigi --module pipeline Iterate` runs it);
 2. the control: the base fine-tuned on the ground truth (full fine-tuning) with as many training
    sequences per round as SPIN's round used (chosen + rejected of every pair, every epoch), evaluated
    after each round's share like a round;
@@ -112,6 +114,18 @@ ALGORITHMS = {
     # and tens of nats made the small model of experiments/improvement.py lose accuracy.
     "sppo": {"algorithm": "sppo", "judge": {"name": "verifier"}, "generation": {"num_samples": 8},
              "training": {"loss": "sppo", "beta": 0.1}},
+    # The self-training family (algorithm rest, loss nll): the samples the lenient verifier passes are fitted by
+    # their likelihood, each round from a fresh adapter on the base (training.init: base). Samples cut at the
+    # length limit are never kept (judge.unfinished: penalize): trained on, closed with the end of turn, they
+    # would teach the model to stop mid-sentence.
+    # ReST-EM (Singh et al. 2023): K = 8 as DPO and SPPO, at most 4 examples a prompt, distinct ones first.
+    "rest_em": {"algorithm": "rest", "judge": {"name": "verifier", "unfinished": "penalize", "max_per_prompt": 4},
+                "generation": {"num_samples": 8}, "training": {"init": "base"}},
+    # STaR (Zelikman et al. 2022): one sample a prompt; where it is wrong, one more with the answer as a hint,
+    # trained on without the hint if it passes; every round from the base on all the examples collected.
+    "star": {"algorithm": "rest", "judge": {"name": "verifier", "unfinished": "penalize", "rationalize": True,
+                                            "rationalize_samples": 1},
+             "generation": {"num_samples": 1}, "training": {"init": "base", "accumulate": True}},
 }
 # The control's full fine-tuning: a small learning rate, as for continued supervised training of a
 # chat model (LoRA's 2e-4 on all 135M weights would overwrite it).
@@ -656,6 +670,7 @@ def render(record: dict) -> str:
             cells.append("-" if change is None else f"{change['strict']:+.3f} ± {change['strict_se']:.3f} / "
                                                     f"{change['lenient']:+.3f} ± {change['lenient_se']:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += last_round_by_task(record)
     lines += ["", "Per task, lenient accuracy by round:", "",
               "| method | task | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |",
               "|---|---|" + "---|" * (rounds + 1)]
@@ -664,7 +679,63 @@ def render(record: dict) -> str:
         for task in record["tasks"]:
             cells = ["-" if task not in by_round.get(r, {}) else f"{by_round[r][task]['lenient']:.2f}" for r in range(rounds + 1)]
             lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+    measured = record.get("measured") or {}
+    if len({(m["date"], m["hardware"]) for m in measured.values()}) > 1:
+        days = {}
+        for name, m in measured.items():
+            days.setdefault((m["date"], m["hardware"]), []).append(name)
+        lines += ["", "Methods measured in different runs of this script (the same settings, prompts and base): " + "; ".join(
+            f"{', '.join(names)} on {date} ({where})" for (date, where), names in days.items()) + "."]
+        same = record.get("round_0_matches") or {}
+        if same:
+            lines.append("Round 0 (the base, evaluated again by each run) gave the same greedy answers' figures as before: "
+                         + ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in same.items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+def last_round_by_task(record: dict) -> list[str]:
+    """The last round of every method by task: lenient / strict accuracy ± one standard error (n per task)."""
+    rounds, tasks = record["rounds"], record["tasks"]
+    lines = ["", f"Round {rounds} by task, lenient / strict accuracy ± one standard error of the lenient (n prompts "
+             "per task); round 0, the base, first:", "", "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    names = list(record["results"])
+    for name, r in [(names[0], 0)] + [(n, rounds) for n in names] if names else []:
+        by_round = {row["round"]: row for row in record["results"][name]}
+        cells = ["-" if task not in by_round.get(r, {}) else
+                 "{lenient:.2f} ± {lenient_se:.2f} / {strict:.2f} (n = {n})".format(**by_round[r][task]) for task in tasks]
+        lines.append(f"| {'base' if r == 0 else name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def keep_earlier_results(record: dict, out: Path, running: list[str]) -> None:
+    """--keep-results: the methods of an earlier results.json in `out` that this command does not run, put in
+    `record` as they were measured (each with its date and machine in `measured`), first."""
+    path = out / "results.json"
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    for key in ("scale", "seed", "rounds", "tasks", "heldout_prompts", "overrides"):
+        if earlier.get(key) != record.get(key):
+            raise SystemExit(f"--keep-results: {path} was measured with {key} {earlier.get(key)!r}, this run has "
+                             f"{record.get(key)!r}; the methods would not be comparable")
+    redone = set(running) | ({"sft_control"} if "spin" in running else set())
+    kept = [name for name in earlier["results"] if name not in redone]
+    for name in kept:
+        record["results"][name] = earlier["results"][name]
+        record["pipeline_metrics"][name] = earlier.get("pipeline_metrics", {}).get(name, [])
+        record["timings_seconds"][name] = earlier["timings_seconds"].get(name)
+        record["measured"][name] = (earlier.get("measured") or {}).get(name) or {"date": earlier["date"],
+                                                                                  "hardware": earlier["hardware"]}
+
+
+def same_round_0(record: dict, name: str) -> bool | None:
+    """Whether `name`'s round 0 has the figures of the first other method's round 0 (every method starts from the same
+    base, evaluated again by each run): None when there is no other method."""
+    others = [n for n in record["results"] if n != name and n != "sft_control"]
+    if not others:
+        return None
+    strip = lambda row: {k: v for k, v in row.items() if k != "round"}  # noqa: E731
+    return strip(record["results"][name][0]) == strip(record["results"][others[0]][0])
 
 
 def save(record: dict, out: Path, stem: str, text: str) -> None:
@@ -698,7 +769,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="add,count,extreme,sort,subtract",
                         help="task kinds of the experiment (those where the base has partial skill)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--algorithms", default="spin,dpo,sppo", help="comma-separated; the control runs when spin does")
+    parser.add_argument("--algorithms", default="spin,dpo,sppo,rest_em,star",
+                        help="comma-separated; the control runs when spin does")
+    parser.add_argument("--keep-results", action="store_true",
+                        help="add the methods run now to the results.json in --out, keeping the methods it holds that "
+                             "this command does not run, as they were measured (the same settings are required)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/smollm2"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -780,7 +855,9 @@ def main(argv: list[str] | None = None) -> None:
               "date": time.strftime("%Y-%m-%d"), "overrides": args.set,
               "heldout_prompts": min(heldout, common["evaluation"].get("num_prompts", heldout)),
               "strict": STRICT, "lenient": LENIENT, "timings_seconds": {"base_model": base_seconds}, "results": {},
-              "pipeline_metrics": {}}
+              "pipeline_metrics": {}, "measured": {}}
+    if args.keep_results:
+        keep_earlier_results(record, args.out, args.algorithms.split(","))
     for name in args.algorithms.split(","):
         recipe = deep_merge(deep_merge(common, ALGORITHMS[name]), {"name": name, "model": {"base_model": base_path}})
         recipe_path = write_recipe(args.out / "recipes" / f"{name}.yaml", recipe)
@@ -789,12 +866,16 @@ def main(argv: list[str] | None = None) -> None:
         record["timings_seconds"][name] = time.time() - start
         record["results"][name] = rescore_run(runs / name, args.rounds)
         record["pipeline_metrics"][name] = Run(runs / name).metrics().to_dict("records")
+        record["measured"][name] = {"date": record["date"], "hardware": record["hardware"]}
+        if args.keep_results and same_round_0(record, name) is not None:
+            record.setdefault("round_0_matches", {})[name] = same_round_0(record, name)
         if name == "spin":  # the control right after SPIN, whose round sizes it copies
             start = time.time()
             control = run_control(base_path, recipe_path, runs / "spin", args.out / "control", args.rounds)
             control[0].update({k: v for k, v in record["results"]["spin"][0].items() if k != "round"})  # the same base
             record["timings_seconds"]["sft_control"] = time.time() - start
             record["results"]["sft_control"] = control
+            record["measured"]["sft_control"] = record["measured"][name]
         save(record, args.out, "results", render(record))  # after every method, so a cut-off run keeps its table
     print(render(record))
 

@@ -550,41 +550,52 @@ def failing_best(result: JudgeResult, responses: list[str], pass_score: float) -
 @dataclass
 class Refiner:
     """The round's generator (pi_{r-1}) rewriting its own failed answers with the recipe's refinement
-    prompt: `samples` refinements of each, sampled like the round's generations."""
+    prompt: `samples` refinements of each, sampled like the round's generations. STaR's rationalization
+    (models/self_training.py) samples through `sample` with its hint template."""
 
     model: object
     tokenizer: object
     template: str
     samples: int
     settings: object  # models.generation.SamplingSettings, num_samples aside
+    desc: str = "refine"
 
     def refine(self, requests: list[tuple[str, str | None, str]]) -> list[list]:
         """For each (prompt, system, response), `samples` models.generation.Sample's."""
+        return self.sample([(self.template.format(prompt=p, response=r), system) for p, system, r in requests])
+
+    def sample(self, requests: list[tuple[str, str | None]]) -> list[list]:
+        """For each (request text, system), `samples` models.generation.Sample's of the model's answer to it."""
         import dataclasses
 
         from data.prompts import format_prompt
         from models.generation import generate_texts
 
-        texts = [format_prompt(self.tokenizer, self.template.format(prompt=p, response=r), system) for p, system, r in requests]
+        texts = [format_prompt(self.tokenizer, text, system) for text, system in requests]
         settings = dataclasses.replace(self.settings, num_samples=self.samples)
-        return generate_texts(self.model, self.tokenizer, texts, settings, "refine")
+        return generate_texts(self.model, self.tokenizer, texts, settings, self.desc)
 
 
 REFINE_SEED_OFFSET = 99_991  # the refiner's seed: shard_seed(seed, round, this + judge shard), far from generation parts' indices
+RATIONALIZE_SEED_OFFSET = 99_989  # the same for STaR's rationalizer (models/self_training.py)
 
 
-def make_refiner(recipe, model, tokenizer, round_idx: int, shard_idx: int = 0) -> Refiner:
-    """The refiner of a round's judge shard `shard_idx`: `model` is the round's generator, sampling as
-    generation.* says (vLLM serves paths, not loaded models: refinements use transformers' generate then).
-    Each judge shard samples from a seed of its own, so shards do not draw the same random numbers."""
+def rewrite_settings(recipe, round_idx: int, salt: int):
+    """How a round's generator samples a rewrite (a refinement, a rationalization): as generation.* says, with a
+    seed of its own (vLLM serves paths, not loaded models: rewrites use transformers' generate then)."""
     from models.generation import SamplingSettings, shard_seed
 
     gen = recipe.generation
-    seed = shard_seed(recipe.seed, round_idx, REFINE_SEED_OFFSET + shard_idx)
-    settings = SamplingSettings(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                                batch_size=gen.batch_size, seed=seed,
-                                backend="hf" if gen.backend == "vllm" else gen.backend)
-    return Refiner(model, tokenizer, recipe.judge.refine_prompt or REFINE_PROMPT, recipe.judge.refine_samples, settings)
+    return SamplingSettings(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
+                            batch_size=gen.batch_size, seed=shard_seed(recipe.seed, round_idx, salt),
+                            backend="hf" if gen.backend == "vllm" else gen.backend)
+
+
+def make_refiner(recipe, model, tokenizer, round_idx: int, shard_idx: int = 0) -> Refiner:
+    """The refiner of a round's judge shard `shard_idx`: `model` is the round's generator. Each judge shard
+    samples from a seed of its own, so shards do not draw the same random numbers."""
+    return Refiner(model, tokenizer, recipe.judge.refine_prompt or REFINE_PROMPT, recipe.judge.refine_samples,
+                   rewrite_settings(recipe, round_idx, REFINE_SEED_OFFSET + shard_idx))
 
 
 def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep: tuple) -> dict:

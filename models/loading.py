@@ -3,7 +3,8 @@
 How rounds chain. The run's root weights (its base model: full precision, or nf4 once for QLoRA)
 are never changed; the policy is ONE LoRA adapter carried across rounds. Train(r) loads the root
 plus round r-1's adapter (a fresh, zero adapter for round 1), takes the reference log-probs with
-that adapter as it is at the round's start (that is pi_{r-1}), then keeps training the same adapter.
+that adapter as it is at the round's start (that is pi_{r-1}), then keeps training the same adapter
+(with `training.init: base` it trains a fresh one instead, every round: models/trainer.py).
 Every consumer (Generate(r+1), the self-judge, Evaluate(r), Train(r+1)) loads root + the round's
 adapter through `load_policy`, so the model they use is the model that was trained. Folding the
 adapter into the weights instead loses the update: in bf16 small updates round away, and a merged
@@ -252,9 +253,18 @@ def add_lora(model, training: TrainingConfig, quantized: bool = False, adapter_d
 
 def _continue_adapter(peft_model, adapter_dir: Path, training: TrainingConfig) -> None:
     """Copy a saved adapter's weights into `peft_model`'s fresh adapter of the same shape."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, saved_adapter(peft_model, adapter_dir, training))
+
+
+def saved_adapter(peft_model, adapter_dir: str | Path, training: TrainingConfig) -> dict:
+    """The weights of the adapter saved in `adapter_dir`, checked to fit `peft_model`'s adapter (same rank, alpha
+    and target modules), as a peft state dict."""
+    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
+    adapter_dir = Path(adapter_dir)
     saved_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     for key, saved_key in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
         if saved_config.get(saved_key) != getattr(training, key):
@@ -270,7 +280,7 @@ def _continue_adapter(peft_model, adapter_dir: Path, training: TrainingConfig) -
             f"the adapter in {adapter_dir} does not fit training.lora_target_modules={training.lora_target_modules!r} "
             f"({len(missing)} weights missing, e.g. {missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]})"
         )
-    set_peft_model_state_dict(peft_model, saved)
+    return saved
 
 
 def checkpoint_info(path: str | Path) -> dict:

@@ -161,6 +161,28 @@ def chosen_nll(batch: PreferenceBatch) -> torch.Tensor:
     return -batch.policy_chosen_logps / batch.chosen_lengths
 
 
+def completion_nll(policy_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-example losses whose mean over the batch is the negative log-likelihood per response token:
+    -sum_i log pi(y_i|x_i) / sum_i |y_i|, from each example's summed log-prob and its token count.
+
+    The self-training family fits the samples that pass the judge by their likelihood alone (no reference,
+    no rejected side):
+    - ReST, Gulcehre et al. 2023, arXiv:2308.08998: its NLL loss -E[sum_t log pi(y_t | y_<t, x)] (Sec. 2, Eq. 1),
+      minimised in each Improve step (Sec. 3) on the Grow step's samples that pass the filter
+      F(x, y; tau) = 1[R(x, y) > tau], with tau rising from one Improve step to the next;
+    - ReST-EM, Singh et al. 2023, arXiv:2312.06585, Sec. 3: the M-step maximises
+      J(theta) = E_(x,y)~D_i [r(x, y) log p_theta(y|x)], with r binary: the log-likelihood of the samples that pass;
+    - STaR, Zelikman et al. 2022, arXiv:2203.14465, Sec. 3.1: the gradient sum_i E[1(y_hat_i = y_i) grad log
+      p_M(y_hat_i, r_hat_i | x_i)] is that of the same filtered log-likelihood (its rationalizations of Sec.
+      3.2 join the set as if sampled without the hint).
+    (Section and equation numbers are those of the arXiv versions, not re-checked against the text.)
+    Dividing by the batch's response tokens rather than the number of examples is the supervised convention
+    (models/sft.py): the papers' sum over tokens up to a constant per batch, so long and short answers weigh
+    by their tokens.
+    """
+    return -policy_logps * policy_logps.numel() / lengths.sum()
+
+
 def implicit_rewards(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """beta * log-ratio of chosen and rejected (DPO's implicit reward, Rafailov et al. 2023, Eq. 5)."""
     return batch.beta * batch.chosen_logratios.detach(), batch.beta * batch.rejected_logratios.detach()

@@ -1,11 +1,13 @@
 """The Train stage: the policy's LoRA adapter, continued from the previous round, fitted with a DPO-family loss
-against the previous round.
+against the previous round (algorithm rest: fitted to its supervised examples by their likelihood, loss nll).
 
     train_round(recipe, parent, pairs, work_dir, out_dir, round_idx, root_model, root_path) -> stats
 
 1. Load the root weights (the run's base model, as loaded: full precision, or nf4 for QLoRA) and the
    policy's LoRA adapter: round r-1's, continued (`parent` is its checkpoint), or a fresh zero adapter
-   in round 1 (`parent` is the base). Before any update the model *is* the reference pi_{r-1}.
+   in round 1 (`parent` is the base). Before any update the model *is* the reference pi_{r-1}. With
+   `training.init: base` the adapter is fresh in every round (ReST-EM, STaR) and the parent's is swapped
+   in only for the reference pass; a round with nothing to train on keeps its parent's.
 2. Reference log-probs of every chosen and rejected response, computed once and stored in
    work_dir/ref_logps.parquet, so training holds one model and skips the reference forward. The
    reference (`training.reference`) is the adapter as it is at the round's start (`previous`: the
@@ -46,8 +48,9 @@ import torch
 from data.layout import TRAINING_LOG
 from data.prompts import format_completion, format_prompt
 from data.schema import token_ids_or_none, write_parquet
-from models.logps import Encoded, collate, collate_pairs, encode_pair, pair_logps, pair_tokens, pairs_share_prompt, sequence_logps
-from models.losses import LOSSES, NEEDS_BASE_LOGPS, PreferenceBatch, chosen_nll, implicit_rewards
+from models.logps import (Encoded, collate, collate_pairs, encode_group, encode_pair, pair_logps, pair_tokens,
+                          pairs_share_prompt, sequence_logps)
+from models.losses import LOSSES, NEEDS_BASE_LOGPS, PreferenceBatch, chosen_nll, completion_nll, implicit_rewards
 from common import interrupt
 from common.atomic import atomic_path, atomic_write_json
 from common.disk import full_disk_guard
@@ -57,7 +60,7 @@ log = logging.getLogger("selfplay")
 KEEP_CHECKPOINTS = 2
 REFERENCE_EMA = "reference_ema.safetensors"  # in a round's checkpoint: the averaged adapter (training.reference: ema)
 INTERRUPTED_EXIT = 3  # the exit status of `python -m models.trainer` stopped by a signal (tasks/rounds.py)
-REFERENCE_FREE = {"simpo"}
+REFERENCE_FREE = {"simpo", "nll"}
 
 
 class PolicyLogps(torch.nn.Module):
@@ -93,6 +96,22 @@ def encode_pairs(tokenizer, pairs: pd.DataFrame, max_length: int, max_prompt_len
         chosen.append(good_ids)
         rejected.append(bad_ids)
     return chosen, rejected
+
+
+def encode_selected(tokenizer, examples: pd.DataFrame, max_length: int, max_prompt_length: int | None = None) -> list[Encoded]:
+    """Token ids of every supervised example (algorithm rest; data/schema.py SELECTED): its `prompt` as the model is
+    asked it (a rationalization's hint is not in it), then the response as it was sampled (`token_ids`) and the
+    template's end of turn, cut to `max_length` as a pair's sides are (models.logps.truncate_group)."""
+    column = lambda name: examples[name].tolist() if name in examples.columns else [None] * len(examples)  # noqa: E731
+    encoded = []
+    for prompt, system, response, ids, done in zip(examples.prompt, column("system"), examples.response,
+                                                    column("token_ids"), column("finished")):
+        system = system if isinstance(system, str) else None
+        (item,) = encode_group(tokenizer, format_prompt(tokenizer, prompt, system),
+                               [format_completion(tokenizer, prompt, response, system)], max_length, max_prompt_length,
+                               [_sampled(response, ids, done)])
+        encoded.append(item)
+    return encoded
 
 
 def _sampled(text: str, ids, finished) -> tuple[str, list[int]] | None:
@@ -190,6 +209,12 @@ def _figures(loss: torch.Tensor, pref: PreferenceBatch) -> dict[str, float]:
     return dict(zip(FIGURES, values))
 
 
+def _example_figures(loss: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """A micro-batch of supervised examples (loss nll): the per-token NLL and the mean summed log-prob of a response."""
+    values = torch.stack([loss.detach(), sums.detach().mean(), counts.float().mean()]).float().tolist()
+    return dict(zip(("loss", "logps/response", "tokens/response"), values))
+
+
 def _latest_checkpoint(work_dir: Path) -> Path | None:
     done = [p for p in work_dir.glob("checkpoint-*") if (p / "state.pt").is_file() and p.name.split("-")[-1].isdigit()]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
@@ -275,7 +300,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
 
     from models.loading import (
         add_lora, checkpoint_info, is_round_checkpoint, load_causal_lm, load_tokenizer, resolve_dtype, round_adapter,
-        save_checkpoint,
+        save_checkpoint, saved_adapter,
     )
     from common.progress import bar
 
@@ -301,12 +326,16 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     torch.manual_seed(recipe.seed + round_idx)
 
     continued = is_round_checkpoint(parent)
+    # training.init base: a fresh adapter on the root (ReST-EM, STaR), the parent's adapter kept aside for the
+    # reference; with nothing to train on, the round keeps its parent's policy whatever the init.
+    fresh = cfg.init == "base" and continued and len(pairs) > 0
     root_path = root_path or (checkpoint_info(parent)["root_path"] if continued else parent)
     tokenizer = load_tokenizer(parent, recipe.model)
     tokenizer.padding_side = "right"
     # Under FSDP the weights load on the CPU and fully_shard moves each process's shard to its device.
     model = load_causal_lm(root_path, recipe.model, device=torch.device("cpu") if fsdp else accelerator.device, quantize=quantized)
-    model = add_lora(model, cfg, quantized=quantized, adapter_dir=round_adapter(parent) if continued else None)
+    model = add_lora(model, cfg, quantized=quantized, adapter_dir=round_adapter(parent) if continued and not fresh else None)
+    parent_adapter = saved_adapter(model, round_adapter(parent), cfg) if fresh else None
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     policy = PolicyLogps(model, share_prefix=not fsdp)
@@ -321,17 +350,24 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         def forward(batch):
             with policy_precision():
                 return policy(**batch)
-    chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length, recipe.prompt_token_limit)
     loss_name = recipe.loss
+    if loss_name == "nll":  # algorithm rest: supervised examples, no rejected side
+        chosen, rejected = encode_selected(tokenizer, pairs, cfg.max_length, recipe.prompt_token_limit), None
+    else:
+        chosen, rejected = encode_pairs(tokenizer, pairs, cfg.max_length, recipe.prompt_token_limit)
     reference_start = time.perf_counter()
     if cfg.reference == "ema" and fsdp:
         raise TrainingError("training.reference: ema is not supported under FSDP; use previous or base")
+    if parent_adapter is not None and fsdp and cfg.reference == "previous" and loss_name not in REFERENCE_FREE:
+        # The parent's adapter would be swapped into a sharded policy for the reference pass, as ema's average is.
+        raise TrainingError("training.init: base with training.reference: previous is not supported under FSDP; "
+                            "use reference base (the fresh adapter's start), or init previous")
     ema_start = _parent_ema(parent, model) if cfg.reference == "ema" else None
     with policy_precision():  # a reference computed in another precision than the policy's differs from it at step 0
         if loss_name in REFERENCE_FREE:
             ref = pd.DataFrame({"chosen": [0.0] * len(pairs), "rejected": [0.0] * len(pairs)})
         else:
-            with _reference_model(model, cfg.reference, ema_start):
+            with _reference_model(model, cfg.reference, ema_start, parent_adapter):
                 ref = _reference_logps(model, tokenizer, chosen, rejected, work_dir, cfg.batch_size, accelerator, cfg.shared_prompt,
                                        forward)
         base = None
@@ -346,7 +382,8 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
     per_step = cfg.grad_accum_steps * accelerator.num_processes  # micro-batches per optimizer step
     total_steps = math.ceil(cfg.epochs * batches_per_epoch / per_step)
     if total_steps == 0:
-        log.warning("train round %d: no preference pairs; the round's policy equals its parent's", round_idx)
+        log.warning("train round %d: %s; the round trains nothing and its policy equals its parent's", round_idx,
+                    "no example passed the judge" if rejected is None else "no preference pairs")
     warmup = int(cfg.warmup_ratio * total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]  # under FSDP: the shards (after shard_policy)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -378,14 +415,14 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         step, history = state["step"], state["history"]
         log.info("train round %d: resuming from %s (step %d of %d)", round_idx, resume, step, total_steps)
 
-    lengths = [max(len(c), len(r)) for c, r in zip(chosen, rejected)]
+    lengths = [len(c) for c in chosen] if rejected is None else [max(len(c), len(r)) for c, r in zip(chosen, rejected)]
     micro_batches: list[list[int]] = []
     epoch = 0
     while len(micro_batches) < total_steps * per_step:
         micro_batches += length_grouped_batches(lengths, cfg.batch_size, seed=recipe.seed * 997 + round_idx * 31 + epoch)
         epoch += 1
     # Each pair's prompt runs once for both sides where the model allows (models.logps.shares_prompt).
-    shared_prompt = cfg.shared_prompt and pairs_share_prompt(model, chosen, rejected)
+    shared_prompt = rejected is not None and cfg.shared_prompt and pairs_share_prompt(model, chosen, rejected)
     policy.train()
     progress = bar(total=total_steps, initial=step, desc=f"train round {round_idx}", disable=not accelerator.is_main_process)
     # From here a SIGTERM/SIGINT lets the current step finish, saves a trainer checkpoint and stops (below).
@@ -401,7 +438,9 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
             if fsdp:
                 policy.set_requires_gradient_sync(last_micro)
             with nullcontext() if fsdp else accelerator.accumulate(policy):
-                if shared_prompt:
+                if rejected is None:
+                    batch = collate([chosen[i] for i in idx], tokenizer.pad_token_id)
+                elif shared_prompt:
                     batch = collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], tokenizer.pad_token_id)
                 else:
                     batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
@@ -410,27 +449,31 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with policy_precision():
                     sums, counts = forward(batch) if fsdp else policy(**batch)
-                n = len(idx)
-                pref = PreferenceBatch(
-                    policy_chosen_logps=sums[:n], policy_rejected_logps=sums[n:],
-                    ref_chosen_logps=torch.tensor(ref.chosen.to_numpy()[idx], device=sums.device, dtype=sums.dtype),
-                    ref_rejected_logps=torch.tensor(ref.rejected.to_numpy()[idx], device=sums.device, dtype=sums.dtype),
-                    beta=cfg.beta,
-                    chosen_win_prob=chosen_win[idx].to(sums.device) if chosen_win is not None else None,
-                    rejected_win_prob=rejected_win[idx].to(sums.device) if rejected_win is not None else None,
-                    chosen_lengths=counts[:n].float(), rejected_lengths=counts[n:].float(),
-                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                    inpo_eta=recipe.inpo_eta_tau[0], inpo_tau=recipe.inpo_eta_tau[1], **_base_batch(base, idx, sums),
-                )
-                loss = LOSSES[loss_name](pref)
-                if cfg.nll_weight:
-                    loss = loss + cfg.nll_weight * chosen_nll(pref)
-                loss = loss.mean()
+                if rejected is None:
+                    loss = completion_nll(sums, counts.float()).mean()
+                else:
+                    n = len(idx)
+                    pref = PreferenceBatch(
+                        policy_chosen_logps=sums[:n], policy_rejected_logps=sums[n:],
+                        ref_chosen_logps=torch.tensor(ref.chosen.to_numpy()[idx], device=sums.device, dtype=sums.dtype),
+                        ref_rejected_logps=torch.tensor(ref.rejected.to_numpy()[idx], device=sums.device, dtype=sums.dtype),
+                        beta=cfg.beta,
+                        chosen_win_prob=chosen_win[idx].to(sums.device) if chosen_win is not None else None,
+                        rejected_win_prob=rejected_win[idx].to(sums.device) if rejected_win is not None else None,
+                        chosen_lengths=counts[:n].float(), rejected_lengths=counts[n:].float(),
+                        label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                        inpo_eta=recipe.inpo_eta_tau[0], inpo_tau=recipe.inpo_eta_tau[1], **_base_batch(base, idx, sums),
+                    )
+                    loss = LOSSES[loss_name](pref)
+                    if cfg.nll_weight:
+                        loss = loss + cfg.nll_weight * chosen_nll(pref)
+                    loss = loss.mean()
                 if fsdp:
                     (loss / len(mine)).backward()  # as accelerator.backward divides by grad_accum_steps (= len(mine))
                 else:
                     accelerator.backward(loss)
-                values = _figures(loss, pref)  # one host sync per micro-batch, before the weights change
+                # One host sync per micro-batch, before the weights change.
+                values = _example_figures(loss, sums, counts) if rejected is None else _figures(loss, pref)
                 if not math.isfinite(values["loss"]):
                     last = _latest_checkpoint(work_dir)
                     raise TrainingError(
@@ -455,9 +498,10 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         entry = {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
         if accelerator.num_processes > 1:
             # Every process ran as many micro-batches: the mean of the processes' means is the step's mean.
-            shared = torch.tensor([entry[key] for key in FIGURES] + [tokens, tokens_run], dtype=torch.float64, device=accelerator.device)
+            names = list(entry)
+            shared = torch.tensor([entry[key] for key in names] + [tokens, tokens_run], dtype=torch.float64, device=accelerator.device)
             shared = accelerator.reduce(shared, reduction="sum").tolist()
-            entry = {key: value / accelerator.num_processes for key, value in zip(FIGURES, shared)}
+            entry = {key: value / accelerator.num_processes for key, value in zip(names, shared)}
             tokens, tokens_run = int(shared[-2]), int(shared[-1])
         entry.update(step=step, epoch=step * per_step / batches_per_epoch, learning_rate=scheduler.get_last_lr()[0],
                      grad_norm=float(grad_norm), seconds=time.perf_counter() - step_start, tokens=tokens, tokens_run=tokens_run)
@@ -465,7 +509,10 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         if on_step is not None and accelerator.is_main_process:
             on_step(history)
         progress.update(1)
-        progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
+        if "rewards/accuracy" in entry:
+            progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracy']:.2f}", refresh=False)
+        else:
+            progress.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
         stop = step < total_steps and _stop_requested(accelerator)
         if (stop or step % cfg.save_steps == 0 or step == total_steps) and (fsdp or accelerator.is_main_process):
             trainer_state = _trainer_state(model, policy, optimizer, fsdp)  # under FSDP every process gathers
@@ -482,8 +529,11 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
 
     timed = history[1:] or history  # the first step includes warm-up (allocation, kernel selection)
     stats = {
-        "pairs": len(pairs),
+        "examples" if rejected is None else "pairs": len(pairs),
         "steps": total_steps,
+        "trained": total_steps > 0,
+        "init": cfg.init,
+        "adapter_start": "parent" if continued and not fresh else "fresh",
         "reference_seconds": reference_seconds,
         "shared_prompt": shared_prompt,
         "train_tokens_per_second": sum(h["tokens"] for h in timed) / max(1e-9, sum(h["seconds"] for h in timed)) if timed else None,
@@ -493,7 +543,7 @@ def train_round(recipe, parent: str, pairs: pd.DataFrame, work_dir, out_dir, rou
         "beta": cfg.beta,
         "learning_rate": cfg.learning_rate,
         "final_loss": history[-1]["loss"] if history else None,
-        "final_reward_accuracy": history[-1]["rewards/accuracy"] if history else None,
+        "final_reward_accuracy": history[-1].get("rewards/accuracy") if history else None,
     }
     if fsdp:
         from models.fsdp import full_trainable_state
@@ -541,21 +591,23 @@ def _parent_ema(parent: str, model) -> dict:
 
 
 @contextmanager
-def _reference_model(model, reference: str, ema: dict | None):
-    """Inside the block `model` is the round's reference: as it is (previous), its adapter switched off (base),
-    or its adapter replaced by the averaged one (ema) and put back after."""
+def _reference_model(model, reference: str, ema: dict | None, parent_adapter: dict | None = None):
+    """Inside the block `model` is the round's reference: the model the round continues (previous: as it is, or,
+    when the round starts a fresh adapter (training.init base), with `parent_adapter` swapped in), its adapter
+    switched off (base), or its adapter replaced by the averaged one (ema); the adapter is put back after."""
     from models.loading import root_weights
 
-    if reference == "previous":
-        yield model
-    elif reference == "base":
+    swap = ema if reference == "ema" else parent_adapter if reference == "previous" else None
+    if reference == "base":
         with root_weights(model):
             yield model
+    elif swap is None:
+        yield model
     else:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         own = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-        set_peft_model_state_dict(model, ema)
+        set_peft_model_state_dict(model, {k: swap[k].to(own[k].device, own[k].dtype) for k in own})
         try:
             yield model
         finally:
@@ -576,16 +628,17 @@ def _save_ema(path: Path, ema_before: dict, trained: dict, keep: float) -> None:
 def run_job(job: dict) -> dict:
     """Entry used by the Train task in-process and by `accelerate launch -m models.trainer job.json`.
 
-    `pair_files`: [path, share, source round] per pairs file, this round's first (share 1); an earlier
-    round's share is a fixed random subset (training.mix_rounds, data.selection.mixed_share)."""
+    `pair_files`: [path, share, source round] per pairs file (selected.parquet for algorithm rest), this round's
+    first (share 1); an earlier round's share is a fixed random subset (training.mix_rounds, data.selection.mixed_share)."""
     from configs.recipe import recipe_from_dict
-    from data.schema import PAIRS, read_artifact
+    from data.schema import PAIRS, SELECTED, read_artifact
     from data.selection import mixed_share
 
     from data.tracking import step_logger
 
     recipe = recipe_from_dict(job["recipe"], "train job")
-    frames = [mixed_share(read_artifact(path, PAIRS), share, (recipe.seed, job["round_idx"], source))
+    schema = SELECTED if recipe.algorithm == "rest" else PAIRS  # rest trains on selected.parquet's examples
+    frames = [mixed_share(read_artifact(path, schema), share, (recipe.seed, job["round_idx"], source))
               for path, share, source in job["pair_files"]]
     pairs = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     on_step = step_logger(recipe, job.get("run_dir"), job["round_idx"])  # None without trackers

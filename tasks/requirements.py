@@ -16,8 +16,8 @@ stages would refuse is refused here first, in one line naming the file, row, fie
 - `judge.verifier` of every round: a built-in name, or a function that imports and can be called
   as fn(prompt, response, row);
 - the training data (SPIN: a ground truth in every row; the verifier judge: an answer its verifier
-  can check in every row) and the held-out data (the answers the evaluation judge or the accuracy
-  will check), with `data.task_field` / `data.answer_field` columns present where they are named;
+  can check in every row; judge.rationalize: an answer to give as a hint in every row) and the held-out
+  data (the answers the evaluation judge or the accuracy will check), with `data.task_field` / `data.answer_field` columns present where they are named;
 - the validation split (data/validation.py): apart from the training and held-out prompts, and
   scorable by `iterate.select_by` (answers for the verifier's accuracy, a judge for win_rate_vs_best,
   ground-truth responses for gt_logprob).
@@ -91,6 +91,21 @@ def check_train_data(recipe, frame, source: str) -> None:
     verifier = load_verifier(recipe.judge.verifier)
     if recipe.algorithm != "spin" and recipe.judge.name == "verifier" and verifier.needs_answer:
         _answers(verifier, frame, source, "the verifier judge")
+    if recipe.judge.rationalize:
+        _hints(frame, source)
+
+
+def _hints(frame, source: str) -> None:
+    """Every row has an answer to give as STaR's hint (judge.rationalize), or a DataError naming the first that has not."""
+    from common.errors import DataError
+
+    field = frame.attrs.get("answer_from", "answer")
+    if "answer" not in frame.columns:
+        raise DataError(f"{source}: judge.rationalize gives the answer as a hint, but the data has no column "
+                        f"'{frame.attrs.get('answer_field', 'answer')}' (data.answer_field) and no ground-truth response")
+    for row_idx, answer in enumerate(frame["answer"]):
+        if not isinstance(answer, str) or not answer.strip():
+            raise DataError(f"{source}: row {row_idx}: field '{field}' is empty: judge.rationalize gives the answer as a hint")
 
 
 def check_eval_data(recipe, frame, source: str) -> None:

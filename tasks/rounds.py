@@ -27,7 +27,9 @@ the recipe's judge for every prompt's K x K win-probability matrix and keep best
 (models/judges.py). With judge.refine, the round's generator also rewrites answers that fail the
 judge (SPaR-style refinement pairs). Writes round_NN/pairs.parquet and round_NN/judge_meta.json (pairs
 made, ties and identical pairs skipped, judge answers that could not be parsed, refinements tried and
-passed). The judging is done by `judge.shards` JudgeShard(r, i) tasks, each with its block of the
+passed). Algorithm rest makes no pairs: the samples that pass the judge (and, with judge.rationalize, the
+generator's hinted answers that pass) are written to round_NN/selected.parquet as supervised examples
+(models/self_training.py). The judging is done by `judge.shards` JudgeShard(r, i) tasks, each with its block of the
 round's prompts (round_NN/pairs.shards/); Judge(r) puts their pairs together in order and adds up their
 counts.
 
@@ -36,9 +38,10 @@ Train(r): continue the policy's LoRA adapter on round r's preference pairs, with
     luigi --module pipeline Train --round-idx 1
 
 Loads the root weights plus round r-1's adapter (the policy after round r-1; a fresh adapter in round
-1), trains with the recipe's DPO-family loss (models/trainer.py) on round r's pairs (plus round r-1's
-when `training.mix_previous_round`, SPIN's default), and writes round_NN/checkpoint/: adapter/ (the
-policy), the merged export, tokenizer, training_log.json and, last, _SUCCESS.
+1, and in every round with `training.init: base`), trains with the recipe's DPO-family loss
+(models/trainer.py) on round r's pairs (algorithm rest: its examples, by their likelihood) plus the share
+`training.mix_rounds` (or `accumulate`) takes of earlier rounds', and writes round_NN/checkpoint/:
+adapter/ (the policy), the merged export, tokenizer, training_log.json and, last, _SUCCESS.
 Trainer checkpoints live in round_NN/train_work/; a killed run resumes from the newest one.
 
 With `training.launcher: accelerate` the task starts `accelerate launch --num_processes N` on the
@@ -243,13 +246,24 @@ class JudgeShard(ShardTask, GpuTask):
 
                     refiner_tokenizer, refiner_model = model_at(generator_path)
                     refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx, self.shard_idx)
-            pairs, stats = pair_round(recipe, generations, self.round_idx, judge, refiner)
+                if recipe.judge.rationalize:  # STaR: the generator answers again, given the answer as a hint
+                    from models.self_training import make_rationalizer
+
+                    refiner_tokenizer, refiner_model = model_at(generator_path)
+                    refiner = make_rationalizer(recipe, refiner_model, refiner_tokenizer, self.round_idx, self.shard_idx)
+            if recipe.algorithm == "rest":
+                from models.self_training import select_round
+
+                pairs, stats = select_round(recipe, generations, self.round_idx, judge, refiner)
+            else:
+                pairs, stats = pair_round(recipe, generations, self.round_idx, judge, refiner)
         stats.update(who)
         self.write_part(pairs, stats)
 
 
 class Judge(RunTask):
-    """Round r's pairs: its shards' parts put together in order, their counts added up."""
+    """Round r's pairs (selected.parquet's examples for algorithm rest): its shards' parts put together in order,
+    their counts added up."""
 
     round_idx = luigi.IntParameter(description="Round number, from 1.")
 
@@ -258,19 +272,26 @@ class Judge(RunTask):
         return [self.clone(JudgeShard, shard_idx=i) for i in range(shards)]
 
     def output(self):
-        return {
-            "pairs": FileTarget(str(self.layout.pairs(self.round_idx))),
-            "meta": FileTarget(str(self.layout.judge_meta(self.round_idx))),
-        }
+        if self.config.algorithm == "rest":
+            made = {"selected": FileTarget(str(self.layout.selected(self.round_idx)))}
+        else:
+            made = {"pairs": FileTarget(str(self.layout.pairs(self.round_idx)))}
+        return {**made, "meta": FileTarget(str(self.layout.judge_meta(self.round_idx)))}
 
     def run(self):
-        from data.schema import PAIRS, write_parquet
+        from data.schema import PAIRS, SELECTED, write_parquet
 
-        pairs, metas = merge_shards(self.input())
-        with self.output()["pairs"].temporary_path() as tmp:
-            write_parquet(pairs, tmp, PAIRS)
+        frame, metas = merge_shards(self.input())
+        counts = add_counts(metas)
+        key, schema = ("selected", SELECTED) if self.config.algorithm == "rest" else ("pairs", PAIRS)
+        if key == "selected":
+            from models.self_training import finish_counts
+
+            counts = finish_counts(counts)
+        with self.output()[key].temporary_path() as tmp:
+            write_parquet(frame, tmp, schema)
         with self.output()["meta"].temporary_path() as tmp:
-            atomic_write_json(tmp, add_counts(metas))
+            atomic_write_json(tmp, counts)
 
 
 GenerateShard.merge_family, JudgeShard.merge_family = Generate, Judge
@@ -329,12 +350,15 @@ class Train(GpuTask):
         root_model = self.requires()["base"].root_model
         root_path = self.requires()["base"].model_path
         check_same_root(parent, root_model)
-        # This round's pairs whole, then the share training.mix_rounds takes of each round it descends from.
-        pair_files = [[self.input()["pairs"]["pairs"].path, 1.0, self.round_idx]]
+        # This round's pairs (algorithm rest: examples) whole, then the share training.mix_rounds (or accumulate)
+        # takes of each round it descends from.
+        rest = recipe.algorithm == "rest"
+        examples = self.input()["pairs"]["selected" if rest else "pairs"]
+        pair_files = [[examples.path, 1.0, self.round_idx]]
         for share, earlier in zip(recipe.mix_rounds, lineage(recipe, self.layout, self.round_idx)):
             if share > 0:
-                pair_files.append([str(self.layout.pairs(earlier)), share, earlier])
-        inputs = [self.input()["pairs"]["pairs"], parent_task.output()]
+                pair_files.append([str((self.layout.selected if rest else self.layout.pairs)(earlier)), share, earlier])
+        inputs = [examples, parent_task.output()]
         work_dir = prepare_work_dir(self.layout.train_work(self.round_idx), inputs)
         job = {
             "recipe": recipe.to_dict(), "parent": parent, "pair_files": pair_files, "work_dir": str(work_dir),

@@ -51,7 +51,7 @@ def make_pairs(n: int = 7) -> pd.DataFrame:
 
 
 def job(root_path: str, pair_file: Path, run_dir: Path, recipe: dict) -> dict:
-    return {"recipe": recipe_from_dict(recipe).to_dict(), "parent": root_path, "pair_files": [str(pair_file)],
+    return {"recipe": recipe_from_dict(recipe).to_dict(), "parent": root_path, "pair_files": [[str(pair_file), 1.0, 1]],
             "work_dir": str(run_dir / "work"), "out_dir": str(run_dir / "out"), "round_idx": 1, "root_model": root_path,
             "root_path": root_path}
 
@@ -171,6 +171,29 @@ def test_fsdp_without_the_shared_prompt_runs_as_many_forwards_on_every_process(r
     expected, got = (load_file(tmp / run / "out" / "adapter" / "adapter_model.safetensors") for run in ("one_unshared", "fsdp_unshared"))
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=TOLERANCE, msg=name)
+
+
+def test_fsdp_fits_supervised_examples_as_one_process(tmp_path):
+    # algorithm rest (loss nll): examples, no reference, no rejected side; FSDP over 2 equals one process.
+    from data.schema import SELECTED
+
+    root_path = save_tiny_llama_root(tmp_path / "root")[0]
+    examples = pd.DataFrame({"prompt_id": [str(i) for i in range(7)], "prompt": [f"q{i} {i * 7}" + " x" * i for i in range(7)],
+                             "response": [f"a{i * 3}" + "y" * i for i in range(7)], "sample_index": 0, "round": 1,
+                             "num_tokens": 2, "score": 1.0, "judge": "verifier", "source": "sample"})
+    example_file = tmp_path / "selected.parquet"
+    write_parquet(examples, example_file, SELECTED)
+    rest = {"algorithm": "rest", "generation": {"num_samples": 1}}
+    trainer.run_job(job(root_path, example_file, tmp_path / "one", {**recipe_dict(root_path, grad_accum_steps=2), **rest}))
+    launch_fsdp(job(root_path, example_file, tmp_path / "fsdp", {**recipe_dict(root_path, grad_accum_steps=1), **rest}))
+    expected, got = (json.loads((tmp_path / run / "out" / "training_log.json").read_text()) for run in ("one", "fsdp"))
+    assert got["stats"]["loss"] == "nll" and got["stats"]["examples"] == 7 and got["stats"]["steps"] == 4
+    for want, have in zip(expected["history"], got["history"], strict=True):
+        for key in ("loss", "logps/response", "tokens/response", "grad_norm"):
+            assert have[key] == pytest.approx(want[key], rel=0, abs=TOLERANCE), (have["step"], key)
+    one, sharded = (load_file(tmp_path / run / "out" / "adapter" / "adapter_model.safetensors") for run in ("one", "fsdp"))
+    for name in one:
+        torch.testing.assert_close(sharded[name], one[name], rtol=0, atol=TOLERANCE, msg=name)
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -235,6 +235,41 @@ def test_spar_refinement_demo_two_rounds(tmp_path):
         assert judge_figures["refinements_tried"] == meta["refinements_tried"]
 
 
+def test_rest_demo_two_rounds(tmp_path):
+    from data.schema import SELECTED
+    from models.verifiers import load_verifier
+
+    runs = tmp_path / "runs"
+    build(Iterate(recipe=shipped_demo(tmp_path, "demo_rest"), runs_dir=str(runs), rounds=2))
+    run_dir = runs / "demo_rest"
+    check = load_verifier("data.demo_tasks:check")
+    total = 0
+    for r in (1, 2):
+        rd = run_dir / f"round_{r:02d}"
+        gens = read_artifact(rd / "generations.parquet", GENERATIONS)
+        selected = read_artifact(rd / "selected.parquet", SELECTED)
+        meta = json.loads((rd / "judge_meta.json").read_text())
+        assert not (rd / "pairs.parquet").exists() and meta["examples"] == len(selected) and set(selected["round"]) <= {r}
+        # Every example is one of the round's own samples, finished, right by the verifier, at most 4 a prompt.
+        same = selected.merge(gens, on=["prompt_id", "sample_index"], suffixes=("", "_sampled"))
+        assert len(same) == len(selected) and (same.response == same.response_sampled).all()
+        right = lambda frame: [check.score(p, y, {"task": t, "answer": a}) == 1.0  # noqa: E731
+                               for p, y, t, a in zip(frame.prompt, frame.response, frame.task, frame.answer)]
+        assert all(right(same))
+        assert selected.finished.all() and selected.groupby("prompt_id").size().max() <= 4
+        # ... and every sample right and finished in a prompt with fewer than 4 such is one.
+        passed = gens[[ok and bool(done) for ok, done in zip(right(gens), gens.finished)]]
+        assert meta["samples_passed"] == len(passed) and meta["prompts_passed"] == passed.prompt_id.nunique()
+        stats = json.loads((rd / "checkpoint" / "training_log.json").read_text())["stats"]
+        assert stats["loss"] == "nll" and stats["examples"] == len(selected) and stats["init"] == "base"
+        assert stats["adapter_start"] == "fresh" and stats["parent_round"] == r - 1
+        figures = json.loads((rd / "metrics.json").read_text())
+        assert figures["judge"]["pass_rate"] == pytest.approx(meta["samples_passed"] / meta["samples"])
+        total += len(selected)
+    assert total > 0, "no sample passed: the test exercised no training"
+    assert "## Examples kept" in (run_dir / "report.md").read_text()
+
+
 def test_self_rewarding_two_rounds_the_judge_is_the_current_policy(tiny_recipe, tmp_path):
     # Self-Rewarding LMs: round r's samples are judged by the model that generated them, the policy after
     # round r-1 (the tiny model writes few readable verdicts; what is checked is who judged).

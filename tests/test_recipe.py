@@ -197,7 +197,7 @@ def test_one_command_lists_every_key_with_its_type_default_help_and_a_recipes_va
     assert lines[beta].startswith("training.beta: float = 0.1")
     assert lines[beta + 1].strip() == fields["training.beta"]["help"]
     # A value the recipe changes is shown beside the default.
-    assert "algorithm: one of 'spin', 'sppo', 'dpo', 'inpo', 'dno' = spin  (demo_dpo.yaml: dpo)" in lines
+    assert "algorithm: one of 'spin', 'sppo', 'dpo', 'inpo', 'dno', 'rest' = spin  (demo_dpo.yaml: dpo)" in lines
 
 
 def test_inpo_defaults_and_its_eta_and_tau(tmp_path):

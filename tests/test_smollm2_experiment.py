@@ -110,15 +110,21 @@ def test_smollm2_experiment_runs_at_tiny_scale_with_strict_and_lenient_figures(t
     samples = [json.loads(line) for line in (out / "base_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12 * 9 and all(s["prompt_id"].startswith("train-") for s in samples)
 
-    result = subprocess.run(command + ["--rounds", "1", "--algorithms", "spin,dpo", "--tasks", "add,count"],
+    result = subprocess.run(command + ["--rounds", "1", "--algorithms", "spin,dpo,rest_em,star", "--tasks", "add,count"],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
-    assert set(record["results"]) == {"spin", "dpo", "sft_control"}
+    assert set(record["results"]) == {"spin", "dpo", "sft_control", "rest_em", "star"}
     from data.layout import RunLayout
     from data.schema import EVAL, read_artifact
 
-    for name in ("spin", "dpo"):
+    # The self-training arms ran as such: examples, not pairs, from a fresh adapter on the base; STaR rationalized.
+    for name in ("rest_em", "star"):
+        stats = json.loads(RunLayout(out / "runs" / name).training_log(1).read_text())["stats"]
+        assert stats["loss"] == "nll" and stats["init"] == "base" and RunLayout(out / "runs" / name).selected(1).is_file()
+    assert "rationalizations_tried" in json.loads(RunLayout(out / "runs" / "star").judge_meta(1).read_text())
+
+    for name in ("spin", "dpo", "rest_em", "star"):
         rows = record["results"][name]
         assert [row["round"] for row in rows] == [0, 1]
         for row in rows:
@@ -150,6 +156,17 @@ def test_smollm2_experiment_runs_at_tiny_scale_with_strict_and_lenient_figures(t
     assert rescored.returncode == 0, rescored.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["results"] == record["results"]
     assert "verifier: data.lenient:check" in (out / "recipes" / "dpo.yaml").read_text()
+    # --keep-results: one method run again (its run is there: nothing to do) beside the others as they were measured.
+    again = subprocess.run(command + ["--rounds", "1", "--algorithms", "star", "--tasks", "add,count", "--keep-results"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    merged = json.loads((out / "results.json").read_text())
+    assert list(merged["results"]) == ["spin", "sft_control", "dpo", "rest_em", "star"]
+    assert merged["results"] == {name: record["results"][name] for name in merged["results"]}
+    assert set(merged["measured"]) == set(merged["results"]) and merged["round_0_matches"] == {"star": True}
+    refused = subprocess.run(command + ["--rounds", "2", "--algorithms", "star", "--tasks", "add,count", "--keep-results"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "was measured with rounds 1, this run has 2" in refused.stderr
 
 
 @pytest.mark.slow
