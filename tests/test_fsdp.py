@@ -121,7 +121,7 @@ def test_fsdp_losses_and_reference_logps_equal_one_process(runs):
     expected, got = (json.loads((run / "out" / "training_log.json").read_text()) for run in (one, sharded))
     assert got["stats"]["steps"] == expected["stats"]["steps"] == 4
     for want, have in zip(expected["history"], got["history"], strict=True):
-        for key in (*trainer.FIGURES, "grad_norm", "learning_rate"):
+        for key in (*trainer.PREFERENCE_LOG_KEYS, "grad_norm", "learning_rate"):
             assert have[key] == pytest.approx(want[key], rel=0, abs=TOLERANCE), (have["step"], key)
         assert (have["tokens"], have["tokens_run"]) == (want["tokens"], want["tokens_run"])
     pd.testing.assert_frame_equal(pd.read_parquet(sharded / "work" / "ref_logps.parquet"),

@@ -228,7 +228,7 @@ def test_the_logged_reward_accuracy_counts_ties_as_no_wins():
     logps = torch.tensor([-3.0, -5.0, -7.5])
     tied = PreferenceBatch(policy_chosen_logps=logps, policy_rejected_logps=logps - 1, ref_chosen_logps=logps,
                            ref_rejected_logps=logps - 1, beta=0.1)
-    assert trainer._figures(torch.tensor(0.69), tied)["rewards/accuracy"] == 0.0
+    assert trainer._preference_values(torch.tensor(0.69), tied)["rewards/accuracy"] == 0.0
     won = PreferenceBatch(policy_chosen_logps=logps + torch.tensor([0.5, 0, 0]), policy_rejected_logps=logps - 1,
                           ref_chosen_logps=logps, ref_rejected_logps=logps - 1, beta=0.1)
-    assert trainer._figures(torch.tensor(0.69), won)["rewards/accuracy"] == pytest.approx(1 / 3)
+    assert trainer._preference_values(torch.tensor(0.69), won)["rewards/accuracy"] == pytest.approx(1 / 3)
