@@ -376,19 +376,60 @@ def _with_dataset_response(group):
     return pd.concat([group, extra], ignore_index=True)
 
 
+PROMPT_COLUMNS = ("prompt_id", "prompt", "system", "task", "answer")  # copied into a pair from its prompt's rows
+PAIR_COLUMNS = [*PROMPT_COLUMNS, "chosen", "rejected", "chosen_score", "rejected_score", "chosen_index", "rejected_index",
+                "chosen_win_prob", "rejected_win_prob", "prob_matrix", "chosen_finished", "rejected_finished",
+                "chosen_token_ids", "rejected_token_ids", "chosen_source", "rejected_source"]
+
+
+@dataclass(frozen=True)
+class PairSide:
+    """One side of a pair: the text, the ids it was sampled as (None: not sampled), its `sample_index`
+    (NOT_A_SAMPLE for the dataset's response or a refinement), whether it finished, where it came from
+    (SAMPLE, DATASET, REFINEMENT), and what the judge made of it."""
+
+    text: str
+    token_ids: list[int] | None
+    index: int
+    finished: bool
+    source: str
+    score: float = math.nan
+    win_prob: float = math.nan
+
+
+def sample_side(sample, score: float = math.nan, win_prob: float = math.nan, source: str | None = None) -> PairSide:
+    """A generations row (one of the round's samples, or the dataset's response added as a candidate) as a side."""
+    return PairSide(sample.response, _token_ids(sample), int(sample.sample_index), bool(sample.finished),
+                    sample.source if source is None else source, score, win_prob)
+
+
+def pair_row(prompt_row, columns, chosen: PairSide, rejected: PairSide, prob_matrix: list | None = None) -> dict:
+    """One row of pairs.parquet (PAIR_COLUMNS): the prompt's columns (from `prompt_row`, those of `columns` there are) and the two sides."""
+    return {
+        **{k: prompt_row.get(k) for k in PROMPT_COLUMNS if k in columns},
+        "chosen": chosen.text, "rejected": rejected.text,
+        "chosen_token_ids": chosen.token_ids, "rejected_token_ids": rejected.token_ids,
+        "chosen_score": chosen.score, "rejected_score": rejected.score,
+        "chosen_index": chosen.index, "rejected_index": rejected.index,
+        "chosen_win_prob": chosen.win_prob, "rejected_win_prob": rejected.win_prob, "prob_matrix": prob_matrix,
+        "chosen_finished": chosen.finished, "rejected_finished": rejected.finished,
+        "chosen_source": chosen.source, "rejected_source": rejected.source,
+    }
+
+
 def pair_round(recipe, generations, round_idx: int, judge=None, refiner=None) -> tuple["pd.DataFrame", dict]:
     """Preference pairs of one round, with stats of what was skipped and why.
 
-    SPIN: chosen = the dataset's ground truth, rejected = the model's own sample (Chen et al. 2024).
-    SPPO / DPO / INPO / DNO: the judge's K x K matrix per prompt; chosen = best, rejected = worst (see
-    select_pair); the scores are the mean win probabilities (SPPO, DNO) or the judge's scores (DPO,
-    INPO); the full matrix is kept in `prob_matrix` for the drift analysis. With `judge.add_reference`
+    SPIN: chosen = the dataset's ground truth, rejected = the model's own sample (Chen et al. 2024;
+    spin_pairs). SPPO / DPO / INPO / DNO (judged_pairs): the judge's K x K matrix per prompt; chosen = best,
+    rejected = worst (see select_pair); the scores are the mean win probabilities (SPPO, DNO) or the judge's
+    scores (DPO, INPO); the full matrix is kept in `prob_matrix` for the drift analysis. With `judge.add_reference`
     the dataset's response is judged as one more candidate (DNO's gold answer; its index is -1), and
     with `judge.min_margin` > 0 a pair is kept only when chosen's score exceeds rejected's by more
     than that (DNO's large-margin filter; counted in `skipped_small_margin`). With a `refiner`
     (judge.refine), a prompt whose best sample fails the judge gets SPaR-style refinement pairs
     (refinement_pairs). `chosen_source` and `rejected_source` say where each side came from: `sample`,
-    `dataset` or `refinement`.
+    `dataset` or `refinement`. Every row is made by pair_row.
 
     Samples cut at max_new_tokens (`finished` false in the generations) follow `judge.unfinished`:
     keep = pair them like any other; drop = never pair them (a prompt left with fewer than two, or for
@@ -400,124 +441,130 @@ def pair_round(recipe, generations, round_idx: int, judge=None, refiner=None) ->
     """
     import pandas as pd
 
-    from data.prompts import clean_response
-
-    policy = recipe.judge.unfinished
-    keep = ("prompt_id", "prompt", "system", "task", "answer")
     if "finished" not in generations.columns:  # generations written before `finished` was recorded
         generations = generations.assign(finished=True)
     generations = generations.assign(finished=generations.finished.fillna(True).astype(bool))
     grouped = [(pid, g.sort_values("sample_index")) for pid, g in generations.groupby("prompt_id", sort=False)]
-    rows = []
     stats = {"prompts": len(grouped), "pairs": 0, "skipped_ties": 0, "skipped_identical": 0, "unparsed_judgements": 0,
              "reprompted_judgements": 0, "unfinished_samples": int((~generations.finished).sum()), "skipped_unfinished": 0, "pairs_rejected_unfinished": 0}
     if recipe.algorithm == "spin":
-        for _pid, group in grouped:
-            first = group.iloc[0]
-            if policy == "drop" and not first.finished:
-                stats["skipped_unfinished"] += 1
-                continue
-            reference = clean_response(first.reference)  # the same normalisation as the sample had
-            if _same_text(reference, first.response):
-                if not recipe.judge.keep_identical:
-                    stats["skipped_identical"] += 1
-                    continue
-                stats["pairs_identical"] = stats.get("pairs_identical", 0) + 1
-            rows.append({
-                **{k: first.get(k) for k in keep if k in group.columns},
-                "chosen": reference, "rejected": first.response,
-                "chosen_token_ids": None, "rejected_token_ids": _token_ids(first),
-                "chosen_score": math.nan, "rejected_score": math.nan,
-                "chosen_index": -1, "rejected_index": int(first.sample_index),
-                "chosen_win_prob": math.nan, "rejected_win_prob": math.nan, "prob_matrix": None,
-                "chosen_finished": True, "rejected_finished": bool(first.finished),
-                "chosen_source": DATASET, "rejected_source": SAMPLE,
-            })
+        rows = spin_pairs(recipe, grouped, stats)
     else:
-        min_margin, add_reference = recipe.judge.min_margin, recipe.judge.add_reference
-        if min_margin:
-            stats["skipped_small_margin"] = 0
-        grouped = [(pid, g.assign(source=SAMPLE)) for pid, g in grouped]
-        if policy == "drop":
-            grouped = [(pid, g[g.finished]) for pid, g in grouped]
-        if add_reference:
-            grouped = [(pid, _with_dataset_response(g)) for pid, g in grouped]
-        if policy == "drop":
-            stats["skipped_unfinished"] += sum(len(g) < 2 for _pid, g in grouped)
-            grouped = [(pid, g) for pid, g in grouped if len(g) >= 2]
-        groups = [
-            JudgeGroup(
-                prompt=g.prompt.iloc[0], responses=g.response.tolist(), system=_first(g, "system"),
-                reference=_first(g, "reference"), task=_first(g, "task"), answer=_first(g, "answer"),
-                row=row_of(_first(g, "source_row")),
-            )
-            for _pid, g in grouped
-        ]
-        results = judge.judge(groups) if groups else []
-        by_prompt: dict = {}  # prompt_id -> its pair, in prompt order
-        to_refine = []  # (prompt_id, group, index of the sample to refine, its score)
-        for (pid, group), result in zip(grouped, results):
-            stats["unparsed_judgements"] += result.unparsed
-            stats["reprompted_judgements"] += result.reprompted
-            finished = group.finished.tolist()
-            if refiner is not None:
-                failing = failing_best(result, group.response.tolist(), recipe.pass_score)
-                if failing is not None:
-                    to_refine.append((pid, group, failing, float(result.scores[failing])))
-            penalize = policy == "penalize" and not all(finished)
-            if penalize:
-                result = penalize_unfinished(result, finished)
-            # An empty response is never chosen, whatever its score: the pair would teach the model to stop
-            # at once (and pairs.parquet refuses an empty chosen side). It is rejected where it ranks lowest.
-            nonempty = [bool(r.strip()) for r in group.response]
-            choosable = [full and (done or not penalize) for full, done in zip(nonempty, finished)]
-            picked = select_pair(result, recipe.algorithm, group.response.tolist(), finished if penalize else None, nonempty)
-            if picked is None:
-                if penalize and not any(finished):
-                    stats["skipped_unfinished"] += 1
-                elif not any(choosable):  # the samples it could choose from were empty
-                    stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
-                else:
-                    stats["skipped_ties"] += 1
-                continue
-            best, worst = picked
-            chosen, rejected = group.iloc[best], group.iloc[worst]
-            if _same_text(chosen.response, rejected.response):
-                stats["skipped_identical"] += 1
-                continue
-            win, score = result.win_probs, ranking_scores(result, recipe.algorithm)
-            # DNO's large-margin filter (Rosset et al. 2024, Algorithm 2, "filter and construct preference
-            # pairs"): a pair whose judge barely prefers one side teaches noise. The margin is taken on what
-            # the pair was ranked by (win rates for SPPO and DNO, the judge's scores otherwise).
-            if min_margin and not score[best] - score[worst] > min_margin:
-                stats["skipped_small_margin"] += 1
-                continue
-            by_prompt[pid] = {
-                **{k: chosen.get(k) for k in keep if k in group.columns},
-                "chosen": chosen.response, "rejected": rejected.response,
-                "chosen_token_ids": _token_ids(chosen), "rejected_token_ids": _token_ids(rejected),
-                "chosen_score": float(score[best]), "rejected_score": float(score[worst]),
-                "chosen_index": int(chosen.sample_index), "rejected_index": int(rejected.sample_index),
-                "chosen_win_prob": float(win[best]), "rejected_win_prob": float(win[worst]),
-                "prob_matrix": result.prob_matrix.tolist(),
-                "chosen_finished": bool(chosen.finished), "rejected_finished": bool(rejected.finished),
-                "chosen_source": chosen.source, "rejected_source": rejected.source,
-            }
-        if refiner is not None:
-            refined = refinement_pairs(recipe, to_refine, judge, refiner, stats, keep)
-            by_prompt.update(refined)  # a refinement pair replaces the pair of two failing samples
-        rows = [by_prompt[pid] for pid, _group in grouped if pid in by_prompt]
-        if add_reference:
-            stats["pairs_chosen_dataset"] = sum(row["chosen_source"] == DATASET for row in rows)
-            stats["pairs_rejected_dataset"] = sum(row["rejected_source"] == DATASET for row in rows)
+        rows = judged_pairs(recipe, grouped, stats, judge, refiner)
     stats["pairs"] = len(rows)
     stats["pairs_rejected_unfinished"] = sum(not row["rejected_finished"] for row in rows)
-    columns = [*keep, "chosen", "rejected", "chosen_score", "rejected_score", "chosen_index", "rejected_index",
-               "chosen_win_prob", "rejected_win_prob", "prob_matrix", "chosen_finished", "rejected_finished",
-               "chosen_token_ids", "rejected_token_ids", "chosen_source", "rejected_source"]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=PAIR_COLUMNS)
     frame = frame.assign(round=round_idx, judge=recipe.judge.name)
     return frame, stats
+
+
+def spin_pairs(recipe, grouped: list, stats: dict) -> list[dict]:
+    """SPIN's pairs (Chen et al. 2024): the dataset's ground truth against the prompt's first sample, where they differ."""
+    from data.prompts import clean_response
+
+    rows = []
+    for _pid, group in grouped:
+        first = group.iloc[0]
+        if recipe.judge.unfinished == "drop" and not first.finished:
+            stats["skipped_unfinished"] += 1
+            continue
+        reference = clean_response(first.reference)  # the same normalisation as the sample had
+        if _same_text(reference, first.response):
+            if not recipe.judge.keep_identical:
+                stats["skipped_identical"] += 1
+                continue
+            stats["pairs_identical"] = stats.get("pairs_identical", 0) + 1
+        ground_truth = PairSide(reference, None, NOT_A_SAMPLE, True, DATASET)
+        rows.append(pair_row(first, group.columns, ground_truth, sample_side(first, source=SAMPLE)))
+    return rows
+
+
+def _judged_groups(recipe, grouped: list, stats: dict) -> list:
+    """The candidates each prompt's judge sees: its samples (unfinished ones left out under judge.unfinished drop)
+    and, with judge.add_reference, the dataset's response; prompts left with fewer than two are counted and dropped."""
+    drop = recipe.judge.unfinished == "drop"
+    grouped = [(pid, g.assign(source=SAMPLE)) for pid, g in grouped]
+    if drop:
+        grouped = [(pid, g[g.finished]) for pid, g in grouped]
+    if recipe.judge.add_reference:
+        grouped = [(pid, _with_dataset_response(g)) for pid, g in grouped]
+    if drop:
+        stats["skipped_unfinished"] += sum(len(g) < 2 for _pid, g in grouped)
+        grouped = [(pid, g) for pid, g in grouped if len(g) >= 2]
+    return grouped
+
+
+def judged_pairs(recipe, grouped: list, stats: dict, judge, refiner=None) -> list[dict]:
+    """The judged algorithms' pairs: each prompt's candidates judged together, best against worst (judged_pair),
+    a refinement pair in place of a prompt's pair where its best sample fails (refinement_pairs)."""
+    if recipe.judge.min_margin:
+        stats["skipped_small_margin"] = 0
+    grouped = _judged_groups(recipe, grouped, stats)
+    groups = [
+        JudgeGroup(
+            prompt=g.prompt.iloc[0], responses=g.response.tolist(), system=_first(g, "system"),
+            reference=_first(g, "reference"), task=_first(g, "task"), answer=_first(g, "answer"),
+            row=row_of(_first(g, "source_row")),
+        )
+        for _pid, g in grouped
+    ]
+    results = judge.judge(groups) if groups else []
+    by_prompt: dict = {}  # prompt_id -> its pair, in prompt order
+    to_refine = []  # (prompt_id, group, index of the sample to refine, its score)
+    for (pid, group), result in zip(grouped, results):
+        stats["unparsed_judgements"] += result.unparsed
+        stats["reprompted_judgements"] += result.reprompted
+        if refiner is not None:
+            failing = failing_best(result, group.response.tolist(), recipe.pass_score)
+            if failing is not None:
+                to_refine.append((pid, group, failing, float(result.scores[failing])))
+        row = judged_pair(recipe, group, result, stats)
+        if row is not None:
+            by_prompt[pid] = row
+    if refiner is not None:
+        refined = refinement_pairs(recipe, to_refine, judge, refiner, stats)
+        by_prompt.update(refined)  # a refinement pair replaces the pair of two failing samples
+    rows = [by_prompt[pid] for pid, _group in grouped if pid in by_prompt]
+    if recipe.judge.add_reference:
+        stats["pairs_chosen_dataset"] = sum(row["chosen_source"] == DATASET for row in rows)
+        stats["pairs_rejected_dataset"] = sum(row["rejected_source"] == DATASET for row in rows)
+    return rows
+
+
+def judged_pair(recipe, group, result: JudgeResult, stats: dict) -> dict | None:
+    """One prompt's pair from its judgement: the best candidate against the worst (select_pair), or None with the
+    reason counted in `stats` (ties, empty or unfinished candidates, the same text, too small a margin)."""
+    finished = group.finished.tolist()
+    penalize = recipe.judge.unfinished == "penalize" and not all(finished)
+    if penalize:
+        result = penalize_unfinished(result, finished)
+    # An empty response is never chosen, whatever its score: the pair would teach the model to stop
+    # at once (and pairs.parquet refuses an empty chosen side). It is rejected where it ranks lowest.
+    nonempty = [bool(r.strip()) for r in group.response]
+    choosable = [full and (done or not penalize) for full, done in zip(nonempty, finished)]
+    picked = select_pair(result, recipe.algorithm, group.response.tolist(), finished if penalize else None, nonempty)
+    if picked is None:
+        if penalize and not any(finished):
+            stats["skipped_unfinished"] += 1
+        elif not any(choosable):  # the samples it could choose from were empty
+            stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
+        else:
+            stats["skipped_ties"] += 1
+        return None
+    best, worst = picked
+    chosen, rejected = group.iloc[best], group.iloc[worst]
+    if _same_text(chosen.response, rejected.response):
+        stats["skipped_identical"] += 1
+        return None
+    win, score = result.win_probs, ranking_scores(result, recipe.algorithm)
+    # DNO's large-margin filter (Rosset et al. 2024, Algorithm 2, "filter and construct preference
+    # pairs"): a pair whose judge barely prefers one side teaches noise. The margin is taken on what
+    # the pair was ranked by (win rates for SPPO and DNO, the judge's scores otherwise).
+    if recipe.judge.min_margin and not score[best] - score[worst] > recipe.judge.min_margin:
+        stats["skipped_small_margin"] += 1
+        return None
+    return pair_row(chosen, group.columns, sample_side(chosen, float(score[best]), float(win[best])),
+                    sample_side(rejected, float(score[worst]), float(win[worst])), result.prob_matrix.tolist())
 
 
 # --- SPaR-style refinement pairs ------------------------------------------------------------------
@@ -598,7 +645,7 @@ def make_refiner(recipe, model, tokenizer, round_idx: int, shard_idx: int = 0) -
                    rewrite_settings(recipe, round_idx, REFINE_SEED_OFFSET + shard_idx))
 
 
-def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep: tuple) -> dict:
+def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict) -> dict:
     """SPaR-style pairs (Cheng et al. 2024, arXiv:2412.11605, Fig. 2 and its method: the refiner rewrites
     a response that fails the judge, and (x, y_refined > y_negative) trains the actor with DPO; the sides
     differ where the instruction was missed, not in wording that does not matter).
@@ -652,15 +699,8 @@ def refinement_pairs(recipe, to_refine: list, judge, refiner, stats: dict, keep:
             stats["refinements_small_margin"] += 1
             continue
         refined = samples[best]
-        pairs[pid] = {
-            **{k: original.get(k) for k in keep if k in group.columns},
-            "chosen": refined.text, "rejected": original.response,
-            "chosen_token_ids": list(refined.token_ids), "rejected_token_ids": _token_ids(original),
-            "chosen_score": float(result.scores[best]), "rejected_score": original_score,
-            "chosen_index": NOT_A_SAMPLE, "rejected_index": int(original.sample_index),
-            "chosen_win_prob": math.nan, "rejected_win_prob": math.nan, "prob_matrix": None,
-            "chosen_finished": bool(refined.finished), "rejected_finished": bool(original.finished),
-            "chosen_source": REFINEMENT, "rejected_source": original.source,
-        }
+        refinement = PairSide(refined.text, list(refined.token_ids), NOT_A_SAMPLE, bool(refined.finished), REFINEMENT,
+                              float(result.scores[best]))
+        pairs[pid] = pair_row(original, group.columns, refinement, sample_side(original, original_score))
     stats["refinements_passed"] = len(pairs)
     return pairs
