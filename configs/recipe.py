@@ -42,6 +42,23 @@ JudgeName = Literal["ground_truth", "pairrm", "self", "reward_model", "verifier"
 LossName = Literal["dpo_sigmoid", "ipo", "hinge", "robust", "sppo", "simpo", "inpo", "nll"]
 
 
+def _check_bounds(where: str, section: str, values, positive: tuple = (), non_negative: tuple = (),
+                  fraction: tuple = ()) -> None:
+    """Refuse a section's out-of-range values at load, naming the key: zero or negative values would divide by
+    zero (save_steps), build empty models or batches, or silently do nothing, hours into a run. `positive`: > 0
+    (null allowed where the field allows it), `non_negative`: >= 0, `fraction`: in [0, 1)."""
+    for name in positive:
+        value = getattr(values, name)
+        if value is not None and value <= 0:
+            raise RecipeError(f"{where}: {section}.{name} must be positive, got {value}")
+    for name in non_negative:
+        if getattr(values, name) < 0:
+            raise RecipeError(f"{where}: {section}.{name} must be >= 0, got {getattr(values, name)}")
+    for name in fraction:
+        if not 0 <= getattr(values, name) < 1:
+            raise RecipeError(f"{where}: {section}.{name} must be in [0, 1), got {getattr(values, name)}")
+
+
 @dataclass
 class ModelConfig:
     base_model: str | None = field(
@@ -82,6 +99,12 @@ class DemoModelConfig:
     )
     sft_examples: int | None = field(default=None, metadata={"help": "Train rows used for the warm start; null = all."})
 
+    def check(self, where: str) -> None:
+        _check_bounds(where, "demo_model", self, positive=("hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                                            "sft_steps", "sft_batch_size", "sft_learning_rate", "sft_examples"))
+        if self.hidden_size % self.num_heads:
+            raise RecipeError(f"{where}: demo_model.hidden_size ({self.hidden_size}) must be a multiple of "
+                              f"demo_model.num_heads ({self.num_heads})")
 
 @dataclass
 class DataConfig:
@@ -146,6 +169,8 @@ class DataConfig:
                           "counted), error = the run stops naming the row."},
     )
 
+    def check(self, where: str) -> None:
+        _check_bounds(where, "data", self, positive=("max_prompt_tokens", "prompts_per_round"))
 
 @dataclass
 class GenerationConfig:
@@ -173,6 +198,13 @@ class GenerationConfig:
                                      "each generation shard then holds that many."}
     )
 
+    def check(self, where: str) -> None:
+        _check_bounds(where, "generation", self, non_negative=("temperature",), positive=(
+            "num_samples", "max_new_tokens", "batch_size", "shard_size", "shards", "tensor_parallel_size"))
+        if not 0 < self.top_p <= 1:
+            raise RecipeError(f"{where}: generation.top_p must be in (0, 1], got {self.top_p}")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise RecipeError(f"{where}: generation.tensor_parallel_size {self.tensor_parallel_size} needs generation.backend: vllm")
 
 @dataclass
 class JudgeConfig:
@@ -263,6 +295,9 @@ class JudgeConfig:
                           "drop = never paired; keep = paired like any other."},
     )
 
+    def check(self, where: str) -> None:
+        _check_bounds(where, "judge", self, non_negative=("min_margin",), positive=(
+            "shards", "batch_size", "max_new_tokens", "refine_samples", "rationalize_samples", "max_per_prompt"))
 
 @dataclass
 class TrainingConfig:
@@ -371,6 +406,15 @@ class TrainingConfig:
     )
     accelerate_config: str | None = field(default=None, metadata={"help": "An `accelerate config` file (e.g. FSDP)."})
 
+    def check(self, where: str) -> None:
+        _check_bounds(where, "training", self, positive=(
+            "batch_size", "grad_accum_steps", "beta", "learning_rate", "epochs", "max_length", "max_grad_norm", "lora_r",
+            "lora_alpha", "save_steps", "num_processes"), non_negative=("weight_decay", "nll_weight"),
+            fraction=("warmup_ratio", "lora_dropout"))
+        # label_smoothing: the flip rate of cDPO (dpo_sigmoid) and robust DPO; at 0.5 or more the labels
+        # carry no information (and robust's 1/(1 - 2 eps) blows up), and the other losses have no use for it.
+        if not 0 <= self.label_smoothing < 0.5:
+            raise RecipeError(f"{where}: training.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 @dataclass
 class EvalConfig:
@@ -398,6 +442,9 @@ class EvalConfig:
                           "{task, num_fewshot, limit, batch_size, apply_chat_template}; may be added to a finished run."},
     )
 
+    def check(self, where: str) -> None:
+        _check_bounds(where, "evaluation", self, positive=("num_prompts", "max_new_tokens", "kl_samples", "shards"),
+                      non_negative=("report_prompts",))
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 DEMO_BASE = "demo"  # model.base_model naming the shipped demo base (tasks/base_model.py)
@@ -520,74 +567,10 @@ class Recipe:
             raise RecipeError(f"{where}: judge.model is required for judge {self.judge.name}")
         if self.training.loss == "sppo" and self.algorithm != "sppo":
             raise RecipeError(f"{where}: training.loss sppo needs the win probabilities of algorithm sppo")
-        t, g, ev, demo = self.training, self.generation, self.evaluation, self.demo_model
-        # Zero or negative values here would divide by zero (save_steps), build empty models or batches,
-        # or silently do nothing, hours into a run; refuse them at load, naming the key.
-        positive = {
-            "demo_model.hidden_size": demo.hidden_size,
-            "demo_model.num_layers": demo.num_layers,
-            "demo_model.num_heads": demo.num_heads,
-            "demo_model.intermediate_size": demo.intermediate_size,
-            "demo_model.sft_steps": demo.sft_steps,
-            "demo_model.sft_batch_size": demo.sft_batch_size,
-            "demo_model.sft_learning_rate": demo.sft_learning_rate,
-            "demo_model.sft_examples": demo.sft_examples,
-            "data.max_prompt_tokens": self.data.max_prompt_tokens,
-            "data.prompts_per_round": self.data.prompts_per_round,
-            "generation.num_samples": g.num_samples,
-            "generation.max_new_tokens": g.max_new_tokens,
-            "generation.batch_size": g.batch_size,
-            "generation.shard_size": g.shard_size,
-            "generation.shards": g.shards,
-            "generation.tensor_parallel_size": g.tensor_parallel_size,
-            "judge.shards": self.judge.shards,
-            "judge.batch_size": self.judge.batch_size,
-            "judge.max_new_tokens": self.judge.max_new_tokens,
-            "judge.refine_samples": self.judge.refine_samples,
-            "judge.rationalize_samples": self.judge.rationalize_samples,
-            "judge.max_per_prompt": self.judge.max_per_prompt,
-            "training.batch_size": t.batch_size,
-            "training.grad_accum_steps": t.grad_accum_steps,
-            "training.beta": t.beta,
-            "training.learning_rate": t.learning_rate,
-            "training.epochs": t.epochs,
-            "training.max_length": t.max_length,
-            "training.max_grad_norm": t.max_grad_norm,
-            "training.lora_r": t.lora_r,
-            "training.lora_alpha": t.lora_alpha,
-            "training.save_steps": t.save_steps,
-            "training.num_processes": t.num_processes,
-            "evaluation.num_prompts": ev.num_prompts,
-            "evaluation.max_new_tokens": ev.max_new_tokens,
-            "evaluation.kl_samples": ev.kl_samples,
-            "evaluation.shards": ev.shards,
-        }
-        for key, value in positive.items():
-            if value is not None and value <= 0:
-                raise RecipeError(f"{where}: {key} must be positive, got {value}")
-        non_negative = {
-            "judge.min_margin": self.judge.min_margin,
-            "training.weight_decay": t.weight_decay,
-            "training.nll_weight": t.nll_weight,
-            "evaluation.report_prompts": ev.report_prompts,
-            "generation.temperature": g.temperature,
-        }
-        for key, value in non_negative.items():
-            if value < 0:
-                raise RecipeError(f"{where}: {key} must be >= 0, got {value}")
-        for key, value in {"training.warmup_ratio": t.warmup_ratio, "training.lora_dropout": t.lora_dropout}.items():
-            if not 0 <= value < 1:
-                raise RecipeError(f"{where}: {key} must be in [0, 1), got {value}")
-        if not 0 < g.top_p <= 1:
-            raise RecipeError(f"{where}: generation.top_p must be in (0, 1], got {g.top_p}")
-        if g.tensor_parallel_size > 1 and g.backend != "vllm":
-            raise RecipeError(f"{where}: generation.tensor_parallel_size {g.tensor_parallel_size} needs generation.backend: vllm")
-        if demo.hidden_size % demo.num_heads:
-            raise RecipeError(f"{where}: demo_model.hidden_size ({demo.hidden_size}) must be a multiple of demo_model.num_heads ({demo.num_heads})")
-        # label_smoothing: the flip rate of cDPO (dpo_sigmoid) and robust DPO; at 0.5 or more the labels
-        # carry no information (and robust's 1/(1 - 2 eps) blows up), and the other losses have no use for it.
-        if not 0 <= t.label_smoothing < 0.5:
-            raise RecipeError(f"{where}: training.label_smoothing must be in [0, 0.5), got {t.label_smoothing}")
+        # Each section checks its own bounds, then what ties two sections together.
+        for section in (self.demo_model, self.data, self.generation, self.judge, self.training, self.evaluation):
+            section.check(where)
+        t, g = self.training, self.generation
         if t.label_smoothing and self.loss not in ("dpo_sigmoid", "robust"):
             raise RecipeError(
                 f"{where}: training.label_smoothing applies to losses dpo_sigmoid (cDPO) and robust only; loss {self.loss} would ignore it"
