@@ -1,6 +1,6 @@
 """Evaluate against Generate, per generated token: what one round's evaluation costs beside its sampling.
 
-    python -m models.fetch smollm2-135m-instruct
+    python -m models.load.fetch smollm2-135m-instruct
     python bench/bench_evaluate.py --recipe configs/smollm2_spin_cpu.yaml --runs-dir /tmp/bench_evaluate --reps 3 \
         --json bench/results/evaluate_smollm2_cpu.json
 
@@ -14,7 +14,7 @@ scores). Then, in one process and alternately, --reps times each:
 - Evaluate 1: `evaluate_rows` as EvaluateShard runs it: tokenizer, policy load (root + adapter), greedy answers
   and KL samples decoded together with the held-out pairs scored on their prefill, the samples under the base;
 - Evaluate 1 with compaction off (SELFPLAY_CPU_COMPACT=0), to show what dropping ended rows gives;
-- Evaluate 1 with the adapter folded in place by peft (models.loading.adapter_merged) instead of by packing:
+- Evaluate 1 with the adapter folded in place by peft (models.load.loading.adapter_merged) instead of by packing:
   what leaving the memory-mapped root weights unwritten gives (the first write to a page copies it).
 
 Each prints its best and median wall seconds, the tokens it generated, and seconds per 1,000 of them; the
@@ -112,14 +112,14 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
-    import models.evaluation as evaluation
-    import models.generation as generation
-    import models.loading as loading
+    import models.evaluate.evaluation as evaluation
+    import models.generate.generation as generation
+    import models.load.loading as loading
     import models.packing as packing
     from configs.recipe import load_recipe
     from data.prompts import load_prompts, round_prompts
     from data.schema import EVAL, read_artifact
-    from models.fast_generation import COMPACT_ENV
+    from models.generate.fast_generation import COMPACT_ENV
     from tasks.evaluate import eval_prompts
 
     recipe_path = str(Path(args.recipe).resolve())

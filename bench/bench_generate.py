@@ -5,8 +5,8 @@ fp32 on a CPU, bf16 on a GPU), or random weights of Qwen2.5-0.5B's exact config 
 Prompts of --prompt-len random tokens, --new-tokens new tokens per row, sampling (temperature 1,
 top_p 1 unless given). For every batch size it times
   - hf:     model.generate (eager, dynamic cache), min_new_tokens = max_new_tokens so rows are equally
-            long, top_k=0 as in models.generation's hf backend;
-  - static: models.fast_generation.static_generate with eos_ids=[] so it also makes every token;
+            long, top_k=0 as in models.generate.generation's hf backend;
+  - static: models.generate.fast_generation.static_generate with eos_ids=[] so it also makes every token;
             the first call (cache allocation, graph capture on a GPU) is timed apart from the steady state;
   - compiled (with --compile): the same with the decode step torch.compile'd before capture;
 and prints new tokens/s and the ratio to hf, plus sampling sanity (same seed repeats, another seed
@@ -44,9 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import gpu_peak_flops, layer_shapes, machine, matmul_probe, model_directory  # noqa: E402
-from models.fast_generation import _SESSIONS, release_sessions, static_generate  # noqa: E402
+from models.generate.fast_generation import _SESSIONS, release_sessions, static_generate  # noqa: E402
 from models.packing import PACK_ENV, cpu_packing_available, packed_linears  # noqa: E402
-from models.generation import SamplingSettings  # noqa: E402
+from models.generate.generation import SamplingSettings  # noqa: E402
 
 QWEN25_05B = dict(
     vocab_size=151936,
@@ -146,7 +146,7 @@ def throughput(args, model, device, vocab: int) -> list[dict]:
         if batch % args.samples_per_prompt:
             raise SystemExit(f"--batches: {batch} is not a multiple of --samples-per-prompt {args.samples_per_prompt}")
         prompt_ids = torch.randint(0, min(vocab, 32000), (batch // args.samples_per_prompt, args.prompt_len), generator=gen).to(device)
-        # The rows of one batch as models.generation.generate_texts makes them: each prompt's samples adjacent.
+        # The rows of one batch as models.generate.generation.generate_texts makes them: each prompt's samples adjacent.
         input_ids = prompt_ids.repeat_interleave(args.samples_per_prompt, dim=0)
         attention_mask = torch.ones_like(input_ids)
         new_tokens = batch * args.new_tokens
@@ -200,7 +200,7 @@ def profile_steps(args, model, device, vocab: int, steps: int = 3) -> None:
 
     from contextlib import nullcontext
 
-    from models.fast_generation import _attention
+    from models.generate.fast_generation import _attention
 
     batch = max(args.batches)
     input_ids = torch.randint(0, min(vocab, 32000), (batch, args.prompt_len)).to(device)
@@ -228,7 +228,7 @@ def compare_greedy(model, batches, new_tokens: int, eos_ids: list[int], pad_id: 
     says whether that step was a near tie (float rounding can break one either way) or a real disagreement."""
     from transformers import GenerationConfig
 
-    from models.generation import cut_at_eos
+    from models.generate.generation import cut_at_eos
 
     tokens = equal_tokens = rows = equal_rows = 0
     differences = []
@@ -236,7 +236,7 @@ def compare_greedy(model, batches, new_tokens: int, eos_ids: list[int], pad_id: 
         width = input_ids.shape[1]
         config_hf = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos_ids or None, pad_token_id=pad_id,
                                      output_scores=True, return_dict_in_generate=True)
-        # As models.sampling.hf_generate: none of the model's own generation_config (its eos id, which
+        # As models.generate.sampling.hf_generate: none of the model's own generation_config (its eos id, which
         # min_new_tokens would suppress) is merged in, so both sides decode the same distribution.
         saved, model.generation_config = model.generation_config, GenerationConfig()
         try:

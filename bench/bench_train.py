@@ -139,7 +139,7 @@ def run_trl(model_dir: str, tok, pairs, args, dtype) -> dict:
 def run_ours(model_dir: str, pairs, args, precision: str, shared_prompt: bool = True) -> dict:
     from configs.recipe import recipe_from_dict
     from data.layout import TRAINING_LOG
-    from models.trainer import train_round
+    from models.train.trainer import train_round
 
     recipe = recipe_from_dict({
         "name": "bench", "model": {"base_model": model_dir, "precision": precision},
@@ -174,7 +174,7 @@ def profile_step(model_dir: str, pairs, args, precision: str, rows: int = 20) ->
 
     from configs.recipe import recipe_from_dict
     from data.prompts import format_completion, format_prompt
-    from models.loading import add_lora, load_causal_lm, load_tokenizer
+    from models.load.loading import add_lora, load_causal_lm, load_tokenizer
     from models.logps import collate, encode_pair, sequence_logps
 
     recipe = recipe_from_dict({"name": "bench", "model": {"base_model": model_dir, "precision": precision},
@@ -199,7 +199,7 @@ def profile_step(model_dir: str, pairs, args, precision: str, rows: int = 20) ->
 def loss_agreement(trainer, batch_size: int) -> dict:
     """Both implementations' DPO loss on one batch, with the adapter moved away from its zero init."""
     from models.logps import sequence_logps
-    from models.losses import PreferenceBatch, dpo_sigmoid
+    from models.train.losses import PreferenceBatch, dpo_sigmoid
 
     model = trainer.model
     torch.manual_seed(1)
@@ -236,7 +236,7 @@ def peak_gib() -> float | None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--model", help="a model directory, a .gguf file or cache:<name> (python -m models.fetch)")
+    what.add_argument("--model", help="a model directory, a .gguf file or cache:<name> (python -m models.load.fetch)")
     what.add_argument("--config", choices=["qwen2.5-0.5b", "tiny"], help="random weights of this shape instead (default qwen2.5-0.5b)")
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--steps", type=int, default=30)

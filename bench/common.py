@@ -1,8 +1,8 @@
 """What the speed benchmarks share: the model under test, the machine's own matmul rate, the machine.
 
 `--model` takes what a recipe's `model.base_model` takes: a Hugging Face directory, a `.gguf` file or
-`cache:<name>` (python -m models.fetch). A GGUF file is de-quantised once into a temporary directory
-by the conversion BaseModel uses (models/gguf.py), so every side of a comparison loads the same fp32
+`cache:<name>` (python -m models.load.fetch). A GGUF file is de-quantised once into a temporary directory
+by the conversion BaseModel uses (models/load/gguf.py), so every side of a comparison loads the same fp32
 weights.
 
 CPU MFU. A GPU's peak is a datasheet figure; a CPU's depends on its vector units, its clock under
@@ -34,7 +34,7 @@ def gpu_peak_flops(device_name: str) -> float | None:
 
 def model_directory(spec: str) -> str:
     """A directory holding the model `spec` names: itself, or a GGUF file converted once."""
-    from models.gguf import convert_gguf, is_gguf_spec, resolve_gguf
+    from models.load.gguf import convert_gguf, is_gguf_spec, resolve_gguf
 
     if not is_gguf_spec(spec):
         return spec

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build_model(out_dir: Path, tiny: bool) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     if tiny:

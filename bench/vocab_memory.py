@@ -45,7 +45,7 @@ def arm(vocab: int, pairs: int, prompt_len: int, response_len: int) -> dict:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from models.logps import Encoded, collate_pairs, sequence_logps
-    from models.losses import LOSSES, PreferenceBatch
+    from models.train.losses import LOSSES, PreferenceBatch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

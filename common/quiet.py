@@ -2,7 +2,7 @@
 
 Each entry names the library, the message and why it does not concern the user; every other warning
 (ours, or a library's about the user's settings) is still shown. Installed when tasks/base.py is imported
-(every command) and by `python -m models.trainer` (training under accelerate launch).
+(every command) and by `python -m models.train.trainer` (training under accelerate launch).
 
 - bitsandbytes, on a CPU with AVX512-BF16, tries to fetch an optional faster 4-bit matmul from the
   Hugging Face hub when peft imports it (every run, fp32 ones included) and logs "Failed to load CPU

@@ -253,7 +253,7 @@ class JudgeConfig:
     )
     refine_prompt: str | None = field(
         default=None,
-        metadata={"help": "The refinement request, with {prompt} and {response} in it; null: models.judges.REFINE_PROMPT."},
+        metadata={"help": "The refinement request, with {prompt} and {response} in it; null: models.judge.judges.REFINE_PROMPT."},
     )
     refine_samples: int = field(default=4, metadata={"help": "Rewrites sampled per failing answer (judge.refine)."})
     pass_score: float | None = field(
@@ -278,7 +278,7 @@ class JudgeConfig:
     rationalize_prompt: str | None = field(
         default=None,
         metadata={"help": "The hinted request, with {prompt} and {answer} in it (the answer: data.answer_field, else the "
-                          "ground-truth response); null: models.self_training.RATIONALIZE_PROMPT."},
+                          "ground-truth response); null: models.judge.self_training.RATIONALIZE_PROMPT."},
     )
     rationalize_samples: int = field(
         default=4, metadata={"help": "Hinted samples per prompt that no sample passed (judge.rationalize)."}
@@ -386,7 +386,7 @@ class TrainingConfig:
     inpo_eta: float | None = field(
         default=None,
         metadata={"help": "INPO's eta, the step size of its mirror descent: the loss pulls the pair's log-ratio "
-                          "combination to eta/2 (models/losses.py, inpo); null: 1 / beta."},
+                          "combination to eta/2 (models/train/losses.py, inpo); null: 1 / beta."},
     )
     inpo_tau: float | None = field(
         default=None,
@@ -812,12 +812,12 @@ class Recipe:
 
 
 INPO_DEFAULT_ETA_TAU = 1 / 3
-# The scores a judge gives one response, where they are bounded: a verifier's [0, 1] (models/verifiers.py), the
-# pointwise self-judge's 5-point rubric (models/judges.py). A reward model's are any real number.
+# The scores a judge gives one response, where they are bounded: a verifier's [0, 1] (models/judge/verifiers.py), the
+# pointwise self-judge's 5-point rubric (models/judge/judges.py). A reward model's are any real number.
 SCORE_RANGE = {"verifier": (0.0, 1.0), "self": (0.0, 5.0)}
 EVERY_ROUND = 10_000
 ROUND_OVERRIDABLE = {"generation", "judge", "training", "evaluation"}
-# Every round continues one LoRA adapter (models/loading.py), so its shape is fixed for the run.
+# Every round continues one LoRA adapter (models/load/loading.py), so its shape is fixed for the run.
 LORA_SHAPE = ("lora_r", "lora_alpha", "lora_target_modules")
 
 

@@ -1,5 +1,5 @@
 """Answers read out of a response: the normalisation and the number pattern every answer check shares
-(the built-in verifiers of models/verifiers.py, the demo's own check in data/demo_tasks.py).
+(the built-in verifiers of models/judge/verifiers.py, the demo's own check in data/demo_tasks.py).
 """
 
 from __future__ import annotations

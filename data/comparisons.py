@@ -150,7 +150,7 @@ COMPARISONS = ("previous", "base")
 
 
 def comparison_figures(judged: dict) -> dict:
-    """Beside each win rate of Evaluate's judgements (models/evaluation.py, evaluate_rows): its
+    """Beside each win rate of Evaluate's judgements (models/evaluate/evaluation.py, evaluate_rows): its
     length-controlled rate and the mean length of both sides; and where a training judge apart from the
     referee also judged the comparisons, its win rates and its agreement with the referee."""
     figures: dict = {}

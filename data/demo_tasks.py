@@ -11,7 +11,7 @@ the others but shared with neither the held-out split nor any training split (tr
 train), so the held-out figures stay untouched by tuning.
 
 `verify(kind, answer, response)` is the check; `check(prompt, response, row)` is the same in the form
-a recipe names as its verifier (`judge.verifier: data.demo_tasks:check`, models/verifiers.py).
+a recipe names as its verifier (`judge.verifier: data.demo_tasks:check`, models/judge/verifiers.py).
 `check_stated` accepts the answer stated at the end of a sentence, as chat models write it.
 """
 

@@ -107,7 +107,7 @@ def accuracy_change_section(run: Run) -> list[str]:
 
 def quantization_section(run: Run) -> list[str]:
     """QLoRA: round 0 is the base in nf4. What the quantisation alone costs, against the base in full precision
-    (models.evaluation.quantization_cost), from round 0's metrics.json."""
+    (models.evaluate.evaluation.quantization_cost), from round 0's metrics.json."""
     cost = ((run.round_metrics(0) or {}).get("eval") or {}).get("quantization")
     if not cost:
         return []
@@ -128,7 +128,7 @@ def quantization_section(run: Run) -> list[str]:
 
 def gt_logprob_change_section(metrics: pd.DataFrame) -> list[str]:
     """The held-out ground truth's mean per-token log-likelihood, each round minus the base, paired: a figure
-    no judge enters (models.evaluation.ground_truth_logprobs)."""
+    no judge enters (models.evaluate.evaluation.ground_truth_logprobs)."""
     if "gt_logprob_vs_base" not in metrics or not metrics["gt_logprob_vs_base"].notna().any():
         return []
     lines = ["Ground-truth log-likelihood per token (held-out, judge-free), change from the base, paired over the same "
@@ -284,7 +284,7 @@ PAIRING = [
     ("prompts", "prompts"), ("pairs", "pairs"), ("skipped_ties", "all tied"), ("skipped_small_margin", "margin too small"),
     ("unparsed_judgements", "unreadable verdicts"), ("pairs_chosen_dataset", "dataset's answer chosen"),
     ("refinements_tried", "refinements tried"), ("refinements_passed", "refinements passed"),
-    # algorithm rest (models/self_training.py): what passed the judge and became a supervised example
+    # algorithm rest (models/judge/self_training.py): what passed the judge and became a supervised example
     ("samples", "samples"), ("samples_passed", "passed"), ("pass_rate", "pass rate"), ("prompts_passed", "prompts with a pass"),
     ("examples", "examples kept"), ("skipped_over_cap", "over max_per_prompt"), ("rationalizations_tried", "rationalized"),
     ("rationalizations_passed", "rationalizations passed"), ("rationalized_examples", "rationalized examples"),

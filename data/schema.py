@@ -106,7 +106,7 @@ EVAL = ArtifactSchema(
               ("token_ids", pa.list_(pa.int64())), ("gt_logprob", pa.float64())),
 )
 
-# round_NN/validation.parquet: one row per validation prompt, what models/selection.py measured of the round.
+# round_NN/validation.parquet: one row per validation prompt, what models/evaluate/selection.py measured of the round.
 VALIDATION = ArtifactSchema(
     "validation",
     {"prompt_id": pa.string(), "round": pa.int64()},

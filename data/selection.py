@@ -2,7 +2,7 @@
 
     from data.selection import decide, paired_gain, read_selection, parent_round, lineage, publish_best, read_best
 
-Every round r (0 = the base) is scored on the validation split (models/selection.py writes one row per
+Every round r (0 = the base) is scored on the validation split (models/evaluate/selection.py writes one row per
 prompt to round_NN/validation.parquet). Select(r) compares round r with the best round so far on the same
 prompts, paired (`paired_gain`: the mean per-prompt difference and its standard error, so each prompt's
 difficulty cancels), by the recipe's `iterate.select_by`:

@@ -4,7 +4,7 @@
 
 What is logged, to each backend the recipe names (tensorboard, mlflow, wandb, trackio):
 
-- every training step, live, from the trainer (models/trainer.py calls `step_logger`): `train/loss`,
+- every training step, live, from the trainer (models/train/trainer.py calls `step_logger`): `train/loss`,
   `train/rewards/accuracy`, `train/rewards/margin`, `train/learning_rate`, `train/grad_norm`, ... at a
   global step that continues across rounds (round r's steps follow round r-1's);
 - every round's held-out figures from its metrics.json (`eval/<figure>`, with `eval/<figure>_se` and the
@@ -66,7 +66,7 @@ REQUIRES = {
     "wandb": (("wandb",), "wandb"),
     "trackio": (("trackio",), "trackio"),
 }
-# The training figures of a step (models/trainer.py's history entry) that go to the tracker.
+# The training figures of a step (models/train/trainer.py's history entry) that go to the tracker.
 STEP_FIGURES = ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "logps/chosen",
                 "logps/rejected", "learning_rate", "grad_norm", "epoch")
 
@@ -488,7 +488,7 @@ def step_offset(run_dir: Path, round_idx: int) -> int:
 
 
 class StepLogger:
-    """The trainer's per-step hook (models/trainer.py): sends round `round_idx`'s finished steps, live, in batches
+    """The trainer's per-step hook (models/train/trainer.py): sends round `round_idx`'s finished steps, live, in batches
     at most every `tracking.send_seconds` (a tracker's write costs milliseconds, a small model's step not much
     more). It gets the round's whole history each time, steps restored from a trainer checkpoint included, and
     sends those past the round's mark: steps a killed process held unsent go with the resumed run's first batch."""

@@ -158,7 +158,7 @@ def load_validation(recipe, train: pd.DataFrame | None = None, held_out: pd.Data
         validation = _apart(_split_off(train, data.validation_fraction)[1], held_out)
     else:
         split = data.validation_split if _is_hub(source) else data.train_split
-        # Whether the rows hold what iterate.select_by needs is said by models.selection.selection_figure.
+        # Whether the rows hold what iterate.select_by needs is said by models.evaluate.selection.selection_figure.
         validation = load_prompts(source, split, data)
         check_apart(validation, train, f"the training prompts ({data.train})")
     check_apart(validation, held_out, f"the held-out prompts ({data.eval})")

@@ -101,9 +101,9 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
     from data.layout import RunLayout, round_name
     from data.prompts import load_prompts
     from data.schema import EVAL, read_artifact
-    from models.evaluation import evaluate_round
-    from models.loading import load_causal_lm, load_tokenizer
-    from models.sft import encode_examples, supervised_finetune
+    from models.evaluate.evaluation import evaluate_round
+    from models.load.loading import load_causal_lm, load_tokenizer
+    from models.train.sft import encode_examples, supervised_finetune
 
     recipe = load_recipe(recipe_path)
     train = load_prompts(recipe.data.train, recipe.data.train_split, recipe.data, require_reference=True)

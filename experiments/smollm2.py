@@ -1,6 +1,6 @@
 """Does a real model improve? SmolLM2-135M-Instruct on the demo's verifiable tasks, on a CPU.
 
-    python -m models.fetch smollm2-135m-instruct                                      # once
+    python -m models.load.fetch smollm2-135m-instruct                                      # once
     python experiments/smollm2.py --base-only --out experiments/results/smollm2      # the base's pass@k
     python experiments/smollm2.py --out experiments/results/smollm2                  # the experiment
 
@@ -144,7 +144,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def score_rows(rows: list[dict]) -> list[dict]:
     """Each row (prompt, response, task, answer) with its strict and lenient verdicts."""
-    from models.verifiers import load_verifier
+    from models.judge.verifiers import load_verifier
 
     strict, lenient = load_verifier(STRICT), load_verifier(LENIENT)
     return [{**row, "strict": strict.score(row["prompt"], row["response"], row),
@@ -204,9 +204,9 @@ def base_prompts(per_task: int, tasks: list[str] | None = None) -> list[dict]:
 def measure_base(base_path: str, recipe, rows: list[dict], samples: int) -> dict:
     """Greedy answers and `samples` samples per prompt from the base; strict and lenient pass@k per task."""
     from data.prompts import format_prompt
-    from models.generation import generate_texts
-    from models.loading import load_policy, load_tokenizer
-    from models.sampling import SamplingSettings
+    from models.generate.generation import generate_texts
+    from models.load.loading import load_policy, load_tokenizer
+    from models.generate.sampling import SamplingSettings
 
     tokenizer = load_tokenizer(base_path, recipe.model)
     model = load_policy(base_path, recipe.model)
@@ -379,9 +379,9 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
     from data.layout import RunLayout, round_name
     from data.prompts import load_prompts, round_prompts
     from data.schema import EVAL, read_artifact, write_parquet
-    from models.evaluation import evaluate_round
-    from models.loading import load_causal_lm, load_tokenizer
-    from models.sft import encode_examples, supervised_finetune
+    from models.evaluate.evaluation import evaluate_round
+    from models.load.loading import load_causal_lm, load_tokenizer
+    from models.train.sft import encode_examples, supervised_finetune
 
     recipe = load_recipe(recipe_path)
     train = load_prompts(recipe.data.train, recipe.data.train_split, recipe.data, require_reference=True)
@@ -434,7 +434,7 @@ def select_control(recipe_path: str, base_path: str, spin_run: Path, control_dir
     from data.schema import VALIDATION, read_artifact, write_parquet
     from data.selection import decide, paired_gain, round_figures
     from data.validation import validation_prompts
-    from models.selection import score_validation
+    from models.evaluate.selection import score_validation
 
     recipe = load_recipe(recipe_path)
     prompts = validation_prompts(recipe)

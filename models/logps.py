@@ -28,7 +28,7 @@ from models.padding import pad_rows
 # Gemma 3's 262,144-token vocabulary then holds 512 positions, not 4,096 (4.3 GB).
 HEAD_CHUNK_LOGITS = 4096 * 32768
 # Prompts of a batch that start with the same this many tokens or more (a chat template's system turn) run
-# those once (_shared_prompt_logps here, the decode loop's prefill in models/fast_generation.py).
+# those once (_shared_prompt_logps here, the decode loop's prefill in models/generate/fast_generation.py).
 SHARED_PREFIX_MIN = 4
 
 
@@ -385,7 +385,7 @@ def cached_prompt_logps(model, prompt_cache, prompt_mask: torch.Tensor, last_log
     """Summed log-probs of `completions` (token ids), each continuing prompt `prompt_of[i]` of prompts already
     run: `prompt_cache` holds their keys and values (a DynamicCache; its rows are replaced by those used),
     `prompt_mask` `[prompts, width]` their left padding and `last_logits` `[prompts, vocab]` the logits at
-    their last position. The decode loop's prefill is such a run (models/fast_generation.py), so Evaluate
+    their last position. The decode loop's prefill is such a run (models/generate/fast_generation.py), so Evaluate
     scores its held-out pairs without running their prompts again.
 
     A prompt's completions lie end to end in one row: each attends to the prompt's real tokens and causally
@@ -448,7 +448,7 @@ def batched_logps(model, tokenizer, items: list[Encoded], batch_size: int, devic
     allows it (shares_prompt) and `group_prompts` is on, items with the same prompt tokens share one forward
     of it (collate_groups); otherwise each item runs as one sequence, in batches sorted by length to waste
     little padding (ceil(items / batch_size) of them, whatever the prompts). `forward(batch)` replaces
-    sequence_logps(model, batch) (the trainer's FSDP root, models/fsdp.py)."""
+    sequence_logps(model, batch) (the trainer's FSDP root, models/train/fsdp.py)."""
     own_forward = forward is None
     forward = forward or (lambda batch: sequence_logps(model, batch))
     from common.progress import bar

@@ -129,7 +129,7 @@ def _packing_on() -> bool:
 
 def folds_adapters(model) -> bool:
     """Whether packed_linears runs every LoRA layer of `model` on a packed copy with its adapter folded in,
-    so that folding the adapter into the weights beforehand (models.loading.adapter_merged) gains nothing."""
+    so that folding the adapter into the weights beforehand (models.load.loading.adapter_merged) gains nothing."""
     layers = [module for module in model.modules() if hasattr(module, "lora_A") and hasattr(module, "base_layer")]
     return bool(layers) and _packing_on() and all(_lora_packing(layer)[1] is not None for layer in layers)
 

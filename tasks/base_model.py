@@ -5,10 +5,10 @@
 run.yaml records what made the run: the resolved recipe, package versions, the git commit and seed.
 BaseModel provides the demo model when the recipe names no `model.base_model`: a copy of the shipped
 data/demo/base_model/ when the recipe's demo_model, data.train and seed are the ones it was built with,
-else it builds one (models/sft.py); for a
+else it builds one (models/train/sft.py); for a
 named model it checks the path or hub id loads as a config and records it, so every round downstream
 reads one `model_path`. A GGUF file (`model.base_model: path/to/model.gguf` or
-`cache:smollm2-135m-instruct`) is de-quantised once into base_model/ (models/gguf.py), and that
+`cache:smollm2-135m-instruct`) is de-quantised once into base_model/ (models/load/gguf.py), and that
 directory is the model every later stage loads.
 """
 
@@ -57,7 +57,7 @@ class BaseModel(GpuTask):
 
     @property
     def model_path(self) -> str:
-        from models.gguf import is_gguf_spec
+        from models.load.gguf import is_gguf_spec
 
         base = self.config.model.base_model
         return self.output().path if base in (None, DEMO_BASE) or is_gguf_spec(base) else base
@@ -70,10 +70,10 @@ class BaseModel(GpuTask):
         set_cpu_threads()
         recipe = self.config
         with self.output().temporary_path() as tmp:
-            from models.gguf import is_gguf_spec
+            from models.load.gguf import is_gguf_spec
 
             if recipe.model.base_model in (None, DEMO_BASE):
-                from models.sft import build_demo_base, demo_base_dir, shipped_base_differences, shipped_demo_base
+                from models.train.sft import build_demo_base, demo_base_dir, shipped_base_differences, shipped_demo_base
 
                 # `demo` names the shipped base whatever the recipe's demo_model says; null takes it only when it
                 # was built with exactly these settings, and otherwise says why it builds another.
@@ -87,13 +87,13 @@ class BaseModel(GpuTask):
                              ", ".join(shipped_base_differences(recipe)), recipe.data.train, recipe.demo_model.sft_steps)
                     info = build_demo_base(recipe, Path(tmp))
             elif is_gguf_spec(recipe.model.base_model):
-                from models.gguf import convert_gguf, resolve_gguf
+                from models.load.gguf import convert_gguf, resolve_gguf
 
                 info = convert_gguf(resolve_gguf(recipe.model.base_model), tmp, recipe.model.trust_remote_code)
             else:
                 from transformers import AutoConfig
 
-                from models.loading import check_model_path, load_tokenizer
+                from models.load.loading import check_model_path, load_tokenizer
 
                 check_model_path(recipe.model.base_model)
                 config = AutoConfig.from_pretrained(recipe.model.base_model, trust_remote_code=recipe.model.trust_remote_code)

@@ -3,7 +3,7 @@
     luigi --module pipeline Benchmark --round-idx 1
 
 Runs every entry of `evaluation.benchmarks` (configs/evaluation.py) through lm-eval's Python API on the
-round's policy as the pipeline loads it (models/benchmarks.py) and writes round_NN/benchmarks.json:
+round's policy as the pipeline loads it (models/evaluate/benchmarks.py) and writes round_NN/benchmarks.json:
 per benchmark, lm-eval's figures with their standard errors, the task's version, the lm-eval version,
 n, the settings, and the model they were measured on. The same figures go into round_NN/metrics.json
 (`benchmarks`: one row per benchmark, task and metric), and Report shows them. Needs `pip install -e
@@ -61,25 +61,25 @@ class Benchmark(GpuTask):
         model = self.requires()["model"].output()
         if not super().outputs_present() or not model.exists():
             return False
-        from models.benchmarks import still_valid
+        from models.evaluate.benchmarks import still_valid
 
         return None not in still_valid(self._records(), self.specs, input_stamp(model))
 
     def run(self):
         set_cpu_threads()
-        from models.benchmarks import lm_eval_version, metrics_rows, run_benchmarks, still_valid
+        from models.evaluate.benchmarks import lm_eval_version, metrics_rows, run_benchmarks, still_valid
 
         specs, recipe = self.specs, self.config
         stamp = input_stamp(self.input()["model"])
         records = still_valid(self._records(), specs, stamp)
         missing = [spec for spec, record in zip(specs, records) if record is None]
         if missing:
-            from models.loading import load_policy, load_tokenizer
+            from models.load.loading import load_policy, load_tokenizer
 
             deps = self.requires()
             model_path, base_path = deps["model"].model_path, deps["base"].model_path
             with self.hold_gpus(1):
-                # The policy as the pipeline uses it: the base plus the round's adapter, unmerged (models/loading.py).
+                # The policy as the pipeline uses it: the base plus the round's adapter, unmerged (models/load/loading.py).
                 model = load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit",
                                     root=base_path, merge=False)
                 made = iter(run_benchmarks(missing, model, load_tokenizer(model_path, recipe.model)))

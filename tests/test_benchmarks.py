@@ -141,7 +141,7 @@ def test_the_figure_of_a_round_equals_lm_evals_own_run_on_its_checkpoint(finishe
     pytest.importorskip("lm_eval")
     import lm_eval
 
-    from models.benchmarks import task_file_config
+    from models.evaluate.benchmarks import task_file_config
 
     tmp, runs, _ = finished_run
     rolling = rolling_task(tmp / "own")
@@ -255,7 +255,7 @@ def test_benchmark_entries_are_checked_when_the_recipe_loads():
 
 def test_benchmark_records_are_reused_only_for_the_same_settings_content_and_model(tmp_path):
     pytest.importorskip("lm_eval")
-    from models.benchmarks import still_valid, task_content_hash
+    from models.evaluate.benchmarks import still_valid, task_content_hash
 
     task = tmp_path / "t" / "demo_bpb.yaml"
     rolling_task(task.parent)

@@ -1,14 +1,14 @@
 """How rounds chain: the policy at the end of Train(r) is the model every later stage loads.
 
 The root weights are never changed and the policy is one LoRA adapter continued across rounds
-(models/loading.py). These tests train real rounds (models.trainer.train_round) on a tiny random
+(models/load/loading.py). These tests train real rounds (models.train.trainer.train_round) on a tiny random
 Llama on the CPU, take the policy's log-probs from the trained model object in-process (at the moment
 the trainer hands it to save_checkpoint), and compare them with the log-probs of what Generate(r+1),
-the self-judge and Evaluate(r) load (models.loading.load_policy) and with Train(r+1)'s reference.
+the self-judge and Evaluate(r) load (models.load.loading.load_policy) and with Train(r+1)'s reference.
 
 Tolerance, on summed log-probs of whole responses: TOL = 1e-4. Unmerged (bf16, fp16, QLoRA, and every
 Evaluate load) the loaded policy computes the same operations on the same weights: measured difference
-0. Evaluate folds the adapter in for its generation (fp32 only, models.loading.adapter_merged) and out
+0. Evaluate folds the adapter in for its generation (fp32 only, models.load.loading.adapter_merged) and out
 again for pi_base, which leaves the root weights off by the rounding of one add and one subtract
 (measured: 4e-6 on the folded policy and on the root afterwards). Merged in fp32 (load_policy's
 default for fp32 inference) the fold costs fp32 rounding: measured about 4e-6. The merged copy in
@@ -26,9 +26,10 @@ import torch
 
 from common.errors import ModelError
 from configs.recipe import recipe_from_dict
-from models import loading, packing
+from models import packing
+from models.load import loading
 from models.logps import batched_logps, pair_logps
-from models.trainer import encode_pairs, train_round
+from models.train.trainer import encode_pairs, train_round
 from conftest import save_tiny_llama_root
 
 TOL = 1e-4
@@ -85,7 +86,7 @@ def trained_policies(monkeypatch):
     def spy(peft_model, tokenizer, out_dir, **kwargs):
         seen.append(logps(peft_model, tokenizer))
         # Round 2's pairs scored as Train(2)'s reference pass scores them (pairs sharing their prompt's
-        # forward, models.trainer.pair_logps, under bf16 autocast where the weights are bf16): in bf16
+        # forward, models.train.trainer.pair_logps, under bf16 autocast where the weights are bf16): in bf16
         # another batch layout rounds differently.
         chosen, rejected = encode_pairs(tokenizer, make_pairs(100), 96)
         weight = next(peft_model.parameters())
@@ -170,7 +171,7 @@ def test_in_bf16_the_policy_at_step_0_of_round_2_computes_its_stored_reference(r
     round 2, where the adapter is not zero, the policy at step 0 was not its own reference (measured: up to 3e-3
     nats apart on these pairs). One micro-batch holds all the pairs, as the reference pass's one batch does,
     so both run the same shapes."""
-    from models import trainer
+    from models.train import trainer
 
     root_path, _ = root
     recipe = make_recipe(root_path, "bf16", learning_rate=1e-3, batch_size=8, loss=loss)
@@ -212,8 +213,8 @@ def test_pi_base_is_the_root_after_the_fold_when_cpu_weights_are_packed(root, tm
 def test_a_policy_loaded_for_packed_weights_keeps_its_adapter_for_packing_to_fold(root, tmp_path, monkeypatch):
     """Generate on a CPU with the static backend: the adapter is not merged into the memory-mapped root at
     load, packing folds it into its packed copies, and the greedy tokens are those of the merged load."""
-    from models.generation import generate_texts
-    from models.sampling import SamplingSettings
+    from models.generate.generation import generate_texts
+    from models.generate.sampling import SamplingSettings
 
     monkeypatch.setattr(packing, "PACK_MIN_WEIGHTS", 0)
     root_path, tok = root
@@ -253,9 +254,9 @@ def test_an_adapter_of_another_shape_is_refused(root, tmp_path, trained_policies
 def test_generation_backends_run_the_unmerged_policy_and_the_root(root):
     # Generate and Evaluate run the policy with its adapter unmerged (bf16, QLoRA, Evaluate always):
     # both backends must see it, and a static-cache session must not outlive switching it off.
-    from models.fast_generation import _weights_fingerprint
-    from models.generation import generate_texts
-    from models.sampling import SamplingSettings
+    from models.generate.fast_generation import _weights_fingerprint
+    from models.generate.generation import generate_texts
+    from models.generate.sampling import SamplingSettings
 
     root_path, tok = root
     model_cfg = recipe_from_dict({}).model

@@ -11,7 +11,7 @@ from configs.recipe import DataConfig
 from data import demo_tasks
 from data.prompts import filter_overlong, format_completion, format_prompt, load_prompts, round_prompts
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact, write_parquet
-from models.tokenizer import build_byte_tokenizer
+from models.load.tokenizer import build_byte_tokenizer
 from conftest import REPO
 
 FIXTURES = REPO / "data" / "fixtures"

@@ -10,7 +10,7 @@ import pytest
 
 import pipeline  # noqa: F401 - registers the tasks
 from configs.recipe import load_recipe
-from models.sft import BUILD_RECORD, build_demo_base, compare_weights, demo_base_dir, shipped_demo_base
+from models.train.sft import BUILD_RECORD, build_demo_base, compare_weights, demo_base_dir, shipped_demo_base
 from tasks.base_model import BaseModel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -35,7 +35,7 @@ def test_shipped_base_is_the_one_its_record_describes():
 
 def test_a_rebuild_retraces_the_shipped_warm_start(tmp_path):
     """The first 100 of 2,400 warm-start steps, rebuilt from the recipe, give the recorded losses (the
-    whole rebuild, `python -m models.sft --rebuild-demo-base --check`, takes minutes). Bit for bit on the
+    whole rebuild, `python -m models.train.sft --rebuild-demo-base --check`, takes minutes). Bit for bit on the
     CPU kind that built it; a CPU with other vector instructions takes other matmul kernels, whose sums
     round differently in the last float32 bit (seen: 1e-7 on a loss of 3), so the check allows 1e-5
     relative, far below what another seed moves (checked here on its first steps)."""
@@ -59,7 +59,7 @@ def test_base_model_task_copies_the_shipped_base(tmp_path):
 def test_base_model_demo_names_the_shipped_base_whatever_the_data_and_the_differences_are_said(tmp_path):
     import yaml
 
-    from models.sft import shipped_base_differences
+    from models.train.sft import shipped_base_differences
     from tasks.requirements import preflight
 
     data = tmp_path / "mine.jsonl"

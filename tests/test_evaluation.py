@@ -1,4 +1,4 @@
-"""The evaluation's figures (models/evaluation.py) on inputs whose answers are worked out by hand.
+"""The evaluation's figures (models/evaluate/evaluation.py) on inputs whose answers are worked out by hand.
 
 evaluate_round is run with its model calls replaced by tables: generation returns chosen answers and
 samples, and the log-prob of a response is looked up by its text, under the policy and under the base.
@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-import models.evaluation as evaluation
-import models.generation as generation
-import models.loading as loading
+import models.evaluate.evaluation as evaluation
+import models.generate.generation as generation
+import models.load.loading as loading
 from configs.recipe import recipe_from_dict
-from models.judges import VerifierJudge
-from models.sampling import Sample
-from models.tokenizer import build_byte_tokenizer
-from models.verifiers import load_verifier
+from models.judge.judges import VerifierJudge
+from models.generate.sampling import Sample
+from models.load.tokenizer import build_byte_tokenizer
+from models.judge.verifiers import load_verifier
 
 BETA = 0.1
 ANSWERS = ["4", "7", "9", "2"]

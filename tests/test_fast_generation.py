@@ -1,4 +1,4 @@
-"""models/fast_generation.py: the static-cache decode loop against transformers' generate.
+"""models/generate/fast_generation.py: the static-cache decode loop against transformers' generate.
 
 CPU tests use tiny random fp32 models (Llama and Qwen2, sdpa and eager attention) and run in seconds.
 GPU tests (`-m gpu`, skipped without CUDA) repeat the comparison with the decode step captured in a
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from models.fast_generation import (
+from models.generate.fast_generation import (
     _SESSIONS,
     release_sessions,
     sample_next_tokens,
@@ -19,9 +19,9 @@ from models.fast_generation import (
     static_sdpa_attention,
     unsupported_reason,
 )
-from models.generation import generate_texts
+from models.generate.generation import generate_texts
 from models.packing import cpu_packing_available, packed_linears
-from models.sampling import SamplingSettings
+from models.generate.sampling import SamplingSettings
 
 VOCAB = 101
 PAD = 0
@@ -132,7 +132,7 @@ def test_greedy_matches_hf_generate(family, attn):
 
 
 def test_generate_texts_static_equals_hf_backend():
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     model = tiny_model("llama", vocab=len(tokenizer))
@@ -152,7 +152,7 @@ def test_log_probs_summed_while_generating_equal_a_forward_pass(backend, tempera
     untempered log-prob of exactly the sampled ids, the eos included and nothing after it, as
     models.logps scores the prompt and those ids in one forward."""
     from models.logps import Encoded, collate, sequence_logps
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     model = tiny_model("llama", vocab=len(tokenizer), init_std=0.3)
@@ -175,7 +175,7 @@ def test_greedy_answers_decoded_beside_samples_are_the_greedy_answers(backend, m
     """Evaluate decodes each prompt's greedy answer in the same batch as its samples (greedy_samples): those
     rows are exactly what a greedy-only run gives, the other rows sample, and on the static backend each
     prompt is prefilled once for all its rows."""
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     model = tiny_model("llama", vocab=len(tokenizer), init_std=0.3)
@@ -206,7 +206,7 @@ def count_forward_rows(model, monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_repeated_prompts_prefill_once_with_the_same_greedy_tokens(attn, monkeypatch):
-    from models.fast_generation import _unique_prompts
+    from models.generate.fast_generation import _unique_prompts
 
     model = tiny_model("qwen2", attn, init_std=0.3)  # sharp attention: a wrong prompt cache changes the tokens
     input_ids, attention_mask = repeated_prompts([3, 9, 6], copies=3)
@@ -250,7 +250,7 @@ def test_a_prefix_every_prompt_shares_runs_once_with_the_same_tokens(attn, monke
 
 
 def test_shared_prefill_samples_what_the_full_prefill_samples(monkeypatch):
-    import models.fast_generation as fast
+    import models.generate.fast_generation as fast
 
     model = tiny_model("llama", init_std=0.3)
     input_ids, attention_mask = repeated_prompts([4, 10], copies=4)
@@ -289,7 +289,7 @@ def test_packed_linears_compute_the_same_logits_and_restore_the_model():
 
 @needs_packing
 def test_a_weight_changed_in_place_is_packed_again():
-    """Evaluate folds a round's adapter into the weights in place (models.loading.adapter_merged): a packed
+    """Evaluate folds a round's adapter into the weights in place (models.load.loading.adapter_merged): a packed
     copy of the old weight must not survive it."""
     model = tiny_model("llama")
     input_ids, attention_mask = left_padded([6, 4])
@@ -331,7 +331,7 @@ def test_packing_folds_a_lora_adapter_without_writing_the_root_weights(monkeypat
     """Evaluate runs a round's policy on packed weights with its adapter folded in by packing: the same
     logits as peft's in-place merge, while the root weights stay bit for bit as loaded."""
     import models.packing as packing
-    from models.loading import adapter_merged, set_adapter_enabled
+    from models.load.loading import adapter_merged, set_adapter_enabled
 
     model = lora_model(monkeypatch)
     input_ids, attention_mask = left_padded([6, 3, 8])
@@ -415,7 +415,7 @@ def test_only_settings_decide_not_generation_config():
 
 
 def test_hf_backend_ignores_the_models_generation_config_too():
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     model = tiny_model("llama", vocab=len(tokenizer))
@@ -460,7 +460,7 @@ def test_top_p_never_leaves_the_nucleus():
 def test_cpu_sampling_draws_the_renormalised_nucleus(monkeypatch, candidates):
     """The CPU sampler (a top-k, or the full sort when the nucleus is larger, then inverse transform
     sampling) draws each token of the nucleus as often as its renormalised probability says."""
-    import models.fast_generation as fast
+    import models.generate.fast_generation as fast
 
     monkeypatch.setattr(fast, "TOP_P_CANDIDATES", candidates)
     probs = torch.tensor([0.3, 0.2, 0.15, 0.12, 0.09, 0.08, 0.04, 0.02])
@@ -523,7 +523,7 @@ def test_compaction_runs_only_live_rows_and_changes_no_token(temperature, monkey
     """On a CPU rows that ended leave the decode step (once a quarter of its rows have): later steps run
     fewer rows, and every row's tokens and summed log-prob are those of the whole batch decoded to the end
     (the same random numbers per row; log-probs up to the attention kernel's rounding by batch size)."""
-    import models.fast_generation as fast
+    import models.generate.fast_generation as fast
 
     model = tiny_model("llama", init_std=0.3)
     input_ids, attention_mask = left_padded([3, 8, 5, 2, 7, 4, 6, 9])
@@ -552,9 +552,9 @@ def test_continuations_scored_with_the_generation_equal_a_log_prob_pass(backend,
     """generate_and_score: each prompt's continuations get the summed log-probs a separate pass gives them;
     on the static backend from the prefill's own run of the prompt (several continuations of a prompt laid
     end to end in one row, none seeing another), so no forward sees a prompt twice."""
-    from models.generation import generate_and_score
+    from models.generate.generation import generate_and_score
     from models.logps import Encoded, batched_logps
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     model = tiny_model("llama", attn, vocab=len(tokenizer), init_std=0.3)
@@ -639,9 +639,9 @@ def test_continuations_longer_than_a_sliding_window_are_scored_by_a_log_prob_pas
     """Scored continuations count as the rows' length too: each must fit in the window with its prompt (laid
     end to end in one row, they need not fit together: none attends to another). Either way every score
     equals a separate log-prob pass."""
-    from models.generation import generate_and_score
+    from models.generate.generation import generate_and_score
     from models.logps import Encoded, batched_logps
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     model = windowed_model("Mistral", window=8)

@@ -274,8 +274,8 @@ DRIVER = """
 import sys, time
 from pathlib import Path
 import luigi.cmdline
-import models.generation as generation
-import models.trainer as trainer
+import models.generate.generation as generation
+import models.train.trainer as trainer
 
 delay, marks = float(sys.argv[1]), Path(sys.argv[2])
 _generate, _logps = generation.generate_texts, trainer.sequence_logps
@@ -445,7 +445,7 @@ def test_a_full_disk_leaves_no_file_and_names_the_path_and_size(tmp_path, monkey
 
 def test_a_full_disk_while_saving_a_trainer_checkpoint(tmp_path, monkeypatch):
     import common.disk
-    import models.trainer as trainer
+    import models.train.trainer as trainer
 
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -470,7 +470,7 @@ def test_a_full_disk_while_saving_a_trainer_checkpoint(tmp_path, monkeypatch):
 def test_a_full_disk_in_a_run_then_the_same_command_completes_with_the_same_result(tmp_path, clean_run, monkeypatch):
     import pyarrow.parquet as pq
 
-    import models.loading
+    import models.load.loading
 
     recipe = write_recipe(tmp_path)
     runs = tmp_path / "runs"
@@ -480,7 +480,7 @@ def test_a_full_disk_in_a_run_then_the_same_command_completes_with_the_same_resu
         return luigi.build([Iterate(recipe=recipe, runs_dir=str(runs), rounds=1)], local_scheduler=True,
                            log_level="WARNING")
 
-    real_write_table, real_save_checkpoint = pq.write_table, models.loading.save_checkpoint
+    real_write_table, real_save_checkpoint = pq.write_table, models.load.loading.save_checkpoint
 
     def write_table(table, where, *args, **kwargs):
         if "generations.parquet" in str(where):
@@ -500,13 +500,13 @@ def test_a_full_disk_in_a_run_then_the_same_command_completes_with_the_same_resu
         assert len(list((round_dir / "generate_work").glob("part-*.parquet"))) == 4  # the parts are kept
 
         monkeypatch.setattr(pq, "write_table", real_write_table)
-        monkeypatch.setattr(models.loading, "save_checkpoint", save_checkpoint)
+        monkeypatch.setattr(models.load.loading, "save_checkpoint", save_checkpoint)
         assert not build()
         assert isinstance(failures[-1], DiskFullError)
         assert str(failures[-1]).startswith(f"{round_dir / 'checkpoint'}: no space left on device; it needs about")
         assert not (round_dir / "checkpoint").exists() and not no_temporaries(runs)
 
-        monkeypatch.setattr(models.loading, "save_checkpoint", real_save_checkpoint)  # space freed
+        monkeypatch.setattr(models.load.loading, "save_checkpoint", real_save_checkpoint)  # space freed
         assert build()
     assert_same_rounds(runs / NAME, clean_run, [1])
 

@@ -1,4 +1,4 @@
-"""FSDP with LoRA (models/fsdp.py) on the CPU: `accelerate launch` with the shipped FSDP config starts two
+"""FSDP with LoRA (models/train/fsdp.py) on the CPU: `accelerate launch` with the shipped FSDP config starts two
 processes (gloo) that shard a tiny random Llama and train one round; the adapter, the reference
 log-probs and every step's logged figures equal one process accumulating the same micro-batches.
 With 7 pairs the processes take 4 and 3 in the reference pass (the shorter share padded), and each
@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import models.trainer as trainer
+import models.train.trainer as trainer
 from configs.recipe import recipe_from_dict
 from data.schema import write_parquet
 from conftest import save_tiny_llama_root
@@ -77,7 +77,7 @@ def launch_fsdp(sharded_job: dict) -> str:
     job_file.write_text(json.dumps(sharded_job))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG, "--num_processes", "2",
-               "-m", "models.trainer", str(job_file)]
+               "-m", "models.train.trainer", str(job_file)]
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as done:
         try:
             stdout, stderr = done.communicate(timeout=300)
@@ -204,7 +204,7 @@ def test_fsdp_fits_supervised_examples_as_one_process(tmp_path):
 ])
 def test_fsdp_settings_it_does_not_implement_are_one_line_errors(monkeypatch, setting, message):
     from common.errors import RecipeError
-    from models.fsdp import check_fsdp
+    from models.train.fsdp import check_fsdp
 
     for key in ("FSDP_VERSION", "FSDP_OFFLOAD_PARAMS", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
         monkeypatch.delenv(key, raising=False)

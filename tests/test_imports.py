@@ -20,17 +20,23 @@ WITHOUT_LUIGI = ("common", "configs", "data", "models")
 
 
 def project_modules() -> list[str]:
+    """Every module and package of the layers, subpackages included (models/load/loading.py: models.load.loading)."""
     names = []
     for layer in LAYERS:
-        for path in sorted((REPO / layer).glob("*.py")):
-            names.append(layer if path.stem == "__init__" else f"{layer}.{path.stem}")
+        for path in sorted((REPO / layer).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
+
+
+def module_path(module: str):
+    path = REPO.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def imports_of(module: str) -> list[tuple[str, int]]:
     """(project module or package imported, line) for every import in `module`'s file, inside functions too."""
-    parts = module.split(".")
-    path = REPO / parts[0] / ("__init__.py" if len(parts) == 1 else f"{parts[1]}.py")
+    path = module_path(module)
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -102,3 +108,49 @@ def test_every_module_imports_first_in_a_fresh_interpreter_and_the_lower_layers_
         if layer in WITHOUT_LUIGI:
             assert "luigi" not in loaded, f"importing {module} loaded luigi"
 
+
+
+# models/ by stage (models/__init__.py says why): the stages each stage may import besides itself and the shared
+# modules beside them, which import no stage. Judging never trains, training never generates or judges.
+MODEL_STAGES = {
+    "load": set(),
+    "generate": {"load"},
+    "judge": {"load", "generate"},
+    "evaluate": {"load", "generate", "judge"},
+    "train": {"load"},
+}
+SHARED_MODEL_MODULES = {"models", "models.logps", "models.padding", "models.packing"}
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "models" and len(parts) > 1 and parts[1] in MODEL_STAGES else None
+
+
+def test_every_model_module_belongs_to_a_stage_or_is_declared_shared():
+    loose = sorted(m for m in MODULES if m.startswith("models") and stage_of(m) is None and m not in SHARED_MODEL_MODULES)
+    assert loose == [], "a module of models/ outside the stage packages: move it into one, or add it to SHARED_MODEL_MODULES"
+
+
+def test_each_model_stage_imports_only_the_stages_it_builds_on():
+    crossing = []
+    for module in sorted(m for m in MODULES if m.startswith("models")):
+        stage = stage_of(module)
+        allowed = set() if stage is None else MODEL_STAGES[stage] | {stage}
+        for imported, line in imports_of(module):
+            other = stage_of(imported)
+            if other is not None and other not in allowed:
+                crossing.append(f"{module}:{line} imports {imported} (stage {other})")
+    assert crossing == []
+
+
+def test_the_installed_package_list_holds_every_package():
+    # setup.cfg names its packages one by one: a subpackage left out is missing from a non-editable install.
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    listed = {name.strip() for name in config["options"]["packages"].replace("\n", ",").split(",") if name.strip()}
+    on_disk = {".".join(path.parent.relative_to(REPO).parts) for layer in [*LAYERS, "notebooks"]
+               for path in (REPO / layer).rglob("__init__.py")}
+    assert listed == on_disk

@@ -7,8 +7,8 @@ import torch
 
 from common.errors import RecipeError
 from configs.recipe import recipe_from_dict
-from models.judge_types import JudgeGroup, JudgeResult, matrix_from_scores
-from models.judges import (
+from models.judge.judge_types import JudgeGroup, JudgeResult, matrix_from_scores
+from models.judge.judges import (
     RewardModelJudge,
     SelfJudge,
     VerifierJudge,
@@ -183,7 +183,7 @@ def tiny_byte_llama():
     """(a randomly initialised one-layer Llama, the byte tokenizer it reads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tok = build_byte_tokenizer()
     torch.manual_seed(0)
@@ -204,7 +204,7 @@ def test_reward_model_judge(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from configs.recipe import ModelConfig
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tok = build_byte_tokenizer()
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.losses import (
+from models.train.losses import (
     LOSSES, PreferenceBatch, chosen_nll, dpo_sigmoid, hinge, implicit_rewards, inpo, robust, simpo, sppo,
 )
 

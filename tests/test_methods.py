@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from configs.recipe import recipe_from_dict
-from models import loading
+from models.load import loading
 from models.logps import batched_logps
-from models.trainer import encode_pairs, train_round
+from models.train.trainer import encode_pairs, train_round
 from conftest import save_tiny_llama_root
 from test_judges import ScoredJudge, tiny_byte_llama
 
@@ -74,7 +74,7 @@ def dpo_recipe(**judge):
 
 
 def test_an_empty_response_is_never_chosen():
-    from models.judges import VerifierJudge, pair_round
+    from models.judge.judges import VerifierJudge, pair_round
 
     # The only finished sample is empty and the others were cut: before, the empty one was chosen (and the
     # pairs file refused it). Now it can only be rejected; prompt p1 with every sample wrong and one
@@ -88,7 +88,7 @@ def test_an_empty_response_is_never_chosen():
 
 @pytest.mark.parametrize("algorithm", ["dpo", "sppo"])
 def test_an_empty_response_is_rejected_only_where_it_ranks_lowest(algorithm):
-    from models.judges import pair_round
+    from models.judge.judges import pair_round
 
     # A graded judge gives the empty answer 0.5 and "wrong" 0.2: "wrong" is the worst sample and the
     # rejected side; the empty one is neither side. Where the empty answer ties the worst, it is rejected.
@@ -107,7 +107,7 @@ def dno_recipe(**judge):
 
 
 def test_dno_judges_the_dataset_response_beside_the_samples_and_ranks_by_win_rate():
-    from models.judges import VerifierJudge, pair_round
+    from models.judge.judges import VerifierJudge, pair_round
 
     # p0: no sample is right, so the dataset's answer is chosen against the model's modal wrong answer;
     # p1: a sample is right and says what the dataset says: the model's own sample is chosen (its ids kept).
@@ -128,7 +128,7 @@ def test_dno_judges_the_dataset_response_beside_the_samples_and_ranks_by_win_rat
 
 
 def test_the_margin_filter_drops_pairs_the_judge_barely_separates():
-    from models.judges import pair_round
+    from models.judge.judges import pair_round
 
     gens = generations([["a", "b", "c"], ["d", "e", "f"]], ["x", "y"])
     judge = ScoredJudge({"a": 3.0, "b": 2.9, "c": 2.8, "d": 5.0, "e": 1.0, "f": 2.0})
@@ -145,7 +145,7 @@ def test_the_margin_filter_drops_pairs_the_judge_barely_separates():
 
 @pytest.mark.parametrize("algorithm", ["dpo", "inpo"])
 def test_the_margin_of_dpo_and_inpo_is_taken_on_the_judges_scores_not_win_rates(algorithm):
-    from models.judges import pair_round
+    from models.judge.judges import pair_round
 
     # Scores 3.0 and 2.0 are 1.0 apart: kept at min_margin 0.5. Their win rates (Bradley-Terry, self counted
     # 1/2) are 0.62 and 0.38, 0.23 apart: a filter on those would drop the pair.
@@ -159,7 +159,7 @@ def test_the_margin_of_dpo_and_inpo_is_taken_on_the_judges_scores_not_win_rates(
 
 
 def test_spin_pairs_say_where_each_side_came_from():
-    from models.judges import pair_round
+    from models.judge.judges import pair_round
 
     pairs, _ = pair_round(recipe_from_dict({}), generations([["4"]], ["5"]), 1)
     assert (pairs.chosen_source.iloc[0], pairs.rejected_source.iloc[0]) == ("dataset", "sample")
@@ -182,7 +182,7 @@ class ScriptedRefiner:
         self.rewrites, self.asked = rewrites, []
 
     def refine(self, requests):
-        from models.generation import Sample
+        from models.generate.generation import Sample
 
         self.asked.extend(requests)
         return [[Sample(text=t, num_tokens=2, finished=True, token_ids=[9, 9]) for t in self.rewrites[response]]
@@ -190,7 +190,7 @@ class ScriptedRefiner:
 
 
 def test_refinement_pairs_a_passing_rewrite_against_the_failed_answer():
-    from models.judges import VerifierJudge, pair_round
+    from models.judge.judges import VerifierJudge, pair_round
 
     # p0: every sample wrong; its modal answer "4" is rewritten, and the rewrite "5" passes.
     # p1: a sample is right: nothing is refined, the usual pair. p2: no rewrite passes: no pair.
@@ -213,7 +213,7 @@ def test_refinement_pairs_a_passing_rewrite_against_the_failed_answer():
 
 
 def test_a_refinement_replaces_a_pair_of_two_failing_answers_and_changes_least():
-    from models.judges import pair_round
+    from models.judge.judges import pair_round
 
     # A graded judge: "a" and "b" both fail (pass_score 0.5); their pair would be a > b. Two rewrites pass
     # with the same score; the one that changes "a so" least is chosen.
@@ -229,7 +229,7 @@ def test_a_refinement_replaces_a_pair_of_two_failing_answers_and_changes_least()
 
 
 def test_refinement_pairs_are_held_to_the_margin_filter():
-    from models.judges import pair_round
+    from models.judge.judges import pair_round
 
     # Both samples fail (pass_score 0.5) and are 0.8 apart; the rewrite passes, 0.3 above the answer it rewrites.
     gens = generations([["a so", "b"]], ["x"])
@@ -250,7 +250,7 @@ def test_refinement_pairs_are_held_to_the_margin_filter():
 
 
 def test_refinement_options_are_checked_at_load():
-    from models.judges import REFINE_PROMPT
+    from models.judge.judges import REFINE_PROMPT
     from common.errors import RecipeError
 
     assert dpo_recipe(refine=True).pass_score == 0.5  # the verifier: a right answer passes
@@ -270,7 +270,7 @@ def test_refinement_options_are_checked_at_load():
 
 
 def test_the_refiner_samples_rewrites_from_the_refinement_prompt(monkeypatch):
-    from models.judges import make_refiner
+    from models.judge.judges import make_refiner
 
     model, tok = tiny_byte_llama()
     recipe = dpo_recipe(refine=True, refine_samples=3, refine_prompt="Fix {response} for: {prompt}")
@@ -288,7 +288,7 @@ def test_the_refiner_samples_rewrites_from_the_refinement_prompt(monkeypatch):
 
 
 def test_each_judge_shard_refines_from_a_seed_of_its_own():
-    from models.judges import make_refiner
+    from models.judge.judges import make_refiner
 
     model, tok = tiny_byte_llama()
     recipe = recipe_from_dict({"algorithm": "dpo", "judge": {"name": "verifier", "refine": True, "refine_samples": 2},

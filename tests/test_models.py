@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from common.errors import ModelError
 from configs.recipe import ModelConfig, TrainingConfig
-from models.loading import (
+from models.load.loading import (
     ADAPTER_DIR,
     CHAIN,
     add_lora,
@@ -20,8 +20,8 @@ from models.loading import (
     save_checkpoint,
 )
 from models.logps import _has_plain_head, collate, encode, sequence_logps
-from models.tokenizer import build_byte_tokenizer
-from models.trainer import length_grouped_batches
+from models.load.tokenizer import build_byte_tokenizer
+from models.train.trainer import length_grouped_batches
 
 FP32 = ModelConfig(precision="fp32")
 
@@ -174,7 +174,7 @@ def test_a_pair_shares_one_prompt_cut_once_by_the_longer_side():
     import pandas as pd
 
     from models.logps import encode_pair
-    from models.trainer import encode_pairs
+    from models.train.trainer import encode_pairs
 
     tok = build_byte_tokenizer()
     chosen, rejected = encode_pair(tok, "p" * 50, "c" * 40, "r" * 5, max_length=60)
@@ -194,7 +194,7 @@ def test_generation_keeps_only_prompts_that_fit_beside_a_full_sample(saved, tmp_
 
     from common.errors import DataError
     from configs.recipe import recipe_from_dict
-    from models.generation import generate_round
+    from models.generate.generation import generate_round
 
     path, _ = saved
     # 40 tokens of training sequence, 8 of them for the sample: prompts over 32 tokens could not be trained on whole.
@@ -275,9 +275,9 @@ def test_length_grouped_batches_cover_everything_once_and_group_lengths():
 
 def test_fallback_chat_template_ends_completions_with_eos_so_a_base_model_learns_to_stop(tmp_path):
     from data.prompts import format_completion, format_prompt
-    from models.generation import generate_texts
-    from models.sampling import SamplingSettings
-    from models.sft import encode_examples, supervised_finetune
+    from models.generate.generation import generate_texts
+    from models.generate.sampling import SamplingSettings
+    from models.train.sft import encode_examples, supervised_finetune
 
     tok = build_byte_tokenizer()
     tok.chat_template = None  # a base model's tokenizer: no template of its own
@@ -308,7 +308,7 @@ def test_tokenizer_without_template_or_eos_is_refused(tmp_path):
 
 
 def test_samples_keep_their_token_ids_with_the_ending_eos():
-    from models.generation import _decode
+    from models.generate.generation import _decode
 
     tok = build_byte_tokenizer()
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -323,7 +323,7 @@ def test_eval_scores_the_sampled_ids_and_one_prompt_per_held_out_pair():
     import pandas as pd
 
     from data.prompts import format_prompt
-    from models.evaluation import encode_eval_rows
+    from models.evaluate.evaluation import encode_eval_rows
 
     tok = build_byte_tokenizer()
     sampled = tok(" x \n", add_special_tokens=False).input_ids + [tok.eos_token_id]  # decoded and stripped: "x"

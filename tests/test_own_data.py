@@ -15,7 +15,7 @@ import pipeline  # noqa: F401 - registers the tasks
 from common.errors import DataError
 from data.runs import Run
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact
-from models.verifiers import load_verifier
+from models.judge.verifiers import load_verifier
 from tasks.base import LUIGI_DEFAULTS
 from tasks.iterate import Iterate
 from conftest import REPO

@@ -1,4 +1,4 @@
-"""PairRM loader and judge (models/pairrm.py) on a tiny random checkpoint saved in the PairRM-hf format."""
+"""PairRM loader and judge (models/judge/pairrm.py) on a tiny random checkpoint saved in the PairRM-hf format."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from common.errors import ModelError
-from models.judge_types import JudgeGroup
-from models.pairrm import (
+from models.judge.judge_types import JudgeGroup
+from models.judge.pairrm import (
     CAND1_PREFIX,
     CAND2_PREFIX,
     PREFIX_TOKENS,

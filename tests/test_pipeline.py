@@ -237,7 +237,7 @@ def test_spar_refinement_demo_two_rounds(tmp_path):
 
 def test_rest_demo_two_rounds(tmp_path):
     from data.schema import SELECTED
-    from models.verifiers import load_verifier
+    from models.judge.verifiers import load_verifier
 
     runs = tmp_path / "runs"
     build(Iterate(recipe=shipped_demo(tmp_path, "demo_rest"), runs_dir=str(runs), rounds=2))

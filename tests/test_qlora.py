@@ -12,7 +12,8 @@ import torch
 
 from common.errors import ModelError
 from configs.recipe import recipe_from_dict
-from models import loading, packing
+from models import packing
+from models.load import loading
 from models.logps import collate_pairs, encode_pair, sequence_logps
 from conftest import save_tiny_llama_root
 
@@ -89,9 +90,9 @@ def test_static_backend_runs_an_nf4_policy_unpacked_and_gives_the_greedy_tokens_
     """Packing takes fp32 nn.Linear layers only: a LoRA layer over Linear4bit runs peft's own forward (its
     adapter not folded, nothing written into the nf4 weights), the tied fp32 head is packed, and the tokens
     and summed log-probs are those of plain generate and the log-prob pass."""
-    from models.generation import generate_texts
+    from models.generate.generation import generate_texts
     from models.logps import Encoded, batched_logps
-    from models.sampling import SamplingSettings
+    from models.generate.sampling import SamplingSettings
 
     monkeypatch.setattr(packing, "PACK_MIN_WEIGHTS", 0)  # the tiny model's layers packed where they can be
     root_path, tok = root
@@ -180,7 +181,7 @@ def test_a_qlora_round_reports_what_the_nf4_base_costs_beside_the_full_precision
     import pandas as pd
 
     from configs.recipe import load_recipe
-    from models.evaluation import evaluate_round
+    from models.evaluate.evaluation import evaluate_round
     from tasks.evaluate import eval_prompts
 
     run_dir, recipe_path = qlora_run
@@ -207,7 +208,7 @@ def test_a_qlora_round_reports_what_the_nf4_base_costs_beside_the_full_precision
 def test_quantization_cost_by_hand():
     import pandas as pd
 
-    from models.evaluation import quantization_cost
+    from models.evaluate.evaluation import quantization_cost
 
     frame = pd.DataFrame({
         "prompt_id": ["a", "a", "a", "b", "b", "b"],

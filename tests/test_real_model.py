@@ -70,7 +70,7 @@ def base_dir(spin_run) -> Path:
 @pytest.fixture(scope="module")
 def base(base_dir):
     """The converted base model and its tokenizer, loaded once, fp32 on the CPU."""
-    from models.loading import load_causal_lm, load_tokenizer
+    from models.load.loading import load_causal_lm, load_tokenizer
 
     return load_causal_lm(str(base_dir), FP32).eval(), load_tokenizer(str(base_dir), FP32)
 
@@ -94,8 +94,8 @@ def test_spin_round_from_the_gguf_file_through_luigi(spin_run, smollm2_gguf):
 
 def test_generation_stops_at_im_end_and_keeps_no_template_tokens(base, monkeypatch):
     from data.prompts import format_completion, format_prompt
-    from models.generation import _eos_ids, generate_texts
-    from models.sampling import SamplingSettings
+    from models.generate.generation import _eos_ids, generate_texts
+    from models.generate.sampling import SamplingSettings
 
     model, tok = base
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -122,8 +122,8 @@ def test_static_backend_decodes_the_greedy_tokens_of_generate(base):
     lengths, each answer up to its end of turn, and the log-probs it sums on the way."""
     from configs.recipe import DataConfig
     from data.prompts import format_prompt, load_prompts
-    from models.generation import generate_texts
-    from models.sampling import SamplingSettings
+    from models.generate.generation import generate_texts
+    from models.generate.sampling import SamplingSettings
 
     model, tok = base
     texts = [format_prompt(tok, p) for p in load_prompts("demo:heldout", "test", DataConfig()).prompt[:16]]
@@ -155,7 +155,7 @@ class LongerIsBetter:
     name = "longer"
 
     def judge(self, groups):
-        from models.judge_types import JudgeResult, matrix_from_scores
+        from models.judge.judge_types import JudgeResult, matrix_from_scores
 
         results = []
         for group in groups:
@@ -169,13 +169,13 @@ def test_training_tokens_are_the_prompt_generation_saw_plus_the_sample_plus_end_
     prompt as generation saw it, then exactly the tokens sampled, then <|im_end|> (nothing after it)."""
     from configs.recipe import recipe_from_dict
     from data.prompts import load_prompts
-    from models.generation import generate_round
-    from models.judges import pair_round
-    from models.trainer import encode_pairs
+    from models.generate.generation import generate_round
+    from models.judge.judges import pair_round
+    from models.train.trainer import encode_pairs
 
     model, tok = base
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    monkeypatch.setattr("models.loading.load_policy", lambda *args, **kwargs: model)  # loaded once already
+    monkeypatch.setattr("models.load.loading.load_policy", lambda *args, **kwargs: model)  # loaded once already
     calls = record_generate(model, monkeypatch)
     recipe = recipe_from_dict({**CI_RECIPE, "algorithm": "spin", "judge": {"name": "ground_truth"},
                                "generation": {**CI_RECIPE["generation"], "num_samples": 2, "max_new_tokens": 24}})
@@ -217,7 +217,7 @@ def test_training_tokens_are_the_prompt_generation_saw_plus_the_sample_plus_end_
 
 def test_lora_lands_on_every_llama_projection(base):
     from configs.recipe import TrainingConfig
-    from models.loading import add_lora
+    from models.load.loading import add_lora
 
     model, _tok = base
     layers = model.config.num_hidden_layers
@@ -237,9 +237,9 @@ def test_merged_checkpoint_reloads_alone_and_gives_the_policys_logps(spin_run, b
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from models.loading import load_tokenizer
+    from models.load.loading import load_tokenizer
     from models.logps import batched_logps
-    from models.trainer import encode_pairs
+    from models.train.trainer import encode_pairs
 
     run_dir = spin_run[0]
     checkpoint = run_dir / "round_01" / "checkpoint"
@@ -269,7 +269,7 @@ def test_evaluate_folds_the_adapter_in_its_packed_weights_as_peft_merges_it(spin
     from configs.recipe import load_recipe
     from data.layout import RunLayout
     from data.schema import EVAL
-    from models.evaluation import evaluate_rows
+    from models.evaluate.evaluation import evaluate_rows
     from tasks.evaluate import eval_prompts
 
     run_dir, recipe_path, _ = spin_run
@@ -297,8 +297,8 @@ def test_evaluate_folds_the_adapter_in_its_packed_weights_as_peft_merges_it(spin
 
 def test_self_judge_reads_verdicts_from_the_real_models_answers(base, monkeypatch):
     from data.prompts import format_prompt
-    from models.judge_types import JudgeGroup
-    from models.judges import POINTWISE_PROMPT, SelfJudge, parse_score, parse_verdict
+    from models.judge.judge_types import JudgeGroup
+    from models.judge.judges import POINTWISE_PROMPT, SelfJudge, parse_score, parse_verdict
 
     model, tok = base
     groups = [JudgeGroup("Name three fruits that are yellow.", ["Bananas, lemons and pineapples.", "Apples are red."]),

@@ -12,8 +12,8 @@ import pipeline  # noqa: F401 - registers the tasks
 from configs.recipe import ModelConfig
 from data.comparisons import judge_agreement, lc_win_rate
 from data.schema import EVAL, read_artifact
-from models.judge_types import JudgeGroup
-from models.judges import RewardModelJudge
+from models.judge.judge_types import JudgeGroup
+from models.judge.judges import RewardModelJudge
 from tasks.iterate import Iterate
 from test_pipeline import build
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def tiny_reward_model(path) -> str:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     tok = build_byte_tokenizer()
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def test_no_training_judge_is_asked_where_it_is_the_referee(tiny_recipe, tmp_pat
 
 def test_the_referee_helpers_name_who_judges(tiny_recipe):
     from configs.recipe import load_recipe
-    from models.referee import referee_model, training_judge_apart, training_judge_detail
+    from models.evaluate.referee import referee_model, training_judge_apart, training_judge_detail
 
     self_policy = load_recipe(tiny_recipe("dpo", name="s", judge={"name": "self"}))
     # round 1's self-judge was the base model, as is the default referee: one judge; from round 2 on, two

@@ -18,7 +18,7 @@ import yaml
 import pipeline  # noqa: F401 - registers the tasks
 from common.errors import ModelError, TrainingError
 from data.schema import EVAL, GENERATIONS, PAIRS, read_artifact
-from models.generation import run_with_oom_backoff
+from models.generate.generation import run_with_oom_backoff
 from tasks.base import DirTarget
 from tasks.iterate import Iterate
 from tasks.rounds import Generate
@@ -30,8 +30,8 @@ from conftest import REPO
 DRIVER = """
 import sys, time
 import luigi.cmdline
-import models.generation as generation
-import models.trainer as trainer
+import models.generate.generation as generation
+import models.train.trainer as trainer
 
 delay = float(sys.argv[1])
 _generate, _logps = generation.generate_texts, trainer.sequence_logps
@@ -169,7 +169,7 @@ def test_cli_bad_dataset_rows(tmp_path, rows, fragment):
 
 
 def test_checkpoint_of_another_base_is_refused(tmp_path):
-    from models.loading import CHECKPOINT_INFO, check_same_root
+    from models.load.loading import CHECKPOINT_INFO, check_same_root
 
     (tmp_path / CHECKPOINT_INFO).write_text(json.dumps({"root_model": "org/other-model"}))
     with pytest.raises(ModelError, match="descends from org/other-model, not from this run's base org/mine"):
@@ -191,9 +191,9 @@ def test_directory_outputs_appear_whole_or_not_at_all(tmp_path):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_recipe, tmp_path, monkeypatch):
-    import models.trainer as trainer
+    import models.train.trainer as trainer
     from configs.recipe import load_recipe
-    from models.sft import build_demo_model
+    from models.train.sft import build_demo_model
 
     recipe = load_recipe(tiny_recipe("spin", training={"save_steps": 1, "epochs": 2}, demo_model={"sft_steps": 2}))
     build_demo_model(recipe.demo_model, [{"prompt": "What is 1 + 1?", "reference": "2"}], tmp_path / "base", 0)

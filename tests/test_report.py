@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from data.report import accuracy_change_vs_base, draw_per_round, render_report  # noqa: E402
 from data.runs import Run  # noqa: E402
 from data.stats import mean_se  # noqa: E402
-from models.evaluation import implicit_reward_stats  # noqa: E402
+from models.evaluate.evaluation import implicit_reward_stats  # noqa: E402
 
 
 def test_mean_se_matches_the_closed_form():

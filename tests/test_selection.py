@@ -291,7 +291,7 @@ def test_the_demo_data_validates_on_its_own_split():
 
 def test_gt_logprob_is_the_mean_per_token_log_likelihood_of_the_ground_truth(tmp_path):
     from data.prompts import format_completion, format_prompt
-    from models.evaluation import ground_truth_logprobs
+    from models.evaluate.evaluation import ground_truth_logprobs
 
     path, tokenizer = save_tiny_llama_root(tmp_path / "root")
     from transformers import AutoModelForCausalLM
@@ -326,9 +326,9 @@ def test_the_reference_is_the_base_or_the_average_of_the_adapter(tmp_path, refer
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from models.loading import load_causal_lm, lora_config
+    from models.load.loading import load_causal_lm, lora_config
     from models.logps import pair_logps
-    from models.trainer import REFERENCE_EMA, encode_pairs, train_round
+    from models.train.trainer import REFERENCE_EMA, encode_pairs, train_round
 
     root, tokenizer = save_tiny_llama_root(tmp_path / "root")
     recipe = recipe_from_dict({
@@ -384,7 +384,7 @@ def tiny_run(tiny_recipe, name: str, rounds_list, **overrides):
 
 def policy_logps(model_path: str, recipe_path: str, texts) -> np.ndarray:
     from configs.recipe import load_recipe
-    from models.loading import load_policy, load_tokenizer
+    from models.load.loading import load_policy, load_tokenizer
     from models.logps import batched_logps, encode
 
     recipe = load_recipe(recipe_path)
@@ -398,7 +398,7 @@ def policy_logps(model_path: str, recipe_path: str, texts) -> np.ndarray:
 def test_a_round_made_worse_keeps_the_round_before_it_and_best_loads_to_it(tiny_recipe, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from models.loading import load_tokenizer
+    from models.load.loading import load_tokenizer
     from models.logps import batched_logps, encode
     from tasks.iterate import Iterate
     from test_pipeline import build
@@ -466,9 +466,9 @@ def test_early_stopping_runs_exactly_the_rounds_it_should(tiny_recipe, tmp_path,
 @pytest.mark.slow
 def test_restart_from_best_generates_round_3_from_round_1(tiny_recipe, tmp_path):
     from data.schema import PAIRS, read_artifact
-    from models.loading import checkpoint_info, load_policy, load_tokenizer
+    from models.load.loading import checkpoint_info, load_policy, load_tokenizer
     from models.logps import pair_logps
-    from models.trainer import encode_pairs
+    from models.train.trainer import encode_pairs
     from tasks.iterate import Iterate
     from test_pipeline import build
     from configs.recipe import load_recipe

@@ -1,4 +1,4 @@
-"""The self-training family (algorithm rest; models/self_training.py, models/losses.py completion_nll) and where a
+"""The self-training family (algorithm rest; models/judge/self_training.py, models/train/losses.py completion_nll) and where a
 round starts (training.init): the loss against its closed form, which samples become examples and how many,
 STaR's rationalization trained without its hint, a fresh adapter per round whatever its parent, the parent kept
 as the reference, a round where nothing passes, bad recipes refused in one line, and two whole STaR rounds."""
@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models.trainer as trainer
+import models.train.trainer as trainer
 from common.errors import DataError, RecipeError
 from configs.recipe import recipe_from_dict
 from data.schema import SELECTED, read_artifact, write_parquet
-from models.judges import VerifierJudge
-from models.losses import completion_nll
-from models.sampling import Sample
-from models.self_training import RATIONALIZE_PROMPT, finish_counts, pick_examples, select_round
-from models.verifiers import load_verifier
+from models.judge.judges import VerifierJudge
+from models.train.losses import completion_nll
+from models.generate.sampling import Sample
+from models.judge.self_training import RATIONALIZE_PROMPT, finish_counts, pick_examples, select_round
+from models.judge.verifiers import load_verifier
 from conftest import save_tiny_llama_root
 
 
@@ -262,7 +262,7 @@ def adapter(out_dir) -> dict:
 
 
 def example_logps(model_path: str, recipe, frame: pd.DataFrame, root_path: str) -> np.ndarray:
-    from models import loading
+    from models.load import loading
     from models.logps import batched_logps
 
     tokenizer = loading.load_tokenizer(root_path, recipe.model)
@@ -301,7 +301,7 @@ def test_init_base_trains_the_same_adapter_whatever_the_parent(root, parents, tm
 
 
 def test_init_base_keeps_the_parent_as_the_reference_of_a_preference_loss(root, parents, tmp_path):
-    from models import loading
+    from models.load import loading
     from models.logps import batched_logps
 
     parent_a, _ = parents

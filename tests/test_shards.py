@@ -162,7 +162,7 @@ def assert_same_files_as_a_clean_run(tiny_recipe, tmp_path: Path, round_dir: Pat
 DRIVER = """
 import sys, time
 import luigi.cmdline
-import models.generation as generation
+import models.generate.generation as generation
 
 delay = float(sys.argv[1])
 _generate = generation.generate_texts
@@ -269,8 +269,8 @@ def test_vllm_builds_one_engine_per_shard_and_keeps_row_order(tiny_recipe, tmp_p
     import pandas as pd
 
     from data.prompts import format_prompt
-    from models.generation import shard_seed
-    from models.loading import load_tokenizer
+    from models.generate.generation import shard_seed
+    from models.load.loading import load_tokenizer
 
     frame = pd.read_parquet(tmp_path / "tiny_spin" / "round_01" / "generations.parquet")
     tokenizer = load_tokenizer(base_model, Generate(recipe=recipe, runs_dir=str(tmp_path), round_idx=1).config.model)
@@ -285,8 +285,8 @@ def test_vllm_builds_one_engine_per_shard_and_keeps_row_order(tiny_recipe, tmp_p
 def test_vllm_engine_spans_tensor_parallel_gpus(monkeypatch):
     fake = FakeVllm()
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
-    from models import fast_generation
-    from models.sampling import SamplingSettings
+    from models.generate import fast_generation
+    from models.generate.sampling import SamplingSettings
 
     class Tokenizer:
         eos_token_id = 0

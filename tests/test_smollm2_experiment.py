@@ -79,7 +79,7 @@ def test_strict_and_lenient_part_ways_on_sentences_only():
 
 
 def test_lenient_check_loads_as_a_verifier_and_refuses_an_unknown_task():
-    from models.verifiers import load_verifier
+    from models.judge.verifiers import load_verifier
 
     verifier = load_verifier("data.lenient:check")
     assert verifier.score("", "It is 193.", {"task": "add", "answer": "193"}) == 1.0

@@ -1,4 +1,4 @@
-"""The Train stage (models/trainer.py) on a tiny random Llama on the CPU: every loss moves the adapter
+"""The Train stage (models/train/trainer.py) on a tiny random Llama on the CPU: every loss moves the adapter
 the way its pairs ask, gradient accumulation equals one larger batch, the reference log-probs are
 cached and recomputed exactly when the pairs change, and stale work directories are cleared."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models.trainer as trainer
+import models.train.trainer as trainer
 from configs.recipe import recipe_from_dict
 from data.schema import PAIRS, write_parquet
-from models import loading
+from models.load import loading
 from models.logps import batched_logps
 from tasks.base import DirTarget, FileTarget, prepare_work_dir
 from conftest import save_tiny_llama_root
@@ -222,7 +222,7 @@ def test_a_trainer_checkpoint_is_unpickled_as_weights_only(root, tmp_path):
 
 
 def test_the_logged_reward_accuracy_counts_ties_as_no_wins():
-    from models.losses import PreferenceBatch
+    from models.train.losses import PreferenceBatch
 
     # At a round's first step the policy is its reference: rewards 0 and 0 on every pair, nothing won yet.
     logps = torch.tensor([-3.0, -5.0, -7.5])

@@ -10,9 +10,9 @@ from common.errors import DataError, ModelError, RecipeError
 from configs.recipe import DataConfig, recipe_from_dict
 from data.prompts import load_prompts
 from tasks.requirements import check_eval_data, check_train_data, preflight
-from models.judge_types import JudgeGroup
-from models.judges import VerifierJudge, make_judge, pair_round
-from models.verifiers import choice_letter, last_number, load_verifier
+from models.judge.judge_types import JudgeGroup
+from models.judge.judges import VerifierJudge, make_judge, pair_round
+from models.judge.verifiers import choice_letter, last_number, load_verifier
 from conftest import REPO
 
 FIXTURES = REPO / "data" / "fixtures"

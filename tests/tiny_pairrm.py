@@ -1,5 +1,5 @@
 """A tiny randomly initialised PairRM checkpoint in the PairRM-hf format, tokenizer included, built
-offline: what tests/test_pairrm.py loads with models.pairrm.PairRMJudge in place of the real weights."""
+offline: what tests/test_pairrm.py loads with models.judge.pairrm.PairRMJudge in place of the real weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import DebertaV2Config
 
-from models.pairrm import CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX, MAX_LENGTH, PREFIX_TOKENS, SOURCE_PREFIX, DebertaV2PairRM
+from models.judge.pairrm import CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX, MAX_LENGTH, PREFIX_TOKENS, SOURCE_PREFIX, DebertaV2PairRM
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

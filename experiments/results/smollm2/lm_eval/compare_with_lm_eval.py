@@ -3,7 +3,7 @@
     python experiments/results/smollm2/lm_eval/compare_with_lm_eval.py RUN_DIR RECIPE
 
 Scores data/fixtures/lm_eval/sums_mc.yaml three times with lm-eval 0.4.x and prints accuracy and seconds:
-the base and round 1 as Benchmark loads them (models.loading.load_policy, unmerged, handed to HFLM), and
+the base and round 1 as Benchmark loads them (models.load.loading.load_policy, unmerged, handed to HFLM), and
 round 1 as lm-eval loads it itself (`pretrained=<run>/base_model,peft=<run>/round_01/checkpoint/adapter`);
 then the largest difference between the two round-1 runs' log-likelihoods of the 4 x 60 options, and
 how far round 1 moved them from the base. summary.json beside this file holds what it printed.
@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO))
 
 from configs.evaluation import BenchmarkSpec  # noqa: E402
 from configs.recipe import load_recipe  # noqa: E402
-from models.benchmarks import task_file_config  # noqa: E402
-from models.loading import load_policy, load_tokenizer  # noqa: E402
+from models.evaluate.benchmarks import task_file_config  # noqa: E402
+from models.load.loading import load_policy, load_tokenizer  # noqa: E402
 
 
 def option_logliks(output) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What a judge is given and what it answers, shared by every judge (models/judges.py, models/pairrm.py).
+"""What a judge is given and what it answers, shared by every judge (models/judge/judges.py, models/judge/pairrm.py).
 
 A judge takes `JudgeGroup`s (one prompt and its K responses) and returns one `JudgeResult` per group:
 the K x K matrix of P(response i beats response j), 0.5 on the diagonal, P[i, j] + P[j, i] = 1.

@@ -4,7 +4,7 @@ How rounds chain. The run's root weights (its base model: full precision, or nf4
 are never changed; the policy is ONE LoRA adapter carried across rounds. Train(r) loads the root
 plus round r-1's adapter (a fresh, zero adapter for round 1), takes the reference log-probs with
 that adapter as it is at the round's start (that is pi_{r-1}), then keeps training the same adapter
-(with `training.init: base` it trains a fresh one instead, every round: models/trainer.py).
+(with `training.init: base` it trains a fresh one instead, every round: models/train/trainer.py).
 Every consumer (Generate(r+1), the self-judge, Evaluate(r), Train(r+1)) loads root + the round's
 adapter through `load_policy`, so the model they use is the model that was trained. Folding the
 adapter into the weights instead loses the update: in bf16 small updates round away, and a merged
@@ -67,7 +67,7 @@ HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 # Used only for tokenizers that ship without a chat template (base, non-instruct models). Every
 # assistant turn ends with the tokenizer's EOS, as TRL appends eos_token to completions: the model is
-# trained to write it after a response, and generation stops at it (models/generation.py); without it
+# trained to write it after a response, and generation stops at it (models/generate/generation.py); without it
 # a base model never learns to stop and every sample runs to max_new_tokens. Turns are joined by a
 # blank line written *before* the next turn, so nothing follows the EOS in a completion.
 FALLBACK_CHAT_TEMPLATE = (

@@ -8,7 +8,7 @@ every layer, the logits processors, stopping criteria and a device sync, so a sm
 GPU mostly idle (bench/README.md has the measured figures). The fix is the gpt-fast recipe: make
 one decode step a fixed-shape computation and replay it as a CUDA graph, so a step costs one launch.
 
-`static_generate` (the `static` backend of models.generation.generate_texts)
+`static_generate` (the `static` backend of models.generate.generation.generate_texts)
 ----------------------------------------------------------------------------
 - **Static KV cache.** transformers' `StaticCache(config=..., max_cache_len=L)` preallocates
   `[batch, kv_heads, L, head_dim]` per layer and writes new keys/values in place (its layers keep a
@@ -106,7 +106,7 @@ import torch
 
 import models.logps
 from models.packing import env_flag as _env_flag, packed_linears, release_packed
-from models.sampling import Sample, SamplingSettings
+from models.generate.sampling import Sample, SamplingSettings
 
 log = logging.getLogger("selfplay")
 
@@ -328,7 +328,7 @@ class _SessionKey:
 
 
 def _weights_fingerprint(model) -> int:
-    # Switching a LoRA adapter off or on (models.loading.root_weights) changes the computation without
+    # Switching a LoRA adapter off or on (models.load.loading.root_weights) changes the computation without
     # moving a weight, so its state is part of the key: a graph captured the other way is never replayed.
     adapters_off = tuple(m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
     return hash((tuple(p.data_ptr() for p in model.parameters()), adapters_off))
@@ -654,7 +654,7 @@ def _unique_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """(rows to run, index of each batch row among them) when some rows repeat a prompt, else (None, None).
 
     Rows count as the same prompt when their ids and padding are equal, as the K samples of a prompt are
-    (models.generation.generate_texts keeps them adjacent in a batch)."""
+    (models.generate.generation.generate_texts keeps them adjacent in a batch)."""
     keys = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
     unique, row_of = torch.unique(keys, dim=0, return_inverse=True)
     if unique.shape[0] == keys.shape[0]:
@@ -796,7 +796,7 @@ def static_generate(
             empty = torch.empty((batch, 0), dtype=torch.long, device=device)
             out = (empty, torch.zeros(batch, device=device)) if settings.logps else empty
         else:
-            from models.sampling import hf_generate
+            from models.generate.sampling import hf_generate
 
             log.warning("static generation: %s; using the hf backend", reason)
             out = hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows)

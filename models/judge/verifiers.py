@@ -1,6 +1,6 @@
 """Verifiers: programmatic checks of a response, built in by name or supplied by the user.
 
-    from models.verifiers import load_verifier
+    from models.judge.verifiers import load_verifier
     verifier = load_verifier("number")             # or "my_pkg.checks:solved", or "checks.py:solved"
     verifier.score(prompt, response, row, answer)  # -> float in [0, 1]
 

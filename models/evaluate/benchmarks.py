@@ -1,13 +1,13 @@
 """lm-evaluation-harness on a round's policy: the Benchmark stage.
 
-    from models.benchmarks import check_benchmarks, run_benchmarks
+    from models.evaluate.benchmarks import check_benchmarks, run_benchmarks
     check_benchmarks(specs)                           # before any compute: lm-eval installed, names exist, files parse
     records = run_benchmarks(specs, model, tokenizer) # one record per configs.evaluation.BenchmarkSpec
 
 The papers this tool reproduces report standard benchmarks per iteration through lm-eval (SPIN: the Open
 LLM Leaderboard tasks). This runs lm-eval's own Python API (`lm_eval.simple_evaluate`) on the policy
 exactly as the pipeline uses it: the loaded model object (the base weights plus the round's LoRA adapter,
-unmerged, from models.loading.load_policy) is handed to lm-eval's `HFLM(pretrained=model,
+unmerged, from models.load.loading.load_policy) is handed to lm-eval's `HFLM(pretrained=model,
 tokenizer=tokenizer)`, so lm-eval scores the trained policy itself, not a merged export reloaded by path;
 with the adapter left unmerged that is what lm-eval computes itself with
 `--model hf --model_args pretrained=<base>,peft=<round>/checkpoint/adapter` (tests/test_benchmarks.py
@@ -16,7 +16,7 @@ compares the two).
 Chat template: off unless a benchmark sets `apply_chat_template: true`. Off is lm-eval's default and how
 the Open LLM Leaderboard (v1) scored the models whose figures SPIN reports, so figures compare with
 theirs; on, every request is wrapped in the tokenizer's chat template (the one the pipeline generates and
-trains with: the tokenizer's own, or the plain User/Assistant template models.loading gives a tokenizer
+trains with: the tokenizer's own, or the plain User/Assistant template models.load.loading gives a tokenizer
 that has none), which suits chat models on generative tasks. Few-shot examples then go in as turns of
 the conversation (lm-eval's `fewshot_as_multiturn`, its default).
 

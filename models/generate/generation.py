@@ -3,8 +3,8 @@
 `generate_texts(model, tokenizer, prompt_texts, settings)` returns, for every prompt text (already
 chat-formatted by data.prompts.format_prompt), `num_samples` `Sample`s in order. Backends:
 
-- `hf`: transformers' `generate` (dynamic cache), the reference behaviour (models/sampling.py);
-- `static`: models/fast_generation.py, our static-KV-cache decode loop, CUDA-graph captured on a GPU;
+- `hf`: transformers' `generate` (dynamic cache), the reference behaviour (models/generate/sampling.py);
+- `static`: models/generate/fast_generation.py, our static-KV-cache decode loop, CUDA-graph captured on a GPU;
 - `vllm`: vLLM's offline engine when it is installed (optional, never in CI).
 
 Prompts are sorted by length before batching so a batch pads little; results come back in input order.
@@ -22,7 +22,7 @@ import torch
 from common import interrupt
 from common.errors import Interrupted
 from models.padding import pad_rows
-from models.sampling import Sample, SamplingSettings, hf_generate
+from models.generate.sampling import Sample, SamplingSettings, hf_generate
 
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
     import pandas as pd
@@ -107,7 +107,7 @@ def _generate(model, tokenizer, prompt_texts: list[str], settings: SamplingSetti
     rows = [(p, k) for p in range(len(encoded)) for k in range(settings.num_samples)]
     rows.sort(key=lambda row: (len(encoded[row[0]]), row))
     if settings.backend == "static":
-        from models.fast_generation import static_generate as backend
+        from models.generate.fast_generation import static_generate as backend
     else:
         backend = hf_generate
     model.eval()
@@ -165,7 +165,7 @@ def shard_seed(seed: int, round_idx: int, shard_idx: int) -> int:
 def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, root_path: str | None = None,
                    shard: tuple[int, int] = (0, 1)) -> tuple["pd.DataFrame", dict]:
     """Sample `generation.num_samples` responses per prompt with the model at `model_path` (a base model, or
-    a round checkpoint loaded as `root_path` + its adapter: models.loading.load_policy).
+    a round checkpoint loaded as `root_path` + its adapter: models.load.loading.load_policy).
 
     Work is split into parts of `generation.shard_size` prompts, each written atomically to `work_dir` with its
     own seed, so a killed run resumes at the first missing part and still produces the same samples. A
@@ -182,7 +182,7 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
 
     from data.prompts import filter_overlong, format_prompt
     from data.schema import write_parquet
-    from models.loading import checkpoint_info, is_round_checkpoint, load_policy, load_tokenizer, round_adapter
+    from models.load.loading import checkpoint_info, is_round_checkpoint, load_policy, load_tokenizer, round_adapter
 
     work_dir = Path(work_dir)
     gen = recipe.generation
@@ -221,7 +221,7 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
             backend=gen.backend,
         )
         if gen.backend == "vllm":
-            from models.fast_generation import vllm_generate
+            from models.generate.fast_generation import vllm_generate
 
             if is_round_checkpoint(model_path):  # the root weights and the round's adapter as a LoRA request
                 root = root_path or checkpoint_info(model_path)["root_path"]

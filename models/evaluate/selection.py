@@ -1,4 +1,4 @@
-"""Scoring a round on the validation split, with Evaluate's own machinery (models/evaluation.py).
+"""Scoring a round on the validation split, with Evaluate's own machinery (models/evaluate/evaluation.py).
 
     figure = selection_figure(recipe, validation)            # iterate.select_by, resolved for these prompts
     frame = score_validation(recipe, round_idx, model_path, base_path, validation, figure)
@@ -29,8 +29,8 @@ def selection_figure(recipe, validation: pd.DataFrame) -> str:
     """iterate.select_by, or its default for these prompts: accuracy where the verifier can score them, else
     win_rate_vs_best where there is an evaluation judge, else gt_logprob. A figure the recipe cannot compute
     is a RecipeError naming the key."""
-    from models.evaluation import eval_judge_name
-    from models.verifiers import can_verify, load_verifier
+    from models.evaluate.evaluation import eval_judge_name
+    from models.judge.verifiers import can_verify, load_verifier
 
     verifier = load_verifier(recipe.judge.verifier)
     judge = eval_judge_name(recipe, validation)
@@ -56,11 +56,11 @@ def selection_figure(recipe, validation: pd.DataFrame) -> str:
 def score_validation(recipe, round_idx: int, model_path: str, base_path: str, prompts: pd.DataFrame,
                      figure: str) -> pd.DataFrame:
     """One row per validation prompt of the model after `round_idx` rounds (see the module docstring)."""
-    from models.evaluation import ground_truth_items, ground_truth_logprobs, score_responses
-    from models.generation import generate_and_score
-    from models.loading import adapter_merged, load_policy, load_tokenizer
-    from models.sampling import SamplingSettings
-    from models.verifiers import can_verify, load_verifier
+    from models.evaluate.evaluation import ground_truth_items, ground_truth_logprobs, score_responses
+    from models.generate.generation import generate_and_score
+    from models.load.loading import adapter_merged, load_policy, load_tokenizer
+    from models.generate.sampling import SamplingSettings
+    from models.judge.verifiers import can_verify, load_verifier
 
     gen, ev = recipe.generation, recipe.evaluation
     tokenizer = load_tokenizer(model_path, recipe.model)
@@ -95,13 +95,13 @@ def score_validation(recipe, round_idx: int, model_path: str, base_path: str, pr
 def judge_vs_best(recipe, base_path: str, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> np.ndarray:
     """P(ours beats theirs) per validation prompt, by the evaluation judge (the base model referees as the
     self-judge, as in Evaluate)."""
-    from models.evaluation import eval_judge_name, win_probs
-    from models.judges import make_judge
+    from models.evaluate.evaluation import eval_judge_name, win_probs
+    from models.judge.judges import make_judge
 
     name = eval_judge_name(recipe, prompts)
     model = tokenizer = None
     if name == "self":
-        from models.loading import load_policy, load_tokenizer
+        from models.load.loading import load_policy, load_tokenizer
 
         tokenizer = load_tokenizer(base_path, recipe.model)
         model = load_policy(base_path, recipe.model, quantize=recipe.model.quantization == "4bit")

@@ -1,6 +1,6 @@
 """The evaluation's judges: the referee behind the reported win rates, and the training judge beside it.
 
-    from models.referee import make_referee, make_training_judge
+    from models.evaluate.referee import make_referee, make_training_judge
     referee = make_referee(name, recipe, base_model, base_tokenizer)
     training = make_training_judge(recipe, round_idx, name, model_path, base_model, base_tokenizer, prompts)  # or None
 
@@ -69,9 +69,9 @@ def training_judge_detail(recipe, round_idx: int) -> str | None:
 
 
 def make_referee(name: str, recipe, base_model, base_tokenizer):
-    """The referee judge `name` (models.judges): on evaluation.judge_model where one is named."""
-    from models.judges import SelfJudge, make_judge
-    from models.loading import load_causal_lm, load_tokenizer
+    """The referee judge `name` (models.judge.judges): on evaluation.judge_model where one is named."""
+    from models.judge.judges import SelfJudge, make_judge
+    from models.load.loading import load_causal_lm, load_tokenizer
 
     model_path = recipe.evaluation.judge_model
     if model_path is None:
@@ -90,8 +90,8 @@ def make_training_judge(recipe, round_idx: int, referee_name: str | None, model_
     None where it is the referee, where SPIN has none, or where it cannot judge these prompts (a verifier
     without answers in them). A self-judge that is the policy after round r-1 is loaded here (and freed with
     the judge); `model_path` is round r's checkpoint, the one beside it is round r-1's."""
-    from models.judges import make_judge
-    from models.verifiers import can_verify, load_verifier
+    from models.judge.judges import make_judge
+    from models.judge.verifiers import can_verify, load_verifier
 
     if not training_judge_apart(recipe, round_idx, referee_name):
         return None
@@ -101,7 +101,7 @@ def make_training_judge(recipe, round_idx: int, referee_name: str | None, model_
     if recipe.judge.name != "self" or training_judge_model(recipe, round_idx) == "base":
         return make_judge(recipe.judge.name, recipe, base_model, base_tokenizer)
     from data.layout import CHECKPOINT, round_dir
-    from models.loading import load_policy, load_tokenizer
+    from models.load.loading import load_policy, load_tokenizer
 
     previous = str(round_dir(Path(model_path).parent.parent, round_idx - 1) / CHECKPOINT)
     model = load_policy(previous, recipe.model, quantize=recipe.model.quantization == "4bit", merge=False)

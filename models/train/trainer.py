@@ -27,14 +27,14 @@ and `_Sharded` (FSDP) hold the only differences between one process and FSDP.
    scheduler, RNG, log), and a killed run resumes from the last.
    A SIGTERM or SIGINT finishes the current step, saves a checkpoint there and stops (common/interrupt.py).
    A NaN or inf loss stops the round with a TrainingError; the last good checkpoint stays.
-5. `_export`: the adapter (the policy) and a merged export are written to `out_dir` (models/loading.py says how
+5. `_export`: the adapter (the policy) and a merged export are written to `out_dir` (models/load/loading.py says how
    the next round loads it).
 
 Runs unchanged under `accelerate launch` (DDP): each process takes its share of every step's
 micro-batches, the reference pass is split across processes, the logged figures are averaged over
 them, and only the main process writes. With an accelerate config that asks for FSDP (for example
 configs/accelerate/fsdp_lora.yaml) the policy is sharded across the processes with FSDP2 instead
-(models/fsdp.py); the update and the log equal those of one process accumulating the same micro-batches.
+(models/train/fsdp.py); the update and the log equal those of one process accumulating the same micro-batches.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from data.prompts import format_completion, format_prompt
 from data.schema import token_ids_or_none, write_parquet
 from models.logps import (Encoded, collate, collate_pairs, encode_group, encode_pair, pair_logps, pair_tokens,
                           pairs_share_prompt, sequence_logps)
-from models.losses import LOSSES, NEEDS_BASE_LOGPS, PreferenceBatch, chosen_nll, completion_nll, implicit_rewards
+from models.train.losses import LOSSES, NEEDS_BASE_LOGPS, PreferenceBatch, chosen_nll, completion_nll, implicit_rewards
 from common import interrupt
 from common.atomic import atomic_path, atomic_write_json
 from common.disk import full_disk_guard
@@ -66,7 +66,7 @@ from common.errors import Interrupted, TrainingError
 log = logging.getLogger("selfplay")
 KEEP_CHECKPOINTS = 2
 REFERENCE_EMA = "reference_ema.safetensors"  # in a round's checkpoint: the averaged adapter (training.reference: ema)
-INTERRUPTED_EXIT = 3  # the exit status of `python -m models.trainer` stopped by a signal (tasks/rounds.py)
+INTERRUPTED_EXIT = 3  # the exit status of `python -m models.train.trainer` stopped by a signal (tasks/rounds.py)
 REFERENCE_FREE = {"simpo", "nll"}
 
 
@@ -149,7 +149,7 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
     """Reference log-probs: the policy before this round's first update (pi_{r-1}, the root in round 1).
 
     Cached in work_dir/ref_logps.parquet; computed before a resumed run restores its trained adapter.
-    `forward` is the sharded policy's (FSDP, models/fsdp.py), None for the model's own.
+    `forward` is the sharded policy's (FSDP, models/train/fsdp.py), None for the model's own.
     """
     path = work_dir / "ref_logps.parquet"
     if not path.is_file():
@@ -187,7 +187,7 @@ def _base_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: 
     """
     if not continued:
         return ref
-    from models.loading import root_weights
+    from models.load.loading import root_weights
 
     base_dir = work_dir / "base_logps"
     base_dir.mkdir(exist_ok=True)
@@ -246,7 +246,7 @@ def _trainer_state(model, policy, optimizer, fsdp: bool) -> dict:
 
     if not fsdp:
         return {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict()}
-    from models.fsdp import full_optimizer_state, full_trainable_state
+    from models.train.fsdp import full_optimizer_state, full_trainable_state
 
     trainable = full_trainable_state(model)
     return {"adapter": get_peft_model_state_dict(model, state_dict=trainable), "trainable": trainable,
@@ -370,7 +370,7 @@ class _Replicated:
 
 
 class _Sharded(_Replicated):
-    """FSDP2 across the processes of `accelerate launch` (models/fsdp.py): the weights load on the CPU and each
+    """FSDP2 across the processes of `accelerate launch` (models/train/fsdp.py): the weights load on the CPU and each
     process keeps its shard; the gradients are reduce-scattered once, after a step's last micro-batch, and every
     process steps its shard. Gathering the state for a checkpoint or the export is a collective."""
 
@@ -381,7 +381,7 @@ class _Sharded(_Replicated):
         return torch.device("cpu")  # fully_shard moves each process's shard to its device
 
     def shard(self, policy: PolicyLogps, model, round_idx: int) -> None:
-        from models.fsdp import shard_policy
+        from models.train.fsdp import shard_policy
 
         held, whole = shard_policy(policy, model, self.accelerator.device)
         log.info("train round %d: policy sharded with FSDP2 over %d processes; process %d holds %d of its %d weights",
@@ -410,7 +410,7 @@ class _Sharded(_Replicated):
 
     def update(self, optimizer, trainable, max_grad_norm: float, last_micro: bool, grad_norm):
         if last_micro:
-            from models.fsdp import grad_norm_value
+            from models.train.fsdp import grad_norm_value
 
             grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
             optimizer.step()
@@ -424,12 +424,12 @@ class _Sharded(_Replicated):
         return _trainer_state(model, policy, optimizer, fsdp=True)
 
     def restore(self, state: dict, model, policy, optimizer) -> None:
-        from models.fsdp import load_trainer_state
+        from models.train.fsdp import load_trainer_state
 
         load_trainer_state(policy, model, optimizer, state["trainable"], state["optimizer"])
 
     def gather_trained(self, model):
-        from models.fsdp import full_trainable_state
+        from models.train.fsdp import full_trainable_state
 
         return full_trainable_state(model)
 
@@ -437,7 +437,7 @@ class _Sharded(_Replicated):
         """The root loaded again, unsharded on the CPU, with the trained adapter: the export needs the whole model."""
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        from models.loading import add_lora, load_causal_lm
+        from models.load.loading import add_lora, load_causal_lm
 
         export = add_lora(load_causal_lm(root_path, recipe.model, device=torch.device("cpu")), recipe.training)
         set_peft_model_state_dict(export, get_peft_model_state_dict(model, state_dict=trained))
@@ -448,8 +448,8 @@ def _parallel(recipe, on_gpu: bool) -> _Replicated:
     """The accelerator, and the object that hides whether the policy is sharded (FSDP) or whole in every process."""
     from accelerate import Accelerator
 
-    from models.fsdp import check_fsdp, fsdp_requested
-    from models.loading import resolve_dtype
+    from models.train.fsdp import check_fsdp, fsdp_requested
+    from models.load.loading import resolve_dtype
 
     quantized = recipe.model.quantization == "4bit"
     if fsdp_requested():
@@ -481,7 +481,7 @@ class _Policy:
 def _load_policy(recipe, parent: str, pairs: pd.DataFrame, root_path: str | None, parallel: _Replicated,
                  round_idx: int) -> _Policy:
     """Step 1: the root weights and the policy's adapter (continued from the parent, or fresh)."""
-    from models.loading import add_lora, checkpoint_info, is_round_checkpoint, load_causal_lm, load_tokenizer, round_adapter, saved_adapter
+    from models.load.loading import add_lora, checkpoint_info, is_round_checkpoint, load_causal_lm, load_tokenizer, round_adapter, saved_adapter
 
     cfg = recipe.training
     quantized = recipe.model.quantization == "4bit"
@@ -773,7 +773,7 @@ def _export(recipe, setup: _Policy, policy, parallel: _Replicated, reference: _R
     """Step 5: the adapter, a merged export (training.save_merged), the averaged reference and the log, into out_dir."""
     from peft import get_peft_model_state_dict
 
-    from models.loading import save_checkpoint
+    from models.load.loading import save_checkpoint
 
     trained = parallel.gather_trained(setup.model)  # under FSDP a collective: every process gathers
     if parallel.accelerator.is_main_process:
@@ -851,7 +851,7 @@ def _reference_model(model, reference: str, ema: dict | None, parent_adapter: di
     """Inside the block `model` is the round's reference: the model the round continues (previous: as it is, or,
     when the round starts a fresh adapter (training.init base), with `parent_adapter` swapped in), its adapter
     switched off (base), or its adapter replaced by the averaged one (ema); the adapter is put back after."""
-    from models.loading import root_weights
+    from models.load.loading import root_weights
 
     swap = ema if reference == "ema" else parent_adapter if reference == "previous" else None
     if reference == "base":
@@ -882,7 +882,7 @@ def _save_ema(path: Path, ema_before: dict, trained: dict, keep: float) -> None:
 
 
 def run_job(job: dict) -> dict:
-    """Entry used by the Train task in-process and by `accelerate launch -m models.trainer job.json`.
+    """Entry used by the Train task in-process and by `accelerate launch -m models.train.trainer job.json`.
 
     `pair_files`: [path, share, source round] per pairs file (selected.parquet for algorithm rest), this round's
     first (share 1); an earlier round's share is a fixed random subset (training.mix_rounds, data.selection.mixed_share)."""

@@ -1,11 +1,11 @@
 """Judges: for each prompt and its K responses, the K x K matrix of P(response i beats response j).
 
 One interface for all: `judge.judge(groups) -> list[JudgeResult]`, batched across prompts (the types
-are in models/judge_types.py). The matrix has 0.5 on the diagonal and P[i, j] + P[j, i] = 1. A judge
+are in models/judge/judge_types.py). The matrix has 0.5 on the diagonal and P[i, j] + P[j, i] = 1. A judge
 may also give pointwise `scores` (a reward, a rubric score, correctness); iterative DPO pairs by them
 when present.
 
-- VerifierJudge: programmatic correctness by a verifier, built in or the user's (models/verifiers.py).
+- VerifierJudge: programmatic correctness by a verifier, built in or the user's (models/judge/verifiers.py).
 - RewardModelJudge: any AutoModelForSequenceClassification reward model; P = sigmoid(r_i - r_j).
 - SelfJudge: the current model as an LLM judge, pointwise (Self-Rewarding LMs' additive 5-point
   rubric, 'Score: N' parsed from its text) or pairwise (asked in both orders to cancel position bias).
@@ -13,7 +13,7 @@ when present.
   ('Score:' / 'Better:'), which small models need (SmolLM2-135M restates the response instead of
   scoring it). Answers still without a verdict are counted in `unparsed` and treated as ties; they
   never fail a round.
-- PairRMJudge (models/pairrm.py): llm-blender/PairRM-hf loaded by our own code.
+- PairRMJudge (models/judge/pairrm.py): llm-blender/PairRM-hf loaded by our own code.
 
 `make_judge(name, recipe, policy_model, tokenizer)` builds the judge `name` for a recipe; the self-judge
 asks `policy_model` (the round's generator), the others load what the recipe names.
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.judge_types import JudgeGroup, JudgeResult, matrix_from_scores, row_of
+from models.judge.judge_types import JudgeGroup, JudgeResult, matrix_from_scores, row_of
 
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
     import pandas as pd
@@ -39,13 +39,13 @@ log = logging.getLogger("selfplay")
 
 
 class VerifierJudge:
-    """Scores each response with a verifier (models/verifiers.py; `exact` when none is given): a right
+    """Scores each response with a verifier (models/judge/verifiers.py; `exact` when none is given): a right
     answer beats a wrong one with probability 1, and P = 1/2 + (s_i - s_j)/2 for partial credit."""
 
     name = "verifier"
 
     def __init__(self, verifier=None):
-        from models.verifiers import load_verifier
+        from models.judge.verifiers import load_verifier
 
         self.verifier = verifier or load_verifier(None)
 
@@ -66,7 +66,7 @@ class RewardModelJudge:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from models.loading import check_model_path, default_device, resolve_dtype
+        from models.load.loading import check_model_path, default_device, resolve_dtype
 
         check_model_path(path)
         self.device = device or default_device()
@@ -103,7 +103,7 @@ class RewardModelJudge:
 
     def rewards(self, encodings: list) -> list[float]:
         """Reward of each encoding from `encode`, batched with padding."""
-        from models.generation import run_with_oom_backoff
+        from models.generate.generation import run_with_oom_backoff
 
         def work(chunk):
             batch = self.tokenizer.pad([dict(e) for e in chunk], return_tensors="pt")
@@ -189,8 +189,8 @@ class SelfJudge:
         return self._generate(texts, REPROMPT_TOKENS)
 
     def _generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
-        from models.generation import generate_texts
-        from models.sampling import SamplingSettings
+        from models.generate.generation import generate_texts
+        from models.generate.sampling import SamplingSettings
 
         settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=self.batch_size)
         return [samples[0].text for samples in generate_texts(self.model, self.tokenizer, texts, settings, "self-judge")]
@@ -252,13 +252,13 @@ class SelfJudge:
 def make_judge(name: str, recipe, policy_model=None, tokenizer=None):
     """The judge `name` for a recipe; the self-judge uses `policy_model` (the round's generator)."""
     if name == "verifier":
-        from models.verifiers import load_verifier
+        from models.judge.verifiers import load_verifier
 
         return VerifierJudge(load_verifier(recipe.judge.verifier))
     if name == "reward_model":
         return RewardModelJudge(recipe.judge.model, recipe.model, recipe.judge.batch_size)
     if name == "pairrm":
-        from models.pairrm import PairRMJudge
+        from models.judge.pairrm import PairRMJudge
 
         precision = recipe.model.precision
         return PairRMJudge(recipe.judge.model, batch_size=recipe.judge.batch_size, dtype=None if precision == "auto" else precision)
@@ -598,25 +598,25 @@ def failing_best(result: JudgeResult, responses: list[str], pass_score: float) -
 class Refiner:
     """The round's generator (pi_{r-1}) rewriting its own failed answers with the recipe's refinement
     prompt: `samples` refinements of each, sampled like the round's generations. STaR's rationalization
-    (models/self_training.py) samples through `sample` with its hint template."""
+    (models/judge/self_training.py) samples through `sample` with its hint template."""
 
     model: object
     tokenizer: object
     template: str
     samples: int
-    settings: object  # models.generation.SamplingSettings, num_samples aside
+    settings: object  # models.generate.generation.SamplingSettings, num_samples aside
     desc: str = "refine"
 
     def refine(self, requests: list[tuple[str, str | None, str]]) -> list[list]:
-        """For each (prompt, system, response), `samples` models.generation.Sample's."""
+        """For each (prompt, system, response), `samples` models.generate.generation.Sample's."""
         return self.sample([(self.template.format(prompt=p, response=r), system) for p, system, r in requests])
 
     def sample(self, requests: list[tuple[str, str | None]]) -> list[list]:
-        """For each (request text, system), `samples` models.generation.Sample's of the model's answer to it."""
+        """For each (request text, system), `samples` models.generate.generation.Sample's of the model's answer to it."""
         import dataclasses
 
         from data.prompts import format_prompt
-        from models.generation import generate_texts
+        from models.generate.generation import generate_texts
 
         texts = [format_prompt(self.tokenizer, text, system) for text, system in requests]
         settings = dataclasses.replace(self.settings, num_samples=self.samples)
@@ -624,13 +624,13 @@ class Refiner:
 
 
 REFINE_SEED_OFFSET = 99_991  # the refiner's seed: shard_seed(seed, round, this + judge shard), far from generation parts' indices
-RATIONALIZE_SEED_OFFSET = 99_989  # the same for STaR's rationalizer (models/self_training.py)
+RATIONALIZE_SEED_OFFSET = 99_989  # the same for STaR's rationalizer (models/judge/self_training.py)
 
 
 def rewrite_settings(recipe, round_idx: int, salt: int):
     """How a round's generator samples a rewrite (a refinement, a rationalization): as generation.* says, with a
     seed of its own (vLLM serves paths, not loaded models: rewrites use transformers' generate then)."""
-    from models.generation import SamplingSettings, shard_seed
+    from models.generate.generation import SamplingSettings, shard_seed
 
     gen = recipe.generation
     return SamplingSettings(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,

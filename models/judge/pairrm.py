@@ -46,7 +46,7 @@ from transformers import DebertaV2Config
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Model, DebertaV2PreTrainedModel
 
-from models.judge_types import JudgeGroup, JudgeResult, matrix_from_scores
+from models.judge.judge_types import JudgeGroup, JudgeResult, matrix_from_scores
 from models.padding import pad_rows
 
 log = logging.getLogger("selfplay")
@@ -212,7 +212,7 @@ def scores_from_logits(logits: np.ndarray) -> np.ndarray:
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    from models.loading import resolve_dtype
+    from models.load.loading import resolve_dtype
 
     if dtype is None:
         return resolve_dtype("auto", device)
@@ -240,7 +240,7 @@ class PairRMJudge:
         from transformers import AutoConfig, AutoTokenizer
 
         from common.errors import ModelError
-        from models.loading import check_model_path, default_device
+        from models.load.loading import check_model_path, default_device
 
         check_model_path(path)
         self.device = torch.device(device) if device is not None else default_device()
@@ -290,7 +290,7 @@ class PairRMJudge:
 
     def logits(self, rows: list[list[int]]) -> list[float]:
         """Logits of unpadded rows (pair_input_ids), in their order; batched longest first, OOM backed off."""
-        from models.generation import run_with_oom_backoff
+        from models.generate.generation import run_with_oom_backoff
 
         if not rows:
             return []

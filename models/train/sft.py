@@ -1,7 +1,7 @@
 """Supervised fine-tuning, and the small demo base model built with it.
 
 `build_demo_model` makes the base model the pipeline uses when a recipe names none: a Llama-style
-config sized by `demo_model:` in the recipe, the byte-level tokenizer of models/tokenizer.py, random
+config sized by `demo_model:` in the recipe, the byte-level tokenizer of models/load/tokenizer.py, random
 init, then `supervised_finetune` on the demo's prompt/response pairs for `sft_steps` steps. The warm
 start stops well short of mastery on purpose, so the self-play rounds have something to improve.
 
@@ -14,8 +14,8 @@ it when a recipe asks for exactly those settings, instead of building it again. 
 that a rebuild gives the shipped weights bit for bit (single-threaded, on a CPU with the same vector
 instructions: other matmul kernels round the last float bits differently):
 
-    python -m models.sft --rebuild-demo-base            # writes data/demo/base_model/
-    python -m models.sft --rebuild-demo-base --check    # builds into a temporary directory and compares
+    python -m models.train.sft --rebuild-demo-base            # writes data/demo/base_model/
+    python -m models.train.sft --rebuild-demo-base --check    # builds into a temporary directory and compares
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def build_demo_model(cfg: DemoModelConfig, rows: list[dict], out_dir: Path, seed
     (with the loss of every step)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from models.tokenizer import build_byte_tokenizer
+    from models.load.tokenizer import build_byte_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_byte_tokenizer()
@@ -124,7 +124,7 @@ def build_demo_model(cfg: DemoModelConfig, rows: list[dict], out_dir: Path, seed
 
 # --- the shipped demo base -------------------------------------------------------------------------
 
-DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo_spin.yaml"
+DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo_spin.yaml"
 BUILD_RECORD = "demo_build.json"
 
 

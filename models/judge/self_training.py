@@ -4,7 +4,7 @@
 
 ReST (Gulcehre et al. 2023, arXiv:2308.08998), ReST-EM (Singh et al. 2023, arXiv:2312.06585) and STaR
 (Zelikman et al. 2022, arXiv:2203.14465) share one loop: sample from the current model, keep what a reward or a
-verifier accepts, fine-tune on it by likelihood (models/losses.py, completion_nll), repeat. Here:
+verifier accepts, fine-tune on it by likelihood (models/train/losses.py, completion_nll), repeat. Here:
 
 - every sample is scored by the recipe's judge, one score per response (a verifier, a reward model, the
   pointwise self-judge; configs/recipe.py refuses a pairwise judge, which has no score to threshold);
@@ -32,8 +32,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from models.judge_types import JudgeGroup, row_of
-from models.judges import RATIONALIZE_SEED_OFFSET, Refiner, rewrite_settings
+from models.judge.judge_types import JudgeGroup, row_of
+from models.judge.judges import RATIONALIZE_SEED_OFFSET, Refiner, rewrite_settings
 
 if TYPE_CHECKING:  # annotations only: pandas loads inside the functions that use it
     import pandas as pd

@@ -177,7 +177,7 @@ def completion_nll(policy_logps: torch.Tensor, lengths: torch.Tensor) -> torch.T
       3.2 join the set as if sampled without the hint).
     (Section and equation numbers are those of the arXiv versions, not re-checked against the text.)
     Dividing by the batch's response tokens rather than the number of examples is the supervised convention
-    (models/sft.py): the papers' sum over tokens up to a constant per batch, so long and short answers weigh
+    (models/train/sft.py): the papers' sum over tokens up to a constant per batch, so long and short answers weigh
     by their tokens.
     """
     return -policy_logps * policy_logps.numel() / lengths.sum()

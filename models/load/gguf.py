@@ -1,7 +1,7 @@
 """A GGUF file as a base model: checked up front, converted once into an ordinary HF model directory.
 
 `model.base_model` may name a `.gguf` file (absolute, `~/...`, or relative to the directory the
-command runs in) or a model of the selfplay cache (`cache:smollm2-135m-instruct`, models/fetch.py).
+command runs in) or a model of the selfplay cache (`cache:smollm2-135m-instruct`, models/load/fetch.py).
 The BaseModel task calls `convert_gguf` once per run: transformers de-quantises the GGUF weights
 (the `gguf` package reads them) into a plain model saved as safetensors with its config, tokenizer
 (chat template included) and generation config, and every later stage loads that directory like any
@@ -48,7 +48,7 @@ def resolve_gguf(base_model: str, verify: bool = False) -> Path:
     """The file a GGUF `model.base_model` names; a cache entry must have been fetched already (and with
     `verify`, still have its pinned sha256)."""
     if base_model.startswith(CACHE_PREFIX):
-        from models.fetch import cached_file, verified_file
+        from models.load.fetch import cached_file, verified_file
 
         return (verified_file if verify else cached_file)(base_model[len(CACHE_PREFIX):])
     return Path(base_model).expanduser().resolve()

@@ -1,7 +1,7 @@
 """What sampling is asked for and what it gives back, and the reference backend: transformers' `generate`.
 
-`SamplingSettings` and `Sample` are shared by models/generation.py (which batches, seeds and decodes)
-and the faster backends of models/fast_generation.py, which fall back to `hf_generate` for models they
+`SamplingSettings` and `Sample` are shared by models/generate/generation.py (which batches, seeds and decodes)
+and the faster backends of models/generate/fast_generation.py, which fall back to `hf_generate` for models they
 cannot run; this module imports nothing else of the project, so neither of those imports the other back.
 """
 

@@ -12,7 +12,7 @@ that every later round scores. Figures, all on prompts no round trains on:
   self-judge is the *base* model here, a fixed referee, not the model being graded; per task kind too;
   beside each, `_lc`: the length-controlled rate (AlpacaEval 2's, data/comparisons.py) and both sides'
   mean length in characters; where the training judge is not this referee (evaluation.judge,
-  evaluation.judge_model; models/referee.py), its own `train_judge_win_rate_vs_*` and its agreement
+  evaluation.judge_model; models/evaluate/referee.py), its own `train_judge_win_rate_vs_*` and its agreement
   with the referee (`judge_agreement_vs_*`, `judge_kappa_vs_*`);
 - length: mean, median and 90th percentile of response tokens;
 - distinct_1 / distinct_2: unique n-grams over all n-grams of the samples (diversity, collapse);
@@ -66,8 +66,8 @@ def implicit_reward_stats(
 
 
 def judge_pairs(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> list:
-    """The judge's result (models.judges.JudgeResult) for each prompt's (ours, theirs)."""
-    from models.judge_types import JudgeGroup, row_of
+    """The judge's result (models.judge.judges.JudgeResult) for each prompt's (ours, theirs)."""
+    from models.judge.judge_types import JudgeGroup, row_of
 
     groups = [
         JudgeGroup(prompt=row["prompt"], responses=[a, b], system=row.get("system"), reference=row.get("reference"),
@@ -78,19 +78,19 @@ def judge_pairs(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]
 
 
 def win_probs(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> np.ndarray:
-    """P(ours beats theirs) per prompt by `judge` (a models.judges judge)."""
+    """P(ours beats theirs) per prompt by `judge` (a models.judge.judges judge)."""
     return np.array([result.prob_matrix[0, 1] for result in judge_pairs(judge, prompts, ours, theirs)])
 
 
 def win_rate(judge, prompts: pd.DataFrame, ours: list[str], theirs: list[str]) -> tuple[float, float]:
-    """(mean, standard error) over prompts of P(ours beats theirs) by `judge` (a models.judges judge)."""
+    """(mean, standard error) over prompts of P(ours beats theirs) by `judge` (a models.judge.judges judge)."""
     return mean_se(win_probs(judge, prompts, ours, theirs))
 
 
 def eval_judge_name(recipe, prompts: pd.DataFrame) -> str | None:
     """The judge of the win rates: `evaluation.judge`, or for `auto` the recipe's judge, or (SPIN) the
     verifier when it can score these prompts."""
-    from models.verifiers import can_verify, load_verifier
+    from models.judge.verifiers import can_verify, load_verifier
 
     name = recipe.evaluation.judge
     if name == "auto":
@@ -159,7 +159,7 @@ def fixed_pairs(base: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
 def pair_continuations(tokenizer, prompts: pd.DataFrame, prompt_ids: list[list[int]], base: pd.DataFrame | None):
     """(for each prompt, the completion ids of its fixed held-out pair's sides; and where each side sits in
     them: {(prompt_id, kind): (prompt index, position)}), to score them on the generation's own run of the
-    prompt (models.generation.generate_and_score). Round 0 has none fixed yet (its rejected side is the
+    prompt (models.generate.generation.generate_and_score). Round 0 has none fixed yet (its rejected side is the
     sample being drawn), and a side whose prompt encode_pair had to cut is left to the log-prob pass."""
     continuations: list[list[list[int]]] = [[] for _ in prompt_ids]
     slots: dict[tuple, tuple[int, int]] = {}
@@ -228,11 +228,11 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     `shard_idx`: that shard's index, which seeds its sampling (shard 0 samples as an unsharded call)."""
     import torch
 
-    from models.generation import generate_and_score
-    from models.sampling import SamplingSettings
-    from models.loading import adapter_merged, has_adapter, load_policy, load_tokenizer, set_adapter_enabled
-    from models.referee import make_referee, make_training_judge, training_judge_detail
-    from models.verifiers import can_verify, load_verifier
+    from models.generate.generation import generate_and_score
+    from models.generate.sampling import SamplingSettings
+    from models.load.loading import adapter_merged, has_adapter, load_policy, load_tokenizer, set_adapter_enabled
+    from models.evaluate.referee import make_referee, make_training_judge, training_judge_detail
+    from models.judge.verifiers import can_verify, load_verifier
 
     ev = recipe.evaluation
     quantize = recipe.model.quantization == "4bit"
@@ -317,7 +317,7 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
             theirs = {label: other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
                       for label, other in (("previous", previous), ("base", base))}
             # The referee (evaluation.judge) reports the win rates; a training judge apart from it judges the same
-            # comparisons, for their agreement (models/referee.py). Lengths feed the length-controlled rates.
+            # comparisons, for their agreement (models/evaluate/referee.py). Lengths feed the length-controlled rates.
             judged |= judge_comparisons(make_referee(judge_name, recipe, base_model, base_tokenizer), greedy_prompts, ours, theirs)
             judged |= {"ours_chars": [len(text) for text in ours]}
             judged |= {f"{label}_chars": [len(text) for text in texts] for label, texts in theirs.items()}
@@ -336,9 +336,9 @@ def full_precision_rows(recipe, base_path: str, tokenizer, texts: list[str], fra
     base scored under the full-precision base: KL(nf4 || full precision) by Monte Carlo, as kl_vs_base), and on
     the greedy rows `fp_response` and `fp_num_tokens` (the full-precision base's greedy answer) and, with a
     verifier, `fp_verifier_score`, for its accuracy beside the nf4 base's on the same prompts."""
-    from models.generation import generate_texts
-    from models.loading import load_policy
-    from models.sampling import SamplingSettings
+    from models.generate.generation import generate_texts
+    from models.load.loading import load_policy
+    from models.generate.sampling import SamplingSettings
 
     ev, gen = recipe.evaluation, recipe.generation
     model = load_policy(base_path, recipe.model, quantize=False)
@@ -387,7 +387,7 @@ def eval_metrics(recipe, round_idx: int, frame: pd.DataFrame, prompts: pd.DataFr
     """The figures of metrics.json from the eval frame of every held-out prompt and what the judge said
     (evaluate_rows; the shards' frames and judgements put together in order, when sharded)."""
     from data.comparisons import comparison_figures
-    from models.verifiers import load_verifier
+    from models.judge.verifiers import load_verifier
 
     verifier = load_verifier(recipe.judge.verifier)
     metrics: dict = {"round": round_idx, "prompts": int(len(prompts))}
@@ -451,7 +451,7 @@ def eval_metrics(recipe, round_idx: int, frame: pd.DataFrame, prompts: pd.DataFr
 
 def score_responses(verifier, rows: pd.DataFrame, responses) -> list[float]:
     """`verifier`'s score of each response to its row (a prompts frame row: prompt, answer, source_row)."""
-    from models.judge_types import row_of
+    from models.judge.judge_types import row_of
 
     return [verifier.score(row["prompt"], response, row_of(row.get("source_row")), row.get("answer"))
             for row, response in zip(rows.to_dict("records"), responses)]
