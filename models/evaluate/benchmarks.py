@@ -10,7 +10,7 @@ exactly as the pipeline uses it: the loaded model object (the base weights plus 
 unmerged, from models.load.loading.load_policy) is handed to lm-eval's `HFLM(pretrained=model,
 tokenizer=tokenizer)`, so lm-eval scores the trained policy itself, not a merged export reloaded by path;
 with the adapter left unmerged that is what lm-eval computes itself with
-`--model hf --model_args pretrained=<base>,peft=<round>/checkpoint/adapter` (tests/test_benchmarks.py
+`--model hf --model_args pretrained=<base>,peft=<round>/checkpoint/adapter` (tests/stages/evaluate/test_benchmarks.py
 compares the two).
 
 Chat template: off unless a benchmark sets `apply_chat_template: true`. Off is lm-eval's default and how

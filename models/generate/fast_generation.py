@@ -71,7 +71,7 @@ one decode step a fixed-shape computation and replay it as a CUDA graph, so a st
   temperature...) is never read; greedy is a plain argmax, as in `generate(do_sample=False)`.
 - **On CPU** the same step function runs eagerly, on the fp32 weights packed once for oneDNN
   (models/packing.py), and samples without sorting the vocabulary (`_sample_on_cpu`); greedy outputs
-  equal `model.generate(do_sample=False)` token for token in fp32 (tests/test_fast_generation on tiny
+  equal `model.generate(do_sample=False)` token for token in fp32 (tests/stages/generate/test_fast_generation on tiny
   models, tests/test_real_model on SmolLM2; bench/README.md has the speed).
 
 Supported: decoder-only HF causal LMs whose layers are all full attention, with `sdpa` or `eager`

@@ -30,7 +30,7 @@ whose `get_scores_from_cmps` averages over all K columns, the zero diagonal incl
 
     s_i = (1/K) * sum_{j != i} (L[i, j] - L[j, i]),    P[i, j] = sigmoid(s_i - s_j)
 
-(scripts/compute_prob.py computes P the same way.) tests/tiny_pairrm.py writes a tiny randomly
+(scripts/compute_prob.py computes P the same way.) tests/stages/judge/tiny_pairrm.py writes a tiny randomly
 initialised checkpoint in the same format, tokenizer included, built offline.
 """
 

@@ -17,7 +17,7 @@ the whole forward, and each decoder layer gathers its own weights when it runs.
 
 Data parallelism as under DDP: each process takes its share of every optimizer step's micro-batches and
 FSDP's reduce-scatter averages the gradients over the processes, so a step's update equals one process
-accumulating all the micro-batches (tests/test_fsdp.py checks that).
+accumulating all the micro-batches (tests/stages/train/test_fsdp.py checks that).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from configs.recipe import load_recipe
 from models.train.sft import BUILD_RECORD, build_demo_base, compare_weights, demo_base_dir, shipped_demo_base
 from tasks.base_model import BaseModel
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def test_default_demo_recipes_use_the_shipped_base_and_others_do_not():

@@ -1,5 +1,5 @@
 """A tiny randomly initialised PairRM checkpoint in the PairRM-hf format, tokenizer included, built
-offline: what tests/test_pairrm.py loads with models.judge.pairrm.PairRMJudge in place of the real weights."""
+offline: what tests/stages/judge/test_pairrm.py loads with models.judge.pairrm.PairRMJudge in place of the real weights."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from configs.recipe import recipe_from_dict
 from data.schema import write_parquet
 from conftest import save_tiny_llama_root
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 FSDP_CONFIG = "configs/accelerate/fsdp_lora.yaml"
 TOLERANCE = 1e-5
 
