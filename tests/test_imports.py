@@ -146,11 +146,10 @@ def test_each_model_stage_imports_only_the_stages_it_builds_on():
 
 def test_the_installed_package_list_holds_every_package():
     # setup.cfg names its packages one by one: a subpackage left out is missing from a non-editable install.
-    import configparser
+    # Read as setuptools reads it when it builds the wheel.
+    from setuptools.config.setupcfg import read_configuration
 
-    config = configparser.ConfigParser()
-    config.read(REPO / "setup.cfg")
-    listed = {name.strip() for name in config["options"]["packages"].replace("\n", ",").split(",") if name.strip()}
+    listed = set(read_configuration(REPO / "setup.cfg")["options"]["packages"])
     on_disk = {".".join(path.parent.relative_to(REPO).parts) for layer in [*LAYERS, "notebooks"]
                for path in (REPO / layer).rglob("__init__.py")}
     assert listed == on_disk
