@@ -60,16 +60,16 @@ class EvaluateShard(ShardTask, GpuTask):
 
         recipe = self.config.for_round(max(1, self.round_idx))
         prompts = eval_prompts(recipe)
-        mine = prompts.iloc[list(shard_range(len(prompts), self.shard_idx, recipe.evaluation.shards))]
+        shard_prompts = prompts.iloc[list(shard_range(len(prompts), self.shard_idx, recipe.evaluation.shards))]
         deps = self.requires()
         previous = base = None
         if self.round_idx > 0:
             previous = read_artifact(self.input()["previous"]["eval"].path, EVAL)
             base = read_artifact(self.input()["first"]["eval"].path, EVAL)
-        if len(mine):
+        if len(shard_prompts):
             with self.hold_gpus(1):
                 frame, judged = evaluate_rows(recipe, self.round_idx, deps["model"].model_path, deps["base"].model_path,
-                                              mine, previous, base, all_prompts=prompts, shard_idx=self.shard_idx)
+                                              shard_prompts, previous, base, all_prompts=prompts, shard_idx=self.shard_idx)
         else:  # more shards than held-out prompts
             import pandas as pd
 

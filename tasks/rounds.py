@@ -214,8 +214,8 @@ class JudgeShard(ShardTask, GpuTask):
         recipe = self.config.for_round(self.round_idx)
         generations = read_artifact(self.input()["generations"]["generations"].path, GENERATIONS)
         prompt_ids = generations.prompt_id.drop_duplicates()
-        mine = prompt_ids.iloc[list(shard_range(len(prompt_ids), self.shard_idx, recipe.judge.shards))]
-        generations = generations[generations.prompt_id.isin(mine)]
+        shard_prompt_ids = prompt_ids.iloc[list(shard_range(len(prompt_ids), self.shard_idx, recipe.judge.shards))]
+        generations = generations[generations.prompt_id.isin(shard_prompt_ids)]
         judge = refiner = None
         who = {}
         with self.hold_gpus(1):
@@ -452,16 +452,16 @@ class Select(GpuTask):
         prompts, figure = validation_set(self, recipe)
         current = read_artifact(self.layout.validation(self.round_idx), VALIDATION)
         previous = gain = None
-        figures = round_figures(current)
+        round_metrics = round_figures(current)
         if self.round_idx > 0:
             previous = read_selection(self.layout.selection(self.round_idx - 1))
             best = read_artifact(self.layout.validation(previous["best_round"]), VALIDATION)
             win_probs = None
             if figure == "win_rate_vs_best":
                 win_probs = self.judge_against(recipe, prompts, current, best)
-                figures["win_rate_vs_best"] = summary(win_probs)
+                round_metrics["win_rate_vs_best"] = summary(win_probs)
             gain = paired_gain(figure, current, best, win_probs)
-        record = decide(self.round_idx, recipe.iterate, figure, previous, gain, figures)
+        record = decide(self.round_idx, recipe.iterate, figure, previous, gain, round_metrics)
         kept = record["kept_round"]
         publish_best(self.layout, best_record(record, self.layout), self.kept_source(kept))
         record_parents(self.layout)

@@ -197,8 +197,8 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
 
     model, parts = None, []
     starts = range(0, len(prompts), gen.shard_size)
-    mine = shard_range(len(starts), *shard)
-    for shard_idx in mine:  # shard_idx: the part's index in the round, which seeds it
+    own_parts = shard_range(len(starts), *shard)  # the parts of the round this shard generates
+    for shard_idx in own_parts:  # shard_idx: the part's index in the round, which seeds it
         start = starts[shard_idx]
         part_path = work_dir / f"part-{shard_idx:05d}.parquet"
         if part_path.is_file():
@@ -206,7 +206,7 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
             continue
         if interrupt.received():  # a SIGTERM/SIGINT came while the previous part was generated; it is saved
             raise Interrupted(
-                f"{interrupt.received()}: generation of round {round_idx} stopped with {len(parts)} of {len(mine)} "
+                f"{interrupt.received()}: generation of round {round_idx} stopped with {len(parts)} of {len(own_parts)} "
                 f"parts saved in {work_dir}; rerun the same command to resume"
             )
         shard = prompts.iloc[start : start + gen.shard_size]

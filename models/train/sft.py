@@ -169,7 +169,7 @@ def build_demo_base(recipe, out_dir: Path, stop_after: int | None = None) -> dic
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        figures = build_demo_model(recipe.demo_model, rows.to_dict("records"), out_dir, recipe.seed, stop_after)
+        build_stats = build_demo_model(recipe.demo_model, rows.to_dict("records"), out_dir, recipe.seed, stop_after)
     finally:
         torch.set_num_threads(threads)
     record = {
@@ -177,7 +177,7 @@ def build_demo_base(recipe, out_dir: Path, stop_after: int | None = None) -> dic
         "torch": torch.__version__,
         "threads": 1,
         "model_sha256": hashlib.sha256((out_dir / "model.safetensors").read_bytes()).hexdigest(),
-        **figures,
+        **build_stats,
     }
     (out_dir / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record

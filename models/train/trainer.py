@@ -154,18 +154,18 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
     path = work_dir / "ref_logps.parquet"
     if not path.is_file():
         rank, world = accelerator.process_index, accelerator.num_processes
-        mine = list(range(rank, len(chosen), world))
-        run = mine
+        own_pairs = list(range(rank, len(chosen), world))  # the pairs this process scores
+        scored = own_pairs
         if forward is not None and chosen:
             # Under FSDP each forward gathers weights from every process, so all run the same number of
             # forwards the same way: shorter shares repeat a pair (its result dropped), and whether prompts
             # are shared is decided on all the pairs, not on a share.
-            run = mine + [mine[-1] if mine else 0] * (math.ceil(len(chosen) / world) - len(mine))
+            scored = own_pairs + [own_pairs[-1] if own_pairs else 0] * (math.ceil(len(chosen) / world) - len(own_pairs))
             shared_prompt = shared_prompt and pairs_share_prompt(model, chosen, rejected)
-        sums = pair_logps(model, tokenizer, [chosen[i] for i in run], [rejected[i] for i in run], batch_size, accelerator.device,
-                          shared_prompt, forward)[: len(mine)]
+        sums = pair_logps(model, tokenizer, [chosen[i] for i in scored], [rejected[i] for i in scored], batch_size, accelerator.device,
+                          shared_prompt, forward)[: len(own_pairs)]
         part = work_dir / f"ref_logps.rank{rank}.json"
-        atomic_write_json(part, dict(zip(mine, sums)))
+        atomic_write_json(part, dict(zip(own_pairs, sums)))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             merged = {}
@@ -177,7 +177,7 @@ def _reference_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_s
     return pd.read_parquet(path)
 
 
-def _base_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator, continued: bool,
+def _base_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: int, accelerator, parent_is_round: bool,
                 ref: pd.DataFrame, shared_prompt: bool = True, forward=None) -> pd.DataFrame:
     """Log-probs under the base model pi_0, for losses that need them beside pi_{r-1}'s (INPO).
 
@@ -185,7 +185,7 @@ def _base_logps(model, tokenizer, chosen, rejected, work_dir: Path, batch_size: 
     takes pi_base, so no second model is held. In round 1 the adapter is fresh (B = 0) and pi_{r-1} is
     pi_0: the reference log-probs are reused. Cached like the reference pass, in work_dir/base_logps/.
     """
-    if not continued:
+    if not parent_is_round:
         return ref
     from models.load.loading import root_weights
 
@@ -471,7 +471,7 @@ class _Policy:
     tokenizer: object
     model: object  # the PEFT model
     policy: PolicyLogps  # the model as DDP/FSDP see it
-    continued: bool  # the parent is a round's checkpoint (not the base)
+    parent_is_round: bool  # the parent is a round's checkpoint (not the base)
     fresh: bool  # a fresh adapter although the parent has one (training.init: base)
     parent_adapter: dict | None  # the parent's adapter kept aside for the reference pass (when fresh)
     root_path: str
@@ -480,26 +480,26 @@ class _Policy:
 
 def _load_policy(recipe, parent: str, pairs: pd.DataFrame, root_path: str | None, parallel: _Replicated,
                  round_idx: int) -> _Policy:
-    """Step 1: the root weights and the policy's adapter (continued from the parent, or fresh)."""
+    """Step 1: the root weights and the policy's adapter (continued from the parent's, or fresh)."""
     from models.load.loading import add_lora, checkpoint_info, is_round_checkpoint, load_causal_lm, load_tokenizer, round_adapter, saved_adapter
 
     cfg = recipe.training
     quantized = recipe.model.quantization == "4bit"
-    continued = is_round_checkpoint(parent)
+    parent_is_round = is_round_checkpoint(parent)
     # training.init base: a fresh adapter on the root (ReST-EM, STaR), the parent's adapter kept aside for the
     # reference; with nothing to train on, the round keeps its parent's policy whatever the init.
-    fresh = cfg.init == "base" and continued and len(pairs) > 0
-    root_path = root_path or (checkpoint_info(parent)["root_path"] if continued else parent)
+    fresh = cfg.init == "base" and parent_is_round and len(pairs) > 0
+    root_path = root_path or (checkpoint_info(parent)["root_path"] if parent_is_round else parent)
     tokenizer = load_tokenizer(parent, recipe.model)
     tokenizer.padding_side = "right"
     model = load_causal_lm(root_path, recipe.model, device=parallel.load_device, quantize=quantized)
-    model = add_lora(model, cfg, quantized=quantized, adapter_dir=round_adapter(parent) if continued and not fresh else None)
+    model = add_lora(model, cfg, quantized=quantized, adapter_dir=round_adapter(parent) if parent_is_round and not fresh else None)
     parent_adapter = saved_adapter(model, round_adapter(parent), cfg) if fresh else None
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     policy = PolicyLogps(model, share_prefix=not parallel.sharded)
     parallel.shard(policy, model, round_idx)
-    return _Policy(tokenizer, model, policy, continued, fresh, parent_adapter, root_path, quantized)
+    return _Policy(tokenizer, model, policy, parent_is_round, fresh, parent_adapter, root_path, quantized)
 
 
 def _encode(tokenizer, pairs: pd.DataFrame, recipe) -> tuple[list[Encoded], list[Encoded] | None]:
@@ -541,7 +541,7 @@ def _reference_pass(recipe, parent: str, setup: _Policy, chosen, rejected, work_
                                        parallel.reference_forward)
         base = None
         if loss_name in NEEDS_BASE_LOGPS:
-            base = _base_logps(model, *args, work_dir, cfg.batch_size, parallel.accelerator, setup.continued, ref,
+            base = _base_logps(model, *args, work_dir, cfg.batch_size, parallel.accelerator, setup.parent_is_round, ref,
                                cfg.shared_prompt, parallel.reference_forward)
     return _Reference(ref, base, ema_start, time.perf_counter() - start)
 
@@ -685,19 +685,19 @@ def _train_step(loop: _Loop, step_batches: list[list[int]], step: int, round_idx
                 )
             grad_norm = parallel.update(loop.optimizer, loop.trainable, loop.recipe.training.max_grad_norm, last_micro, grad_norm)
             micro_values.append(values)
-    entry = {key: sum(v[key] for v in micro_values) / len(micro_values) for key in micro_values[0]}
-    return entry, tokens, tokens_run, time.perf_counter() - step_start, grad_norm
+    step_log = {key: sum(v[key] for v in micro_values) / len(micro_values) for key in micro_values[0]}
+    return step_log, tokens, tokens_run, time.perf_counter() - step_start, grad_norm
 
 
-def _mean_over_processes(accelerator, entry: dict, tokens: int, tokens_run: int) -> tuple[dict, int, int]:
+def _mean_over_processes(accelerator, step_log: dict, tokens: int, tokens_run: int) -> tuple[dict, int, int]:
     """Every process ran as many micro-batches: the mean of the processes' means is the step's mean; tokens add up."""
     if accelerator.num_processes == 1:
-        return entry, tokens, tokens_run
-    names = list(entry)
-    shared = torch.tensor([entry[key] for key in names] + [tokens, tokens_run], dtype=torch.float64, device=accelerator.device)
+        return step_log, tokens, tokens_run
+    names = list(step_log)
+    shared = torch.tensor([step_log[key] for key in names] + [tokens, tokens_run], dtype=torch.float64, device=accelerator.device)
     shared = accelerator.reduce(shared, reduction="sum").tolist()
-    entry = {key: value / accelerator.num_processes for key, value in zip(names, shared)}
-    return entry, int(shared[-2]), int(shared[-1])
+    step_log = {key: value / accelerator.num_processes for key, value in zip(names, shared)}
+    return step_log, int(shared[-2]), int(shared[-1])
 
 
 def _train_steps(loop: _Loop, schedule: _Schedule, micro_batches, step: int, history: list[dict], setup: _Policy,
@@ -714,18 +714,18 @@ def _train_steps(loop: _Loop, schedule: _Schedule, micro_batches, step: int, his
     interrupt.enter_safe_points("training step")
     grad_norm = None
     while step < total_steps:
-        entry, tokens, tokens_run, seconds, grad_norm = _train_step(
+        step_log, tokens, tokens_run, seconds, grad_norm = _train_step(
             loop, micro_batches[step * per_step : (step + 1) * per_step], step, round_idx, work_dir, grad_norm)
         loop.scheduler.step()
         step += 1
-        entry, tokens, tokens_run = _mean_over_processes(accelerator, entry, tokens, tokens_run)
-        entry.update(step=step, epoch=step * per_step / schedule.batches_per_epoch, learning_rate=loop.scheduler.get_last_lr()[0],
+        step_log, tokens, tokens_run = _mean_over_processes(accelerator, step_log, tokens, tokens_run)
+        step_log.update(step=step, epoch=step * per_step / schedule.batches_per_epoch, learning_rate=loop.scheduler.get_last_lr()[0],
                      grad_norm=float(grad_norm), seconds=seconds, tokens=tokens, tokens_run=tokens_run)
-        history.append(entry)
+        history.append(step_log)
         if on_step is not None and accelerator.is_main_process:
             on_step(history)
         progress.update(1)
-        shown = {"loss": f"{entry['loss']:.4f}"} | ({"acc": f"{entry['rewards/accuracy']:.2f}"} if "rewards/accuracy" in entry else {})
+        shown = {"loss": f"{step_log['loss']:.4f}"} | ({"acc": f"{step_log['rewards/accuracy']:.2f}"} if "rewards/accuracy" in step_log else {})
         progress.set_postfix(**shown, refresh=False)
         stop = step < total_steps and _stop_requested(accelerator)
         if (stop or step % cfg.save_steps == 0 or step == total_steps) and parallel.saves():
@@ -754,7 +754,7 @@ def _round_stats(recipe, pairs: pd.DataFrame, setup: _Policy, reference: _Refere
         "steps": schedule.total_steps,
         "trained": schedule.total_steps > 0,
         "init": cfg.init,
-        "adapter_start": "parent" if setup.continued and not setup.fresh else "fresh",
+        "adapter_start": "parent" if setup.parent_is_round and not setup.fresh else "fresh",
         "reference_seconds": reference.seconds,
         "shared_prompt": shared_prompt,
         "train_tokens_per_second": sum(h["tokens"] for h in timed) / max(1e-9, sum(h["seconds"] for h in timed)) if timed else None,
