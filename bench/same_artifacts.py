@@ -107,7 +107,9 @@ def _compare_tensors(before: Path, after: Path, largest: dict) -> list[str]:
     return problems
 
 
-def compare(before_dir: Path, after_dir: Path) -> int:
+def compare(before_dir: Path, after_dir: Path, up_to_round: int | None = None) -> int:
+    """Print what differs between the runs under `before_dir` and `after_dir`; 0 when nothing does.
+    `up_to_round`: compare rounds 0..N only (a shorter run of the same command)."""
     problems: list[str] = []
     dropped: set[str] = set()
     largest: dict = {}
@@ -117,8 +119,12 @@ def compare(before_dir: Path, after_dir: Path) -> int:
         print(f"no run directory (*/run.yaml) under {before_dir}")
         return 1
     for run in runs:
-        rounds = sorted(p.name for p in (before_dir / run).glob("round_*") if p.is_dir())
-        if sorted(p.name for p in (after_dir / run).glob("round_*") if p.is_dir()) != rounds:
+        def rounds_of(runs_dir: Path) -> list[str]:
+            names = sorted(p.name for p in (runs_dir / run).glob("round_*") if p.is_dir())
+            return [n for n in names if up_to_round is None or int(n.split("_")[-1]) <= up_to_round]
+
+        rounds = rounds_of(before_dir)
+        if rounds_of(after_dir) != rounds:
             problems.append(f"{run}: rounds differ")
         for round_name in rounds:
             old_round, new_round = before_dir / run / round_name, after_dir / run / round_name
@@ -161,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="compare two runs directories; exit 1 on any difference")
     cmp.add_argument("before", type=Path)
     cmp.add_argument("after", type=Path)
+    cmp.add_argument("--up-to-round", type=int, help="compare rounds 0..N only")
     args = parser.parse_args(argv)
     if args.command == "run":
         os.environ.setdefault("SELFPLAY_CPU_THREADS", "1")  # the same in both arms
         for recipe in args.recipe or ["demo_spin"]:
             run_demo(args.runs_dir.resolve(), args.rounds, recipe)
         return 0
-    return compare(args.before, args.after)
+    return compare(args.before, args.after, args.up_to_round)
 
 
 if __name__ == "__main__":
