@@ -4,6 +4,7 @@ recipe they name is a recipe, each `luigi --module pipeline TASK` names a task o
 recipe key written as `section.key` is a key of configs/recipe.py's dataclasses."""
 
 import dataclasses
+import json
 import importlib.util
 import re
 from pathlib import Path
@@ -176,3 +177,14 @@ def test_named_recipe_keys_are_keys():
                 continue
             unknown.append(f"{page.relative_to(ROOT)}: {name}")
     assert unknown == []
+
+
+def test_figures_match_their_committed_results():
+    """The numbers every figure draws (docs/figures/figures.json) are what the committed results give now: a
+    figure left behind by a change of its results fails here until `python docs/make_figures.py` remakes it."""
+    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "docs" / "make_figures.py")
+    make_figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_figures)
+    assert make_figures.stale_figures() == []
+    for name in json.loads((ROOT / "docs" / "figures" / "figures.json").read_text())["demo_runs"]:
+        assert (ROOT / "docs" / "figures" / f"{name}_rounds.png").is_file()
