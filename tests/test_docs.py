@@ -1,4 +1,4 @@
-"""The documentation stays true: every relative link in README.md and docs/ resolves (the file, and the
+"""The documentation stays true: every relative link in README.md, bench/README.md and docs/ resolves (the file, and the
 heading an #anchor names), and the commands the pages show exist: each `python -m X` module imports, each
 recipe they name is a recipe, each `luigi --module pipeline TASK` names a task of the pipeline, and each
 recipe key written as `section.key` is a key of configs/recipe.py's dataclasses."""
@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+PAGES = sorted([ROOT / "README.md", ROOT / "bench" / "README.md", *(ROOT / "docs").rglob("*.md")])
 
 # Backticked `section.key` spans that are not recipe keys, each with why. Module paths are recognised
 # without this list (a span that names an importable module of the project is a module, not a key).
 NOT_KEYS = {
     "judge.unparsed_judgements": "a figure of metrics.json's judge section (the judge's counts), not a setting",
+    "model.generate": "transformers' generate method of a model object, the speed benchmarks' baseline",
 }
 # Recipe names in commands that stand for the reader's own file, not a shipped one.
 PLACEHOLDER_RECIPES = {"my_recipe.yaml": "the reader's own recipe"}
