@@ -182,11 +182,15 @@ def plot_demo_rounds(run: dict, path: Path):
     middle.errorbar(run["rounds"], run["kl_vs_base"], yerr=kl_se, fmt="o-", capsize=4, color="tab:orange")
     middle.set_ylim(0, max(k + s for k, s in zip(run["kl_vs_base"], kl_se)) * 1.2 or 1)
     middle.set_title("KL from the base, nats (± 1 SE)")
+    window = max(1, max(len(v) for v in run["loss"].values()) // 40)  # a step's loss is one batch's: noisy
     for round_idx, losses in run["loss"].items():
-        right.plot(range(1, len(losses) + 1), losses, label=f"round {round_idx}")
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        right.plot(range(1, len(losses) + 1), smooth, label=f"round {round_idx}")
     right.set_ylim(0, max(max(v) for v in run["loss"].values()) * 1.1)
     right.axhline(0.6931, color="grey", linewidth=0.8, linestyle=":")
-    right.set_title("training loss by step (dotted: ln 2)")
+    right.set_title(f"training loss, mean of {window} steps (dotted: ln 2)" if window > 1
+                    else "training loss by step (dotted: ln 2)")
     right.legend(fontsize=8)
     for axis in (left, middle):
         axis.set_xticks(run["rounds"])
