@@ -174,7 +174,7 @@ def plot_demo_change(data: dict, path: Path):
 def plot_demo_rounds(run: dict, path: Path):
     import matplotlib.pyplot as plt
 
-    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(11, 3.4))
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(12.5, 3.4))
     left.errorbar(run["rounds"], run["accuracy"], yerr=run["accuracy_se"], fmt="o-", capsize=4)
     left.set_ylim(0, 1)
     left.set_title(f"held-out accuracy (± 1 SE, n = {run['prompts'][0]})")
@@ -189,7 +189,7 @@ def plot_demo_rounds(run: dict, path: Path):
         right.plot(range(1, len(losses) + 1), smooth, label=f"round {round_idx}")
     right.set_ylim(0, max(max(v) for v in run["loss"].values()) * 1.1)
     right.axhline(0.6931, color="grey", linewidth=0.8, linestyle=":")
-    right.set_title(f"training loss, mean of {window} steps (dotted: ln 2)" if window > 1
+    right.set_title(f"train loss, mean of {window} steps (dotted: ln 2)" if window > 1
                     else "training loss by step (dotted: ln 2)")
     right.legend(fontsize=8)
     for axis in (left, middle):
