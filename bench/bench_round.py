@@ -2,6 +2,10 @@
 
     python bench/bench_round.py --model cache:smollm2-135m-instruct --reps 2 --json bench/results/round_smollm2_cpu.json
     python bench/bench_round.py --tiny --reps 1          # the demo model, a few prompts: checks the bench end to end
+    python bench/bench_round.py --summarize RESULT.json  # the tables again from a result file's raw runs
+
+On a machine other jobs share, use --threads 1: with the cores oversubscribed, torch's OpenMP threads wait on each
+other and a stage can take several times as long (bench/README.md).
 
 For each algorithm (SPIN: ground truth against the model's sample; iterative DPO: K samples, the verifier
 keeps a right against a wrong one) one round from the base model, twice:
@@ -46,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, move_lora_off_zero  # noqa: E402
 
 BASELINE = REPO / "bench" / "round_baseline.py"
 DEMO_MODEL = REPO / "data" / "demo" / "base_model"
@@ -162,6 +166,7 @@ def run_ours(args, algorithm: str, recipe: Path, rep: int, work: Path) -> dict:
     record = run_process(command, work / f"ours_{algorithm}.log", {**child_env(args), "BENCH_ROUND_EVENTS": str(events)})
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     record["stages"] = stage_times(lines, record.pop("wall_start"), record["seconds"])
+    record["peak_rss_gb"] = peak_rss_gb(record)
     record["command"] = " ".join(command[1:])
     run = runs_dir / recipe.stem
     metrics = json.loads((run / "round_01" / "metrics.json").read_text())
@@ -173,6 +178,12 @@ def run_ours(args, algorithm: str, recipe: Path, rep: int, work: Path) -> dict:
                          "eval_figures": sorted(metrics["eval"])}
     record["run_dir"] = str(run)
     return record
+
+
+def peak_rss_gb(run: dict) -> float:
+    """The arm's peak RSS: the largest of its processes' ru_maxrss and, for ours, of its stages' peaks (the clock's
+    reset of the peak at each task start resets what ru_maxrss reports at exit, so the stages' peaks are needed)."""
+    return max([run["peak_rss_gb"]] + [s.get("peak_rss_gb") or 0.0 for s in run["stages"].values()])
 
 
 def first_logged_loss(path: Path) -> float | None:
@@ -254,29 +265,29 @@ def loss_agreement(args, recipe: Path, run_dir: Path, work: Path) -> dict:
     options = parser.parse_args(training_options(r))  # the baseline's own training options, as its train step gets them
     trainer = dpo_trainer(args.model_dir, pairs.to_dict("records"), options, str(work / "loss_check"))
     model = trainer.model
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
+    move_lora_off_zero(model)
     rows = [trainer.train_dataset[i] for i in range(len(pairs))]
-    batch = trainer.data_collator(rows)
     model.eval()
     tokenizer = load_tokenizer(args.model_dir, r.model)
     chosen, rejected = encode_pairs(tokenizer, pairs, r.training.max_length)
     ours_batch = collate_pairs(chosen, rejected, tokenizer.pad_token_id)
     with torch.no_grad():
-        trl_loss = trainer.compute_loss(model, batch).item()
+        trl_loss = trainer.compute_loss(model, trainer.data_collator(rows)).item()
+        trl_each = [trainer.compute_loss(model, trainer.data_collator([row])).item() for row in rows]
         policy, _ = sequence_logps(model, ours_batch)
         with model.disable_adapter():
             ref, _ = sequence_logps(model, ours_batch)
     n = len(pairs)
-    ours_loss = dpo_sigmoid(PreferenceBatch(policy[:n], policy[n:], ref[:n], ref[n:], r.training.beta)).mean().item()
-    same_tokens = sum(row["prompt_ids"] + row["chosen_ids"] == c.prompt_ids + c.completion_ids
-                      and row["prompt_ids"] + row["rejected_ids"] == b.prompt_ids + b.completion_ids
-                      for row, c, b in zip(rows, chosen, rejected))
-    return {"pairs": n, "source": str(RunLayout(run_dir).pairs(1)), "trl_loss": trl_loss, "our_loss": ours_loss,
-            "abs_diff": abs(trl_loss - ours_loss), "pairs_with_identical_token_ids": int(same_tokens),
+    ours_each = dpo_sigmoid(PreferenceBatch(policy[:n], policy[n:], ref[:n], ref[n:], r.training.beta))
+    # Where the token ids differ, ours scores a sampled side as the ids it was sampled as (models.trainer.encode_pairs)
+    # and TRL re-tokenizes its text: the same loss on other tokens. Where they are the same, the losses must agree.
+    same = [row["prompt_ids"] + row["chosen_ids"] == c.prompt_ids + c.completion_ids
+            and row["prompt_ids"] + row["rejected_ids"] == b.prompt_ids + b.completion_ids for row, c, b in zip(rows, chosen, rejected)]
+    same_diffs = [abs(t - o) for t, o, keep in zip(trl_each, ours_each.tolist(), same) if keep]
+    return {"pairs": n, "source": str(RunLayout(run_dir).pairs(1)), "trl_loss": trl_loss, "our_loss": ours_each.mean().item(),
+            "abs_diff": abs(trl_loss - ours_each.mean().item()), "pairs_with_identical_token_ids": int(sum(same)),
+            "max_abs_diff_identical_pairs": max(same_diffs) if same_diffs else None,
+            "trl_loss_per_pair": trl_each, "our_loss_per_pair": ours_each.tolist(), "identical_token_ids": same,
             "at_zero_adapter": "both log 2 = 0.693147 whatever the pairs (policy = reference), so the adapter is moved first"}
 
 
@@ -309,8 +320,8 @@ def summarize(runs: list[dict]) -> dict:
         if not pairs:
             out[algorithm] = table
             continue
-        table["peak_rss_gb"] = {"ours": spread([o["peak_rss_gb"] for o in ours]), "baseline": spread([b["peak_rss_gb"] for b in base]),
-                                "ratio_baseline_over_ours": spread([b["peak_rss_gb"] / o["peak_rss_gb"] for o, b in pairs])}
+        table["peak_rss_gb"] = {"ours": spread([peak_rss_gb(o) for o in ours]), "baseline": spread([peak_rss_gb(b) for b in base]),
+                                "ratio_baseline_over_ours": spread([peak_rss_gb(b) / peak_rss_gb(o) for o, b in pairs])}
         out[algorithm] = table
     return out
 
@@ -341,7 +352,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-loss-check", action="store_true")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_round"))
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--loss-check", type=Path, help="only run the loss check again on this result file's runs (same --work-dir)")
+    parser.add_argument("--summarize", type=Path, help="only recompute the summary and table of this result file's runs")
     args = parser.parse_args(argv)
+    if args.loss_check:  # the loss check again, on the pairs of a finished result file's runs
+        result = json.loads(args.loss_check.read_text())
+        args.model_dir = result["model_dir"] if "model_dir" in result else args.model
+        work = args.work_dir.resolve()
+        result["loss_agreement"] = {a: loss_agreement(args, work / f"bench_{a}.yaml", Path(run["run_dir"]), work)
+                                    for a in result["recipes"]
+                                    for run in [next(r for r in result["runs"] if r["algorithm"] == a and r["arm"] == "ours")]}
+        write(result, args.loss_check)
+        print(json.dumps(result["loss_agreement"], indent=1))
+        return result
+    if args.summarize:
+        result = json.loads(args.summarize.read_text())
+        for run in result["runs"]:
+            run["peak_rss_gb"] = peak_rss_gb(run)
+        result["summary"] = summarize(result["runs"])
+        write(result, args.summarize)
+        print(table_text(result["summary"]))
+        return result
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     prepare_model(args)
@@ -349,11 +380,12 @@ def main(argv=None) -> dict:
     algorithms = args.algorithms.split(",")
     recipes = {a: write_recipe(a, args.model_dir, size, work) for a in algorithms}
     prompts = {a: write_prompts(recipes[a], work) for a in algorithms}
-    result = {"bench": "round", "machine": machine(), "model": args.model or ("demo" if args.tiny else "cache:smollm2-135m-instruct"),
+    result = {"bench": "round", "machine": machine(), "model_dir": args.model_dir,
+              "model": args.model or ("demo" if args.tiny else "cache:smollm2-135m-instruct"),
               "sizes": size, "threads": args.threads, "recipes": {a: recipes[a].read_text() for a in algorithms}, "runs": []}
     print(json.dumps({"machine": result["machine"], "sizes": size}), flush=True)
-    for rep in range(args.reps):
-        for algorithm in algorithms:
+    for algorithm in algorithms:  # one algorithm's alternations in a row: a run stopped early still has some whole
+        for rep in range(args.reps):
             for arm in ("ours", "baseline"):
                 if arm == "ours":
                     record = run_ours(args, algorithm, recipes[algorithm], rep, work)

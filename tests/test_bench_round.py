@@ -41,7 +41,7 @@ def test_ratios_are_taken_per_alternation():
 @pytest.mark.slow
 def test_tiny_bench_runs_both_arms_and_checks_the_loss(tmp_path):
     out = tmp_path / "round.json"
-    result = bench_round.main(["--tiny", "--reps", "1", "--work-dir", str(tmp_path / "work"), "--json", str(out)])
+    result = bench_round.main(["--tiny", "--reps", "1", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--json", str(out)])
     assert json.loads(out.read_text())["summary"] == result["summary"]
     for algorithm in ("spin", "dpo"):
         arms = {run["arm"]: run for run in result["runs"] if run["algorithm"] == algorithm}
