@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import gpu_peak_flops, layer_shapes, machine, matmul_probe, model_directory  # noqa: E402
+from bench.common import gpu_peak_flops, layer_shapes, machine, matmul_probe, model_directory, move_lora_off_zero  # noqa: E402
 
 
 
@@ -202,11 +202,7 @@ def loss_agreement(trainer, batch_size: int) -> dict:
     from models.train.losses import PreferenceBatch, dpo_sigmoid
 
     model = trainer.model
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
+    move_lora_off_zero(model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(batch_size)])
     batch = {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     model.eval()

@@ -70,6 +70,16 @@ def matmul_probe(shapes: list[tuple[int, int, int]], dtype=torch.float32, device
     return {"gflops_per_s": rates, "best_gflops_per_s": max(rates.values())}
 
 
+def move_lora_off_zero(model, seed: int = 1, std: float = 0.02) -> None:
+    """Draw every LoRA B matrix from N(0, std): at peft's zero init the policy is its reference, and every DPO-family
+    loss is log 2 whatever the pairs, so a comparison of two losses there could not fail."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+
+
 def machine() -> dict:
     """What the figures were measured on, load average included (other jobs slow a shared machine)."""
     cpu = platform.processor()

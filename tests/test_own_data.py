@@ -167,8 +167,8 @@ def test_command_from_another_directory_uses_the_local_scheduler_and_exit_codes(
     lines = output.strip().splitlines()
     assert not [line for line in lines if line.startswith(("INFO:", "DEBUG:")) or "Informed scheduler" in line], output[-3000:]
     done = [line for line in lines if " done in " in line]
-    # 11 tasks: RunSetup ran above; Iterate ends with its own line.
-    assert len(done) == 11 and all(line.startswith("selfplay: ") for line in done), output[-3000:]  # grep "^selfplay"
+    # 15 tasks (Validate and Select for rounds 0 and 1 among them): RunSetup ran above; Iterate ends with its own line.
+    assert len(done) == 15 and all(line.startswith("selfplay: ") for line in done), output[-3000:]  # grep "^selfplay"
     assert lines[-1].startswith("selfplay: 1 round of run 'tiny_spin' complete; this command took "), lines[-1]
     again, _ = luigi_cli(elsewhere, "Iterate", "--rounds", "1", "--recipe", good_recipe)
     assert again.returncode == 0 and (again.stdout + again.stderr).strip().splitlines() == [

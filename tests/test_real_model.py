@@ -353,8 +353,10 @@ def self_judged_run(base_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2_self")
     recipe = write_recipe(
         root / "smollm2_self_ci.yaml", name="smollm2_self_ci", algorithm="dpo", model={"base_model": str(base_dir)},
+        # validation none: every training prompt stays in the round, the 8 prompts this small judge was checked on
         data={"train": str(REPO / "data/fixtures/open_instructions.jsonl"),
-              "eval": str(REPO / "data/fixtures/open_instructions_heldout.jsonl")},
+              "eval": str(REPO / "data/fixtures/open_instructions_heldout.jsonl"), "validation": "none"},
+        iterate={"select": "last"},
         generation={"num_samples": 4, "temperature": 1.0},
         # 16 new tokens cut every sample; `keep` lets cut samples be chosen, or no pair could be made
         judge={"name": "self", "self_mode": "pointwise", "batch_size": 32, "max_new_tokens": 16, "unfinished": "keep"},

@@ -1,6 +1,7 @@
 """Verifiers (built-in and the user's own), the answer and task columns, and what the preflight refuses."""
 
 import json
+import sys
 
 import pandas as pd
 import pytest
@@ -69,7 +70,8 @@ def test_user_verifier_from_a_module(tmp_path, monkeypatch):
     (tmp_path / "my_checks").mkdir()
     (tmp_path / "my_checks" / "__init__.py").write_text("")
     (tmp_path / "my_checks" / "grading.py").write_text("def upper(prompt, response, row):\n    return response.isupper()\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # sys.path patched by hand: syspath_prepend also fixes up pkg_resources' namespaces, which setuptools >= 81 no longer ships.
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     verifier = load_verifier("my_checks.grading:upper")
     assert verifier.score("p", "YES") == 1.0 and verifier.score("p", "no") == 0.0
     assert not verifier.needs_answer
@@ -191,9 +193,9 @@ def test_preflight_checks_every_rounds_verifier_and_judge_models(tmp_path):
                                     "data": {"train": dataset(tmp_path, [{"prompt": "a", "response": "b"}], "s.jsonl")}})
     with pytest.raises(ModelError, match=r"judge.model: model path .*empty is not a model directory \(no config.json"):
         preflight(pairrm_eval, rounds=1)
-    no_model = recipe_from_dict({"evaluation": {"judge": "reward_model"}})
-    with pytest.raises(RecipeError, match=r"evaluation judge reward_model needs judge.model"):
-        preflight(no_model, rounds=1)
+    # A referee without a model is refused as the recipe loads, before any preflight.
+    with pytest.raises(RecipeError, match=r"evaluation.judge reward_model needs evaluation.judge_model \(or judge.model\)"):
+        recipe_from_dict({"evaluation": {"judge": "reward_model"}})
 
 
 def test_the_demo_names_its_own_check_as_its_verifier():
