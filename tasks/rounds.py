@@ -157,7 +157,7 @@ class GenerateShard(ShardTask, GpuTask):
                 )
             finally:
                 if recipe.generation.backend == "vllm":  # one engine per shard: its GPUs are free for what runs next
-                    from models.generate.fast_generation import release_vllm
+                    from models.generate.vllm_engine import release_vllm
 
                     release_vllm()
         stats["parent_round"] = getattr(parent, "round_idx", 0)

@@ -285,7 +285,7 @@ def test_vllm_builds_one_engine_per_shard_and_keeps_row_order(tiny_recipe, tmp_p
 def test_vllm_engine_spans_tensor_parallel_gpus(monkeypatch):
     fake = FakeVllm()
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
-    from models.generate import fast_generation
+    from models.generate import vllm_engine
     from models.generate.sampling import SamplingSettings
 
     class Tokenizer:
@@ -294,15 +294,15 @@ def test_vllm_engine_spans_tensor_parallel_gpus(monkeypatch):
         def __call__(self, text, add_special_tokens=False):
             return types.SimpleNamespace(input_ids=list(text.encode()))
 
-    monkeypatch.setattr(fast_generation, "_VLLM_ENGINES", {})
+    monkeypatch.setattr(vllm_engine, "_VLLM_ENGINES", {})
     settings = SamplingSettings(num_samples=2, seed=3)
-    samples = fast_generation.vllm_generate("no-such-model", Tokenizer(), ["ab", "abcd"], settings, tensor_parallel_size=4)
-    samples += fast_generation.vllm_generate("no-such-model", Tokenizer(), ["abc"], settings, tensor_parallel_size=4)
+    samples = vllm_engine.vllm_generate("no-such-model", Tokenizer(), ["ab", "abcd"], settings, tensor_parallel_size=4)
+    samples += vllm_engine.vllm_generate("no-such-model", Tokenizer(), ["abc"], settings, tensor_parallel_size=4)
     assert len(fake.engines) == 1 and fake.engines[0]["tensor_parallel_size"] == 4  # built once, reused
     assert [[s.text for s in row] for row in samples] == [
         ["len 2 seed 3000009 k 0", "len 2 seed 3000009 k 1"], ["len 4 seed 3000010 k 0", "len 4 seed 3000010 k 1"],
         ["len 3 seed 3000009 k 0", "len 3 seed 3000009 k 1"]]
-    fast_generation.release_vllm()
+    vllm_engine.release_vllm()
 
 
 def start_luigid(tmp_path: Path, config: str) -> tuple[subprocess.Popen, int]:

@@ -1,3 +1,3 @@
 """The Generate stage: K samples per prompt from the round's generator (generation.py), through transformers'
-generate (sampling.py), our static-KV-cache loop or vLLM (fast_generation.py). Imports models.load and the
+generate (sampling.py), our static-KV-cache loop (fast_generation.py) or vLLM (vllm_engine.py). Imports models.load and the
 shared modules only."""

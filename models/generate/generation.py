@@ -5,7 +5,7 @@ chat-formatted by data.prompts.format_prompt), `num_samples` `Sample`s in order.
 
 - `hf`: transformers' `generate` (dynamic cache), the reference behaviour (models/generate/sampling.py);
 - `static`: models/generate/fast_generation.py, our static-KV-cache decode loop, CUDA-graph captured on a GPU;
-- `vllm`: vLLM's offline engine when it is installed (optional, never in CI).
+- `vllm`: vLLM's offline engine when it is installed (optional, never in CI; models/generate/vllm_engine.py).
 
 Prompts are sorted by length before batching so a batch pads little; results come back in input order.
 Every batch is seeded from (seed, batch position), so the same inputs give the same samples. On CUDA
@@ -221,7 +221,7 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
             backend=gen.backend,
         )
         if gen.backend == "vllm":
-            from models.generate.fast_generation import vllm_generate
+            from models.generate.vllm_engine import vllm_generate
 
             if is_round_checkpoint(model_path):  # the root weights and the round's adapter as a LoRA request
                 root = root_path or checkpoint_info(model_path)["root_path"]
