@@ -162,7 +162,7 @@ def throughput(args, model, device, vocab: int) -> list[dict]:
         for variant, mode in static_variants(args, device):
             release_sessions()
             run = lambda: with_packing(variant != "static_unpacked", static_generate, model, _Tok, input_ids, attention_mask,  # noqa: E731
-                                       settings, [], compile_step=mode)
+                                       settings, [], compile_step=mode).tokens
             torch.manual_seed(0)
             first_out, first = timed(run, device)
             assert first_out.shape == (batch, args.new_tokens)
@@ -245,7 +245,7 @@ def compare_greedy(model, batches, new_tokens: int, eos_ids: list[int], pad_id: 
             model.generation_config = saved
         ref = out.sequences[:, width:]
         greedy = SamplingSettings(temperature=0, max_new_tokens=new_tokens)
-        ours = static_generate(model, _Tok, input_ids, attention_mask, greedy, eos_ids, compile_step=compile_mode)
+        ours = static_generate(model, _Tok, input_ids, attention_mask, greedy, eos_ids, compile_step=compile_mode).tokens
         for row in range(ref.shape[0]):
             a, b = cut_at_eos(ref[row].tolist(), eos_ids), cut_at_eos(ours[row].tolist(), eos_ids)
             first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None if len(a) == len(b) else min(len(a), len(b)))

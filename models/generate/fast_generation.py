@@ -97,6 +97,7 @@ import os
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -108,6 +109,7 @@ log = logging.getLogger("selfplay")
 
 __all__ = [
     "static_generate",
+    "StaticGeneration",
     "release_sessions",
     "sample_next_tokens",
     "static_sdpa_attention",
@@ -750,6 +752,14 @@ def _new_session(model, key: _SessionKey, device: torch.device) -> _Session:
 # --- the backend ----------------------------------------------------------------------------------
 
 
+class StaticGeneration(NamedTuple):
+    """What static_generate returns, whatever it was asked for."""
+
+    tokens: torch.Tensor  # [batch, max_new_tokens] new tokens; a row is padded after its eos
+    logps: torch.Tensor | None  # [batch] summed log-prob of each row's tokens, its eos included (settings.logps), else None
+    scores: list[list[float]] | None  # summed log-probs of `continuations`, per row; None when none were asked or scored
+
+
 @torch.no_grad()
 def static_generate(
     model,
@@ -765,13 +775,13 @@ def static_generate(
     greedy_rows: torch.Tensor | None = None,
     continuations: list[list[list[int]]] | None = None,
 ):
-    """New tokens `[batch, settings.max_new_tokens]` for left-padded prompts; rows padded after their eos.
-    With `settings.logps`, also each row's summed log-prob of its tokens (`[batch]`, the eos included).
+    """New tokens `[batch, settings.max_new_tokens]` for left-padded prompts, as a StaticGeneration; rows padded
+    after their eos. With `settings.logps`, also each row's summed log-prob of its tokens (`[batch]`, the eos included).
     `greedy_rows` (`[batch]` bool): those rows take the argmax while the others sample with `settings`,
     in one decoding (a prompt's greedy answer and its samples then share its prefill too).
     `continuations` (token-id lists per row): scored as continuations of the row's prompt from the prefill's
-    own run of it (`_Session.prefill`); then the result is (tokens, log-probs or None, scores), scores
-    per row in the same shape, or None where this backend could not run the model (the caller scores them).
+    own run of it (`_Session.prefill`); their `scores` per row in the same shape, or None where this backend
+    could not run the model (the caller scores them).
 
     `cuda_graph` (default: on for CUDA inputs unless SELFPLAY_STATIC_CUDA_GRAPH=0) captures the decode
     step in a CUDA graph; `compile_step` (True, or a torch.compile mode; default from
@@ -788,15 +798,12 @@ def static_generate(
     if reason is not None:
         if max_new <= 0:
             empty = torch.empty((batch, 0), dtype=torch.long, device=device)
-            out = (empty, torch.zeros(batch, device=device)) if settings.logps else empty
-        else:
-            from models.generate.sampling import hf_generate
+            return StaticGeneration(empty, torch.zeros(batch, device=device) if settings.logps else None, None)
+        from models.generate.sampling import hf_generate
 
-            log.warning("static generation: %s; using the hf backend", reason)
-            out = hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows)
-        if continuations is None:
-            return out
-        return (*out, None) if settings.logps else (out, None, None)
+        log.warning("static generation: %s; using the hf backend", reason)
+        out = hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows)
+        return StaticGeneration(*(out if settings.logps else (out, None)), None)
     on_cuda = device.type == "cuda"
     use_graph = on_cuda and (cuda_graph if cuda_graph is not None else _env_flag("SELFPLAY_STATIC_CUDA_GRAPH", True))
     compiled = _compile_mode(compile_step)
@@ -846,7 +853,7 @@ def static_generate(
 
 
 def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every, greedy_rows,
-         continuations=None, prefix=0):
+         continuations=None, prefix=0) -> StaticGeneration:
     on_cuda = device.type == "cuda"
     if fresh and (use_graph or compiled):
         # The first prefill allocates the cache; then warm up (and compile) and capture the step. The
@@ -865,6 +872,4 @@ def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, 
     scores = session.prefill(model, input_ids, attention_mask, greedy_rows, continuations, prefix)
     compact = not on_cuda and not compiled and _env_flag(COMPACT_ENV, True)
     tokens, logps = session.decode(max_new, check_every, compact)
-    if continuations is not None:
-        return tokens, logps if session.key.logps else None, scores
-    return (tokens, logps) if session.key.logps else tokens
+    return StaticGeneration(tokens, logps if session.key.logps else None, scores)

@@ -125,11 +125,10 @@ def _generate(model, tokenizer, prompt_texts: list[str], settings: SamplingSetti
         extra = {"continuations": [continuations[p] if k == 0 else [] for p, k in chunk]} if score_in_prefill else {}
         out = backend(model, tokenizer, input_ids.to(device), attention_mask.to(device), settings, eos_ids, greedy_rows=greedy_rows,
                       **extra)
-        scores = None
-        if extra:
+        if settings.backend == "static":  # a StaticGeneration
             new_tokens, logps, scores = out
         else:
-            new_tokens, logps = out if settings.logps else (out, None)
+            (new_tokens, logps), scores = out if settings.logps else (out, None), None
         batch_counter[0] += 1
         progress_bar.update(len(chunk))
         return list(zip(_decode(tokenizer, new_tokens, eos_ids, logps), scores or [None] * len(chunk)))

@@ -122,13 +122,13 @@ def test_greedy_matches_hf_generate(family, attn):
     eos = [free[0, 5].item()]
     ref = hf_greedy(model, input_ids, attention_mask, 24, eos)
     settings = SamplingSettings(temperature=0, max_new_tokens=24)
-    ours = static_generate(model, _Tok, input_ids, attention_mask, settings, eos)
+    ours = static_generate(model, _Tok, input_ids, attention_mask, settings, eos).tokens
     assert ours.shape == (5, 24)
     assert_same_greedy(ours, ref, eos)
     for row in ours.tolist():  # finished rows are padded after their eos
         cut = len(until_eos(row, eos))
         assert all(tok == PAD for tok in row[cut:])
-    assert_same_greedy(static_generate(model, _Tok, input_ids, attention_mask, settings, []), free, [])
+    assert_same_greedy(static_generate(model, _Tok, input_ids, attention_mask, settings, []).tokens, free, [])
 
 
 def test_generate_texts_static_equals_hf_backend():
@@ -214,7 +214,7 @@ def test_repeated_prompts_prefill_once_with_the_same_greedy_tokens(attn, monkeyp
     assert rows.tolist() == [0, 3, 6] and row_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     ref = hf_greedy(model, input_ids, attention_mask, 16, [])
     forward_rows = count_forward_rows(model, monkeypatch)
-    ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=16), [])
+    ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=16), []).tokens
     assert forward_rows[0] == 3 and set(forward_rows[1:]) == {9}  # prefill of 3 prompts, then 9-row steps
     assert_same_greedy(ours, ref, [])
 
@@ -239,12 +239,12 @@ def test_a_prefix_every_prompt_shares_runs_once_with_the_same_tokens(attn, monke
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **kw: forward_shapes.append(tuple(kw["input_ids"].shape)) or forward(*a, **kw))
     settings = SamplingSettings(temperature=0, max_new_tokens=12, logps=True)
-    tokens, logps = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    tokens, logps, _ = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
     assert forward_shapes[:2] == [(1, 7), (4, width - 7)]  # the prefix once, then the 4 prompts' rests
     assert_same_greedy(tokens, ref, [])
     release_sessions()
     monkeypatch.setattr(models.logps, "SHARED_PREFIX_MIN", 10**6)  # no prefix run apart
-    plain_tokens, plain_logps = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    plain_tokens, plain_logps, _ = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
     assert torch.equal(tokens, plain_tokens)
     torch.testing.assert_close(logps, plain_logps, rtol=0, atol=1e-5)
 
@@ -257,13 +257,13 @@ def test_shared_prefill_samples_what_the_full_prefill_samples(monkeypatch):
     settings = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=16)
     forward_rows = count_forward_rows(model, monkeypatch)
     torch.manual_seed(5)
-    shared = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    shared = static_generate(model, _Tok, input_ids, attention_mask, settings, []).tokens
     assert forward_rows[0] == 2  # the prefill ran two distinct prompts, not eight rows
     assert len({tuple(row) for row in shared.tolist()}) > 2  # the copies still sample apart
     release_sessions()
     monkeypatch.setattr(fast, "_unique_prompts", lambda ids, mask: (None, None))
     torch.manual_seed(5)
-    assert torch.equal(static_generate(model, _Tok, input_ids, attention_mask, settings, []), shared)
+    assert torch.equal(static_generate(model, _Tok, input_ids, attention_mask, settings, []).tokens, shared)
 
 
 needs_packing = pytest.mark.skipif(not cpu_packing_available(), reason="this torch build has no oneDNN linear")
@@ -408,10 +408,10 @@ def test_only_settings_decide_not_generation_config():
     model = tiny_model("qwen2")
     input_ids, attention_mask = left_padded([4, 7, 2])
     settings = SamplingSettings(temperature=0, max_new_tokens=10)
-    plain = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    plain = static_generate(model, _Tok, input_ids, attention_mask, settings, []).tokens
     release_sessions()
     model.generation_config.update(repetition_penalty=3.0, top_k=2, do_sample=True, temperature=0.1, no_repeat_ngram_size=1)
-    assert torch.equal(static_generate(model, _Tok, input_ids, attention_mask, settings, []), plain)
+    assert torch.equal(static_generate(model, _Tok, input_ids, attention_mask, settings, []).tokens, plain)
 
 
 def test_hf_backend_ignores_the_models_generation_config_too():
@@ -432,7 +432,7 @@ def test_sampling_is_reproducible_with_a_seed():
 
     def run(seed):
         torch.manual_seed(seed)
-        return static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+        return static_generate(model, _Tok, input_ids, attention_mask, settings, []).tokens
 
     first = run(3)
     assert torch.equal(run(3), first)
@@ -504,7 +504,7 @@ def test_top_p_through_the_decode_loop():
     input_ids, attention_mask = left_padded([3, 6] * 8)
     torch.manual_seed(0)
     top_p = float(probs[[7, 11]].sum()) - 0.01  # nucleus {7, 11}
-    out = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=1.0, top_p=top_p, max_new_tokens=20), [])
+    out = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=1.0, top_p=top_p, max_new_tokens=20), []).tokens
     assert set(out.unique().tolist()) == {7, 11}
 
 
@@ -513,7 +513,7 @@ def test_stops_early_when_every_row_ended():
     input_ids, attention_mask = left_padded([4, 6, 3])
     ref = hf_greedy(model, input_ids, attention_mask, 8, [])
     eos = sorted({row[1] for row in ref.tolist()})  # every row emits one of these by its 2nd token
-    out = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=40), eos)
+    out = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=40), eos).tokens
     assert out.shape == (3, 40)
     assert (out[:, 2:] == PAD).all()
 
@@ -536,7 +536,7 @@ def test_compaction_runs_only_live_rows_and_changes_no_token(temperature, monkey
         release_sessions()
         rows_run[compact] = count_forward_rows(model, monkeypatch)
         torch.manual_seed(3)
-        results[compact] = static_generate(model, _Tok, input_ids, attention_mask, settings, eos)
+        results[compact] = static_generate(model, _Tok, input_ids, attention_mask, settings, eos)[:2]
         monkeypatch.undo()  # the forward counter and the environment, before the next run sets its own
         monkeypatch.setattr(__import__("models.packing", fromlist=["x"]), "PACK_MIN_WEIGHTS", 0)
     (tokens, logps), (ref_tokens, ref_logps) = results["1"], results["0"]
@@ -629,7 +629,7 @@ def test_a_sliding_window_the_rows_outgrow_falls_back_to_hf(family, caplog):
     for max_new, falls_back in ((3, False), (12, True)):
         release_sessions()
         caplog.clear()
-        ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=max_new), [])
+        ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=max_new), []).tokens
         assert torch.equal(ours, hf_greedy(model, input_ids, attention_mask, max_new, [])), max_new
         assert ("using the hf backend" in caplog.text) == falls_back
         assert (model in _SESSIONS) == (not falls_back)
@@ -673,10 +673,10 @@ def test_gpu_graph_greedy_matches_hf_fp32(family):
     eos = [free[0, 10].item()]
     ref = hf_greedy(model, input_ids, attention_mask, 48, eos)
     settings = SamplingSettings(temperature=0, max_new_tokens=48)
-    ours = static_generate(model, _Tok, input_ids, attention_mask, settings, eos, cuda_graph=True)
+    ours = static_generate(model, _Tok, input_ids, attention_mask, settings, eos, cuda_graph=True).tokens
     assert _SESSIONS[model].graph is not None, "the decode step was not captured"
     assert_same_greedy(ours.cpu(), ref.cpu(), eos)
-    again = static_generate(model, _Tok, input_ids, attention_mask, settings, eos, cuda_graph=True)  # replayed session
+    again = static_generate(model, _Tok, input_ids, attention_mask, settings, eos, cuda_graph=True).tokens  # replayed session
     assert torch.equal(again, ours)
 
 
@@ -689,7 +689,7 @@ def test_gpu_graph_sampling_is_random_and_reproducible():
 
     def run(seed):
         torch.manual_seed(seed)
-        return static_generate(model, _Tok, input_ids, attention_mask, settings, [], cuda_graph=True)
+        return static_generate(model, _Tok, input_ids, attention_mask, settings, [], cuda_graph=True).tokens
 
     fresh = run(5)  # new session: capture happens inside this call
     assert _SESSIONS[model].graph is not None
@@ -732,6 +732,6 @@ def test_gpu_trained_model_bf16_greedy_matches_hf():
         input_ids[row, width - length :] = (starts[row] + d * torch.arange(length, device="cuda")) % 63 + 1
         attention_mask[row, width - length :] = 1
     ref = hf_greedy(model, input_ids, attention_mask, 40, [])
-    ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=40), [], cuda_graph=True)
+    ours = static_generate(model, _Tok, input_ids, attention_mask, SamplingSettings(temperature=0, max_new_tokens=40), [], cuda_graph=True).tokens
     assert _SESSIONS[model].graph is not None
     assert_same_greedy(ours.cpu(), ref.cpu(), [])
