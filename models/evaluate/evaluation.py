@@ -225,25 +225,69 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     of their greedy responses: {"judge": name, "previous"/"base": P(ours wins) per prompt, "unparsed": n}.
     `all_prompts`: the round's whole held-out set when `prompts` is one shard of it (the Evaluate shard
     tasks), so that what is measured is decided on the whole set, as one unsharded call decides it;
-    `shard_idx`: that shard's index, which seeds its sampling (shard 0 samples as an unsharded call)."""
+    `shard_idx`: that shard's index, which seeds its sampling (shard 0 samples as an unsharded call).
+
+    Steps: the policy's rows (policy_rows), the verifier's scores, QLoRA's round 0 beside full precision,
+    then from round 1 on the same load as the base: the samples' base log-probs (the KL estimate) and the
+    judges' comparisons of the greedy answers (judge_greedy)."""
     import torch
 
-    from models.generate.generation import generate_and_score
-    from models.generate.sampling import SamplingSettings
-    from models.load.loading import adapter_merged, has_adapter, load_policy, load_tokenizer, set_adapter_enabled
-    from models.evaluate.referee import make_referee, make_training_judge, training_judge_detail
     from models.judge.verifiers import can_verify, load_verifier
+    from models.load.loading import has_adapter, load_policy, load_tokenizer, set_adapter_enabled
 
-    ev = recipe.evaluation
     quantize = recipe.model.quantization == "4bit"
     tokenizer = load_tokenizer(model_path, recipe.model)
     # A round's policy is the base (root) plus its adapter, kept unmerged: exactly the trained model,
     # and with the adapter switched off the same load is the base, so pi_base needs no second load.
     model = load_policy(model_path, recipe.model, quantize=quantize, root=base_path, merge=False)
     device = next(model.parameters()).device
+    frame, items, texts = policy_rows(recipe, round_idx, model, tokenizer, prompts, base, shard_idx)
+    row_prompts = prompts.set_index("prompt_id").loc[frame.prompt_id].reset_index()
+    verifier = load_verifier(recipe.judge.verifier)
+    whole = prompts if all_prompts is None else all_prompts
+    if can_verify(verifier, whole):
+        frame["verifier_score"] = score_responses(verifier, row_prompts, frame.response)
+        frame["correct"] = frame.verifier_score >= 0.5
+
+    if round_idx == 0 and quantize:  # QLoRA: round 0 is the nf4 base; what the quantisation costs, against full precision
+        del model
+        full_precision_rows(recipe, base_path, tokenizer, texts, frame, items, verifier if "verifier_score" in frame else None,
+                            row_prompts)
+    judge_name = eval_judge_name(recipe, whole)
+    judged: dict = {"judge": judge_name}
+    if round_idx > 0:
+        if has_adapter(model):
+            # From here on the same load is pi_base: the KL estimate, and the base as the fixed referee.
+            set_adapter_enabled(model, False)
+            base_model = model
+        else:  # a model saved whole (the experiment's supervised control): load the base instead
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            base_model = load_policy(base_path, recipe.model, quantize=quantize)
+        # The samples' ids are the policy tokenizer's; the base's own tokenizer matters only to the self-judge.
+        base_tokenizer = load_tokenizer(base_path, recipe.model) if judge_name == "self" else tokenizer
+        # The very token sequences pi_r sampled, scored under the base: one Monte-Carlo term each.
+        sample_index = frame.index[frame.kind == "sample"]
+        frame.loc[sample_index, "base_logp"] = batched_logps(base_model, base_tokenizer, [items[i] for i in sample_index],
+                                                             recipe.generation.batch_size, device, "eval base logps")[0]
+        if judge_name:
+            judged |= judge_greedy(recipe, round_idx, model_path, frame, prompts, {"previous": previous, "base": base},
+                                   base_model, base_tokenizer, whole)
+    return frame, judged
+
+
+def policy_rows(recipe, round_idx: int, model, tokenizer, prompts: pd.DataFrame, base: pd.DataFrame | None,
+                shard_idx: int) -> tuple[pd.DataFrame, list[Encoded], list[str]]:
+    """The policy's part of the eval frame: each prompt's greedy answer and KL samples, each row's log-prob under
+    the policy, the ground truth's log-likelihood; with each row's encoding and the prompts' chat texts."""
+    from models.generate.generation import generate_and_score
+    from models.generate.sampling import SamplingSettings
+    from models.load.loading import adapter_merged
+
+    ev, gen = recipe.evaluation, recipe.generation
+    batch, device = gen.batch_size, next(model.parameters()).device
     texts = [format_prompt(tokenizer, p, s) for p, s in zip(prompts.prompt, prompts.system)]
-    gen = recipe.generation
-    batch = gen.batch_size
     # The policy's work with the adapter folded in (fp32 only): an unmerged LoRA layer runs three matmuls,
     # which at decoding's small batches made Evaluate slower per token than Generate (bench/README.md).
     # On a CPU the static backend's packed weights fold it themselves (models/packing.py): folding in place
@@ -272,8 +316,7 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
             if (prompt_id, kind) in slots:
                 i, j = slots[(prompt_id, kind)]
                 frame.loc[row, "logp"] = pair_scores[i][j]
-        by_prompt = prompts.set_index("prompt_id")
-        items = encode_eval_rows(tokenizer, frame, by_prompt)
+        items = encode_eval_rows(tokenizer, frame, prompts.set_index("prompt_id"))
         unscored = frame.index[frame.logp.isna()]
         if len(unscored):
             frame.loc[unscored, "logp"] = batched_logps(model, tokenizer, [items[i] for i in unscored], batch, device, "eval logps")[0]
@@ -281,51 +324,31 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
                                    {i: pair_scores[i][j] for i, j in gt_slots.items()})
     greedy_index = frame.index[frame.kind == "greedy"]
     frame.loc[greedy_index, "gt_logprob"] = gt.gt_logprob.reindex(frame.prompt_id[greedy_index]).to_numpy()
-    row_prompts = by_prompt.loc[frame.prompt_id].reset_index()
-    verifier = load_verifier(recipe.judge.verifier)
-    whole = prompts if all_prompts is None else all_prompts
-    if can_verify(verifier, whole):
-        frame["verifier_score"] = score_responses(verifier, row_prompts, frame.response)
-        frame["correct"] = frame.verifier_score >= 0.5
+    return frame, items, texts
 
-    if round_idx == 0 and quantize:  # QLoRA: round 0 is the nf4 base; what the quantisation costs, against full precision
-        del model
-        full_precision_rows(recipe, base_path, tokenizer, texts, frame, items, verifier if "verifier_score" in frame else None,
-                            row_prompts)
-    greedy_rows = frame[frame.kind == "greedy"].reset_index(drop=True)
-    sample_rows = frame[frame.kind == "sample"]
+
+def judge_greedy(recipe, round_idx: int, model_path: str, frame: pd.DataFrame, prompts: pd.DataFrame,
+                 others: dict[str, pd.DataFrame], base_model, base_tokenizer, whole: pd.DataFrame) -> dict:
+    """The greedy answers of `frame` against those of each of `others` (label -> eval frame: the previous round,
+    the base), by the referee (evaluation.judge), which reports the win rates, and by a training judge apart from
+    it on the same comparisons, for their agreement (models/evaluate/referee.py); the lengths feed the
+    length-controlled rates."""
+    from models.evaluate.referee import make_referee, make_training_judge, training_judge_detail
+
     judge_name = eval_judge_name(recipe, whole)
-    judged: dict = {"judge": judge_name}
-    if round_idx > 0:
-        if has_adapter(model):
-            # From here on the same load is pi_base: the KL estimate, and the base as the fixed referee.
-            set_adapter_enabled(model, False)
-            base_model = model
-        else:  # a model saved whole (the experiment's supervised control): load the base instead
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            base_model = load_policy(base_path, recipe.model, quantize=quantize)
-        # The samples' ids are the policy tokenizer's; the base's own tokenizer matters only to the self-judge.
-        base_tokenizer = load_tokenizer(base_path, recipe.model) if judge_name == "self" else tokenizer
-        # The very token sequences pi_r sampled, scored under the base: one Monte-Carlo term each.
-        sample_items = [items[i] for i in sample_rows.index]
-        frame.loc[sample_rows.index, "base_logp"] = batched_logps(base_model, base_tokenizer, sample_items, batch, device, "eval base logps")[0]
-        if judge_name:
-            ours = greedy_rows.response.tolist()
-            greedy_prompts = by_prompt.loc[greedy_rows.prompt_id].reset_index()
-            theirs = {label: other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
-                      for label, other in (("previous", previous), ("base", base))}
-            # The referee (evaluation.judge) reports the win rates; a training judge apart from it judges the same
-            # comparisons, for their agreement (models/evaluate/referee.py). Lengths feed the length-controlled rates.
-            judged |= judge_comparisons(make_referee(judge_name, recipe, base_model, base_tokenizer), greedy_prompts, ours, theirs)
-            judged |= {"ours_chars": [len(text) for text in ours]}
-            judged |= {f"{label}_chars": [len(text) for text in texts] for label, texts in theirs.items()}
-            training_judge = make_training_judge(recipe, round_idx, judge_name, model_path, base_model, base_tokenizer, whole)
-            if training_judge is not None:
-                judged |= {"train_judge": recipe.judge.name, "train_judge_detail": training_judge_detail(recipe, round_idx)}
-                judged |= {f"train_{key}": value for key, value in judge_comparisons(training_judge, greedy_prompts, ours, theirs).items()}
-    return frame, judged
+    greedy_rows = frame[frame.kind == "greedy"].reset_index(drop=True)
+    ours = greedy_rows.response.tolist()
+    greedy_prompts = prompts.set_index("prompt_id").loc[greedy_rows.prompt_id].reset_index()
+    theirs = {label: other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
+              for label, other in others.items()}
+    judged = judge_comparisons(make_referee(judge_name, recipe, base_model, base_tokenizer), greedy_prompts, ours, theirs)
+    judged |= {"ours_chars": [len(text) for text in ours]}
+    judged |= {f"{label}_chars": [len(text) for text in texts] for label, texts in theirs.items()}
+    training_judge = make_training_judge(recipe, round_idx, judge_name, model_path, base_model, base_tokenizer, whole)
+    if training_judge is not None:
+        judged |= {"train_judge": recipe.judge.name, "train_judge_detail": training_judge_detail(recipe, round_idx)}
+        judged |= {f"train_{key}": value for key, value in judge_comparisons(training_judge, greedy_prompts, ours, theirs).items()}
+    return judged
 
 
 def full_precision_rows(recipe, base_path: str, tokenizer, texts: list[str], frame: pd.DataFrame, items: list[Encoded], verifier,

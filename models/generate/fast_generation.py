@@ -793,31 +793,48 @@ def static_generate(
     max_new = int(settings.max_new_tokens)
     device = input_ids.device
     longest_scored = max((len(ids) for items in continuations or [] for ids in items), default=0)
-    length = width + max(max_new, longest_scored)
-    reason = "no new tokens" if max_new <= 0 else unsupported_reason(model, length)
+    reason = "no new tokens" if max_new <= 0 else unsupported_reason(model, width + max(max_new, longest_scored))
     if reason is not None:
-        if max_new <= 0:
-            empty = torch.empty((batch, 0), dtype=torch.long, device=device)
-            return StaticGeneration(empty, torch.zeros(batch, device=device) if settings.logps else None, None)
-        from models.generate.sampling import hf_generate
-
-        log.warning("static generation: %s; using the hf backend", reason)
-        out = hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows)
-        return StaticGeneration(*(out if settings.logps else (out, None)), None)
+        return _without_session(reason, model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows)
     on_cuda = device.type == "cuda"
     use_graph = on_cuda and (cuda_graph if cuda_graph is not None else _env_flag("SELFPLAY_STATIC_CUDA_GRAPH", True))
     compiled = _compile_mode(compile_step)
     check_every = check_every if check_every is not None else (16 if on_cuda else 1)
+    key = _session_key(model, tokenizer, input_ids, settings, eos_ids, use_graph, compiled, greedy_rows)
+    session, fresh = _session_for(model, key, device)
+    input_ids, attention_mask, prefix = _prefix_first(input_ids.to(torch.long), attention_mask, key.pad_id)
+    packing = packed_linears(model, batch) if device.type == "cpu" else nullcontext()
+    with _attention(model, session.attention), packing:
+        return _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every,
+                    greedy_rows.to(device) if key.mixed else None, continuations, prefix)
+
+
+def _without_session(reason: str, model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows) -> StaticGeneration:
+    """What static_generate returns where its loop cannot run: nothing for no new tokens, else transformers' generate."""
+    batch, device = input_ids.shape[0], input_ids.device
+    if settings.max_new_tokens <= 0:
+        empty = torch.empty((batch, 0), dtype=torch.long, device=device)
+        return StaticGeneration(empty, torch.zeros(batch, device=device) if settings.logps else None, None)
+    from models.generate.sampling import hf_generate
+
+    log.warning("static generation: %s; using the hf backend", reason)
+    out = hf_generate(model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows)
+    return StaticGeneration(*(out if settings.logps else (out, None)), None)
+
+
+def _session_key(model, tokenizer, input_ids, settings, eos_ids, use_graph: bool, compiled: str, greedy_rows) -> _SessionKey:
+    """What a session's buffers (and captured graph) depend on: a call with the same key reuses the session."""
+    batch, width = input_ids.shape
+    max_new, device = int(settings.max_new_tokens), input_ids.device
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     cache_len = width + max_new
-    if on_cuda:
+    if device.type == "cuda":
         cache_len = -(-cache_len // CUDA_CACHE_ROUND) * CUDA_CACHE_ROUND
         window = _sliding_window(_text_config(model))
         if window is not None:  # rounded up, the cache must stay within a window the rows fit in
             cache_len = min(cache_len, window)
     temperature = float(settings.temperature) if settings.temperature and settings.temperature > 0 else 0.0
-    mixed = greedy_rows is not None and temperature > 0 and bool(greedy_rows.any())
-    key = _SessionKey(
+    return _SessionKey(
         batch=batch,
         cache_len=cache_len,
         max_new_tokens=max_new,
@@ -830,26 +847,23 @@ def static_generate(
         graph=use_graph,
         compiled=compiled,
         logps=bool(settings.logps),
-        mixed=mixed,
+        mixed=greedy_rows is not None and temperature > 0 and bool(greedy_rows.any()),
         weights=_weights_fingerprint(model),
     )
+
+
+def _session_for(model, key: _SessionKey, device: torch.device) -> tuple[_Session, bool]:
+    """The model's session for `key`: the cached one, or a new one (the old cache dropped first); and whether it is new."""
     session = _SESSIONS.get(model)
     if session is not None and session.key == key:
         session.stats["reuses"] += 1
-        fresh = False
-    else:
-        _SESSIONS.pop(model, None)
-        session = None  # drop the old cache before allocating the new one
-        if on_cuda:
-            torch.cuda.empty_cache()
-        session = _new_session(model, key, device)
-        _SESSIONS[model] = session
-        fresh = True
-    input_ids, attention_mask, prefix = _prefix_first(input_ids.to(torch.long), attention_mask, int(pad_id))
-    packing = packed_linears(model, batch) if device.type == "cpu" else nullcontext()
-    with _attention(model, session.attention), packing:
-        return _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every,
-                    greedy_rows.to(device) if mixed else None, continuations, prefix)
+        return session, False
+    _SESSIONS.pop(model, None)
+    session = None  # drop the old cache before allocating the new one
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    session = _SESSIONS[model] = _new_session(model, key, device)
+    return session, True
 
 
 def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every, greedy_rows,

@@ -175,13 +175,15 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
     Returns the generations frame (contract columns plus reference/task/answer/source_row/system) and stats
     (generation_stats: of the shard's rows, with the round's prompt counts).
     """
+    import functools
     from pathlib import Path
 
     import pandas as pd
 
+    from data.layout import shard_range
     from data.prompts import filter_overlong, format_prompt
     from data.schema import write_parquet
-    from models.load.loading import checkpoint_info, is_round_checkpoint, load_policy, load_tokenizer, round_adapter
+    from models.load.loading import load_policy, load_tokenizer
 
     work_dir = Path(work_dir)
     gen = recipe.generation
@@ -192,14 +194,14 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
     prompts, dropped = filter_overlong(prompts, tokenizer, limit, recipe.data.overlong_prompts, recipe.data.train, limit_name)
     if dropped:
         log.info("generation: skipped %d prompts longer than %s=%d", dropped, limit_name, limit)
-    from data.layout import shard_range
-
-    model, parts = None, []
+    # Loaded at the first part that needs it: a resumed run whose parts are all saved loads nothing.
+    load_model = functools.cache(lambda: load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit",
+                                                     root=root_path, packed=gen.backend == "static"))
+    parts = []
     starts = range(0, len(prompts), gen.shard_size)
     own_parts = shard_range(len(starts), *shard)  # the parts of the round this shard generates
-    for shard_idx in own_parts:  # shard_idx: the part's index in the round, which seeds it
-        start = starts[shard_idx]
-        part_path = work_dir / f"part-{shard_idx:05d}.parquet"
+    for part_idx in own_parts:  # the part's index in the round, which seeds it
+        part_path = work_dir / f"part-{part_idx:05d}.parquet"
         if part_path.is_file():
             parts.append(pd.read_parquet(part_path))
             continue
@@ -208,50 +210,55 @@ def generate_round(recipe, model_path: str, prompts, round_idx: int, work_dir, r
                 f"{interrupt.received()}: generation of round {round_idx} stopped with {len(parts)} of {len(own_parts)} "
                 f"parts saved in {work_dir}; rerun the same command to resume"
             )
-        shard = prompts.iloc[start : start + gen.shard_size]
-        texts = [format_prompt(tokenizer, p, s) for p, s in zip(shard.prompt, shard.system)]
-        settings = SamplingSettings(
-            num_samples=gen.num_samples,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            max_new_tokens=gen.max_new_tokens,
-            batch_size=gen.batch_size,
-            seed=shard_seed(recipe.seed, round_idx, shard_idx),
-            backend=gen.backend,
-        )
+        part_prompts = prompts.iloc[starts[part_idx] : starts[part_idx] + gen.shard_size]
+        texts = [format_prompt(tokenizer, p, s) for p, s in zip(part_prompts.prompt, part_prompts.system)]
+        settings = SamplingSettings(num_samples=gen.num_samples, temperature=gen.temperature, top_p=gen.top_p,
+                                    max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                                    seed=shard_seed(recipe.seed, round_idx, part_idx), backend=gen.backend)
         if gen.backend == "vllm":
-            from models.generate.vllm_engine import vllm_generate
-
-            if is_round_checkpoint(model_path):  # the root weights and the round's adapter as a LoRA request
-                root = root_path or checkpoint_info(model_path)["root_path"]
-                samples = vllm_generate(root, tokenizer, texts, settings, recipe.model,
-                                        adapter=round_adapter(model_path), tensor_parallel_size=gen.tensor_parallel_size)
-            else:
-                samples = vllm_generate(model_path, tokenizer, texts, settings, recipe.model,
-                                        tensor_parallel_size=gen.tensor_parallel_size)
+            samples = sample_with_vllm(recipe, model_path, root_path, tokenizer, texts, settings)
         else:
-            model = model or load_policy(model_path, recipe.model, quantize=recipe.model.quantization == "4bit", root=root_path,
-                                         packed=gen.backend == "static")
-            samples = generate_texts(model, tokenizer, texts, settings, progress=f"generate r{round_idx} part {shard_idx}")
-        rows = [
-            {
-                **{k: row[k] for k in ("prompt_id", "prompt", "system", "reference") if k in row},
-                **{k: row.get(k) for k in ("task", "answer", "source_row") if k in shard.columns},
-                "response": sample.text,
-                "sample_index": k,
-                "round": round_idx,
-                "num_tokens": sample.num_tokens,
-                "finished": sample.finished,
-                "token_ids": sample.token_ids,
-            }
-            for row, row_samples in zip(shard.to_dict("records"), samples)
-            for k, sample in enumerate(row_samples)
-        ]
-        part = pd.DataFrame(rows)
+            samples = generate_texts(load_model(), tokenizer, texts, settings, progress=f"generate r{round_idx} part {part_idx}")
+        part = part_frame(part_prompts, samples, round_idx)
         write_parquet(part, part_path)
         parts.append(part)
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()  # a shard with no parts: more shards than parts
     return frame, generation_stats(frame, len(prompts), dropped)
+
+
+def sample_with_vllm(recipe, model_path: str, root_path: str | None, tokenizer, texts: list[str], settings: SamplingSettings):
+    """One part's samples from vLLM: a round checkpoint runs as its root weights with the round's adapter as a
+    LoRA request, a base model as itself."""
+    from models.generate.vllm_engine import vllm_generate
+    from models.load.loading import checkpoint_info, is_round_checkpoint, round_adapter
+
+    tensor_parallel_size = recipe.generation.tensor_parallel_size
+    if is_round_checkpoint(model_path):
+        root = root_path or checkpoint_info(model_path)["root_path"]
+        return vllm_generate(root, tokenizer, texts, settings, recipe.model, adapter=round_adapter(model_path),
+                             tensor_parallel_size=tensor_parallel_size)
+    return vllm_generate(model_path, tokenizer, texts, settings, recipe.model, tensor_parallel_size=tensor_parallel_size)
+
+
+def part_frame(part_prompts: "pd.DataFrame", samples, round_idx: int) -> "pd.DataFrame":
+    """A part's rows: each prompt's columns the later stages carry, beside each of its samples."""
+    import pandas as pd
+
+    rows = [
+        {
+            **{k: row[k] for k in ("prompt_id", "prompt", "system", "reference") if k in row},
+            **{k: row.get(k) for k in ("task", "answer", "source_row") if k in part_prompts.columns},
+            "response": sample.text,
+            "sample_index": k,
+            "round": round_idx,
+            "num_tokens": sample.num_tokens,
+            "finished": sample.finished,
+            "token_ids": sample.token_ids,
+        }
+        for row, row_samples in zip(part_prompts.to_dict("records"), samples)
+        for k, sample in enumerate(row_samples)
+    ]
+    return pd.DataFrame(rows)
 
 
 def generation_stats(frame: "pd.DataFrame", prompts: int, dropped: int) -> dict:

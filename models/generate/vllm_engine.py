@@ -63,7 +63,7 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
     from common.errors import ModelError
 
     try:
-        from vllm import LLM, SamplingParams
+        import vllm  # noqa: F401 - the engine's package, imported where it is used
     except ImportError:
         raise ModelError("generation.backend: vllm needs the vllm package: pip install vllm (or use backend: static)") from None
     if not isinstance(model_path, (str, os.PathLike)):
@@ -73,63 +73,73 @@ def vllm_generate(model_path, tokenizer, texts: list[str], settings: SamplingSet
         log.warning("vllm backend: loading %s from disk; in-memory weights are not used", name)
         model_path = name
     model_path = str(model_path)
-    dtype = _vllm_dtype(model_cfg)
-    lora_rank = None
-    if adapter is not None:
-        import json
-
-        rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
-        # vLLM accepts only some max_lora_rank values; the smallest of them that holds the adapter.
-        lora_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
-    key = (model_path, dtype, lora_rank, int(tensor_parallel_size))
-    engine = _VLLM_ENGINES.get(key)
-    if engine is None:
-        release_vllm()
-        kwargs = dict(model=model_path, dtype=dtype, seed=int(settings.seed))
-        if tensor_parallel_size > 1:
-            kwargs["tensor_parallel_size"] = int(tensor_parallel_size)
-        if lora_rank is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
-        if model_cfg is not None:
-            kwargs["trust_remote_code"] = bool(getattr(model_cfg, "trust_remote_code", False))
-            if getattr(model_cfg, "revision", None) and not os.path.isdir(model_path):
-                kwargs["revision"] = model_cfg.revision
-        engine = _VLLM_ENGINES[key] = LLM(**kwargs)
-    greedy = not settings.temperature or settings.temperature <= 0
-    eos_ids = _vllm_eos_ids(model_path, tokenizer)
-    params = [
-        SamplingParams(
-            n=int(settings.num_samples),
-            temperature=0.0 if greedy else float(settings.temperature),
-            top_p=1.0 if greedy else float(settings.top_p),
-            max_tokens=int(settings.max_new_tokens),
-            seed=int(settings.seed) * 1_000_003 + i,
-            stop_token_ids=eos_ids,
-            skip_special_tokens=True,
-        )
-        for i in range(len(texts))
-    ]
+    engine = _engine(model_path, model_cfg, _lora_rank(adapter), tensor_parallel_size, settings.seed)
     prompts = [{"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids} for text in texts]
-    lora_request = None
-    if adapter is not None:
-        from vllm.lora.request import LoRARequest
+    params = _sampling_params(settings, len(texts), _vllm_eos_ids(model_path, tokenizer))
+    outputs = engine.generate(prompts, params, use_tqdm=False, lora_request=_lora_request(adapter))
+    return [[Sample(text=clean_response(completion.text), num_tokens=len(completion.token_ids),
+                    finished=completion.finish_reason == "stop", token_ids=list(completion.token_ids))
+             for completion in sorted(request.outputs, key=lambda c: c.index)]
+            for request in outputs]
 
-        # vLLM caches adapters by integer id: every adapter directory gets its own, or a later round's
-        # requests would run with an earlier round's cached weights.
-        path = Path(adapter).resolve()
-        stamp = (str(path), (path / "adapter_model.safetensors").stat().st_mtime_ns)
-        lora_id = _VLLM_LORA_IDS.setdefault(stamp, len(_VLLM_LORA_IDS) + 1)
-        lora_request = LoRARequest(f"policy-{lora_id}", lora_id, str(path))
-    outputs = engine.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
-    results = []
-    for request in outputs:
-        samples = []
-        for completion in sorted(request.outputs, key=lambda c: c.index):
-            finished = completion.finish_reason == "stop"
-            samples.append(Sample(text=clean_response(completion.text), num_tokens=len(completion.token_ids), finished=finished,
-                                  token_ids=list(completion.token_ids)))
-        results.append(samples)
-    return results
+
+def _lora_rank(adapter) -> int | None:
+    """The engine's max_lora_rank for `adapter` (None without one): vLLM accepts only some values; the smallest of
+    them that holds the adapter's rank."""
+    if adapter is None:
+        return None
+    import json
+
+    rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
+    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
+
+
+def _engine(model_path: str, model_cfg, lora_rank: int | None, tensor_parallel_size: int, seed: int):
+    """The cached engine for (model, dtype, LoRA rank, GPUs), built (after freeing any other) when missing."""
+    from vllm import LLM
+
+    dtype = _vllm_dtype(model_cfg)
+    key = (model_path, dtype, lora_rank, int(tensor_parallel_size))
+    if key in _VLLM_ENGINES:
+        return _VLLM_ENGINES[key]
+    release_vllm()
+    kwargs = dict(model=model_path, dtype=dtype, seed=int(seed))
+    if tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = int(tensor_parallel_size)
+    if lora_rank is not None:
+        kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
+    if model_cfg is not None:
+        kwargs["trust_remote_code"] = bool(getattr(model_cfg, "trust_remote_code", False))
+        if getattr(model_cfg, "revision", None) and not os.path.isdir(model_path):
+            kwargs["revision"] = model_cfg.revision
+    engine = _VLLM_ENGINES[key] = LLM(**kwargs)
+    return engine
+
+
+def _sampling_params(settings: SamplingSettings, num_prompts: int, eos_ids: list[int]) -> list:
+    """One SamplingParams a prompt, each seeded from settings.seed and the prompt's index: the samples depend
+    neither on how vLLM batches nor on the engine's seed."""
+    from vllm import SamplingParams
+
+    greedy = not settings.temperature or settings.temperature <= 0
+    return [SamplingParams(n=int(settings.num_samples), temperature=0.0 if greedy else float(settings.temperature),
+                           top_p=1.0 if greedy else float(settings.top_p), max_tokens=int(settings.max_new_tokens),
+                           seed=int(settings.seed) * 1_000_003 + i, stop_token_ids=eos_ids, skip_special_tokens=True)
+            for i in range(num_prompts)]
+
+
+def _lora_request(adapter):
+    """`adapter` as a vLLM LoRA request (None without one). vLLM caches adapters by integer id: every adapter
+    directory (and every rewrite of one) gets its own, or a later round's requests would run with an earlier
+    round's cached weights."""
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    path = Path(adapter).resolve()
+    stamp = (str(path), (path / "adapter_model.safetensors").stat().st_mtime_ns)
+    lora_id = _VLLM_LORA_IDS.setdefault(stamp, len(_VLLM_LORA_IDS) + 1)
+    return LoRARequest(f"policy-{lora_id}", lora_id, str(path))
 
 
 def release_vllm() -> None:
