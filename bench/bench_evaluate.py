@@ -1,6 +1,6 @@
 """Evaluate against Generate, per generated token: what one round's evaluation costs beside its sampling.
 
-    python -m models.load.fetch smollm2-135m-instruct
+    python -m models.fetch smollm2-135m-instruct
     python bench/bench_evaluate.py --recipe configs/smollm2_spin_cpu.yaml --runs-dir /tmp/bench_evaluate --reps 3 \
         --json bench/results/evaluate_smollm2_cpu.json
 

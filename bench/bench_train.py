@@ -232,7 +232,7 @@ def peak_gib() -> float | None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--model", help="a model directory, a .gguf file or cache:<name> (python -m models.load.fetch)")
+    what.add_argument("--model", help="a model directory, a .gguf file or cache:<name> (python -m models.fetch)")
     what.add_argument("--config", choices=["qwen2.5-0.5b", "tiny"], help="random weights of this shape instead (default qwen2.5-0.5b)")
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--steps", type=int, default=30)

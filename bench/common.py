@@ -1,7 +1,7 @@
 """What the speed benchmarks share: the model under test, the machine's own matmul rate, the machine.
 
 `--model` takes what a recipe's `model.base_model` takes: a Hugging Face directory, a `.gguf` file or
-`cache:<name>` (python -m models.load.fetch). A GGUF file is de-quantised once into a temporary directory
+`cache:<name>` (python -m models.fetch). A GGUF file is de-quantised once into a temporary directory
 by the conversion BaseModel uses (models/load/gguf.py), so every side of a comparison loads the same fp32
 weights.
 

@@ -1,6 +1,6 @@
 """Wall time and peak memory of every stage of one round of a recipe on this machine's CPU.
 
-    python -m models.load.fetch smollm2-135m-instruct
+    python -m models.fetch smollm2-135m-instruct
     python bench/cpu_round.py configs/smollm2_spin_cpu.yaml configs/smollm2_dpo_cpu.yaml configs/smollm2_self_cpu.yaml \
         --runs-dir /tmp/cpu_rounds --json bench/results/smollm2_cpu.json
 

@@ -1,6 +1,6 @@
 """Does a real model improve? SmolLM2-135M-Instruct on the demo's verifiable tasks, on a CPU.
 
-    python -m models.load.fetch smollm2-135m-instruct                                      # once
+    python -m models.fetch smollm2-135m-instruct                                      # once
     python experiments/smollm2.py --base-only --out experiments/results/smollm2      # the base's pass@k
     python experiments/smollm2.py --out experiments/results/smollm2                  # the experiment
 

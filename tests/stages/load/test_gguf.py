@@ -77,7 +77,7 @@ def test_gguf_specs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_gguf("models/m.gguf") == tmp_path / "models" / "m.gguf"  # relative to where the command runs
     monkeypatch.setenv("SELFPLAY_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(ModelError, match=r"cache:smollm2-135m-instruct is not in the cache .* run `python -m models\.load\.fetch smollm2-135m-instruct` first"):
+    with pytest.raises(ModelError, match=r"cache:smollm2-135m-instruct is not in the cache .* run `python -m models\.fetch smollm2-135m-instruct` first"):
         resolve_gguf("cache:smollm2-135m-instruct")
     with pytest.raises(ModelError, match=r"no cached model named 'smollm3' \(known: gemma3-270m, smollm2-135m-instruct\)"):
         resolve_gguf("cache:smollm3")
@@ -164,7 +164,7 @@ def test_a_file_in_parts_is_joined_in_order_checked_and_its_terms_printed(pinned
     assert path.read_bytes() == whole and verified_file("parts") == path
     path.write_bytes(whole[:-1] + b"X")  # damaged in the cache: refused in one line, with what to do
     with pytest.raises(ModelError, match=r"^model cache:parts \(.*m\.gguf\) has sha256 \w+, not the pinned \w+: .*"
-                                         r"run `python -m models\.load\.fetch parts` again$"):
+                                         r"run `python -m models\.fetch parts` again$"):
         verified_file("parts")
 
 
@@ -254,14 +254,14 @@ def test_iterate_checks_a_gguf_base_model_before_scheduling(tiny_recipe, tmp_pat
         Iterate(recipe=fake, runs_dir=runs, rounds=1)
     monkeypatch.setenv("SELFPLAY_CACHE", str(tmp_path / "empty-cache"))
     cached = tiny_recipe("spin", name="cached", model={"base_model": "cache:smollm2-135m-instruct"})
-    with pytest.raises(ModelError, match=r"run `python -m models\.load\.fetch smollm2-135m-instruct` first"):
+    with pytest.raises(ModelError, match=r"run `python -m models\.fetch smollm2-135m-instruct` first"):
         Iterate(recipe=cached, runs_dir=runs, rounds=1)
     damaged = cache_path("gemma3-270m")  # a Gemma file whose bytes are not the pinned ones
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(write_gguf(tmp_path / "other.gguf", arch="gemma3").read_bytes())
     gemma = tiny_recipe("spin", name="gemma", model={"base_model": "cache:gemma3-270m"})
     with pytest.raises(ModelError, match=r"^model cache:gemma3-270m \(.*\) has sha256 \w+, not the pinned a5fd3b62\w+: .* "
-                                         r"run `python -m models\.load\.fetch gemma3-270m` again$"):
+                                         r"run `python -m models\.fetch gemma3-270m` again$"):
         Iterate(recipe=gemma, runs_dir=runs, rounds=1)
     assert not any((tmp_path / "runs").rglob("*"))  # nothing was scheduled or written
 
