@@ -241,8 +241,9 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
     # and with the adapter switched off the same load is the base, so pi_base needs no second load.
     model = load_policy(model_path, recipe.model, quantize=quantize, root=base_path, merge=False)
     device = next(model.parameters()).device
-    frame, items, texts = policy_rows(recipe, round_idx, model, tokenizer, prompts, base, shard_idx)
-    row_prompts = prompts.set_index("prompt_id").loc[frame.prompt_id].reset_index()
+    by_prompt = prompts.set_index("prompt_id")
+    frame, items, texts = policy_rows(recipe, round_idx, model, tokenizer, prompts, by_prompt, base, shard_idx)
+    row_prompts = by_prompt.loc[frame.prompt_id].reset_index()
     verifier = load_verifier(recipe.judge.verifier)
     whole = prompts if all_prompts is None else all_prompts
     if can_verify(verifier, whole):
@@ -272,15 +273,16 @@ def evaluate_rows(recipe, round_idx: int, model_path: str, base_path: str, promp
         frame.loc[sample_index, "base_logp"] = batched_logps(base_model, base_tokenizer, [items[i] for i in sample_index],
                                                              recipe.generation.batch_size, device, "eval base logps")[0]
         if judge_name:
-            judged |= judge_greedy(recipe, round_idx, model_path, frame, prompts, {"previous": previous, "base": base},
+            judged |= judge_greedy(recipe, round_idx, judge_name, model_path, frame, by_prompt, {"previous": previous, "base": base},
                                    base_model, base_tokenizer, whole)
     return frame, judged
 
 
-def policy_rows(recipe, round_idx: int, model, tokenizer, prompts: pd.DataFrame, base: pd.DataFrame | None,
-                shard_idx: int) -> tuple[pd.DataFrame, list[Encoded], list[str]]:
+def policy_rows(recipe, round_idx: int, model, tokenizer, prompts: pd.DataFrame, by_prompt: pd.DataFrame,
+                base: pd.DataFrame | None, shard_idx: int) -> tuple[pd.DataFrame, list[Encoded], list[str]]:
     """The policy's part of the eval frame: each prompt's greedy answer and KL samples, each row's log-prob under
-    the policy, the ground truth's log-likelihood; with each row's encoding and the prompts' chat texts."""
+    the policy, the ground truth's log-likelihood; with each row's encoding and the prompts' chat texts.
+    `by_prompt`: `prompts` indexed by prompt_id."""
     from models.generate.generation import generate_and_score
     from models.generate.sampling import SamplingSettings
     from models.load.loading import adapter_merged
@@ -316,7 +318,7 @@ def policy_rows(recipe, round_idx: int, model, tokenizer, prompts: pd.DataFrame,
             if (prompt_id, kind) in slots:
                 i, j = slots[(prompt_id, kind)]
                 frame.loc[row, "logp"] = pair_scores[i][j]
-        items = encode_eval_rows(tokenizer, frame, prompts.set_index("prompt_id"))
+        items = encode_eval_rows(tokenizer, frame, by_prompt)
         unscored = frame.index[frame.logp.isna()]
         if len(unscored):
             frame.loc[unscored, "logp"] = batched_logps(model, tokenizer, [items[i] for i in unscored], batch, device, "eval logps")[0]
@@ -327,18 +329,17 @@ def policy_rows(recipe, round_idx: int, model, tokenizer, prompts: pd.DataFrame,
     return frame, items, texts
 
 
-def judge_greedy(recipe, round_idx: int, model_path: str, frame: pd.DataFrame, prompts: pd.DataFrame,
+def judge_greedy(recipe, round_idx: int, judge_name: str, model_path: str, frame: pd.DataFrame, by_prompt: pd.DataFrame,
                  others: dict[str, pd.DataFrame], base_model, base_tokenizer, whole: pd.DataFrame) -> dict:
     """The greedy answers of `frame` against those of each of `others` (label -> eval frame: the previous round,
-    the base), by the referee (evaluation.judge), which reports the win rates, and by a training judge apart from
+    the base), by the referee `judge_name` (eval_judge_name), which reports the win rates, and by a training judge apart from
     it on the same comparisons, for their agreement (models/evaluate/referee.py); the lengths feed the
     length-controlled rates."""
     from models.evaluate.referee import make_referee, make_training_judge, training_judge_detail
 
-    judge_name = eval_judge_name(recipe, whole)
     greedy_rows = frame[frame.kind == "greedy"].reset_index(drop=True)
     ours = greedy_rows.response.tolist()
-    greedy_prompts = prompts.set_index("prompt_id").loc[greedy_rows.prompt_id].reset_index()
+    greedy_prompts = by_prompt.loc[greedy_rows.prompt_id].reset_index()
     theirs = {label: other[other.kind == "greedy"].set_index("prompt_id").response.loc[greedy_rows.prompt_id].tolist()
               for label, other in others.items()}
     judged = judge_comparisons(make_referee(judge_name, recipe, base_model, base_tokenizer), greedy_prompts, ours, theirs)
