@@ -208,5 +208,8 @@ class Iterate(RunTask):
             publish_best(self.layout, best_record(record, self.layout), source)
         best = read_best(self.layout)
         if best is not None:
-            log.info("run '%s' keeps round %d (%s): %s", self.run_dir.name, best["round"], self.layout.best, best["why"])
+            why = best["why"]
+            if best["round"] != last:  # why the rounds after it were not kept: the last round's decision
+                why += "; " + read_selection(self.layout.selection(last))["why"]
+            log.info("run '%s' keeps round %d (%s): %s", self.run_dir.name, best["round"], self.layout.best, why)
         return last
