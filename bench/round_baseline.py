@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -158,10 +159,15 @@ def dpo_trainer(model_dir: str, pairs: list[dict], args, output_dir: str):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     texts = prompt_texts(tokenizer, pairs)
     data = Dataset.from_list([{"prompt": text, "chosen": p["chosen"], "rejected": p["rejected"]} for text, p in zip(texts, pairs)])
+    # Our trainer warms up for int(ratio x steps) steps; a fractional `warmup_steps` makes transformers round the
+    # ratio up (1 step of 2 at 0.1, at learning rate 0), which trains another adapter from the same pairs. With no
+    # warm-up step both schedules are the same linear decay; with some, transformers' ramp starts at 0, ours at
+    # 1 / (steps + 1).
+    total_steps = math.ceil(args.epochs * math.ceil(len(pairs) / args.batch_size))
     config = DPOConfig(
         output_dir=output_dir, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
         learning_rate=args.learning_rate, beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length,
-        precompute_ref_log_probs=True, warmup_steps=args.warmup_ratio, lr_scheduler_type="linear", max_grad_norm=1.0,
+        precompute_ref_log_probs=True, warmup_steps=int(args.warmup_ratio * total_steps), lr_scheduler_type="linear", max_grad_norm=1.0,
         weight_decay=0.0, seed=args.seed, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
         gradient_checkpointing=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
     )

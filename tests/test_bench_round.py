@@ -57,3 +57,31 @@ def test_tiny_bench_runs_both_arms_and_checks_the_loss(tmp_path):
         assert check["trl_loss"] != pytest.approx(math.log(2), abs=1e-3)  # the adapter was moved: the check can fail
         assert check["our_loss"] == pytest.approx(check["trl_loss"], abs=1e-3)
     assert "ratio_baseline_over_ours" in result["summary"]["dpo"]["total"]
+
+
+def test_the_baselines_learning_rates_are_ours(tmp_path):
+    """The baseline's DPOTrainer steps through the learning rates our trainer does for the same pairs, batch and
+    warm-up ratio (a fractional `warmup_steps` made transformers warm up 1 step at rate 0 where ours takes none)."""
+    import argparse
+
+    from bench import round_baseline
+    from models.train.trainer import _optimizer
+
+    parser = argparse.ArgumentParser()
+    round_baseline.add_training_options(parser)
+    args = parser.parse_args(["--batch-size", "2", "--learning-rate", "1e-3", "--lora-r", "2", "--lora-alpha", "4",
+                              "--lora-target-modules", "q_proj,v_proj"])
+    pairs = [{"prompt": f"add {i} and 1", "system": None, "chosen": str(i + 1), "rejected": str(i)} for i in range(8)]
+    trainer = round_baseline.dpo_trainer(str(bench_round.DEMO_MODEL), pairs, args, str(tmp_path / "trl"))
+    steps = 4  # 8 pairs at batch 2, one epoch: int(0.1 x 4) = 0 warm-up steps
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    our_cfg = argparse.Namespace(learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio, weight_decay=0.0)
+    _, optimizer, scheduler = _optimizer(our_cfg, trainer.model, steps)
+    theirs, ours = [], []
+    for _ in range(steps):
+        theirs.append(trainer.lr_scheduler.get_last_lr()[0])
+        ours.append(scheduler.get_last_lr()[0])
+        for opt, sched in ((trainer.optimizer, trainer.lr_scheduler), (optimizer, scheduler)):
+            opt.step()
+            sched.step()
+    assert theirs == pytest.approx(ours) and ours == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
