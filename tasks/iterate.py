@@ -85,11 +85,11 @@ class Iterate(RunTask):
         # Luigi asks complete() before requires() in every build (and the same task object serves several
         # builds in one process): the rounds made are taken there, once per build, so requires() gives the
         # same tasks at scheduling and when Iterate runs.
+        # No Report here: run() hands out the one of the rounds this command ends at, and Luigi checks these
+        # tasks again each time Iterate resumes after them, so a Report of the rounds made before a larger
+        # --rounds would be found overwritten ("Unfulfilled dependency at run time") once the new report is made.
         made = self._made if self._made is not None else self.rounds_made()
-        if made == 0:
-            return []
-        return ([task for r in range(1, made + 1) for task in self.round_tasks(r)]
-                + [self.clone(Report, rounds=made, requested_rounds=self.rounds)])
+        return [task for r in range(1, made + 1) for task in self.round_tasks(r)]
 
     def rounds_made(self) -> int:
         """The rounds up to --rounds that earlier commands made (a round directory), up to an early stop this

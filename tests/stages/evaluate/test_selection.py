@@ -20,7 +20,8 @@ import yaml
 from common.errors import DataError, RecipeError
 from configs.recipe import IterateConfig, deep_merge, recipe_from_dict
 from data.layout import RunLayout
-from data.selection import decide, lineage, mixed_share, paired_gain, publish_best, read_best, stop_line
+from data.report import report_rounds
+from data.selection import decide, lineage, mixed_share, paired_gain, publish_best, read_best, read_selection, stop_line
 from data.validation import set_aside, training_prompts, validation_prompts
 from conftest import REPO, save_tiny_llama_root
 
@@ -461,6 +462,26 @@ def test_early_stopping_runs_exactly_the_rounds_it_should(tiny_recipe, tmp_path,
     ran = build(Iterate(recipe=recipe, runs_dir=runs, rounds=2, resume_stopped=True))
     assert trained_rounds(ran) == [2]
     assert build(Iterate(recipe=recipe, runs_dir=runs, rounds=2)) == []
+
+
+@pytest.mark.slow
+def test_a_larger_rounds_goes_on_from_the_rounds_made_and_reports_them_all(tiny_recipe, tmp_path):
+    # Luigi checks Iterate's static requirements again each time it resumes after the rounds it hands out; the
+    # report of the rounds made before (required there once) was found overwritten by the new one and the
+    # command failed at its very end. luigi.build calls that "success with retry": the status must be SUCCESS.
+    import luigi
+    from luigi.execution_summary import LuigiStatusCode
+
+    from tasks.iterate import Iterate
+
+    recipe = tiny_run(tiny_recipe, "longer", [{}, {}])
+    runs = str(tmp_path / "runs")
+    for rounds in (1, 2):
+        result = luigi.build([Iterate(recipe=recipe, runs_dir=runs, rounds=rounds)], local_scheduler=True,
+                             detailed_summary=True, log_level="WARNING")
+        assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    layout = RunLayout(tmp_path / "runs" / "longer")
+    assert report_rounds(layout.dir / "report.md") == 2 and read_selection(layout.selection(2)) is not None
 
 
 @pytest.mark.slow
