@@ -60,7 +60,7 @@ def build(task) -> list:
         result = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
     finally:
         luigi.Task._event_callbacks[luigi.Task][luigi.Event.START].discard(record)
-    assert result.status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY), result.summary_text
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
     return ran
 
 
@@ -87,7 +87,9 @@ def test_benchmarks_added_to_a_finished_run_run_alone_and_only_what_is_new(finis
     rolling = rolling_task(tmp / "tasks")
     recipe = write_recipe(tmp / "with_bench.yaml", evaluation={"benchmarks": [rolling]})
     ran = build(Iterate(recipe=recipe, runs_dir=str(runs), rounds=1))
-    assert sorted(ran, key=str) == sorted([("Benchmark", 0), ("Benchmark", 1), ("Report", None), ("Iterate", None)], key=str)
+    # Iterate starts again after the tasks it hands out (Luigi's dynamic requirements): only the others count.
+    work = [task for task in ran if task[0] != "Iterate"]
+    assert sorted(work, key=str) == sorted([("Benchmark", 0), ("Benchmark", 1), ("Report", None)], key=str)
     run_dir = runs / "tiny_bench"
     first = json.loads((run_dir / "round_01" / "benchmarks.json").read_text())
     [record] = first["benchmarks"]
