@@ -374,7 +374,10 @@ def rescore_results(record: dict, out: Path) -> None:
 
 def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path, rounds: int) -> list[dict]:
     """Supervised training on the ground truth instead of self-play: per round, as many training
-    sequences as SPIN's round used, then the round's held-out evaluation."""
+    sequences as SPIN's round used, then the round's held-out evaluation. A round an earlier command
+    finished (its control_round.json, written last) is read back, and the next one trains on from its
+    checkpoint: each round starts a new optimiser from its own seed, so a resumed control is the same."""
+    from common.atomic import atomic_write_json
     from configs.recipe import load_recipe
     from data.layout import RunLayout, round_name
     from data.prompts import load_prompts, round_prompts
@@ -389,26 +392,40 @@ def run_control(base_path: str, recipe_path: str, spin_run: Path, out_dir: Path,
     base_eval = read_artifact(RunLayout(spin_run).eval(0), EVAL)
     base_scored = scored_greedy(base_eval)
     tokenizer = load_tokenizer(base_path, recipe.model)
-    model = load_causal_lm(base_path, recipe.model)
-    device = next(model.parameters()).device
+    model, model_round = None, None
     previous, rows = base_eval, [{"round": 0, "sequences": 0, "seconds": 0.0}]
+    # What a round was made from: one made from another recipe, base or SPIN run is made again.
+    made_from = {"recipe": recipe.to_dict(), "base": base_path, "spin_run": str(spin_run)}
     for round_idx in range(1, rounds + 1):
+        ckpt = out_dir / round_name(round_idx)
+        done = ckpt / "control_round.json"
         log = json.loads(RunLayout(spin_run).training_log(round_idx).read_text())
         sequences = 2 * log["stats"]["pairs"] * recipe.training.epochs
         steps = max(1, math.ceil(sequences / CONTROL_BATCH_SIZE))  # at least as many sequences as SPIN's round
-        # The same prompts SPIN's round trained on, their ground truth as the target.
-        examples = encode_examples(tokenizer, round_prompts(train, round_idx, recipe.data.prompts_per_round).to_dict("records"),
-                                   recipe.training.max_length)
-        start = time.time()
-        supervised_finetune(model, tokenizer, examples, steps, CONTROL_BATCH_SIZE, CONTROL_LEARNING_RATE,
-                            recipe.seed + round_idx, device)
-        ckpt = out_dir / round_name(round_idx)
-        model.save_pretrained(ckpt)
-        tokenizer.save_pretrained(ckpt)
-        frame, _metrics = evaluate_round(recipe, round_idx, str(ckpt), base_path, prompts, previous, base_eval)
-        write_parquet(frame, ckpt / "eval.parquet", EVAL)
+        made = json.loads(done.read_text()) if done.is_file() else None
+        # Read back only while nothing before it was trained again: a round trains on from the one before.
+        if made is not None and made["made_from"] == made_from and made["sequences"] == steps * CONTROL_BATCH_SIZE \
+                and model_round is None:
+            frame = read_artifact(ckpt / "eval.parquet", EVAL)
+        else:
+            if model_round != round_idx - 1:
+                model = load_causal_lm(base_path if round_idx == 1 else str(out_dir / round_name(round_idx - 1)), recipe.model)
+            # The same prompts SPIN's round trained on, their ground truth as the target.
+            examples = encode_examples(tokenizer, round_prompts(train, round_idx, recipe.data.prompts_per_round).to_dict("records"),
+                                       recipe.training.max_length)
+            start = time.time()
+            supervised_finetune(model, tokenizer, examples, steps, CONTROL_BATCH_SIZE, CONTROL_LEARNING_RATE,
+                                recipe.seed + round_idx, next(model.parameters()).device)
+            model_round = round_idx
+            (ckpt / "validation.parquet").unlink(missing_ok=True)  # select_control scores the new model again
+            model.save_pretrained(ckpt)
+            tokenizer.save_pretrained(ckpt)
+            frame, _metrics = evaluate_round(recipe, round_idx, str(ckpt), base_path, prompts, previous, base_eval)
+            write_parquet(frame, ckpt / "eval.parquet", EVAL)
+            made = {"sequences": steps * CONTROL_BATCH_SIZE, "seconds": time.time() - start, "made_from": made_from}
+            atomic_write_json(done, made)
         previous = frame
-        rows.append({"sequences": steps * CONTROL_BATCH_SIZE, "seconds": time.time() - start,
+        rows.append({"sequences": made["sequences"], "seconds": made["seconds"],
                      **round_row(round_idx, scored_greedy(frame), base_scored)})
     return rows
 

@@ -199,3 +199,9 @@ def test_the_kept_round_experiment_runs_at_tiny_scale(tmp_path):
     assert (out / "control" / "round_01" / "validation.parquet").is_file()
     text = (out / "selection.md").read_text()
     assert "SPIN's kept model at least 2 standard errors above its base" in text and "| sft_control |" in text
+    # The same command again resumes: every run is complete, and the control's rounds are read back, not trained.
+    made = {path: path.stat().st_mtime_ns for path in (out / "control").glob("round_*/control_round.json")}
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(made) == 2 and {path: path.stat().st_mtime_ns for path in made} == made
+    assert json.loads((out / "selection.json").read_text())["arms"] == record["arms"]
