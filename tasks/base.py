@@ -482,19 +482,24 @@ def _say_why_the_command_stopped(worker) -> None:
         if isinstance(root, RunTask) and [status for task, status, _ in history if task is root] == ["DONE"]:
             log.info("nothing to do: %s", root.nothing_to_do())
         return
-    task = failed[0]
-    try:  # the reason the task's process gave (on_failure), as the scheduler keeps it: workers may be forked
+    reasons = [_failure_reason(worker, task) for task in failed]
+    # Tasks the worker handed out after a SIGINT/SIGTERM are refused before they start: not failures.
+    others = sum(1 for reason in reasons[1:] if " not started; " not in reason)
+    seconds = time.time() - _command["started"] if _command["started"] else None
+    took = f" after {seconds:.0f}s" if seconds is not None else ""
+    more = f" ({others} more task{'s' if others > 1 else ''} failed)" if others else ""
+    log.error("stopped%s: %s: %s%s", took, failed[0].short_name, reasons[0], more)
+
+
+def _failure_reason(worker, task) -> str:
+    """The reason `task`'s process gave (on_failure), as the scheduler keeps it (workers may be forked)."""
+    try:
         reason = json.loads(worker._scheduler.fetch_error(task.task_id)["error"])
     except Exception:  # the line is a courtesy: never let it hide the failure itself
         reason = None
     if not (isinstance(reason, str) and reason.startswith("selfplay: ")):
-        reason = "failed with the error above"
-    else:
-        reason = reason.removeprefix("selfplay: ")
-    seconds = time.time() - _command["started"] if _command["started"] else None
-    took = f" after {seconds:.0f}s" if seconds is not None else ""
-    more = f" ({len(failed) - 1} more task{'s' if len(failed) > 2 else ''} failed)" if len(failed) > 1 else ""
-    log.error("stopped%s: %s: %s%s", took, task.short_name, reason, more)
+        return "failed with the error above"
+    return reason.removeprefix("selfplay: ")
 
 
 class ShardTask(RunTask):
