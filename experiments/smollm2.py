@@ -508,7 +508,9 @@ def render_selection(record: dict) -> str:
              f"by lenient accuracy on {record['validation_prompts']} validation prompts, min_gain {record['min_gain']:g} SE); "
              f"held-out: {record['heldout_prompts']} prompts no choice saw. SPIN's learning rate was chosen among "
              f"{', '.join(record['spin_candidates'])} by the validation figure of each run's kept round: "
-             f"**{record['spin_chosen']}**.", "",
+             f"**{record['spin_chosen']}**." + (f" The supervised control ran {record['control_rounds']} rounds "
+                                                f"(`--control-rounds`)." if record.get("control_rounds", rounds) != rounds
+                                                else ""), "",
              "Validation accuracy (lenient) by round ± one standard error; * the round kept:", "",
              "| arm | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |", "|---|" + "---|" * (rounds + 1)]
     for name, arm in arms.items():
@@ -588,11 +590,12 @@ def selection_experiment(args, common: dict, tasks: list[str], base_path: str) -
     base_run = run_dirs[names[0]]
     control_dir = args.out / "control"
     control_records = None
+    control_rounds = args.rounds if args.control_rounds is None else args.control_rounds
     if spin is not None:
         start = time.time()
-        run_control(base_path, str(args.out / "recipes" / f"{spin}.yaml"), run_dirs[spin], control_dir, args.rounds)
+        run_control(base_path, str(args.out / "recipes" / f"{spin}.yaml"), run_dirs[spin], control_dir, control_rounds)
         control_records = select_control(str(args.out / "recipes" / f"{spin}.yaml"), base_path, run_dirs[spin], control_dir,
-                                         args.rounds)
+                                         control_rounds)
         timings["sft_control"] = time.time() - start
     control_kept = control_records[-1]["kept_round"] if control_records else 0
     control_scored = held_out_scored(None, control_dir, control_kept, base_run)
@@ -600,9 +603,10 @@ def selection_experiment(args, common: dict, tasks: list[str], base_path: str) -
         scored = {r: held_out_scored(run_dirs[name], None, r, base_run) for r in range(len(records[name]))}
         arms[name] = arm_summary(records[name], scored, control_scored)
     if control_records:
-        scored = {r: held_out_scored(None, control_dir, r, run_dirs[spin]) for r in range(args.rounds + 1)}
+        scored = {r: held_out_scored(None, control_dir, r, run_dirs[spin]) for r in range(control_rounds + 1)}
         arms["sft_control"] = arm_summary(control_records, scored, control_scored)
-    record = {"scale": args.scale, "seed": args.seed, "rounds": args.rounds, "tasks": tasks, "hardware": hardware(),
+    record = {"scale": args.scale, "seed": args.seed, "rounds": args.rounds, "control_rounds": control_rounds,
+              "tasks": tasks, "hardware": hardware(),
               "date": time.strftime("%Y-%m-%d"), "overrides": args.set, "validation_prompts": common["iterate"]["validation_prompts"],
               "min_gain": common["iterate"]["min_gain"],
               "heldout_prompts": common["evaluation"]["num_prompts"], "spin_candidates": spin_arms, "spin_chosen": spin,
@@ -798,6 +802,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--selection", action="store_true",
                         help="the kept-round experiment: selection.md/json (see the module docstring)")
     parser.add_argument("--spin-lrs", default="2e-4,2e-5", help="SPIN's candidate learning rates for --selection")
+    parser.add_argument("--control-rounds", type=int, metavar="ROUNDS",
+                        help="with --selection: the supervised control's rounds (default --rounds)")
     parser.add_argument("--unstable-demo", type=int, default=0, metavar="ROUNDS",
                         help="with --selection: also run the demo SPIN recipe at 10x its learning rates with patience 1 "
                              "for up to ROUNDS rounds")
