@@ -85,15 +85,16 @@ class Iterate(RunTask):
         # Luigi asks complete() before requires() in every build (and the same task object serves several
         # builds in one process): the rounds made are taken there, once per build, so requires() gives the
         # same tasks at scheduling and when Iterate runs.
-        # No Report here: run() hands out the one of the rounds this command ends at, and Luigi checks these
-        # tasks again each time Iterate resumes after them, so a Report of the rounds made before a larger
-        # --rounds would be found overwritten ("Unfulfilled dependency at run time") once the new report is made.
-        made = self._made if self._made is not None else self.rounds_made()
-        return [task for r in range(1, made + 1) for task in self.round_tasks(r)]
+        made, ends_there = self._made if self._made is not None else self.rounds_made()
+        tasks = [task for r in range(1, made + 1) for task in self.round_tasks(r)]
+        # The report of those rounds too, so that one made before a round was redone is written again; but not
+        # when this command goes on past them (a larger --rounds): Luigi checks these tasks again each time
+        # Iterate resumes, and would find that report overwritten by the longer one ("Unfulfilled dependency").
+        return tasks + [self.clone(Report, rounds=made, requested_rounds=self.rounds)] if made and ends_there else tasks
 
-    def rounds_made(self) -> int:
+    def rounds_made(self) -> tuple[int, bool]:
         """The rounds up to --rounds that earlier commands made (a round directory), up to an early stop this
-        command keeps."""
+        command keeps; and whether this command ends there (--rounds reached, or that stop)."""
         from data.selection import read_selection
 
         made = max([r for r in self.layout.rounds() if r <= self.rounds], default=0)
@@ -101,8 +102,8 @@ class Iterate(RunTask):
             record = read_selection(self.layout.selection(round_idx))
             if record is not None and record["stop"] and not self.resume_stopped \
                     and not self.layout.selection(round_idx + 1).is_file():
-                return round_idx
-        return made
+                return round_idx, True
+        return made, made == self.rounds
 
     def output(self):
         return []
