@@ -508,8 +508,8 @@ def render_selection(record: dict) -> str:
              f"by lenient accuracy on {record['validation_prompts']} validation prompts, min_gain {record['min_gain']:g} SE); "
              f"held-out: {record['heldout_prompts']} prompts no choice saw. SPIN's learning rate was chosen among "
              f"{', '.join(record['spin_candidates'])} by the validation figure of each run's kept round: "
-             f"**{record['spin_chosen']}**." + (f" The supervised control ran {record['control_rounds']} rounds "
-                                                f"(`--control-rounds`)." if record.get("control_rounds", rounds) != rounds
+             f"**{record['spin_chosen']}**." + (f" The supervised control ran {record['control_rounds']} "
+                                                f"round{'' if record['control_rounds'] == 1 else 's'} (`--control-rounds`)." if record.get("control_rounds", rounds) != rounds
                                                 else ""), "",
              "Validation accuracy (lenient) by round ± one standard error; * the round kept:", "",
              "| arm | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |", "|---|" + "---|" * (rounds + 1)]
