@@ -503,14 +503,15 @@ def in_se(change: dict, measure: str) -> float:
 def render_selection(record: dict) -> str:
     arms = record["arms"]
     rounds = record["rounds"]
+    control_rounds = record.get("control_rounds", rounds)
+    control = (f" The supervised control ran {control_rounds} round{'' if control_rounds == 1 else 's'} (`--control-rounds`)."
+               if control_rounds != rounds else "")
     lines = [f"SmolLM2-135M-Instruct, tasks {', '.join(record['tasks'])}, scale `{record['scale']}`, seed {record['seed']}, "
              f"{record['hardware']}, {record['date']}. Each arm ran {rounds} rounds with selection on (iterate.select: best, "
              f"by lenient accuracy on {record['validation_prompts']} validation prompts, min_gain {record['min_gain']:g} SE); "
              f"held-out: {record['heldout_prompts']} prompts no choice saw. SPIN's learning rate was chosen among "
              f"{', '.join(record['spin_candidates'])} by the validation figure of each run's kept round: "
-             f"**{record['spin_chosen']}**." + (f" The supervised control ran {record['control_rounds']} "
-                                                f"round{'' if record['control_rounds'] == 1 else 's'} (`--control-rounds`)." if record.get("control_rounds", rounds) != rounds
-                                                else ""), "",
+             f"**{record['spin_chosen']}**." + control, "",
              "Validation accuracy (lenient) by round ± one standard error; * the round kept:", "",
              "| arm | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |", "|---|" + "---|" * (rounds + 1)]
     for name, arm in arms.items():
