@@ -96,6 +96,18 @@ def test_pass_at_k_is_the_unbiased_estimator():
         pass_at_k(4, 1, 8)
 
 
+def test_a_shorter_control_is_said_and_its_rounds_not_made_are_blank():
+    # The committed partial record: the control made 1 round of the arms' 3 (--control-rounds).
+    from smollm2 import render_selection
+
+    record = json.loads((REPO / "experiments/results/smollm2/selection/partial.json").read_text())
+    text = render_selection(record)
+    assert record["control_rounds"] == 1 and "The supervised control ran 1 round (`--control-rounds`)." in text
+    [row] = [line for line in text.splitlines() if line.startswith("| sft_control | 0.060")]
+    assert row.endswith("| - | - |")
+    assert "ran 1 round" not in render_selection({**record, "control_rounds": record["rounds"]})
+
+
 @pytest.mark.slow
 def test_smollm2_experiment_runs_at_tiny_scale_with_strict_and_lenient_figures(tmp_path):
     root, _tok = save_tiny_llama_root(tmp_path / "root")
