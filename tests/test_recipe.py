@@ -277,19 +277,13 @@ def test_algorithm_help_names_every_algorithm_and_the_rounds_example_is_a_valid_
     assert recipe.for_round(2).training.learning_rate == 1e-3 and recipe.for_round(2).generation.temperature == 0.7
 
 
-def _flat(mapping: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in mapping.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 @pytest.mark.parametrize("variant", sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if "_qlora" in p.stem or "_bf16" in p.stem))
 def test_a_qlora_or_bf16_recipe_is_its_sibling_with_only_the_precision_changed(variant):
     # A user compares a QLoRA or bf16 round with the plain one: any other difference (the SmolLM2 variants once
     # lacked the sibling's validation split) would be measured as the precision's doing.
     tag = "_qlora" if "_qlora" in variant else "_bf16"
-    sibling = _flat(load_recipe(CONFIG_DIR / variant.replace(tag, "")).to_dict())
-    ours = _flat(load_recipe(CONFIG_DIR / variant).to_dict())
-    changed = {key for key in sibling.keys() | ours.keys() if sibling.get(key) != ours.get(key)}
+    from tasks.base import _diff_keys  # how a run directory tells a changed recipe
+
+    changed = set(_diff_keys(load_recipe(CONFIG_DIR / variant.replace(tag, "")).to_dict(),
+                             load_recipe(CONFIG_DIR / variant).to_dict()))
     assert changed == {"name", "model.quantization" if tag == "_qlora" else "model.precision"}
