@@ -96,16 +96,23 @@ def test_pass_at_k_is_the_unbiased_estimator():
         pass_at_k(4, 1, 8)
 
 
-def test_a_shorter_control_is_said_and_its_rounds_not_made_are_blank():
-    # The committed partial record: the control made 1 round of the arms' 3 (--control-rounds).
+def test_the_committed_selection_record_renders_as_committed_and_a_shorter_control_is_said():
     from smollm2 import render_selection
 
-    record = json.loads((REPO / "experiments/results/smollm2/selection/partial.json").read_text())
+    folder = REPO / "experiments/results/smollm2/selection"
+    record = json.loads((folder / "selection.json").read_text())
     text = render_selection(record)
-    assert record["control_rounds"] == 1 and "The supervised control ran 1 round (`--control-rounds`)." in text
+    assert text == (folder / "selection.md").read_text()
+    assert record["control_rounds"] == record["rounds"] and "(`--control-rounds`)" not in text
+    # The same record as if the control had run 1 round of the arms' 3 (--control-rounds 1).
+    control = record["arms"]["sft_control"]
+    shorter = {**record, "control_rounds": 1,
+               "arms": {**record["arms"], "sft_control": {**control, "kept_round": 1,
+                                                          "validation": [r for r in control["validation"] if r["round"] <= 1]}}}
+    text = render_selection(shorter)
+    assert "The supervised control ran 1 round (`--control-rounds`)." in text
     [row] = [line for line in text.splitlines() if line.startswith("| sft_control | 0.060")]
-    assert row.endswith("| - | - |")
-    assert "ran 1 round" not in render_selection({**record, "control_rounds": record["rounds"]})
+    assert row.endswith("| - | - |") and " * |" in row
 
 
 @pytest.mark.slow
