@@ -16,6 +16,9 @@ so arms compared side by side on a shared machine see the same load, as near as 
 
     python bench/cpu_round.py configs/smollm2_spin_cpu.yaml configs/smollm2_spin_qlora_cpu.yaml --interleave \
         --runs-dir /tmp/qlora_rounds --json bench/results/smollm2_qlora_cpu.json
+
+With `--stages 'Evaluate 1,Report'` only those stages run (the ones before them already made in --runs-dir),
+and a --json file that holds the recipe keeps its other stages' figures beside them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from data.layout import RunLayout  # noqa: E402
 STAGES = [("BaseModel", None), ("Evaluate", 0), ("Generate", 1), ("Judge", 1), ("Train", 1), ("Evaluate", 1), ("Report", None)]
 
 
+def stage_name(task: str, round_idx: int | None) -> str:
+    return task if round_idx is None else f"{task} {round_idx}"
+
+
 def run_stage(recipe: str, runs_dir: str, task: str, round_idx: int | None, log) -> dict:
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", task, "--recipe", recipe, "--runs-dir", runs_dir]
     if round_idx is not None:
@@ -51,7 +58,7 @@ def run_stage(recipe: str, runs_dir: str, task: str, round_idx: int | None, log)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command)} failed (exit {os.waitstatus_to_exitcode(status)}); see {log.name}")
     return {
-        "stage": task if round_idx is None else f"{task} {round_idx}",
+        "stage": stage_name(task, round_idx),
         "seconds": round(seconds, 1),
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
         "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 2),  # ru_maxrss is in KiB on Linux
@@ -66,10 +73,13 @@ def add_generation_rates(stages: list[dict], run: RunLayout) -> None:
     more per generated token than Generate."""
     import pandas as pd
 
-    generated = {"Generate 1": pd.read_parquet(run.generations(1)).num_tokens.sum()}
+    generated = {}
+    if run.generations(1).exists():
+        generated["Generate 1"] = pd.read_parquet(run.generations(1)).num_tokens.sum()
     for round_idx in (0, 1):
-        frame = pd.read_parquet(run.eval(round_idx))
-        generated[f"Evaluate {round_idx}"] = frame[frame.kind.isin(["greedy", "sample"])].num_tokens.sum()
+        if run.eval(round_idx).exists():
+            frame = pd.read_parquet(run.eval(round_idx))
+            generated[f"Evaluate {round_idx}"] = frame[frame.kind.isin(["greedy", "sample"])].num_tokens.sum()
     for stage in stages:
         if stage["stage"] in generated:
             stage["generated_tokens"] = int(generated[stage["stage"]])
@@ -82,36 +92,46 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="/tmp/cpu_rounds")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--interleave", action="store_true", help="run the recipes' stages in turns (stage 1 of each, then stage 2, ...)")
+    parser.add_argument("--stages", help="only these stages, for example 'Evaluate 1,Report': the ones before them already made in "
+                                         "--runs-dir (a stage measured again after its run directory was made)")
     args = parser.parse_args()
+    chosen = [s for s in STAGES if args.stages is None or stage_name(*s) in args.stages.split(",")]
+    if not chosen:
+        parser.error(f"--stages {args.stages!r} names none of {', '.join(stage_name(*s) for s in STAGES)}")
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                "torch_threads": os.environ.get("SELFPLAY_CPU_THREADS", "torch default"), "recipes": {}}
     if args.json and Path(args.json).is_file():  # figures of recipes measured before are kept
         results["recipes"] = json.loads(Path(args.json).read_text())["recipes"]
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     stages: dict[str, list] = {recipe: [] for recipe in args.recipes}
-    order = ([(recipe, stage) for stage in STAGES for recipe in args.recipes] if args.interleave
-             else [(recipe, stage) for recipe in args.recipes for stage in STAGES])
+    order = ([(recipe, stage) for stage in chosen for recipe in args.recipes] if args.interleave
+             else [(recipe, stage) for recipe in args.recipes for stage in chosen])
     for recipe, (task, round_idx) in order:
         with open(Path(args.runs_dir) / f"{Path(recipe).stem}.log", "a") as log:
             stages[recipe].append(run_stage(str(Path(recipe).resolve()), str(Path(args.runs_dir).resolve()), task, round_idx, log))
         print(Path(recipe).stem, json.dumps(stages[recipe][-1]), flush=True)
-        if len(stages[recipe]) == len(STAGES):
+        if len(stages[recipe]) == len(chosen):
             record(results, recipe, stages[recipe], args)
 
 
 def record(results: dict, recipe: str, stages: list[dict], args) -> None:
-    """A finished recipe's figures into `results`, and the JSON file written again, so a stopped run keeps what it measured."""
+    """A finished recipe's figures into `results`, and the JSON file written again, so a stopped run keeps what it measured.
+    Stages measured before (--stages ran only some of them) are kept beside the new ones, in the round's order."""
     run = RunLayout(Path(args.runs_dir) / Path(recipe).stem)
-    metrics = json.loads(run.metrics(1).read_text())
-    base_metrics = json.loads(run.metrics(0).read_text())
     add_generation_rates(stages, run)
-    results["recipes"][Path(recipe).stem] = {
-        "stages": stages,
-        "total_seconds": round(sum(s["seconds"] for s in stages), 1),
-        "peak_rss_gb": max(s["peak_rss_gb"] for s in stages),
-        "round_0": base_metrics["eval"], "round_1": metrics["eval"],
-        "generate": metrics["generate"], "judge": metrics["judge"], "train": metrics["train"]["stats"],
-    }
+    measured = {s["stage"] for s in stages}
+    before = [s for s in results["recipes"].get(Path(recipe).stem, {}).get("stages", []) if s["stage"] not in measured]
+    order = [stage_name(*s) for s in STAGES]
+    stages = sorted(before + stages, key=lambda s: order.index(s["stage"]))
+    entry = {"stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages), 1),
+             "peak_rss_gb": max(s["peak_rss_gb"] for s in stages)}
+    if run.metrics(0).exists():
+        entry["round_0"] = json.loads(run.metrics(0).read_text())["eval"]
+    if run.metrics(1).exists():
+        metrics = json.loads(run.metrics(1).read_text())
+        entry |= {"round_1": metrics["eval"], "generate": metrics["generate"], "judge": metrics["judge"],
+                  "train": metrics["train"]["stats"]}
+    results["recipes"][Path(recipe).stem] = entry
     print(Path(recipe).stem, "total", results["recipes"][Path(recipe).stem]["total_seconds"], "s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
