@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common.atomic import atomic_write_bytes  # noqa: E402
 from data.layout import RunLayout  # noqa: E402
 
 STAGES = [("BaseModel", None), ("Evaluate", 0), ("Generate", 1), ("Judge", 1), ("Train", 1), ("Evaluate", 1), ("Report", None)]
@@ -134,7 +135,7 @@ def record(results: dict, recipe: str, stages: list[dict], args) -> None:
     results["recipes"][Path(recipe).stem] = entry
     print(Path(recipe).stem, "total", results["recipes"][Path(recipe).stem]["total_seconds"], "s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())  # a stop mid-write keeps the last file
 
 if __name__ == "__main__":
     main()
