@@ -263,6 +263,29 @@ def test_fresh_lora_is_the_reference():
     assert torch.equal(policy, reference)
 
 
+def test_the_reference_pass_skips_a_fresh_adapter_and_only_a_fresh_one():
+    """A fresh adapter (B = 0) adds exactly zero, so round 1's reference pass runs the root weights alone; an
+    adapter that moved is the reference as it is (training.reference previous)."""
+    from peft.tuners.lora import LoraLayer
+
+    from models.load.loading import adapter_is_zero
+    from models.train.trainer import _reference_model
+
+    def switched_off(model):
+        return all(m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer))
+
+    model = add_lora(tiny_model(), TrainingConfig(lora_r=4, lora_alpha=8)).eval()
+    assert adapter_is_zero(model)
+    with _reference_model(model, "previous", None):
+        assert switched_off(model)
+    assert not switched_off(model)  # switched back on after
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "lora_B" in name)[0, 0] = 1e-3
+    assert not adapter_is_zero(model)
+    with _reference_model(model, "previous", None):
+        assert not switched_off(model)
+
+
 def test_length_grouped_batches_cover_everything_once_and_group_lengths():
     lengths = [i % 37 for i in range(400)]
     batches = length_grouped_batches(lengths, 8, seed=3)

@@ -420,6 +420,15 @@ def root_weights(model):
         set_adapter_enabled(model, True)
 
 
+def adapter_is_zero(model) -> bool:
+    """Whether `model`'s LoRA adapter adds exactly nothing: every lora_B weight is zero (a fresh adapter, peft's
+    default init) and no DoRA magnitude rescales the weights. Then the root weights alone compute the same
+    numbers bit for bit, without the adapter's two extra matmuls per layer."""
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    dora = any("lora_magnitude_vector" in name for name, _ in model.named_parameters())
+    return bool(lora_b) and not dora and all(not bool(p.detach().any()) for p in lora_b)
+
+
 @contextmanager
 def adapter_merged(model, packed: bool = False):
     """Inside the block `model`'s LoRA adapter is folded into its weights: the same function with one
