@@ -30,9 +30,14 @@ DPOTrainer is given the pairs our Judge wrote, the LoRA adapter is moved off its
 losses are log 2 whatever the pairs), and TRL's loss on the first batch is compared with ours computed by our
 own encoding (models.train.trainer.encode_pairs) and forward; the token ids of both encodings are compared too.
 
-What each arm's evaluation computes: the baseline the held-out greedy accuracy (same verifier) and mean
-greedy length; ours those plus KL to the base, the held-out pairs' implicit reward, the ground truth's
-log-likelihood, distinct-n and standard errors (models/evaluate/evaluation.py), so our Evaluate does more work.
+What each arm's evaluation computes, the same held-out figures where they cost model time: the greedy
+accuracy (same verifier) and length, one sample a prompt at temperature 1 (distinct-n; from round 1 KL to the
+base, the sample scored under both), the ground truth's log-likelihood, and the held-out pairs the base's
+evaluation fixes (ground truth against its sample), whose implicit reward round 1 reports. The baseline does it
+the plain way (bench/round_baseline.py: `generate` twice, then a log-prob forward per sequence, the base loaded
+again for KL); ours also reports win rates and standard errors, which cost no model time. Both arms' base
+log-likelihood of the ground truth is recorded (`gt_logprob_base`): the same model scoring the same text, so
+they must agree.
 """
 
 from __future__ import annotations
@@ -172,7 +177,8 @@ def run_ours(args, algorithm: str, recipe: Path, rep: int, work: Path) -> dict:
     metrics = json.loads((run / "round_01" / "metrics.json").read_text())
     base = json.loads((run / "round_00" / "metrics.json").read_text())
     record["figures"] = {"accuracy_base": base["eval"].get("accuracy"), "accuracy_round_1": metrics["eval"].get("accuracy"),
-                         "mean_length_round_1": metrics["eval"].get("mean_length"), "pairs": metrics["judge"].get("pairs"),
+                         "mean_length_round_1": metrics["eval"].get("mean_length"), "gt_logprob_base": base["eval"].get("gt_logprob"),
+                         "kl_vs_base_round_1": metrics["eval"].get("kl_vs_base"), "pairs": metrics["judge"].get("pairs"),
                          "train_steps": metrics["train"]["stats"].get("steps"),
                          "train_loss_first": first_logged_loss(run / "round_01" / "checkpoint" / "training_log.json"),
                          "eval_figures": sorted(metrics["eval"])}
@@ -199,7 +205,7 @@ def baseline_steps(args, algorithm: str, recipe: Path, prompts: tuple[Path, Path
     model, (train_prompts, heldout) = args.model_dir, prompts
     run = [sys.executable, str(BASELINE)]
     evaluate = ["--prompts", str(heldout), "--verifier", r.judge.verifier, "--batch-size", str(gen.batch_size),
-                "--max-new-tokens", str(r.evaluation.max_new_tokens)]
+                "--max-new-tokens", str(r.evaluation.max_new_tokens), "--seed", str(r.seed), "--beta", str(r.training.beta)]
     return [
         ("evaluate base", run + ["evaluate", "--model", model, "--out", str(out / "eval_base.json")] + evaluate),
         ("generate", run + ["generate", "--model", model, "--prompts", str(train_prompts), "--out", str(out / "samples.jsonl"),
@@ -211,7 +217,7 @@ def baseline_steps(args, algorithm: str, recipe: Path, prompts: tuple[Path, Path
         ("train", run + ["train", "--model", model, "--pairs", str(out / "pairs.jsonl"), "--out", str(out / "adapter")]
          + training_options(r)),
         ("evaluate round 1", run + ["evaluate", "--model", model, "--adapter", str(out / "adapter"), "--out",
-                                    str(out / "eval_round_1.json")] + evaluate),
+                                    str(out / "eval_round_1.json"), "--base-eval", str(out / "eval_base.json")] + evaluate),
     ]
 
 
@@ -239,8 +245,9 @@ def run_baseline(args, algorithm: str, recipe: Path, prompts: tuple[Path, Path],
         "peak_rss_gb": max(s["peak_rss_gb"] for s in stages.values()), "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2), "stages": stages, "commands": commands,
         "figures": {"accuracy_base": base["accuracy"], "accuracy_round_1": trained["accuracy"], "mean_length_round_1": trained["mean_length"],
+                    "gt_logprob_base": base["gt_logprob"], "kl_vs_base_round_1": trained["kl_vs_base"],
                     "pairs": log["pairs"], "train_steps": log["steps"], "train_loss_first": log["losses"][0] if log["losses"] else None,
-                    "eval_figures": ["accuracy", "mean_length"]},
+                    "eval_figures": sorted(k for k in trained if k not in ("responses", "pair_rejected", "pair_logps"))},
         "out_dir": str(out),
     }
 

@@ -188,19 +188,81 @@ def cmd_train(args) -> None:
                 "train_seconds": time.perf_counter() - start}, Path(args.out) / "train_log.json")
 
 
+def completion_logps(model, tokenizer, rows: list[dict], completions: list[str], batch_size: int) -> tuple[list[float], list[int]]:
+    """Summed log-probs of each completion after its chat-formatted prompt, and its token count, the way one
+    writes it with plain `transformers`: the prompt and the assistant turn up to its end-of-turn token (a
+    template's newline after it is not the model's to write) tokenized, right-padded batches, one forward
+    each, log-softmax gathered at the completion's tokens."""
+    import torch
+
+    sequences = []
+    for row, completion in zip(rows, completions):
+        prompt = tokenizer.apply_chat_template(messages(row), tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template(messages(row) + [{"role": "assistant", "content": completion}], tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        sequences.append((prompt_ids, tokenizer(whole[len(prompt):].rstrip(), add_special_tokens=False).input_ids))
+    sums = []
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start:start + batch_size]
+        width = max(len(p) + len(c) for p, c in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (p, c) in enumerate(batch):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, :len(p) + len(c)] = 1
+        with torch.no_grad():
+            logps = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        token_logps = logps.gather(-1, ids[:, 1:, None])[..., 0]
+        sums += [float(token_logps[i, len(p) - 1:len(p) + len(c) - 1].sum()) for i, (p, c) in enumerate(batch)]
+    return sums, [len(c) for _, c in sequences]
+
+
+def distinct(texts: list[str], n: int) -> float:
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
 def cmd_evaluate(args) -> None:
+    """The held-out figures our Evaluate reports that cost model time: greedy accuracy and length; one sample a
+    prompt at temperature 1 (distinct-n, and KL to the base from round 1, the sample scored under both); the
+    ground truth's log-likelihood; the held-out pairs fixed by the base's evaluation (ground truth against the
+    base's sample), whose implicit reward the next round reports. Win rates (verifier comparisons of the greedy
+    answers, no model work) are left out."""
+    import torch
+
     sys.path.insert(0, str(REPO))
     from models.judge.verifiers import load_verifier
 
     set_threads()
     tokenizer, model = load_model(args.model, args.adapter)
     rows = read_jsonl(args.prompts)
-    answers = sample(model, tokenizer, prompt_texts(tokenizer, rows), 1, args.batch_size, args.max_new_tokens, 0.0, 1.0)
+    texts = prompt_texts(tokenizer, rows)
+    answers = sample(model, tokenizer, texts, 1, args.batch_size, args.max_new_tokens, 0.0, 1.0)
+    torch.manual_seed(args.seed)
+    samples = [s[0][0] for s in sample(model, tokenizer, texts, 1, args.batch_size, args.max_new_tokens, 1.0, 1.0)]
     verifier = load_verifier(args.verifier)
     scores = [verifier_score(verifier, row, a[0][0]) for row, a in zip(rows, answers)]
     lengths = [a[0][1] for a in answers]
-    write_json({"prompts": len(rows), "accuracy": sum(scores) / len(scores), "mean_length": sum(lengths) / len(lengths),
-                "responses": [a[0][0] for a in answers]}, args.out)
+    base_eval = json.loads(Path(args.base_eval).read_text()) if args.base_eval else None
+    chosen = [row["reference"].strip() for row in rows]
+    rejected = base_eval["pair_rejected"] if base_eval else samples  # the pairs are fixed by the base's evaluation
+    # The samples' log-probs under the policy are for KL, which is 0 at the base by definition.
+    to_score = chosen + rejected + (samples if base_eval else [])
+    scored, tokens = completion_logps(model, tokenizer, rows * (len(to_score) // len(rows)), to_score, args.logp_batch_size)
+    n = len(rows)
+    record = {"prompts": n, "accuracy": sum(scores) / n, "mean_length": sum(lengths) / n, "responses": [a[0][0] for a in answers],
+              "distinct_1": distinct(samples, 1), "distinct_2": distinct(samples, 2), "gt_logprob": sum(s / t for s, t in zip(scored[:n], tokens)) / n,
+              "pair_rejected": rejected, "pair_logps": [scored[:n], scored[n:2 * n]]}
+    if base_eval:
+        del model
+        _, base = load_model(args.model, None)
+        base_logps, _ = completion_logps(base, tokenizer, rows, samples, args.logp_batch_size)
+        record["kl_vs_base"] = sum(p - b for p, b in zip(scored[2 * n:], base_logps)) / n
+        (chosen_now, rejected_now), (chosen_base, rejected_base) = record["pair_logps"], base_eval["pair_logps"]
+        margins = [args.beta * ((c - cb) - (r - rb)) for c, cb, r, rb in zip(chosen_now, chosen_base, rejected_now, rejected_base)]
+        record["implicit_reward_margin"] = sum(margins) / n
+        record["implicit_reward_accuracy"] = sum(m > 0 for m in margins) / n
+    write_json(record, args.out)
 
 
 def main(argv=None) -> None:
@@ -221,6 +283,10 @@ def main(argv=None) -> None:
             step.add_argument("--seed", type=int, default=0)
         else:
             step.add_argument("--verifier", required=True)
+            step.add_argument("--seed", type=int, default=0)
+            step.add_argument("--base-eval", help="the base's evaluation (its held-out pairs); from round 1 on")
+            step.add_argument("--beta", type=float, default=0.1)
+            step.add_argument("--logp-batch-size", type=int, default=16)
     judge = steps.add_parser("judge")
     judge.add_argument("--algorithm", choices=["spin", "dpo"], required=True)
     judge.add_argument("--samples-file", required=True)

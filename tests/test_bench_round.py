@@ -52,6 +52,10 @@ def test_tiny_bench_runs_both_arms_and_checks_the_loss(tmp_path):
             # At the zero LoRA init the policy is the reference: every arm's first logged loss is log 2.
             assert arm["figures"]["train_loss_first"] == pytest.approx(math.log(2), abs=1e-4)
         assert math.isclose(sum(s["seconds"] for s in arms["ours"]["stages"].values()), arms["ours"]["seconds"], abs_tol=0.05)
+        # Both evaluations score the same ground truth under the same base, each its own way: the same figure.
+        ours_gt, baseline_gt = (arms[arm]["figures"]["gt_logprob_base"] for arm in ("ours", "baseline"))
+        assert baseline_gt == pytest.approx(ours_gt, rel=1e-4) and ours_gt < 0
+        assert {"kl_vs_base", "gt_logprob", "implicit_reward_margin", "distinct_2"} <= set(arms["baseline"]["figures"]["eval_figures"])
         check = result["loss_agreement"][algorithm]
         assert check["pairs"] >= 1
         assert check["trl_loss"] != pytest.approx(math.log(2), abs=1e-3)  # the adapter was moved: the check can fail
