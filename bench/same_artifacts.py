@@ -8,8 +8,9 @@ run name and every seed are the same in both arms. Run it once on the code befor
 code after (same machine, same SELFPLAY_CPU_THREADS), then `compare` the two directories. Compared, in every
 round_NN/ of every run found under both directories:
 
-- every Parquet artifact (generations, pairs, selected, eval, validation): equal frames, exactly, columns
-  named like a wall time left out;
+- every Parquet artifact (generations, pairs, selected, eval, validation): equal frames, columns named like
+  a wall time left out; exactly, but for float columns (log-probs, scores), which are compared within the
+  tensors' tolerance below;
 - every tensor of every .safetensors file under checkpoint/ (the adapter, the merged export, the EMA):
   equal within fp32 rounding, |a - b| <= ATOL + RTOL * |b| (reported with the largest difference seen:
   0 means bit for bit);
@@ -81,7 +82,11 @@ def _compare_parquet(before: Path, after: Path) -> list[str]:
     frames = [pd.read_parquet(p) for p in (before, after)]
     frames = [f[[c for c in f.columns if not WALL_TIME.search(c)]] for f in frames]
     try:
-        pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=True)
+        # Computed floats (log-probs, scores) within fp32 rounding, as the tensors; everything else exactly.
+        pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=False, rtol=RTOL, atol=ATOL)
+        for column in frames[0].columns:
+            if not pd.api.types.is_float_dtype(frames[0][column]):
+                pd.testing.assert_series_equal(frames[0][column], frames[1][column], check_exact=True)
     except AssertionError as exc:
         return [f"{after}: {str(exc).splitlines()[0]} ({' '.join(str(exc).split())[:300]})"]
     return []

@@ -114,7 +114,7 @@ def test_static_backend_decodes_the_greedy_tokens_of_generate_past_the_window(sa
     settings = SamplingSettings(temperature=0.0, max_new_tokens=24, batch_size=len(rows), logps=True)
     eos = [1]
     tok = SimpleNamespace(pad_token_id=0)
-    ours, our_logps, _ = static_generate(model, tok, input_ids, mask, settings, eos)
+    ours, our_logps = static_generate(model, tok, input_ids, mask, settings, eos)[:2]
     theirs, their_logps = hf_generate(model, tok, input_ids, mask, settings, eos)
     assert ours.shape[1] == theirs.shape[1] == 24 and len(set(map(tuple, ours.tolist()))) > 1
     assert ours.tolist() == theirs.tolist()
@@ -135,7 +135,7 @@ def test_held_out_pairs_scored_on_the_prefill_equal_plain_transformers_past_the_
     continuations = [[list(range(50, 61)), [20]], [[30, 31, 32]], [[40] * 12, [41, 42]]]
     input_ids, mask = pad_rows(prompts, 0, side="left")
     settings = SamplingSettings(temperature=0.0, max_new_tokens=4, batch_size=3, logps=True)
-    _, _, scores = static_generate(model, None, input_ids, mask, settings, [1], continuations=continuations)
+    scores = static_generate(model, None, input_ids, mask, settings, [1], continuations=continuations).scores
     expected = full_sequence_logps(model, [Encoded(p, c) for p, cs in zip(prompts, continuations) for c in cs])
     np.testing.assert_allclose([s for per in scores for s in per], expected, atol=1e-3)
 
@@ -239,7 +239,7 @@ def test_real_gemma_static_decoding_and_shared_prompt_log_probs_equal_plain_tran
     assert len(rows[0]) > 512 and rows[0][0] == tok.bos_token_id
     input_ids, mask = pad_rows(rows, tok.pad_token_id, side="left")
     settings = SamplingSettings(temperature=0.0, max_new_tokens=16, batch_size=3, logps=True)
-    ours, our_logps, _ = static_generate(model, tok, input_ids, mask, settings, [tok.eos_token_id])
+    ours, our_logps = static_generate(model, tok, input_ids, mask, settings, [tok.eos_token_id])[:2]
     theirs, their_logps = hf_generate(model, tok, input_ids, mask, settings, [tok.eos_token_id])
     assert ours.tolist() == theirs.tolist()
     np.testing.assert_allclose(our_logps.numpy(), their_logps.numpy(), atol=1e-2)

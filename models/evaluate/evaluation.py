@@ -130,13 +130,24 @@ def encode_eval_rows(tokenizer, frame: pd.DataFrame, prompts_by_id: pd.DataFrame
             completion = format_completion(tokenizer, prompt, row["response"], system)
             items[i] = encode(tokenizer, format_prompt(tokenizer, prompt, system), completion, EVAL_MAX_LENGTH)
     for pid, kinds in pair_rows.items():
-        prompt, system = prompt_of(pid)
         chosen_i, rejected_i = kinds["pair_chosen"], kinds["pair_rejected"]
-        chosen, rejected = (format_completion(tokenizer, prompt, rows[i]["response"], system) for i in (chosen_i, rejected_i))
-        items[chosen_i], items[rejected_i] = encode_pair(
-            tokenizer, format_prompt(tokenizer, prompt, system), chosen, rejected, EVAL_MAX_LENGTH
-        )
+        items[chosen_i], items[rejected_i] = encode_held_out_pair(tokenizer, *prompt_of(pid), rows[chosen_i]["response"],
+                                                                  rows[rejected_i]["response"])
     return items
+
+
+def encode_held_out_pair(tokenizer, prompt: str, system: str | None, chosen: str, rejected: str) -> tuple[Encoded, Encoded]:
+    """A held-out pair's sides as text after the chat-formatted prompt, one prompt cut for both (encode_pair)."""
+    chosen, rejected = (format_completion(tokenizer, prompt, text, system) for text in (chosen, rejected))
+    return encode_pair(tokenizer, format_prompt(tokenizer, prompt, system), chosen, rejected, EVAL_MAX_LENGTH)
+
+
+def held_out_pair(reference, sample_text: str) -> tuple[str, str] | None:
+    """The held-out pair round 0 fixes for a prompt: (its ground truth, the base's first sample) as text, or None
+    without a ground truth or where the sample says the same (whitespace aside)."""
+    if not isinstance(reference, str) or " ".join(reference.split()) == " ".join(sample_text.split()):
+        return None
+    return clean_response(reference), sample_text
 
 
 def eval_judge_detail(recipe, judge_name: str | None) -> str | None:
@@ -175,6 +186,30 @@ def pair_continuations(tokenizer, prompts: pd.DataFrame, prompt_ids: list[list[i
     return continuations, slots
 
 
+def round0_pairs(tokenizer, prompts: pd.DataFrame, prompt_ids: list[list[int]]):
+    """Round 0's held-out pairs, (ground truth, the first KL sample), to score on the generation's run of their
+    prompt once the sample is decoded: `later` for generate_and_score (for prompt p and its answers, the pair
+    sides' completion ids as encode_eval_rows encodes them, where their prompt is the generation's own), and
+    what it asked, {(prompt_id, kind): (completion ids, place among p's later continuations)}."""
+    asked: dict[tuple, tuple[list[int], int]] = {}
+    references = prompts["reference"].tolist() if "reference" in prompts else [None] * len(prompts)
+    systems = prompts["system"].tolist() if "system" in prompts else [None] * len(prompts)
+
+    def later(p: int, answers: list) -> list[list[int]]:
+        pair = held_out_pair(references[p], answers[1].text) if len(answers) > 1 else None
+        if pair is None:
+            return []
+        system = systems[p] if isinstance(systems[p], str) else None
+        sides = encode_held_out_pair(tokenizer, prompts.prompt.iloc[p], system, *pair)
+        if sides[0].prompt_ids != prompt_ids[p]:  # cut by encode_pair: left to the log-prob pass
+            return []
+        prompt_id = prompts.prompt_id.iloc[p]
+        asked[(prompt_id, "pair_chosen")], asked[(prompt_id, "pair_rejected")] = (sides[0].completion_ids, 0), (sides[1].completion_ids, 1)
+        return [side.completion_ids for side in sides]
+
+    return later, asked
+
+
 def eval_records(prompts: pd.DataFrame, round_idx: int, greedy: list, sampled: list, base: pd.DataFrame | None) -> pd.DataFrame:
     """The eval frame's rows: each prompt's greedy answer and samples (with the log-probs generation summed),
     then the held-out pairs, fixed at round 0 as (ground truth, the base's first sample) and rescored by
@@ -190,10 +225,10 @@ def eval_records(prompts: pd.DataFrame, round_idx: int, greedy: list, sampled: l
     if base is None:
         refs = prompts.set_index("prompt_id")["reference"] if "reference" in prompts else pd.Series(dtype=object)
         for rec in [r for r in records if r["kind"] == "sample" and r["sample_index"] == 0]:
-            reference = refs.get(rec["prompt_id"])
-            if isinstance(reference, str) and " ".join(reference.split()) != " ".join(rec["response"].split()):
+            pair = held_out_pair(refs.get(rec["prompt_id"]), rec["response"])
+            if pair is not None:
                 # Pairs are scored as text (both sides the same way), so they carry no sampled ids.
-                records.append({**rec, "kind": "pair_chosen", "response": clean_response(reference), "num_tokens": 0,
+                records.append({**rec, "kind": "pair_chosen", "response": pair[0], "num_tokens": 0,
                                 "finished": True, "token_ids": None, "logp": None})
                 records.append({**rec, "kind": "pair_rejected", "token_ids": None, "logp": None})
     else:
@@ -297,8 +332,8 @@ def policy_rows(recipe, round_idx: int, model, tokenizer, prompts: pd.DataFrame,
     # Each prompt's greedy answer and its KL samples are decoded together (greedy_samples: one prefill of the
     # prompt, one batch), and each answer's log-prob under the policy is summed while it is generated, from
     # the logits the decoding computes anyway. The held-out pairs fixed at round 0 are scored on the same
-    # prefill's run of their prompt (the static backend; generate_and_score), so after round 0 no prompt
-    # runs twice under the policy; what is left (round 0's pairs) gets a log-prob pass of its own.
+    # prefill's run of their prompt (the static backend; generate_and_score), so no prompt runs twice under the
+    # policy: round 0's pairs, whose rejected side is the first KL sample, are scored on that run once decoded.
     prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     continuations, slots = pair_continuations(tokenizer, prompts, prompt_ids, base)
     # Each prompt's ground truth rides the same prefill (gt_logprob).
@@ -308,17 +343,22 @@ def policy_rows(recipe, round_idx: int, model, tokenizer, prompts: pd.DataFrame,
         if item is not None and item.prompt_ids == prompt_ids[i]:
             gt_slots[i] = len(continuations[i])
             continuations[i].append(item.completion_ids)
+    later, later_ids = (None, {}) if base is not None else round0_pairs(tokenizer, prompts, prompt_ids)
     with adapter_merged(model, packed=gen.backend == "static"):
         answers, pair_scores = generate_and_score(model, tokenizer, texts, SamplingSettings(
             num_samples=1 + ev.kl_samples, greedy_samples=1, temperature=1.0, max_new_tokens=ev.max_new_tokens,
             batch_size=batch, seed=eval_seed(recipe.seed, round_idx, shard_idx), backend=gen.backend, logps=True),
-            continuations, f"eval r{round_idx}")
+            continuations, f"eval r{round_idx}", later)
         frame = eval_records(prompts, round_idx, [a[:1] for a in answers], [a[1:] for a in answers], base)
+        items = encode_eval_rows(tokenizer, frame, by_prompt)
+        position = {prompt_id: i for i, prompt_id in enumerate(prompts.prompt_id)}
         for row, (prompt_id, kind) in enumerate(zip(frame.prompt_id, frame.kind)):
             if (prompt_id, kind) in slots:
                 i, j = slots[(prompt_id, kind)]
                 frame.loc[row, "logp"] = pair_scores[i][j]
-        items = encode_eval_rows(tokenizer, frame, by_prompt)
+            elif (prompt_id, kind) in later_ids and later_ids[(prompt_id, kind)][0] == items[row].completion_ids:
+                i = position[prompt_id]
+                frame.loc[row, "logp"] = pair_scores[i][len(continuations[i]) + later_ids[(prompt_id, kind)][1]]
         unscored = frame.index[frame.logp.isna()]
         if len(unscored):
             frame.loc[unscored, "logp"] = batched_logps(model, tokenizer, [items[i] for i in unscored], batch, device, "eval logps")[0]

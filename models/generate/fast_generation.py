@@ -359,6 +359,7 @@ class _Session:
     full_kv: list | None = None  # the cache's whole key/value tensors while its layers hold views of the first slots
     ended: tuple | None = None  # (tokens, log-probs) by batch row of the rows compaction moved out
     kv_pos: torch.Tensor | None = None  # [B, L] position of the token each key slot holds (sliding windows count positions)
+    kept: tuple | None = None  # the last prefill's run of its prompts, kept to score continuations after decoding (prefill)
 
     # masks ------------------------------------------------------------------------------------
     def to_attention_mask(self, visible: torch.Tensor) -> torch.Tensor:
@@ -394,11 +395,12 @@ class _Session:
         return torch.where(self.greedy[:n], logits.argmax(dim=-1), picks) if self.key.mixed else picks
 
     def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy_rows: torch.Tensor | None = None,
-                continuations: list[list[list[int]]] | None = None, prefix: int = 0) -> list[list[float]] | None:
+                continuations: list[list[list[int]]] | None = None, prefix: int = 0, keep: bool = False) -> list[list[float]] | None:
         """Reset the cache and buffers, run the prompts through the model, sample the first token.
         `continuations`: token-id lists per batch row to score as continuations of its prompt, from the
         prompt's run (cached_prompt_logps); their summed log-probs come back in the same shape.
-        `prefix`: the first this many columns hold the same tokens in every row (_prefix_first), run once."""
+        `prefix`: the first this many columns hold the same tokens in every row (_prefix_first), run once.
+        `keep`: keep that run of the prompts for score_kept, to score continuations known only once decoded."""
         batch, width = input_ids.shape
         if greedy_rows is not None:
             self.greedy.copy_(greedy_rows)
@@ -418,7 +420,7 @@ class _Session:
         if "cache_position" in self.extra_kwargs:
             extra["cache_position"] = torch.arange(width, device=device)
         unique_rows, row_of = _unique_prompts(input_ids, attention_mask)
-        if unique_rows is None and (continuations is not None or prefix):  # these need the prompts' own cache
+        if unique_rows is None and (continuations is not None or prefix or keep):  # these need the prompts' own cache
             unique_rows = row_of = torch.arange(batch, device=device)
         scores = None
         if unique_rows is None:
@@ -432,7 +434,7 @@ class _Session:
             ).logits[:, -1, :]
         else:
             logits, scores = self.shared_prefill(model, input_ids, attention_mask, visible, position_ids, extra, unique_rows, row_of,
-                                                 continuations, prefix)
+                                                 continuations, prefix, keep)
         first = self.next_tokens(logits)
         self.logp_sum.copy_(_token_logps(logits, first) if self.key.logps else 0.0)
         self.tokens.copy_(first[:, None])
@@ -445,7 +447,7 @@ class _Session:
         return scores
 
     def shared_prefill(self, model, input_ids, attention_mask, visible, position_ids, extra, unique_rows, row_of,
-                       continuations=None, prefix: int = 0) -> tuple[torch.Tensor, list[list[float]] | None]:
+                       continuations=None, prefix: int = 0, keep: bool = False) -> tuple[torch.Tensor, list[list[float]] | None]:
         """The prefill of a batch whose rows repeat prompts (K samples of each): each distinct prompt runs
         once into a dynamic cache, whose keys and values are then written into every row of the static
         cache that holds that prompt. Same keys, values and last logits per row as the full prefill, for
@@ -481,16 +483,36 @@ class _Session:
         cache_kwargs = {"cache_position": extra["cache_position"]} if "cache_position" in extra else None
         for layer_idx, layer in enumerate(prompt_cache.layers):
             self.cache.update(layer.keys[row_of], layer.values[row_of], layer_idx, cache_kwargs)
+        if keep:  # a copy: scoring appends the continuations' keys to the cache it is given
+            import copy
+
+            self.kept = (copy.deepcopy(prompt_cache), attention_mask[unique_rows], logits, row_of)
         if continuations is None:
             return logits[row_of], None
+        return logits[row_of], self._score(model, (prompt_cache, attention_mask[unique_rows], logits, row_of), continuations)
+
+    def _score(self, model, prompts_run: tuple, continuations: list[list[list[int]]]) -> list[list[float]]:
+        """Summed log-probs of `continuations` (token-id lists per batch row) on a run of the rows' prompts
+        (prompt cache, prompt mask, last logits, batch row -> prompt), in the same shape (cached_prompt_logps)."""
+        prompt_cache, prompt_mask, logits, row_of = prompts_run
         owners = [row for row, items in enumerate(continuations) for _ in items]
-        flat = models.logps.cached_prompt_logps(model, prompt_cache, attention_mask[unique_rows], logits, row_of[owners].tolist(),
-                                   [ids for items in continuations for ids in items], self.to_attention_mask)
+        flat = models.logps.cached_prompt_logps(model, prompt_cache, prompt_mask, logits, row_of[owners].tolist(),
+                                                [ids for items in continuations for ids in items], self.to_attention_mask)
         scores, start = [], 0
         for items in continuations:
             scores.append(flat[start : start + len(items)])
             start += len(items)
-        return logits[row_of], scores
+        return scores
+
+    def score_kept(self, model, continuations: list[list[list[int]]]) -> list[list[float]] | None:
+        """`continuations` scored on the prompts' run the last prefill kept (`keep`), as prefill scores its own;
+        None where a continuation is too long for the model's sliding window (unsupported_reason's limit)."""
+        kept, self.kept = self.kept, None
+        longest = max((len(ids) for items in continuations for ids in items), default=0)
+        window = _sliding_window(_text_config(model))
+        if window is not None and kept[1].shape[1] + longest > window:
+            return None
+        return self._score(model, kept, continuations)
 
     # one decode step (captured on CUDA) ---------------------------------------------------------
     def step(self) -> None:
@@ -758,6 +780,7 @@ class StaticGeneration(NamedTuple):
     tokens: torch.Tensor  # [batch, max_new_tokens] new tokens; a row is padded after its eos
     logps: torch.Tensor | None  # [batch] summed log-prob of each row's tokens, its eos included (settings.logps), else None
     scores: list[list[float]] | None  # summed log-probs of `continuations`, per row; None when none were asked or scored
+    later_scores: list[list[float]] | None = None  # the same of what `later` asked for after decoding
 
 
 @torch.no_grad()
@@ -774,6 +797,7 @@ def static_generate(
     check_every: int | None = None,
     greedy_rows: torch.Tensor | None = None,
     continuations: list[list[list[int]]] | None = None,
+    later=None,
 ):
     """New tokens `[batch, settings.max_new_tokens]` for left-padded prompts, as a StaticGeneration; rows padded
     after their eos. With `settings.logps`, also each row's summed log-prob of its tokens (`[batch]`, the eos included).
@@ -781,7 +805,9 @@ def static_generate(
     in one decoding (a prompt's greedy answer and its samples then share its prefill too).
     `continuations` (token-id lists per row): scored as continuations of the row's prompt from the prefill's
     own run of it (`_Session.prefill`); their `scores` per row in the same shape, or None where this backend
-    could not run the model (the caller scores them).
+    could not run the model (the caller scores them). `later(tokens, logps)`: continuations per row that depend
+    on what was decoded (Evaluate's round-0 held-out pairs hold the base's sample), scored after decoding on the
+    same run of the prompts, into `later_scores` (None where not scored: the caller scores them).
 
     `cuda_graph` (default: on for CUDA inputs unless SELFPLAY_STATIC_CUDA_GRAPH=0) captures the decode
     step in a CUDA graph; `compile_step` (True, or a torch.compile mode; default from
@@ -806,7 +832,7 @@ def static_generate(
     packing = packed_linears(model, batch) if device.type == "cpu" else nullcontext()
     with _attention(model, session.attention), packing:
         return _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every,
-                    greedy_rows.to(device) if key.mixed else None, continuations, prefix)
+                    greedy_rows.to(device) if key.mixed else None, continuations, prefix, later)
 
 
 def _without_session(reason: str, model, tokenizer, input_ids, attention_mask, settings, eos_ids, greedy_rows) -> StaticGeneration:
@@ -867,7 +893,7 @@ def _session_for(model, key: _SessionKey, device: torch.device) -> tuple[_Sessio
 
 
 def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, device, max_new, check_every, greedy_rows,
-         continuations=None, prefix=0) -> StaticGeneration:
+         continuations=None, prefix=0, later=None) -> StaticGeneration:
     on_cuda = device.type == "cuda"
     if fresh and (use_graph or compiled):
         # The first prefill allocates the cache; then warm up (and compile) and capture the step. The
@@ -883,7 +909,9 @@ def _run(session, model, input_ids, attention_mask, fresh, use_graph, compiled, 
                     torch.cuda.synchronize()
             elif compiled:
                 session.step_fn()  # compile now; the prefill below resets the state
-    scores = session.prefill(model, input_ids, attention_mask, greedy_rows, continuations, prefix)
+    scores = session.prefill(model, input_ids, attention_mask, greedy_rows, continuations, prefix, keep=later is not None)
     compact = not on_cuda and not compiled and _env_flag(COMPACT_ENV, True)
     tokens, logps = session.decode(max_new, check_every, compact)
-    return StaticGeneration(tokens, logps if session.key.logps else None, scores)
+    logps = logps if session.key.logps else None
+    later_scores = session.score_kept(model, later(tokens, logps)) if later is not None else None
+    return StaticGeneration(tokens, logps, scores, later_scores)

@@ -87,17 +87,19 @@ def generate_texts(model, tokenizer, prompt_texts: list[str], settings: Sampling
 
 
 def generate_and_score(model, tokenizer, prompt_texts: list[str], settings: SamplingSettings, continuations: list[list[list[int]]],
-                       progress: str | None = None) -> tuple[list[list[Sample]], list[list[float]]]:
+                       progress: str | None = None, later=None) -> tuple[list[list[Sample]], list[list[float]]]:
     """generate_texts, and for each prompt the summed log-prob under the model of each of `continuations[p]`
-    (token-id lists that follow the prompt's ids). The static backend scores them from its prefill's run of
-    the prompt (models.logps.cached_prompt_logps), so the prompts run once for both; the hf backend, or a
-    model the static backend hands to it, scores them in a log-prob pass of their own afterwards."""
-    return _generate(model, tokenizer, prompt_texts, settings, progress, continuations)
+    (token-id lists that follow the prompt's ids), then of each of `later(p, samples)`: continuations that
+    depend on the prompt's samples (all of them, in order). The static backend scores them from its prefill's
+    run of the prompt (models.logps.cached_prompt_logps; `later`'s after decoding, on a copy of that run), so
+    the prompts run once for all; the hf backend, a model the static backend hands to it, or a prompt whose
+    samples fell into two batches, scores them in a log-prob pass of their own afterwards."""
+    return _generate(model, tokenizer, prompt_texts, settings, progress, continuations, later)
 
 
 @torch.no_grad()
 def _generate(model, tokenizer, prompt_texts: list[str], settings: SamplingSettings, progress: str | None = None,
-              continuations: list[list[list[int]]] | None = None) -> tuple[list[list[Sample]], list[list[float]] | None]:
+              continuations: list[list[list[int]]] | None = None, later=None) -> tuple[list[list[Sample]], list[list[float]] | None]:
     from common.progress import bar
 
     device = next(model.parameters()).device
@@ -123,10 +125,16 @@ def _generate(model, tokenizer, prompt_texts: list[str], settings: SamplingSetti
         torch.manual_seed(settings.seed * 1_000_003 + batch_counter[0])
         greedy_rows = torch.tensor([k < settings.greedy_samples for _, k in chunk]) if settings.greedy_samples else None
         extra = {"continuations": [continuations[p] if k == 0 else [] for p, k in chunk]} if score_in_prefill else {}
+        whole = _whole_prompts(chunk, settings.num_samples)
+        if score_in_prefill and later is not None and whole:
+            extra["later"] = lambda new_tokens, logps: _later_rows(chunk, whole, _decode(tokenizer, new_tokens, eos_ids, logps), later)
         out = backend(model, tokenizer, input_ids.to(device), attention_mask.to(device), settings, eos_ids, greedy_rows=greedy_rows,
                       **extra)
         if settings.backend == "static":  # a StaticGeneration
-            new_tokens, logps, scores = out
+            new_tokens, logps, scores, later_scores = out
+            if scores is not None and later is not None:  # a prompt's later scores follow its own, or None: scored afterwards
+                scores = [s + later_scores[i] if later_scores is not None and chunk[i][0] in whole else None
+                          for i, s in enumerate(scores)]
         else:
             (new_tokens, logps), scores = out if settings.logps else (out, None), None
         batch_counter[0] += 1
@@ -147,11 +155,28 @@ def _generate(model, tokenizer, prompt_texts: list[str], settings: SamplingSetti
     if missing:
         from models.logps import Encoded, batched_logps
 
-        items = [Encoded(encoded[p], ids) for p in missing for ids in continuations[p]]
+        wanted = {p: continuations[p] + (later(p, out[p]) if later is not None else []) for p in missing}
+        items = [Encoded(encoded[p], ids) for p in missing for ids in wanted[p]]
         sums = iter(batched_logps(model, tokenizer, items, settings.batch_size, device)[0])
         for p in missing:
-            scored[p] = [next(sums) for _ in continuations[p]]
+            scored[p] = [next(sums) for _ in wanted[p]]
     return out, scored
+
+
+def _whole_prompts(chunk: list[tuple[int, int]], num_samples: int) -> set[int]:
+    """The prompts all of whose samples are rows of `chunk` ((prompt, sample) rows)."""
+    counts: dict[int, int] = {}
+    for p, _ in chunk:
+        counts[p] = counts.get(p, 0) + 1
+    return {p for p, n in counts.items() if n == num_samples}
+
+
+def _later_rows(chunk: list[tuple[int, int]], whole: set[int], samples: list[Sample], later) -> list[list[list[int]]]:
+    """What `later(p, p's samples in order)` asks to score for each prompt of `whole`, at the row of its first sample."""
+    by_prompt: dict[int, dict[int, Sample]] = {}
+    for (p, k), sample in zip(chunk, samples):
+        by_prompt.setdefault(p, {})[k] = sample
+    return [later(p, [by_prompt[p][j] for j in sorted(by_prompt[p])]) if k == 0 and p in whole else [] for p, k in chunk]
 
 
 # --- the Generate stage -------------------------------------------------------------------------

@@ -59,8 +59,10 @@ def round_0_frame(greedy: list[str], pair_logp_index: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@pytest.fixture
-def figures(monkeypatch):
+def fake_model_calls(monkeypatch) -> tuple[list, list]:
+    """Generation and the log-prob pass replaced by the tables above; returns the lists that record how many
+    continuations each generation scored on its prefill (its own and `later`'s) and how many items each
+    log-prob pass scored."""
     tokenizer = build_byte_tokenizer()
     model = torch.nn.Linear(1, 1)  # stands in for the policy: only its device is read
     monkeypatch.setattr(loading, "load_tokenizer", lambda path, cfg: tokenizer)
@@ -68,7 +70,7 @@ def figures(monkeypatch):
 
     scored_on_prefill = []
 
-    def generate_and_score(model, tokenizer_, texts, settings, continuations, progress=None):
+    def generate_and_score(model, tokenizer_, texts, settings, continuations, progress=None, later=None):
         assert len(texts) == 4
         assert settings.logps  # each answer's policy log-prob comes with it, summed while it was generated
         assert settings.num_samples == 3 and settings.greedy_samples == 1  # the greedy answer, then 2 samples
@@ -79,9 +81,10 @@ def figures(monkeypatch):
         def decoded(ids):
             return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-        scored_on_prefill.append(sum(len(items) for items in continuations))
         samples = [[sample(greedy)] + [sample(text) for text in samples] for greedy, samples in zip(GREEDY, SAMPLES)]
-        return samples, [[policy_logp(decoded(ids)) for ids in items] for items in continuations]
+        wanted = [items + (later(p, samples[p]) if later else []) for p, items in enumerate(continuations)]
+        scored_on_prefill.append(sum(len(items) for items in wanted))
+        return samples, [[policy_logp(decoded(ids)) for ids in items] for items in wanted]
 
     calls = []
 
@@ -92,6 +95,12 @@ def figures(monkeypatch):
 
     monkeypatch.setattr(generation, "generate_and_score", generate_and_score)
     monkeypatch.setattr(evaluation, "batched_logps", batched_logps)
+    return scored_on_prefill, calls
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    scored_on_prefill, calls = fake_model_calls(monkeypatch)
     recipe = recipe_from_dict({"training": {"beta": BETA}, "evaluation": {"num_prompts": 4, "kl_samples": 2}})
     previous, base = round_0_frame(PREVIOUS_GREEDY, 2), round_0_frame(BASE_GREEDY, 1)
     frame, metrics = evaluation.evaluate_round(recipe, 1, "round_01/checkpoint", "base_model", prompts_frame(), previous, base)
@@ -99,6 +108,20 @@ def figures(monkeypatch):
     assert scored_on_prefill == [8]
     assert calls == [8]  # then the 8 samples under the base
     return frame, metrics
+
+
+def test_round_0_fixes_the_held_out_pairs_and_scores_them_on_the_generations_run(monkeypatch):
+    """Round 0's pairs are (ground truth, the first KL sample): scored on the generation's run of their prompt
+    once the sample is decoded (generate_and_score's `later`), with no log-prob pass of their own."""
+    scored_on_prefill, calls = fake_model_calls(monkeypatch)
+    recipe = recipe_from_dict({"training": {"beta": BETA}, "evaluation": {"num_prompts": 4, "kl_samples": 2}})
+    frame, metrics = evaluation.evaluate_round(recipe, 0, "base_model", "base_model", prompts_frame(), None, None)
+    assert scored_on_prefill == [4 + 8] and calls == []  # 4 ground truths, then 4 pairs' two sides
+    pairs = frame[frame.kind.str.startswith("pair_")]
+    chosen, rejected = (pairs[pairs.kind == kind].set_index("prompt_id") for kind in ("pair_chosen", "pair_rejected"))
+    assert chosen.response.tolist() == ANSWERS and rejected.response.tolist() == [group[0] for group in SAMPLES]
+    assert pairs.logp.tolist() == [policy_logp(text) for text in pairs.response]
+    assert metrics["kl_vs_base"] == 0.0
 
 
 def test_accuracy_is_the_share_of_right_greedy_answers(figures):

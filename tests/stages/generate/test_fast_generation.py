@@ -239,12 +239,12 @@ def test_a_prefix_every_prompt_shares_runs_once_with_the_same_tokens(attn, monke
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **kw: forward_shapes.append(tuple(kw["input_ids"].shape)) or forward(*a, **kw))
     settings = SamplingSettings(temperature=0, max_new_tokens=12, logps=True)
-    tokens, logps, _ = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    tokens, logps = static_generate(model, _Tok, input_ids, attention_mask, settings, [])[:2]
     assert forward_shapes[:2] == [(1, 7), (4, width - 7)]  # the prefix once, then the 4 prompts' rests
     assert_same_greedy(tokens, ref, [])
     release_sessions()
     monkeypatch.setattr(models.logps, "SHARED_PREFIX_MIN", 10**6)  # no prefix run apart
-    plain_tokens, plain_logps, _ = static_generate(model, _Tok, input_ids, attention_mask, settings, [])
+    plain_tokens, plain_logps = static_generate(model, _Tok, input_ids, attention_mask, settings, [])[:2]
     assert torch.equal(tokens, plain_tokens)
     torch.testing.assert_close(logps, plain_logps, rtol=0, atol=1e-5)
 
@@ -577,6 +577,39 @@ def test_continuations_scored_with_the_generation_equal_a_log_prob_pass(backend,
         runs = [row.tolist() for x in seen if x.shape[1] > 1 for row in x]  # not the one-token decode steps
         for prompt in ids[1:]:  # ("a" is also how one continuation ends)
             assert sum(run[-len(prompt):] == prompt for run in runs) == 1
+
+
+@pytest.mark.parametrize("backend, batch_size", [("static", 4), ("static", 3), ("hf", 4)],
+                         ids=["static, prompts whole in a batch", "static, a prompt's samples in two batches", "hf"])
+def test_continuations_known_once_decoded_are_scored_like_a_log_prob_pass(backend, batch_size):
+    """generate_and_score's `later`: continuations that depend on a prompt's samples (Evaluate's round-0 pairs
+    hold the first sample) are scored after decoding on the prefill's kept run of the prompt, where the prompt's
+    samples were decoded in one batch, else by a log-prob pass; either way as a separate pass scores them.
+    A sample's own tokens scored so equal the sum its decoding took."""
+    from models.generate.generation import generate_and_score
+    from models.logps import Encoded, batched_logps
+    from models.load.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer), init_std=0.3)
+    prompts = ["a", "hello there", "12+34=", "xyz"]
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+    continuations = [[tokenizer(c, add_special_tokens=False).input_ids] for c in ("b", "46", " 46 and more", "q")]
+    settings = SamplingSettings(num_samples=2, greedy_samples=1, temperature=1.0, max_new_tokens=8, batch_size=batch_size,
+                                backend=backend, logps=True)
+
+    def later(p, samples):
+        assert len(samples) == 2 and p in range(len(prompts))
+        return [list(samples[1].token_ids), tokenizer(samples[1].text + "!", add_special_tokens=False).input_ids]
+
+    release_sessions()
+    samples, scores = generate_and_score(model, tokenizer, prompts, settings, continuations, later=later)
+    assert samples == generate_texts(model, tokenizer, prompts, settings)  # scoring leaves the samples as they were
+    wanted = [cs + later(p, samples[p]) for p, cs in enumerate(continuations)]
+    expected = batched_logps(model, tokenizer, [Encoded(i, c) for i, cs in zip(ids, wanted) for c in cs], 8, "cpu")[0]
+    assert [len(s) for s in scores] == [3] * len(prompts)
+    assert [x for row in scores for x in row] == pytest.approx(expected, abs=1e-4)
+    assert [row[1] for row in scores] == pytest.approx([s[1].logp for s in samples], abs=1e-4)
 
 
 @pytest.mark.parametrize("q_len", [1, 5])
