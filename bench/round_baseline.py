@@ -3,13 +3,14 @@
     python bench/round_baseline.py generate --model DIR --prompts train.jsonl --out samples.jsonl --samples 8 ...
     python bench/round_baseline.py judge --algorithm dpo --samples-file samples.jsonl --prompts train.jsonl --out pairs.jsonl ...
     python bench/round_baseline.py train --model DIR --pairs pairs.jsonl --out adapter/ ...
-    python bench/round_baseline.py evaluate --model DIR [--adapter adapter/] --prompts heldout.jsonl --out metrics.json ...
+    python bench/round_baseline.py evaluate --model DIR [--adapter adapter/ --base-eval base.json] --prompts heldout.jsonl --out metrics.json ...
 
 The baseline arm of bench/bench_round.py, written plainly with the libraries people use for it and none of
 ours: Hugging Face `generate` for the samples (`num_return_sequences` = K, a seed set once per process),
-a ranking step, TRL's `DPOTrainer` with LoRA and `precompute_ref_log_probs=True`, and greedy `generate` on
-the held-out prompts for the accuracy. The one piece of ours is the verifier (models/judge/verifiers.py): the
-judge is not what the bench compares, and both arms must score answers alike. SPIN pairs the ground truth
+a ranking step, TRL's `DPOTrainer` with LoRA and `precompute_ref_log_probs=True`, and an evaluation of the
+held-out prompts that computes our Evaluate's figures that cost model time (cmd_evaluate). The one piece of
+ours is the verifier (models/judge/verifiers.py): the judge is not what the bench compares, and both arms must
+score answers alike. SPIN pairs the ground truth
 (chosen) with the model's sample (rejected), as its official code does; iterative DPO keeps, per prompt,
 the first sample the verifier scores highest against the first it scores lowest, and skips a prompt whose
 samples all score the same (SPPO's ranking script keeps best against worst the same way).
@@ -276,14 +277,13 @@ def main(argv=None) -> None:
         step.add_argument("--out", required=True)
         step.add_argument("--batch-size", type=int, default=64, help="rows per generate call")
         step.add_argument("--max-new-tokens", type=int, default=32)
+        step.add_argument("--seed", type=int, default=0)
         if name == "generate":
             step.add_argument("--samples", type=int, default=1)
             step.add_argument("--temperature", type=float, default=0.7)
             step.add_argument("--top-p", type=float, default=0.9)
-            step.add_argument("--seed", type=int, default=0)
         else:
             step.add_argument("--verifier", required=True)
-            step.add_argument("--seed", type=int, default=0)
             step.add_argument("--base-eval", help="the base's evaluation (its held-out pairs); from round 1 on")
             step.add_argument("--beta", type=float, default=0.1)
             step.add_argument("--logp-batch-size", type=int, default=16)
