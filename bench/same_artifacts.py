@@ -151,7 +151,7 @@ def compare(before_dir: Path, after_dir: Path, up_to_round: int | None = None) -
                     continue
                 values = [_without_wall_times(json.loads(p.read_text()), name, dropped) for p in (old, new)]
                 problems += [f"{run}/{round_name}/{d}" for d in _json_differences(*values, name)]
-    print(f"compared {len(runs)} runs ({', '.join(runs)}): {counted['parquet']} Parquet files exactly, "
+    print(f"compared {len(runs)} runs ({', '.join(runs)}): {counted['parquet']} Parquet files (floats within the tolerance, the rest exactly), "
           f"{counted['safetensors']} safetensors files ({largest.get('tensors', 0)} tensors; largest |difference| "
           f"{largest.get('max_abs', 0.0):.3g}; tolerance {ATOL:g} + {RTOL:g} * |value|), {counted['json']} JSON files")
     dropped_keys = sorted({d.replace("[]", "") for d in dropped})
