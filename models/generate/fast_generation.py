@@ -91,6 +91,7 @@ The `vllm` backend is models/generate/vllm_engine.py.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -484,8 +485,6 @@ class _Session:
         for layer_idx, layer in enumerate(prompt_cache.layers):
             self.cache.update(layer.keys[row_of], layer.values[row_of], layer_idx, cache_kwargs)
         if keep:  # a copy: scoring appends the continuations' keys to the cache it is given
-            import copy
-
             self.kept = (copy.deepcopy(prompt_cache), attention_mask[unique_rows], logits, row_of)
         if continuations is None:
             return logits[row_of], None

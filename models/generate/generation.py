@@ -125,9 +125,15 @@ def _generate(model, tokenizer, prompt_texts: list[str], settings: SamplingSetti
         torch.manual_seed(settings.seed * 1_000_003 + batch_counter[0])
         greedy_rows = torch.tensor([k < settings.greedy_samples for _, k in chunk]) if settings.greedy_samples else None
         extra = {"continuations": [continuations[p] if k == 0 else [] for p, k in chunk]} if score_in_prefill else {}
-        whole = _whole_prompts(chunk, settings.num_samples)
-        if score_in_prefill and later is not None and whole:
-            extra["later"] = lambda new_tokens, logps: _later_rows(chunk, whole, _decode(tokenizer, new_tokens, eos_ids, logps), later)
+        whole = _whole_prompts(chunk, settings.num_samples) if score_in_prefill and later is not None else set()
+        decoded: list[Sample] = []  # `later` decodes the rows once; the results below reuse them
+
+        def later_rows(new_tokens, logps):
+            decoded.extend(_decode(tokenizer, new_tokens, eos_ids, logps))
+            return _later_rows(chunk, whole, decoded, later)
+
+        if whole:
+            extra["later"] = later_rows
         out = backend(model, tokenizer, input_ids.to(device), attention_mask.to(device), settings, eos_ids, greedy_rows=greedy_rows,
                       **extra)
         if settings.backend == "static":  # a StaticGeneration
@@ -139,7 +145,7 @@ def _generate(model, tokenizer, prompt_texts: list[str], settings: SamplingSetti
             (new_tokens, logps), scores = out if settings.logps else (out, None), None
         batch_counter[0] += 1
         progress_bar.update(len(chunk))
-        return list(zip(_decode(tokenizer, new_tokens, eos_ids, logps), scores or [None] * len(chunk)))
+        return list(zip(decoded or _decode(tokenizer, new_tokens, eos_ids, logps), scores or [None] * len(chunk)))
 
     flat = run_with_oom_backoff(work, rows, settings.batch_size, "generation")
     progress_bar.close()
